@@ -1,0 +1,87 @@
+"""Backend selection: which implementation of the kernel contract runs a call.
+
+Order of preference per device: the compiled extension for that device, else
+the plain-PyTorch reference (with one warning saying why). DIST8BIT_BACKEND
+(reference | cpu | cuda) forces one for debugging.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from functools import cache
+from types import ModuleType
+
+import torch
+
+from . import ops, reference
+from .compiled import compiled_backend
+
+BACKEND_ENV = "DIST8BIT_BACKEND"
+BACKEND_NAMES = ("reference", "cpu", "cuda")
+
+__all__ = ["BACKEND_ENV", "BACKEND_NAMES", "available_backends", "backend_for", "load_backend", "ops"]
+
+
+def _forced_backend() -> str | None:
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower() or None
+    if forced is not None and forced not in BACKEND_NAMES:
+        raise ValueError(f"{BACKEND_ENV}={forced!r} is not a backend; use one of {BACKEND_NAMES} or unset it")
+    return forced
+
+
+@cache
+def _load_compiled(kind: str) -> ModuleType | None:
+    """Build and load one extension once per process; None (and one warning) on failure."""
+    from . import build
+
+    loader = build.load_cpu_extension if kind == "cpu" else build.load_cuda_extension
+    try:
+        loader()
+    except Exception as error:  # any build failure: compiler, ninja, headers
+        if _forced_backend() == kind:
+            raise RuntimeError(f"{BACKEND_ENV}={kind} but the {kind} extension failed to build: {error}") from error
+        warnings.warn(
+            f"dist8bit: the {kind.upper()} kernels could not be built ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); falling back to the slow "
+            f"plain-PyTorch reference backend. Install a C++ compiler and ninja (pip install ninja) "
+            f"and set DIST8BIT_VERBOSE_BUILD=1 to see the build log.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return compiled_backend(kind)
+
+
+def load_backend(name: str) -> ModuleType:
+    """The backend module called `name`, building it if needed (raises if it cannot be had)."""
+    if name == "reference":
+        return reference
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the cuda backend needs a CUDA GPU, but torch.cuda.is_available() is False")
+    backend = _load_compiled(name)
+    if backend is None:
+        raise RuntimeError(f"the {name} backend is unavailable on this machine (see the warning above)")
+    return backend
+
+
+def backend_for(device: torch.device) -> ModuleType:
+    """The backend that should run kernels for tensors on `device`."""
+    forced = _forced_backend()
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"dist8bit supports CPU and CUDA tensors, got a tensor on {device.type!r}; move it with .cpu() or .cuda()")
+    if forced == "reference":
+        return reference
+    if forced is not None and forced != device.type:
+        raise ValueError(f"{BACKEND_ENV}={forced} cannot run tensors on {device.type}; unset it or use 'reference'")
+    return _load_compiled(device.type) or reference
+
+
+def available_backends() -> list[str]:
+    """Backends usable on this machine (building the extensions if needed)."""
+    names = ["reference"]
+    if _load_compiled("cpu") is not None:
+        names.append("cpu")
+    if torch.cuda.is_available() and _load_compiled("cuda") is not None:
+        names.append("cuda")
+    return names

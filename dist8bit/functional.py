@@ -1,0 +1,233 @@
+"""Block-wise 8-bit quantization, bitsandbytes-compatible where concepts match.
+
+    codes, state = quantize_blockwise(A)          # uint8 codes + QuantState
+    A_hat = dequantize_blockwise(codes, state)    # back to A's dtype and shape
+
+Each block of `blocksize` consecutive elements (row-major order) is scaled by
+its absolute maximum and every value is replaced by the index of the nearest
+value of a 256-entry map. Rounding rule: dist8bit.quant.codebook. Block
+layout: dist8bit.quant.layout.
+
+Non-finite inputs are never silently turned into finite data: a block that
+holds NaN gets a NaN absmax, a block that holds +-Inf an Inf absmax, so the
+whole block dequantizes to non-finite values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .backends import backend_for
+from .quant.codebook import Codebook, build_codebook
+from .quant.layout import DEFAULT_BLOCKSIZE, check_blocksize, num_blocks
+from .quant.maps import create_dynamic_map, create_linear_map, create_quantile_map, validate_map
+from .quant.quantiles import estimate_quantiles
+
+__all__ = [
+    "QuantState",
+    "create_dynamic_map",
+    "create_linear_map",
+    "create_quantile_map",
+    "dequantize",
+    "dequantize_blockwise",
+    "estimate_quantiles",
+    "quantize",
+    "quantize_blockwise",
+]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class QuantState:
+    """What dequantization needs besides the codes."""
+
+    absmax: torch.Tensor  # float32, one scale per block
+    code: torch.Tensor  # the 256-value map
+    blocksize: int
+    dtype: torch.dtype  # dtype of the original tensor
+    shape: torch.Size  # shape of the original tensor
+
+    def to(self, device: torch.device | str) -> QuantState:
+        return QuantState(self.absmax.to(device), self.code.to(device), self.blocksize, self.dtype, self.shape)
+
+
+@lru_cache(maxsize=8)
+def _default_codebook(device: torch.device) -> Codebook:
+    return build_codebook(create_dynamic_map(signed=True)).to(device)
+
+
+@lru_cache(maxsize=32)
+def _cached_codebook(code_bits: tuple[int, ...], device: torch.device) -> Codebook:
+    code = torch.tensor(code_bits, dtype=torch.int32).view(torch.float32)
+    return build_codebook(code).to(device)
+
+
+def codebook_for(code: torch.Tensor | None, device: torch.device, name: str = "code") -> Codebook:
+    """Validated codebook for a user map (or the signed dynamic map), cached by value."""
+    if code is None:
+        return _default_codebook(device)
+    validate_map(code, name)
+    bits = tuple(code.detach().reshape(-1).cpu().view(torch.int32).tolist())
+    return _cached_codebook(bits, device)
+
+
+def _check_float_tensor(tensor: object, name: str) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}; convert it with .float()")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {tensor.layout}; call .to_dense() first")
+    return tensor
+
+
+def _check_out(out: torch.Tensor | None, name: str, numel: int, dtypes: tuple[torch.dtype, ...], device: torch.device) -> None:
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {out.dtype}")
+    if out.numel() != numel:
+        raise ValueError(f"{name} must have {numel} elements, got {out.numel()}")
+    if out.device != device:
+        raise ValueError(f"{name} is on {out.device} but the input is on {device}")
+    if not out.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def quantize_blockwise(
+    A: torch.Tensor,
+    code: torch.Tensor | None = None,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    stochastic_rounding: bool = False,
+    seed: int | None = None,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize A to uint8 codes with one float32 absmax per block.
+
+    `code` defaults to the signed dynamic map. `absmax` and `out` are optional
+    output buffers. With `stochastic_rounding`, each value rounds to the code
+    above or below with probability given by its distance; `seed` (default 0)
+    makes that reproducible and identical on every backend.
+    """
+    _check_float_tensor(A, "A")
+    check_blocksize(blocksize)
+    device = A.device
+    backend = backend_for(device)
+    codebook = codebook_for(code, device)
+    n = A.numel()
+    blocks = num_blocks(n, blocksize)
+    _check_out(out, "out", n, (torch.uint8,), device)
+    _check_out(absmax, "absmax", blocks, (torch.float32,), device)
+    if seed is not None and not stochastic_rounding:
+        raise ValueError("seed is only used with stochastic_rounding=True")
+    rounding_seed = (0 if seed is None else seed) if stochastic_rounding else None
+    if rounding_seed is not None:
+        from .quant.stochastic import seed_key
+
+        seed_key(rounding_seed)  # validates the seed
+    codes = out if out is not None else torch.empty(A.shape, dtype=torch.uint8, device=device)
+    scales = absmax if absmax is not None else torch.empty(blocks, dtype=torch.float32, device=device)
+    backend.quantize_blockwise(A.contiguous().view(-1), codebook, blocksize, rounding_seed, codes.view(-1), scales)
+    return codes, QuantState(scales, codebook.code, blocksize, A.dtype, A.shape)
+
+
+def dequantize_blockwise(
+    A: torch.Tensor,
+    quant_state: QuantState | None = None,
+    absmax: torch.Tensor | None = None,
+    code: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Decode uint8 codes: out[i] = code[A[i]] * absmax[i // blocksize].
+
+    Pass either the QuantState returned by quantize_blockwise or `absmax`
+    (and optionally `code`, default the signed dynamic map, and `blocksize`).
+    The result has A's shape and the original dtype (float32 without a state).
+    """
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"A must be a torch.Tensor of uint8 codes, got {type(A).__name__}")
+    if A.dtype != torch.uint8:
+        raise TypeError(f"A must hold uint8 codes, got {A.dtype}")
+    if quant_state is not None:
+        if absmax is not None or code is not None:
+            raise ValueError("pass either quant_state or absmax/code, not both")
+        absmax, code, blocksize = quant_state.absmax, quant_state.code, quant_state.blocksize
+        dtype = dtype or quant_state.dtype
+        if quant_state.shape.numel() != A.numel():
+            raise ValueError(f"A has {A.numel()} codes but quant_state describes a tensor of shape {tuple(quant_state.shape)}")
+    elif absmax is None:
+        raise ValueError("dequantize_blockwise needs quant_state or absmax")
+    check_blocksize(blocksize)
+    device = A.device
+    if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32:
+        raise TypeError(f"absmax must be a float32 tensor, got {getattr(absmax, 'dtype', type(absmax).__name__)}")
+    expected_blocks = num_blocks(A.numel(), blocksize)
+    if absmax.numel() != expected_blocks:
+        raise ValueError(
+            f"absmax has {absmax.numel()} scales but {A.numel()} codes with blocksize={blocksize} need {expected_blocks}; "
+            "were they quantized with another blocksize?"
+        )
+    if absmax.device != device:
+        raise ValueError(f"absmax is on {absmax.device} but the codes are on {device}")
+    codebook = codebook_for(code, device)
+    dtype = dtype or (out.dtype if out is not None else torch.float32)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    _check_out(out, "out", A.numel(), (dtype,), device)
+    result = out if out is not None else torch.empty(A.shape, dtype=dtype, device=device)
+    backend_for(device).dequantize_blockwise(
+        A.contiguous().view(-1), codebook.code, absmax.contiguous(), blocksize, result.view(-1)
+    )
+    return result
+
+
+def quantize(
+    A: torch.Tensor, code: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Quantize with a single absmax for the whole tensor: (codes, (absmax, code))."""
+    _check_float_tensor(A, "A")
+    device = A.device
+    codebook = codebook_for(code, device)
+    _check_out(out, "out", A.numel(), (torch.uint8,), device)
+    codes = out if out is not None else torch.empty(A.shape, dtype=torch.uint8, device=device)
+    absmax = torch.empty(min(A.numel(), 1), dtype=torch.float32, device=device)
+    whole = max(A.numel(), 1)
+    backend_for(device).quantize_blockwise(A.contiguous().view(-1), codebook, whole, None, codes.view(-1), absmax)
+    return codes, (absmax, codebook.code)
+
+
+def dequantize(
+    A: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    absmax: torch.Tensor | None = None,
+    code: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Inverse of `quantize`: code[A] * absmax, as float32 (or out's dtype)."""
+    if state is not None:
+        absmax, code = state
+    if absmax is None:
+        raise ValueError("dequantize needs state or absmax")
+    if not isinstance(A, torch.Tensor) or A.dtype != torch.uint8:
+        raise TypeError(f"A must be a uint8 tensor of codes, got {getattr(A, 'dtype', type(A).__name__)}")
+    if absmax.numel() != min(A.numel(), 1):
+        raise ValueError(f"absmax must hold one scale for a non-empty tensor, got {absmax.numel()}")
+    codebook = codebook_for(code, A.device)
+    dtype = out.dtype if out is not None else torch.float32
+    _check_out(out, "out", A.numel(), FLOAT_DTYPES, A.device)
+    result = out if out is not None else torch.empty(A.shape, dtype=dtype, device=A.device)
+    backend_for(A.device).dequantize_blockwise(
+        A.contiguous().view(-1), codebook.code, absmax.float(), max(A.numel(), 1), result.view(-1)
+    )
+    return result
+
+

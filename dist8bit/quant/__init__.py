@@ -1,0 +1,1 @@
+"""Quantization math shared by every backend: maps, block layout, rounding rule."""
