@@ -4,6 +4,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import functional  # noqa: E402
+from . import functional
 
 __all__ = ["__version__", "functional"]

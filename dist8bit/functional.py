@@ -229,5 +229,3 @@ def dequantize(
         A.contiguous().view(-1), codebook.code, absmax.float(), max(A.numel(), 1), result.view(-1)
     )
     return result
-
-

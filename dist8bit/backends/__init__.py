@@ -69,7 +69,9 @@ def backend_for(device: torch.device) -> ModuleType:
     """The backend that should run kernels for tensors on `device`."""
     forced = _forced_backend()
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"dist8bit supports CPU and CUDA tensors, got a tensor on {device.type!r}; move it with .cpu() or .cuda()")
+        raise ValueError(
+            f"dist8bit supports CPU and CUDA tensors, got a tensor on {device.type!r}; move it with .cpu() or .cuda()"
+        )
     if forced == "reference":
         return reference
     if forced is not None and forced != device.type:

@@ -129,7 +129,7 @@ class _exclusive_lock:
         self._handle = None
 
     def __enter__(self) -> None:
-        self._handle = open(self._path, "a")  # noqa: SIM115 - held for the lock's lifetime
+        self._handle = open(self._path, "a")
         fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX)
         # torch's own build baton is a plain file that a killed rank leaves behind
         # (and every later build then waits forever); holding the flock, nobody

@@ -60,7 +60,9 @@ def midpoint_thresholds(code: torch.Tensor) -> torch.Tensor:
     code64 = code.double()
     exact = (code64[:-1] + code64[1:]) / 2.0
     rounded = exact.float()
-    below = torch.where(rounded.double() > exact, torch.nextafter(rounded, torch.tensor(-float("inf"), device=code.device)), rounded)
+    below = torch.where(
+        rounded.double() > exact, torch.nextafter(rounded, torch.tensor(-float("inf"), device=code.device)), rounded
+    )
     return torch.cat([below, torch.full((1,), float("inf"), device=code.device)])
 
 

@@ -35,7 +35,9 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
         raise ValueError(f"total_bits must be in [1, 8], got {total_bits}")
     non_sign_bits = total_bits - 1
     if not 0 <= max_exponent_bits <= non_sign_bits:
-        raise ValueError(f"max_exponent_bits must be in [0, {non_sign_bits}] for total_bits={total_bits}, got {max_exponent_bits}")
+        raise ValueError(
+            f"max_exponent_bits must be in [0, {non_sign_bits}] for total_bits={total_bits}, got {max_exponent_bits}"
+        )
     values: list[torch.Tensor] = []
 
     def add_decade(scale: float, items: int) -> None:

@@ -2,7 +2,7 @@
 
 Rounding element i of a tensor up or down must not depend on thread layout,
 so the random number is a pure function of (seed, i). The CPU and CUDA kernels
-implement the same integer hash (csrc/*/stochastic_rounding.h); tests check
+implement the same integer hash (csrc/common/stochastic_rounding.h); tests check
 that all three give identical codes.
 
     mix(x)  = lowbias32-style 32-bit finaliser (constants below)
