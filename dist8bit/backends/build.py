@@ -72,53 +72,54 @@ def build_directory(kind: str) -> Path:
     return path
 
 
-def _sources(folder: str) -> list[str]:
-    root = CSRC / folder
-    return sorted(str(p) for p in root.iterdir() if p.suffix in {".cpp", ".cu"})
+def _sources(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.iterdir() if p.suffix in {".cpp", ".cu"})
 
 
-def _include_paths(folder: str) -> list[str]:
-    return [str(CSRC), str(CSRC / folder)]
+def load_extension(
+    kind: str,
+    name: str,
+    source_dir: Path,
+    cflags: list[str],
+    cuda_cflags: list[str] | None = None,
+) -> str:
+    """Build every .cpp/.cu in `source_dir` into a torch-op library and load it.
 
-
-def load_cpu_extension() -> str:
-    """Build (if needed) and load the CPU kernels; returns the shared library path."""
+    Returns the shared library path. Rebuilds when a source or flag changes
+    (torch hashes them) and serialises concurrent builds with a file lock.
+    """
     from torch.utils import cpp_extension
 
-    flags = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-std=c++17"]
-    directory = build_directory("cpu")
+    directory = build_directory(kind) / name
+    directory.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(directory):
         return cpp_extension.load(
-            name="dist8bit_cpu",
-            sources=_sources("cpu"),
-            extra_cflags=flags,
-            extra_include_paths=_include_paths("cpu"),
+            name=name,
+            sources=_sources(source_dir),
+            extra_cflags=cflags,
+            extra_cuda_cflags=cuda_cflags,
+            extra_include_paths=[str(CSRC), str(source_dir)],
             build_directory=str(directory),
             is_python_module=False,
             verbose=bool(os.environ.get(VERBOSE_ENV)),
         )
+
+
+CPU_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-std=c++17"]
+# --fmad=false: the kernels must round like the reference, bit for bit.
+CUDA_FLAGS = ["-O3", "--fmad=false", "-std=c++17", "-lineinfo"]
+
+
+def load_cpu_extension() -> str:
+    """Build (if needed) and load the CPU kernels."""
+    return load_extension("cpu", "dist8bit_cpu", CSRC / "cpu", CPU_FLAGS)
 
 
 def load_cuda_extension() -> str:
     """Build (if needed) and load the CUDA kernels for the current GPU's arch."""
-    from torch.utils import cpp_extension
-
     major, minor = torch.cuda.get_device_capability()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
-    # --fmad=false: the kernels must round like the reference, bit for bit.
-    cuda_flags = ["-O3", "--fmad=false", "-std=c++17", "-lineinfo"]
-    directory = build_directory("cuda")
-    with _exclusive_lock(directory):
-        return cpp_extension.load(
-            name="dist8bit_cuda",
-            sources=_sources("cuda"),
-            extra_cflags=["-O3", "-std=c++17"],
-            extra_cuda_cflags=cuda_flags,
-            extra_include_paths=_include_paths("cuda"),
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=bool(os.environ.get(VERBOSE_ENV)),
-        )
+    return load_extension("cuda", "dist8bit_cuda", CSRC / "cuda", ["-O3", "-std=c++17"], CUDA_FLAGS)
 
 
 class _exclusive_lock:

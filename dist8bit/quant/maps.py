@@ -63,8 +63,12 @@ def create_linear_map(signed: bool = True, total_bits: int = 8) -> torch.Tensor:
     """Evenly spaced map over [-1, 1] (signed, with an exact zero) or [0, 1]."""
     if not 1 <= total_bits <= 8:
         raise ValueError(f"total_bits must be in [1, 8], got {total_bits}")
-    count = 2**total_bits - 1 if signed else 2**total_bits
-    return _pad_and_sort(torch.linspace(-1.0 if signed else 0.0, 1.0, count, dtype=torch.float32))
+    # k / steps in float64, rounded once: the signed map then holds an exact 0
+    # (float32 linspace leaves 3.7e-9 there) and is exactly symmetric.
+    steps = 2 ** (total_bits - 1) - 1 if signed else 2**total_bits - 1
+    first = -steps if signed else 0
+    grid = torch.arange(first, steps + 1, dtype=torch.float64) / steps
+    return _pad_and_sort(grid.float())
 
 
 def create_quantile_map(A: torch.Tensor, total_bits: int = 8) -> torch.Tensor:
