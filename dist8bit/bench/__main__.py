@@ -1,0 +1,25 @@
+"""python -m dist8bit.bench {quantize,quantiles} [--out DIR] ..."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import quantiles, quantize
+
+BENCHMARKS = {
+    "quantize": (quantize, "quantize/dequantize throughput per backend vs bitsandbytes and copy bandwidth"),
+    "quantiles": (quantiles, "estimate_quantiles vs torch.quantile and a full sort"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dist8bit.bench", description=__doc__)
+    commands = parser.add_subparsers(dest="benchmark", required=True)
+    for name, (module, help_text) in BENCHMARKS.items():
+        module.add_arguments(commands.add_parser(name, help=help_text, description=module.__doc__))
+    args = parser.parse_args(argv)
+    BENCHMARKS[args.benchmark][0].run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Benchmark output: a printed table, a JSON file and (with matplotlib) a PNG."""
+
+from __future__ import annotations
+
+import json
+import platform
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+
+def machine_description() -> dict[str, object]:
+    info: dict[str, object] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return str(value)
+
+    cells = [[cell(row.get(column, "")) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(r[i]) for r in cells)) for i, column in enumerate(columns)]
+    lines = ["  ".join(column.ljust(w) for column, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(value.ljust(w) for value, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def pyplot():
+    """matplotlib.pyplot with a headless backend, or None (with a warning) if not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed; skipping the plot (pip install 'dist8bit[bench]')", stacklevel=2)
+        return None
+    return plt

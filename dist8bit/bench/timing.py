@@ -1,0 +1,62 @@
+"""Timing helpers: medians of repeated runs, synchronised on GPUs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..backends import BACKEND_ENV
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    min_ms: float
+    repeats: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, min_repeats: int = 5, budget_s: float = 2.0) -> Timing:
+    """Median wall time of fn() after a warm-up, repeated until the time budget is used."""
+    fn()
+    _sync(device)
+    samples: list[float] = []
+    started = time.perf_counter()
+    while len(samples) < min_repeats or (time.perf_counter() - started < budget_s and len(samples) < 200):
+        begin = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append((time.perf_counter() - begin) * 1e3)
+    return Timing(statistics.median(samples), min(samples), len(samples))
+
+
+def copy_bandwidth_gbs(device: torch.device, numel: int = 1 << 24) -> float:
+    """Measured memory-copy bandwidth: dst.copy_(src) of float32, read + write bytes."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    timing = time_call(lambda: dst.copy_(src), device, min_repeats=20, budget_s=1.0)
+    return 2 * 4 * numel / (timing.median_ms * 1e-3) / 1e9
+
+
+@contextlib.contextmanager
+def forced_backend(name: str) -> Iterator[None]:
+    """Run the public API on one backend (what DIST8BIT_BACKEND does for users)."""
+    previous = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = previous
