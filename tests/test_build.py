@@ -44,10 +44,10 @@ def test_failed_build_falls_back_to_reference_with_one_warning(monkeypatch):
     backends._load_compiled.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="could not be built .*no C\\+\\+ compiler found.*reference backend"):
-            assert backends.backend_for(torch.device("cpu")) is backends.reference
+            assert backends.backend_for(torch.device("cpu")) is backends.REFERENCE
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert backends.backend_for(torch.device("cpu")) is backends.reference
+            assert backends.backend_for(torch.device("cpu")) is backends.REFERENCE
         monkeypatch.setenv("DIST8BIT_BACKEND", "cpu")
         with pytest.raises(RuntimeError, match="unavailable"):
             backends.load_backend("cpu")

@@ -10,17 +10,25 @@ from __future__ import annotations
 import os
 import warnings
 from functools import cache
-from types import ModuleType
+from types import SimpleNamespace
 
 import torch
 
-from . import ops, reference
+from . import ops, reference, reference_optim
 from .compiled import compiled_backend
+
+# The plain-PyTorch backend, with the same interface as the compiled ones.
+REFERENCE = SimpleNamespace(
+    name="reference",
+    quantize_blockwise=reference.quantize_blockwise,
+    dequantize_blockwise=reference.dequantize_blockwise,
+    fused_step=reference_optim.fused_step,
+)
 
 BACKEND_ENV = "DIST8BIT_BACKEND"
 BACKEND_NAMES = ("reference", "cpu", "cuda")
 
-__all__ = ["BACKEND_ENV", "BACKEND_NAMES", "available_backends", "backend_for", "load_backend", "ops"]
+__all__ = ["BACKEND_ENV", "BACKEND_NAMES", "REFERENCE", "available_backends", "backend_for", "load_backend", "ops"]
 
 
 def _forced_backend() -> str | None:
@@ -31,7 +39,7 @@ def _forced_backend() -> str | None:
 
 
 @cache
-def _load_compiled(kind: str) -> ModuleType | None:
+def _load_compiled(kind: str) -> SimpleNamespace | None:
     """Build and load one extension once per process; None (and one warning) on failure."""
     from . import build
 
@@ -53,10 +61,10 @@ def _load_compiled(kind: str) -> ModuleType | None:
     return compiled_backend(kind)
 
 
-def load_backend(name: str) -> ModuleType:
+def load_backend(name: str) -> SimpleNamespace:
     """The backend module called `name`, building it if needed (raises if it cannot be had)."""
     if name == "reference":
-        return reference
+        return REFERENCE
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("the cuda backend needs a CUDA GPU, but torch.cuda.is_available() is False")
     backend = _load_compiled(name)
@@ -65,7 +73,7 @@ def load_backend(name: str) -> ModuleType:
     return backend
 
 
-def backend_for(device: torch.device) -> ModuleType:
+def backend_for(device: torch.device) -> SimpleNamespace:
     """The backend that should run kernels for tensors on `device`."""
     forced = _forced_backend()
     if device.type not in ("cpu", "cuda"):
@@ -73,10 +81,10 @@ def backend_for(device: torch.device) -> ModuleType:
             f"dist8bit supports CPU and CUDA tensors, got a tensor on {device.type!r}; move it with .cpu() or .cuda()"
         )
     if forced == "reference":
-        return reference
+        return REFERENCE
     if forced is not None and forced != device.type:
         raise ValueError(f"{BACKEND_ENV}={forced} cannot run tensors on {device.type}; unset it or use 'reference'")
-    return _load_compiled(device.type) or reference
+    return _load_compiled(device.type) or REFERENCE
 
 
 def available_backends() -> list[str]:

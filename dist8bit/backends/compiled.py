@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import SimpleNamespace
 
 import torch
@@ -42,9 +43,59 @@ def compiled_backend(kind: str) -> SimpleNamespace:
     ) -> None:
         torch.ops.dist8bit.dequantize_blockwise(codes, code, absmax, blocksize, out)
 
+    def fused_step(
+        rule: int,
+        wd_mode: int,
+        hyper: Sequence[float],
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        states: Sequence[Sequence[torch.Tensor]],
+        absmaxes: Sequence[Sequence[torch.Tensor]],
+        codebooks: Sequence[Codebook | None],
+        grad_scale: torch.Tensor | None,
+        update_scale: torch.Tensor | None,
+        norm_out: torch.Tensor | None,
+        nonfinite_count: torch.Tensor | None,
+        segment_offsets: Sequence[int],
+        blocksize: int,
+        seed: int | None,
+    ) -> None:
+        books, lut_params = _flatten_codebooks(codebooks)
+        torch.ops.dist8bit.fused_step(
+            rule,
+            wd_mode,
+            list(hyper),
+            list(params),
+            list(grads),
+            *(list(slot) for pair in zip(states, absmaxes, strict=True) for slot in pair),
+            books,
+            lut_params,
+            grad_scale,
+            update_scale,
+            norm_out,
+            nonfinite_count,
+            list(segment_offsets),
+            blocksize,
+            seed,
+        )
+
     return SimpleNamespace(
-        __name__=f"dist8bit.backends.{kind}",
         name=kind,
         quantize_blockwise=quantize_blockwise,
         dequantize_blockwise=dequantize_blockwise,
+        fused_step=fused_step,
     )
+
+
+def _flatten_codebooks(codebooks: Sequence[Codebook | None]) -> tuple[list[torch.Tensor], list[int]]:
+    """[code, thresholds, lut] and [mantissa_bits, min_exponent, refine_steps] per slot; empty for 32-bit."""
+    if all(book is None for book in codebooks):
+        return [], []
+    first = next(book for book in codebooks if book is not None)
+    tensors: list[torch.Tensor] = []
+    params: list[int] = []
+    for book in codebooks:
+        book = book or first
+        tensors += [book.code, book.thresholds, book.lut]
+        params += [book.lut_mantissa_bits, book.lut_min_exponent, book.refine_steps]
+    return tensors, params

@@ -15,6 +15,30 @@ quantize_blockwise(x, code, thresholds, lut, lut_mantissa_bits, lut_min_exponent
 dequantize_blockwise(codes, code, absmax, blocksize, out!)
     out[i] = code[codes[i]] * absmax[i // blocksize], computed in float32 and
     rounded to out's dtype (float32/float16/bfloat16, round-to-nearest-even).
+
+fused_step(rule, wd_mode, hyper, params!, grads, state1!, absmax1!, state2!, absmax2!,
+           state3!, absmax3!, codebooks, lut_params, grad_scale, update_scale, norm_out!,
+           nonfinite_count!, segment_offsets, blocksize, seed)
+    One optimizer step over a list of segments (contiguous runs of one parameter
+    each), in one launch. Per segment k: params[k] (float32/float16/bfloat16,
+    all the same dtype), grads[k] (same numel, float32/float16/bfloat16),
+    stateS[k] for each used slot S (an empty list means the slot is unused):
+    uint8 codes with absmaxS[k] = float32 scales, one per block of `blocksize`
+    starting at the segment's first element, or float32 values with absmaxS
+    empty. All segments share one precision. `codebooks` is empty (32-bit) or
+    [code, thresholds, lut] for each of the 3 slots (unused slots repeat slot
+    1's), `lut_params` [lut_mantissa_bits, lut_min_exponent, refine_steps] per
+    slot. Math: dist8bit.optim.rules + csrc/common/update_rules.h, with
+        g = grads[k] * grad_scale[k]          (grad_scale: float32 per segment, optional)
+        lr_eff = hyper[LR] * update_scale[k]  (update_scale: float32 per segment, optional)
+        p <- p * hyper[DECAY] - lr_eff * d
+    Elements whose scaled gradient is not finite are skipped: parameter and
+    states keep their values (8-bit states are re-encoded with the block's new
+    scale) and nonfinite_count (int64, 1 element, optional) is incremented.
+    With norm_out (float64 per segment) given, only sum(d^2) over finite
+    elements is written per segment and nothing else is modified. With seed
+    given, bfloat16 parameters are written with stochastic rounding keyed by
+    (seed, segment_offsets[k] + i): see reference_optim.round_bf16_stochastically.
 """
 
 from __future__ import annotations
@@ -29,6 +53,13 @@ _library.define(
     "int lut_min_exponent, int refine_steps, int blocksize, int? seed, Tensor(a!) codes, Tensor(b!) absmax) -> ()"
 )
 _library.define("dequantize_blockwise(Tensor codes, Tensor code, Tensor absmax, int blocksize, Tensor(a!) out) -> ()")
+_library.define(
+    "fused_step(int rule, int wd_mode, float[] hyper, Tensor(a!)[] params, Tensor[] grads, "
+    "Tensor(b!)[] state1, Tensor(c!)[] absmax1, Tensor(d!)[] state2, Tensor(e!)[] absmax2, "
+    "Tensor(f!)[] state3, Tensor(g!)[] absmax3, Tensor[] codebooks, int[] lut_params, "
+    "Tensor? grad_scale, Tensor? update_scale, Tensor(h!)? norm_out, Tensor(i!)? nonfinite_count, "
+    "int[] segment_offsets, int blocksize, int? seed) -> ()"
+)
 
 
 def has_kernel(op_name: str, device_type: str) -> bool:

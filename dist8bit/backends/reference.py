@@ -13,8 +13,6 @@ from ..quant.codebook import Codebook, nearest_code_index
 from ..quant.layout import num_blocks
 from ..quant.stochastic import uniform_for_indices
 
-name = "reference"
-
 
 def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
     """x as float32 rows of `blocksize`, the last row zero-padded."""

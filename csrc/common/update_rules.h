@@ -1,0 +1,107 @@
+// Element-wise optimizer update rules shared by the CPU and CUDA kernels.
+//
+// Mirrors dist8bit/backends/reference_optim.py operation by operation: every
+// expression below rounds to float32 exactly where the reference does, and the
+// kernels are built without FMA contraction, so all backends agree bit for bit.
+// Rule ids, weight-decay modes and the constant slots are defined in
+// dist8bit/optim/rules.py.
+#pragma once
+
+#include "common/host_device.h"
+
+namespace dist8bit {
+
+enum class Rule : int { kAdam = 0, kSgd = 1, kRmsprop = 2, kAdagrad = 3, kLion = 4, kAdemamix = 5 };
+enum class WeightDecayMode : int { kL2 = 0, kDecoupled = 1, kInDirection = 2 };
+
+// Slots of the constant vector (dist8bit.optim.rules.Hyper).
+enum Hyper : int {
+  kLr = 0,
+  kBeta1 = 1,
+  kOneMinusBeta1 = 2,
+  kBeta2 = 3,
+  kOneMinusBeta2 = 4,
+  kBeta3 = 5,
+  kOneMinusBeta3 = 6,
+  kEps = 7,
+  kWeightDecay = 8,
+  kDecay = 9,
+  kInvBiasCorrection1 = 10,
+  kBiasCorrection2Sqrt = 11,
+  kAlpha = 12,
+  kMomentum = 13,
+  kOneMinusDampening = 14,
+  kNesterov = 15,
+  kFirstStep = 16,
+  kHyperSize = 17,
+};
+
+struct StepConstants {
+  float v[kHyperSize];
+};
+
+// One element's update. `state` holds the (dequantized) states on entry and the
+// new states on exit; `num_states` says how many slots the rule uses (SGD without
+// momentum: 0; RMSprop with momentum: 2). Returns the direction d, so that the
+// caller writes p <- p * decay - lr_eff * d.
+D8_HD float update_element(Rule rule, WeightDecayMode wd_mode, const StepConstants& c, float g, float p,
+                           float* state, int num_states) {
+  switch (rule) {
+    case Rule::kAdam: {
+      if (wd_mode == WeightDecayMode::kL2) g = g + c.v[kWeightDecay] * p;
+      const float m = c.v[kBeta1] * state[0] + c.v[kOneMinusBeta1] * g;
+      const float v = c.v[kBeta2] * state[1] + c.v[kOneMinusBeta2] * (g * g);
+      state[0] = m;
+      state[1] = v;
+      const float denom = sqrtf(v) / c.v[kBiasCorrection2Sqrt] + c.v[kEps];
+      float d = (m / denom) * c.v[kInvBiasCorrection1];
+      if (wd_mode == WeightDecayMode::kInDirection) d = d + c.v[kWeightDecay] * p;
+      return d;
+    }
+    case Rule::kSgd: {
+      if (wd_mode == WeightDecayMode::kL2) g = g + c.v[kWeightDecay] * p;
+      if (num_states == 0) return g;
+      const float buffer =
+          c.v[kFirstStep] != 0.f ? g : c.v[kMomentum] * state[0] + c.v[kOneMinusDampening] * g;
+      state[0] = buffer;
+      return c.v[kNesterov] != 0.f ? g + c.v[kMomentum] * buffer : buffer;
+    }
+    case Rule::kRmsprop: {
+      if (wd_mode == WeightDecayMode::kL2) g = g + c.v[kWeightDecay] * p;
+      const float square_avg = c.v[kBeta2] * state[0] + c.v[kOneMinusBeta2] * (g * g);
+      state[0] = square_avg;
+      const float avg = sqrtf(square_avg) + c.v[kEps];
+      if (num_states == 1) return g / avg;
+      const float buffer = c.v[kMomentum] * state[1] + g / avg;
+      state[1] = buffer;
+      return buffer;
+    }
+    case Rule::kAdagrad: {
+      if (wd_mode == WeightDecayMode::kL2) g = g + c.v[kWeightDecay] * p;
+      const float total = state[0] + g * g;
+      state[0] = total;
+      return g / (sqrtf(total) + c.v[kEps]);
+    }
+    case Rule::kLion: {
+      const float mixed = c.v[kBeta1] * state[0] + c.v[kOneMinusBeta1] * g;
+      state[0] = c.v[kBeta2] * state[0] + c.v[kOneMinusBeta2] * g;
+      return static_cast<float>((mixed > 0.f) - (mixed < 0.f));
+    }
+    case Rule::kAdemamix: {
+      const float fast = c.v[kBeta1] * state[0] + c.v[kOneMinusBeta1] * g;
+      const float slow = c.v[kBeta3] * state[1] + c.v[kOneMinusBeta3] * g;
+      const float v = c.v[kBeta2] * state[2] + c.v[kOneMinusBeta2] * (g * g);
+      state[0] = fast;
+      state[1] = slow;
+      state[2] = v;
+      const float denom = sqrtf(v) / c.v[kBiasCorrection2Sqrt] + c.v[kEps];
+      return (fast * c.v[kInvBiasCorrection1] + c.v[kAlpha] * slow) / denom;
+    }
+  }
+  return 0.f;
+}
+
+// The parameter write: p * decay - lr_eff * d (two float32 roundings).
+D8_HD float apply_direction(float p, float decay, float lr_eff, float d) { return p * decay - lr_eff * d; }
+
+}  // namespace dist8bit
