@@ -4,7 +4,7 @@
 // expression below rounds to float32 exactly where the reference does, and the
 // kernels are built without FMA contraction, so all backends agree bit for bit.
 // Rule ids, weight-decay modes and the constant slots are defined in
-// dist8bit/optim/rules.py.
+// dist8bit/backends/rules.py.
 #pragma once
 
 #include "common/host_device.h"
@@ -14,7 +14,7 @@ namespace dist8bit {
 enum class Rule : int { kAdam = 0, kSgd = 1, kRmsprop = 2, kAdagrad = 3, kLion = 4, kAdemamix = 5 };
 enum class WeightDecayMode : int { kL2 = 0, kDecoupled = 1, kInDirection = 2 };
 
-// Slots of the constant vector (dist8bit.optim.rules.Hyper).
+// Slots of the constant vector (dist8bit.backends.rules.Hyper).
 enum Hyper : int {
   kLr = 0,
   kBeta1 = 1,

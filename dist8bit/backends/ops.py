@@ -28,7 +28,7 @@ fused_step(rule, wd_mode, hyper, params!, grads, state1!, absmax1!, state2!, abs
     empty. All segments share one precision. `codebooks` is empty (32-bit) or
     [code, thresholds, lut] for each of the 3 slots (unused slots repeat slot
     1's), `lut_params` [lut_mantissa_bits, lut_min_exponent, refine_steps] per
-    slot. Math: dist8bit.optim.rules + csrc/common/update_rules.h, with
+    slot. Math: dist8bit.backends.rules + csrc/common/update_rules.h, with
         g = grads[k] * grad_scale[k]          (grad_scale: float32 per segment, optional)
         lr_eff = hyper[LR] * update_scale[k]  (update_scale: float32 per segment, optional)
         p <- p * hyper[DECAY] - lr_eff * d

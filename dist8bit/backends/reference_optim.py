@@ -2,7 +2,7 @@
 
 Mirrors csrc/common/update_rules.h operation by operation (each line below is
 one float32 rounding in the kernels too), so the kernels can be tested bit for
-bit. Contract: dist8bit.backends.ops (fused_step) and dist8bit.optim.rules.
+bit. Contract: dist8bit.backends.ops (fused_step) and dist8bit.backends.rules.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..optim.rules import Hyper, Rule, WeightDecay
 from ..quant.codebook import Codebook
 from ..quant.stochastic import MASK32, mix32, seed_key
 from . import reference
+from .rules import Hyper, Rule, WeightDecay
 
 
 class _Constants:
@@ -177,4 +177,3 @@ def fused_step(
             _store_state(kept, states[k][index], absmax_of[i], codebooks[k], blocksize)
         if nonfinite_count is not None:
             nonfinite_count += (~finite).sum()
-

@@ -1,0 +1,72 @@
+"""Adagrad (torch.optim.Adagrad semantics)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ..backends.rules import Rule, StateSpec, StepConstants
+from .optimizer import Optimizer8bit, check_non_negative
+from .variants import with_fixed
+
+SUM = (StateSpec("sum", signed=False),)
+
+
+class Adagrad(Optimizer8bit):
+    """Adagrad; the squared-gradient sum goes 8-bit (unsigned map)."""
+
+    rule = Rule.ADAGRAD
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        max_unorm: float = 0.0,
+        is_paged: bool = False,
+        **options: Any,
+    ) -> None:
+        if args is not None:
+            raise ValueError("args= (bitsandbytes' argument namespace) is not supported; pass keyword arguments")
+        check_non_negative(
+            lr_decay=lr_decay, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value, eps=eps
+        )
+        super().__init__(
+            params,
+            {
+                "lr": lr,
+                "lr_decay": lr_decay,
+                "weight_decay": weight_decay,
+                "initial_accumulator_value": initial_accumulator_value,
+                "eps": eps,
+            },
+            optim_bits,
+            min_8bit_size,
+            percentile_clipping,
+            block_wise,
+            max_unorm,
+            is_paged,
+            **options,
+        )
+
+    def state_specs(self, config: dict[str, Any]) -> tuple[StateSpec, ...]:
+        return SUM
+
+    def initial_state_value(self, config: dict[str, Any]) -> float:
+        return float(config["initial_accumulator_value"])
+
+    def step_constants(self, config: dict[str, Any], step: int) -> StepConstants:
+        decayed_lr = config["lr"] / (1 + (step - 1) * config["lr_decay"])
+        return StepConstants(lr=decayed_lr, step=step, eps=config["eps"], weight_decay=config["weight_decay"])
+
+
+Adagrad8bit = with_fixed(Adagrad, "Adagrad8bit", "Adagrad with an 8-bit block-wise accumulator.", optim_bits=8)
+Adagrad32bit = with_fixed(Adagrad, "Adagrad32bit", "Adagrad with a 32-bit accumulator.", optim_bits=32)

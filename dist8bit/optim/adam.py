@@ -1,0 +1,92 @@
+"""Adam and AdamW (torch.optim semantics; bitsandbytes-compatible arguments)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
+from .optimizer import Optimizer8bit, check_betas, check_non_negative
+from .variants import with_fixed
+
+ADAM_STATES = (StateSpec("exp_avg", signed=True), StateSpec("exp_avg_sq", signed=False))
+
+
+class Adam(Optimizer8bit):
+    """Adam with L2 weight decay; 8-bit states with optim_bits=8.
+
+    First moment: signed dynamic map; second moment: unsigned dynamic map; both
+    block-wise (blocksize 256). Parameters smaller than min_8bit_size elements
+    keep 32-bit state.
+    """
+
+    rule = Rule.ADAM
+    decoupled = False
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        max_unorm: float = 0.0,
+        is_paged: bool = False,
+        **options: Any,
+    ) -> None:
+        if amsgrad:
+            raise ValueError("amsgrad=True is not supported by dist8bit's Adam")
+        if args is not None:
+            raise ValueError("args= (bitsandbytes' argument namespace) is not supported; pass keyword arguments")
+        betas = check_betas(betas, 2)
+        check_non_negative(eps=eps, weight_decay=weight_decay)
+        super().__init__(
+            params,
+            {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay},
+            optim_bits,
+            min_8bit_size,
+            percentile_clipping,
+            block_wise,
+            max_unorm,
+            is_paged,
+            **options,
+        )
+
+    def state_specs(self, config: dict[str, Any]) -> tuple[StateSpec, ...]:
+        return ADAM_STATES
+
+    def weight_decay_mode(self, config: dict[str, Any]) -> WeightDecay:
+        return WeightDecay.DECOUPLED if self.decoupled else WeightDecay.L2
+
+    def step_constants(self, config: dict[str, Any], step: int) -> StepConstants:
+        beta1, beta2 = config["betas"]
+        return StepConstants(
+            lr=config["lr"],
+            step=step,
+            beta1=beta1,
+            beta2=beta2,
+            eps=config["eps"],
+            weight_decay=config["weight_decay"],
+            decoupled=self.decoupled,
+        )
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (torch.optim.AdamW semantics)."""
+
+    decoupled = True
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, **kwargs: Any):
+        super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
+
+
+Adam8bit = with_fixed(Adam, "Adam8bit", "Adam with 8-bit block-wise states.", optim_bits=8)
+Adam32bit = with_fixed(Adam, "Adam32bit", "Adam with 32-bit states.", optim_bits=32)
+AdamW8bit = with_fixed(AdamW, "AdamW8bit", "AdamW with 8-bit block-wise states.", optim_bits=8)
+AdamW32bit = with_fixed(AdamW, "AdamW32bit", "AdamW with 32-bit states.", optim_bits=32)

@@ -1,0 +1,108 @@
+"""AdEMAMix (Pagliardini et al. 2024): Adam plus a slow EMA of gradients.
+
+    m1 <- b1 m1 + (1-b1) g ;  m2 <- b3 m2 + (1-b3) g ;  v <- b2 v + (1-b2) g^2
+    p  <- p (1 - lr wd) - lr (m1 / bc1 + alpha m2) / (sqrt(v / bc2) + eps)
+
+with optional warm-ups of alpha (linear over t_alpha steps) and b3 (the
+paper's schedule over t_beta3 steps), computed on the host each step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
+from .optimizer import Optimizer8bit, check_betas, check_non_negative
+from .variants import with_fixed
+
+ADEMAMIX_STATES = (
+    StateSpec("exp_avg", signed=True),
+    StateSpec("exp_avg_slow", signed=True),
+    StateSpec("exp_avg_sq", signed=False),
+)
+
+
+def alpha_at(step: int, alpha: float, t_alpha: int | None) -> float:
+    return alpha if not t_alpha else min(step * alpha / t_alpha, alpha)
+
+
+def beta3_at(step: int, beta1: float, beta3: float, t_beta3: int | None) -> float:
+    if not t_beta3:
+        return beta3
+    fraction = min(step / t_beta3, 1.0)
+    log_beta1, log_beta3 = math.log(beta1), math.log(beta3)
+    return min(math.exp(log_beta1 * log_beta3 / ((1 - fraction) * log_beta3 + fraction * log_beta1)), beta3)
+
+
+class AdEMAMix(Optimizer8bit):
+    """AdEMAMix; all three states go 8-bit with optim_bits=8."""
+
+    rule = Rule.ADEMAMIX
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
+        alpha: float = 5.0,
+        t_alpha: int | None = None,
+        t_beta3: int | None = None,
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        optim_bits: int = 32,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        max_unorm: float = 0.0,
+        is_paged: bool = False,
+        **options: Any,
+    ) -> None:
+        betas = check_betas(betas, 3)
+        check_non_negative(alpha=alpha, eps=eps, weight_decay=weight_decay)
+        if betas[0] == 0.0 and t_beta3:
+            raise ValueError("the beta3 warm-up (t_beta3) needs betas[0] > 0")
+        super().__init__(
+            params,
+            {
+                "lr": lr,
+                "betas": betas,
+                "alpha": alpha,
+                "t_alpha": t_alpha,
+                "t_beta3": t_beta3,
+                "eps": eps,
+                "weight_decay": weight_decay,
+            },
+            optim_bits,
+            min_8bit_size,
+            percentile_clipping,
+            block_wise,
+            max_unorm,
+            is_paged,
+            **options,
+        )
+
+    def state_specs(self, config: dict[str, Any]) -> tuple[StateSpec, ...]:
+        return ADEMAMIX_STATES
+
+    def weight_decay_mode(self, config: dict[str, Any]) -> WeightDecay:
+        return WeightDecay.DECOUPLED
+
+    def step_constants(self, config: dict[str, Any], step: int) -> StepConstants:
+        beta1, beta2, beta3 = config["betas"]
+        return StepConstants(
+            lr=config["lr"],
+            step=step,
+            beta1=beta1,
+            beta2=beta2,
+            beta3=beta3_at(step, beta1, beta3, config["t_beta3"]),
+            eps=config["eps"],
+            weight_decay=config["weight_decay"],
+            decoupled=True,
+            alpha=alpha_at(step, config["alpha"], config["t_alpha"]),
+        )
+
+
+AdEMAMix8bit = with_fixed(AdEMAMix, "AdEMAMix8bit", "AdEMAMix with 8-bit block-wise states.", optim_bits=8)
+AdEMAMix32bit = with_fixed(AdEMAMix, "AdEMAMix32bit", "AdEMAMix with 32-bit states.", optim_bits=32)

@@ -1,0 +1,81 @@
+"""LARS (You et al. 2017): momentum SGD scaled per parameter by a trust ratio.
+
+    buffer <- momentum * buffer + (g + weight_decay * p)
+    p <- p - lr * trust * buffer,  trust = trust_coefficient * ||p|| / (||g|| + weight_decay * ||p||)
+
+(trust = 1 where a norm is 0). The norms come from the parameter and its
+gradient, so one kernel pass suffices. The trust ratio scales the step rather
+than entering the momentum buffer, so the buffer stays a plain SGD momentum
+that converts to and from torch.optim.SGD checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .optimizer import clip_update_norm, parameter_norms
+from .sgd import SGD
+from .variants import with_fixed
+
+
+class LARS(SGD):
+    """LARS with a real per-parameter trust ratio; 8-bit momentum with optim_bits=8."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        max_unorm: float = 0.0,
+        trust_coefficient: float = 0.001,
+        **options: Any,
+    ) -> None:
+        if not trust_coefficient > 0:
+            raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient!r}")
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            optim_bits,
+            args,
+            min_8bit_size,
+            percentile_clipping,
+            max_unorm=max_unorm,
+            **options,
+        )
+        for group in self.param_groups:
+            group.setdefault("trust_coefficient", trust_coefficient)
+        self.defaults["trust_coefficient"] = trust_coefficient
+
+    def update_scale(
+        self,
+        config: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        direction_norms: Callable[[], torch.Tensor],
+    ) -> torch.Tensor:
+        param_norms = parameter_norms(params)
+        grad_norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+        denominator = grad_norms + config["weight_decay"] * param_norms
+        usable = (param_norms > 0) & (grad_norms > 0)
+        scale = torch.where(usable, config["trust_coefficient"] * param_norms / denominator, torch.ones_like(param_norms))
+        if config["max_unorm"] > 0:
+            scale = scale * clip_update_norm(config["max_unorm"], param_norms, direction_norms().sqrt().float() * scale)
+        return scale
+
+
+LARS8bit = with_fixed(LARS, "LARS8bit", "LARS with an 8-bit block-wise momentum.", optim_bits=8)
+LARS32bit = with_fixed(LARS, "LARS32bit", "LARS with a 32-bit momentum.", optim_bits=32)

@@ -1,0 +1,65 @@
+"""Lion (Chen et al. 2023): sign of an interpolated momentum, decoupled weight decay."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
+from .optimizer import Optimizer8bit, check_betas, check_non_negative
+from .variants import with_fixed
+
+LION_STATE = (StateSpec("exp_avg", signed=True),)
+
+
+class Lion(Optimizer8bit):
+    """Lion; its single momentum goes 8-bit (signed map)."""
+
+    rule = Rule.LION
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        max_unorm: float = 0.0,
+        is_paged: bool = False,
+        **options: Any,
+    ) -> None:
+        if args is not None:
+            raise ValueError("args= (bitsandbytes' argument namespace) is not supported; pass keyword arguments")
+        betas = check_betas(betas, 2)
+        check_non_negative(weight_decay=weight_decay)
+        super().__init__(
+            params,
+            {"lr": lr, "betas": betas, "weight_decay": weight_decay},
+            optim_bits,
+            min_8bit_size,
+            percentile_clipping,
+            block_wise,
+            max_unorm,
+            is_paged,
+            **options,
+        )
+
+    def state_specs(self, config: dict[str, Any]) -> tuple[StateSpec, ...]:
+        return LION_STATE
+
+    def weight_decay_mode(self, config: dict[str, Any]) -> WeightDecay:
+        return WeightDecay.DECOUPLED
+
+    def step_constants(self, config: dict[str, Any], step: int) -> StepConstants:
+        beta1, beta2 = config["betas"]
+        return StepConstants(
+            lr=config["lr"], step=step, beta1=beta1, beta2=beta2, weight_decay=config["weight_decay"], decoupled=True
+        )
+
+
+Lion8bit = with_fixed(Lion, "Lion8bit", "Lion with an 8-bit block-wise momentum.", optim_bits=8)
+Lion32bit = with_fixed(Lion, "Lion32bit", "Lion with a 32-bit momentum.", optim_bits=32)
