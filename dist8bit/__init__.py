@@ -4,6 +4,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import functional
+from . import functional, nn, optim
 
-__all__ = ["__version__", "functional"]
+__all__ = ["__version__", "functional", "nn", "optim"]

@@ -64,6 +64,9 @@ class Adam(Optimizer8bit):
     def weight_decay_mode(self, config: dict[str, Any]) -> WeightDecay:
         return WeightDecay.DECOUPLED if self.decoupled else WeightDecay.L2
 
+    def implied_torch_flags(self) -> dict[str, Any]:
+        return {"decoupled_weight_decay": self.decoupled}
+
     def step_constants(self, config: dict[str, Any], step: int) -> StepConstants:
         beta1, beta2 = config["betas"]
         return StepConstants(

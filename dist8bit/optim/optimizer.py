@@ -29,6 +29,9 @@ from .overrides import GlobalOptimManager
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HISTORY = 100  # steps of gradient norms kept for percentile clipping
 SEGMENT_STRIDE = 1 << 40  # random-number counter range reserved per parameter
+# Flags torch.optim groups carry that dist8bit optimizers do not implement; a
+# torch state dict loads only when they are off.
+TORCH_ONLY_FLAGS = ("foreach", "maximize", "capturable", "differentiable", "fused", "amsgrad", "decoupled_weight_decay")
 COMMON_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "max_unorm", "block_wise", "is_paged", "blocksize")
 
 
@@ -154,6 +157,10 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def weight_decay_mode(self, config: dict[str, Any]) -> WeightDecay:
         return WeightDecay.L2
+
+    def implied_torch_flags(self) -> dict[str, Any]:
+        """torch.optim group flags this optimizer's semantics fix (accepted when equal)."""
+        return {}
 
     def initial_state_value(self, config: dict[str, Any]) -> float:
         return 0.0
@@ -318,6 +325,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                     f"state dict format version {version} is newer than this dist8bit supports "
                     f"({state_layout.STATE_FORMAT_VERSION}); upgrade dist8bit"
                 )
+        merged_groups = [self._merge_saved_group(saved, current) for saved, current in zip(saved_groups, self.param_groups, strict=True)]
         id_to_param = {}
         for saved, current in zip(saved_groups, self.param_groups, strict=True):
             if len(saved["params"]) != len(current["params"]):
@@ -326,15 +334,13 @@ class Optimizer8bit(torch.optim.Optimizer):
                 )
             id_to_param.update(zip(saved["params"], current["params"], strict=True))
         overrides = GlobalOptimManager.get_instance().overrides()
-        group_of = {id(p): (index, g) for index, g in enumerate(self.param_groups) for p in g["params"]}
+        group_of = {id(p): merged for merged, g in zip(merged_groups, self.param_groups, strict=True) for p in g["params"]}
         for saved_id, saved_state in state_dict["state"].items():
             param = id_to_param.get(saved_id)
             if param is None:
                 raise ValueError(f"the state dict holds state for parameter id {saved_id}, which no param group lists")
-            _, group = group_of[id(param)]
-            saved_group = saved_groups[self.param_groups.index(group)]
-            config = self.resolved_config(param, {**group, **_group_settings(saved_group)}, overrides)
-            self._check_saved_state(param, saved_state, config)
+            self._check_saved_state(param, saved_state, self.resolved_config(param, group_of[id(param)], overrides))
+        state_dict = {**state_dict, "param_groups": merged_groups}
         originals = {key: dict(value) for key, value in state_dict["state"].items()}
         super().load_state_dict(state_dict)
         # torch casts floating-point state to the parameter's dtype; dist8bit keeps
@@ -346,6 +352,21 @@ class Optimizer8bit(torch.optim.Optimizer):
                     self.state[param][key] = value.to(device=param.device, copy=True)
                 elif key == "step" and not isinstance(value, torch.Tensor):
                     self.state[param][key] = torch.tensor(float(value), dtype=torch.float32)
+
+    def _merge_saved_group(self, saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+        """Saved hyper-parameters over current defaults; torch-only flags must be off."""
+        merged = {**{k: v for k, v in current.items() if k != "params"}, **saved}
+        implied = self.implied_torch_flags()
+        for key in set(saved) - set(current):
+            if key in implied and saved[key] != implied[key]:
+                raise ValueError(f"the state dict's param group sets {key}={saved[key]!r}, but {type(self).__name__} implies {implied[key]!r}")
+            if key in TORCH_ONLY_FLAGS and key not in implied and saved[key] not in (False, None):
+                raise ValueError(f"the state dict's param group sets {key}={saved[key]!r}, which {type(self).__name__} does not support")
+            if key not in TORCH_ONLY_FLAGS and key not in ("params", "param_names", "dist8bit_state_version", "initial_lr"):
+                raise ValueError(f"the state dict's param group has an unknown key {key!r} for {type(self).__name__}")
+            if key in TORCH_ONLY_FLAGS:
+                del merged[key]
+        return merged
 
     def _check_saved_state(self, param: torch.Tensor, saved: dict[str, Any], config: dict[str, Any]) -> None:
         where = f"parameter of shape {tuple(param.shape)}"
@@ -396,10 +417,6 @@ class Optimizer8bit(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes held by all optimizer state tensors (excluding the scalar steps)."""
         return sum(state_layout.state_bytes(s) for s in self.state.values())
-
-
-def _group_settings(group: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in group.items() if k in COMMON_KEYS}
 
 
 def _batch_key(config: dict[str, Any]) -> tuple:
