@@ -53,7 +53,11 @@ class StableEmbedding(nn.Embedding):
         embedded = F.embedding(
             input, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
         )
-        return self.norm(embedded.float()).to(self.weight.dtype)
+        norm = self.norm
+        weight = None if norm.weight is None else norm.weight.float()
+        bias = None if norm.bias is None else norm.bias.float()
+        normalised = F.layer_norm(embedded.float(), norm.normalized_shape, weight, bias, norm.eps)
+        return normalised.to(self.weight.dtype)
 
 
 class Embedding(nn.Embedding):

@@ -32,7 +32,7 @@ SEGMENT_STRIDE = 1 << 40  # random-number counter range reserved per parameter
 # Flags torch.optim groups carry that dist8bit optimizers do not implement; a
 # torch state dict loads only when they are off.
 TORCH_ONLY_FLAGS = ("foreach", "maximize", "capturable", "differentiable", "fused", "amsgrad", "decoupled_weight_decay")
-COMMON_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "max_unorm", "block_wise", "is_paged", "blocksize")
+PRECISION_KEYS = ("optim_bits", "min_8bit_size", "blocksize")
 
 
 def _check_common(optim_bits: int, min_8bit_size: int, percentile_clipping: int, max_unorm: float, block_wise: bool) -> None:
@@ -325,7 +325,9 @@ class Optimizer8bit(torch.optim.Optimizer):
                     f"state dict format version {version} is newer than this dist8bit supports "
                     f"({state_layout.STATE_FORMAT_VERSION}); upgrade dist8bit"
                 )
-        merged_groups = [self._merge_saved_group(saved, current) for saved, current in zip(saved_groups, self.param_groups, strict=True)]
+        merged_groups = [
+            self._merge_saved_group(saved, current) for saved, current in zip(saved_groups, self.param_groups, strict=True)
+        ]
         id_to_param = {}
         for saved, current in zip(saved_groups, self.param_groups, strict=True):
             if len(saved["params"]) != len(current["params"]):
@@ -356,14 +358,25 @@ class Optimizer8bit(torch.optim.Optimizer):
     def _merge_saved_group(self, saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
         """Saved hyper-parameters over current defaults; torch-only flags must be off."""
         merged = {**{k: v for k, v in current.items() if k != "params"}, **saved}
+        # Precision is this optimizer's choice, not the checkpoint's: a mismatch
+        # must surface as an error below, never silently switch the precision.
+        for key in PRECISION_KEYS:
+            merged[key] = current[key]
         implied = self.implied_torch_flags()
         for key in set(saved) - set(current):
             if key in implied and saved[key] != implied[key]:
-                raise ValueError(f"the state dict's param group sets {key}={saved[key]!r}, but {type(self).__name__} implies {implied[key]!r}")
+                raise ValueError(
+                    f"the state dict's param group sets {key}={saved[key]!r}, but {type(self).__name__} implies {implied[key]!r}"
+                )
             if key in TORCH_ONLY_FLAGS and key not in implied and saved[key] not in (False, None):
-                raise ValueError(f"the state dict's param group sets {key}={saved[key]!r}, which {type(self).__name__} does not support")
+                raise ValueError(
+                    f"the state dict's param group sets {key}={saved[key]!r}, which {type(self).__name__} does not support"
+                )
             if key not in TORCH_ONLY_FLAGS and key not in ("params", "param_names", "dist8bit_state_version", "initial_lr"):
-                raise ValueError(f"the state dict's param group has an unknown key {key!r} for {type(self).__name__}")
+                raise ValueError(
+                    f"the state dict's param group has key {key!r}, which {type(self).__name__} does not have: "
+                    "was it saved by another optimizer?"
+                )
             if key in TORCH_ONLY_FLAGS:
                 del merged[key]
         return merged
