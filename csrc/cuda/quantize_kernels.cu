@@ -1,0 +1,743 @@
+// CUDA kernels of block-wise 8-bit quantization (see quantize_kernels.cuh).
+//
+// Bit-identical to dist8bit/backends/reference.py by construction:
+//   absmax  the largest |x| of the block, NaN when the block holds a NaN. It
+//           is taken as an unsigned max over the bits of |x| (sign cleared):
+//           for non-negative floats the unsigned order of the bits is the
+//           float order, and every NaN lies above +inf, so NaN propagates
+//           and the maximum is exact. A NaN absmax is stored as 0x7FC00000.
+//   s       x * (1 / absmax) in float32: the reciprocal is __fdiv_rn (IEEE
+//           round-to-nearest whatever -prec-div says), the product and the
+//           NaN -> 0 rule are scaled_value() of common/code_search.h.
+//   code    the number of thresholds below s: the 8-step binary search of
+//           nearest_code_index() in common/code_search.h, comparison for
+//           comparison, over the thresholds in shared memory (in PTX, see
+//           count_thresholds_below); with stochastic rounding then
+//           stochastic_code_index() with u = uniform_for_index(seed_key(seed),
+//           i) of common/stochastic_rounding.h, i the element's flat index.
+//   out     code[c] * absmax in float32 (__fmul_rn, never contracted), then
+//           rounded to nearest even (__float2half_rn, __float2bfloat16_rn).
+// Denormals are kept (no -ftz, no fast-math), like torch's CUDA kernels.
+//
+// Work layout.
+//   quantize, blocksize a power of two in [64, 4096], 16-byte aligned input:
+//     one warp per quantization block (two or four warps for blocks of more
+//     than 128 bytes per lane, meeting through shared memory); small blocks
+//     are grouped so that every lane loads at least 64 bytes before any
+//     arithmetic (enough loads in flight to saturate HBM). The input stays
+//     in registers between the reduction and the rounding, so x is read
+//     from memory exactly once. Loads are 4- to 16-byte vectors, codes are
+//     stored 2 to 8 per instruction, absmax is one warp reduction
+//     (__reduce_max_sync on sm_80+). The blocks of the last, incomplete
+//     step take the scalar warp path below.
+//   quantize, any other blocksize up to kLargeBlock (or misaligned pointers):
+//     one warp per block, scalar loads, two passes over the block (the second
+//     one mostly hits L1/L2).
+//   quantize, blocksize > kLargeBlock (functional.quantize: one block for the
+//     whole tensor): two kernels. The first reduces |x| over tiles of
+//     kLargeTile elements (a tile meets at most two blocks) into absmax with
+//     atomicMax on the bits; the second quantizes element-parallel.
+//   dequantize: element-parallel, 16 codes per thread per step (one 16-byte
+//     load, 32 or 64 bytes stored), scalar tail.
+// All loops are grid-stride with 64-bit indices; thresholds and the code live
+// in shared memory.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/code_search.h"
+#include "common/host_device.h"
+#include "common/stochastic_rounding.h"
+#include "quantize_kernels.cuh"
+
+namespace dist8bit {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;  // threads per CUDA block, every kernel
+constexpr int kWarpSize = 32;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kCodeSize = 256;  // entries of a map and of its threshold table
+constexpr unsigned kFullMask = 0xffffffffu;
+static_assert(kThreads == kCodeSize, "staging loads one table entry per thread");
+
+// Blocks above this size (and every size on the large path) use the two-kernel path.
+constexpr int64_t kLargeBlock = 8192;
+// Elements one CUDA block covers per step on the large path: 32 per thread.
+constexpr int kLargeItems = 32;
+constexpr int64_t kLargeTile = int64_t{kThreads} * kLargeItems;
+static_assert(kLargeTile <= kLargeBlock, "a large-path tile must meet at most two blocks");
+// Codes per thread per step when dequantizing.
+constexpr int kDequantItems = 16;
+
+// ---------------------------------------------------------------------------
+// Element types, as raw storage bits (no class types on the device side).
+
+struct F32 {
+  using Storage = float;
+  static constexpr int kBytes = 4;
+  static __device__ __forceinline__ float to_float(Storage v) { return v; }
+  static __device__ __forceinline__ float from_word(uint32_t bits) { return __uint_as_float(bits); }
+  static __device__ __forceinline__ Storage from_float(float v) { return v; }
+  static __device__ __forceinline__ uint32_t to_bits(float v) { return __float_as_uint(v); }
+};
+
+struct F16 {
+  using Storage = unsigned short;
+  static constexpr int kBytes = 2;
+  static __device__ __forceinline__ float to_float(Storage v) { return __half2float(__ushort_as_half(v)); }
+  static __device__ __forceinline__ float from_word(uint32_t bits) {
+    return to_float(static_cast<Storage>(bits & 0xffffu));
+  }
+  static __device__ __forceinline__ Storage from_float(float v) { return __half_as_ushort(__float2half_rn(v)); }
+  static __device__ __forceinline__ uint32_t to_bits(float v) { return from_float(v); }
+};
+
+struct BF16 {
+  using Storage = unsigned short;
+  static constexpr int kBytes = 2;
+  // bfloat16 is the top half of a float32: widening is exact.
+  static __device__ __forceinline__ float to_float(Storage v) { return __uint_as_float(uint32_t{v} << 16); }
+  static __device__ __forceinline__ float from_word(uint32_t bits) { return __uint_as_float(bits << 16); }
+  static __device__ __forceinline__ Storage from_float(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+  static __device__ __forceinline__ uint32_t to_bits(float v) { return from_float(v); }
+};
+
+// ---------------------------------------------------------------------------
+// Vector memory access through 32-bit words.
+
+template <int kWords>
+struct Words {
+  uint32_t w[kWords];
+};
+
+template <int kWords>
+__device__ __forceinline__ Words<kWords> load_words(const void* p);
+
+template <>
+__device__ __forceinline__ Words<1> load_words<1>(const void* p) {
+  return {{*static_cast<const unsigned*>(p)}};
+}
+
+template <>
+__device__ __forceinline__ Words<2> load_words<2>(const void* p) {
+  const uint2 v = *static_cast<const uint2*>(p);
+  return {{v.x, v.y}};
+}
+
+template <>
+__device__ __forceinline__ Words<4> load_words<4>(const void* p) {
+  const uint4 v = *static_cast<const uint4*>(p);
+  return {{v.x, v.y, v.z, v.w}};
+}
+
+// Element k of a vector of E loaded as words (little-endian lanes).
+template <typename E, int kWords>
+__device__ __forceinline__ float element(const Words<kWords>& v, int k) {
+  constexpr int kPerWord = 4 / E::kBytes;
+  return E::from_word(v.w[k / kPerWord] >> (32 / kPerWord * (k % kPerWord)));
+}
+
+// Store kCount codes (each < 256) as one 2-, 4- or 8-byte store.
+template <int kCount>
+__device__ __forceinline__ void store_codes(uint8_t* p, const uint32_t (&c)[kCount]);
+
+template <>
+__device__ __forceinline__ void store_codes<2>(uint8_t* p, const uint32_t (&c)[2]) {
+  *reinterpret_cast<unsigned short*>(p) = static_cast<unsigned short>(c[0] | (c[1] << 8));
+}
+
+template <>
+__device__ __forceinline__ void store_codes<4>(uint8_t* p, const uint32_t (&c)[4]) {
+  *reinterpret_cast<unsigned*>(p) = c[0] | (c[1] << 8) | (c[2] << 16) | (c[3] << 24);
+}
+
+template <>
+__device__ __forceinline__ void store_codes<8>(uint8_t* p, const uint32_t (&c)[8]) {
+  *reinterpret_cast<uint2*>(p) =
+      make_uint2(c[0] | (c[1] << 8) | (c[2] << 16) | (c[3] << 24), c[4] | (c[5] << 8) | (c[6] << 16) | (c[7] << 24));
+}
+
+// ---------------------------------------------------------------------------
+// The rounding rule, per element.
+
+// Bits of |v|: ordered like |v| for numbers, every NaN above +inf.
+__device__ __forceinline__ unsigned abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
+
+__device__ __forceinline__ unsigned warp_max(unsigned v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(kFullMask, v);
+#else
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = max(v, __shfl_xor_sync(kFullMask, v, offset));
+  return v;
+#endif
+}
+
+// A block maximum from its abs_bits: any NaN becomes the canonical quiet NaN
+// 0x7FC00000 (what torch's amax gives for ordinary NaNs, and what the CPU
+// kernels store), so every backend writes the same absmax bits.
+constexpr unsigned kInfBits = 0x7f800000u;
+constexpr unsigned kCanonicalNaN = 0x7fc00000u;
+__device__ __forceinline__ unsigned canonical_bits(unsigned abs_max_bits) {
+  return abs_max_bits > kInfBits ? kCanonicalNaN : abs_max_bits;
+}
+
+// The float32 reciprocal of the reference, 1 / absmax (IEEE, round to nearest).
+__device__ __forceinline__ float reciprocal(float absmax) { return __fdiv_rn(1.0f, absmax); }
+
+// One step of nearest_code_index (common/code_search.h) on a threshold table
+// in shared memory, with the table position kept as a shared-memory byte
+// address `a` (= table + 4 * idx):
+//     idx += s > thresholds[idx + STEP - 1] ? STEP : 0
+// The same comparison in the same order, written in PTX so that a step is
+// three instructions (LDS with an immediate offset, FSETP, predicated IADD)
+// instead of the five the compiler emits for the index form; the search is
+// most of the arithmetic per element. Volatile with a memory clobber: it is
+// never moved above the __syncthreads() that publishes the table.
+template <int STEP>
+__device__ __forceinline__ void search_step(unsigned& a, float s) {
+  asm volatile(
+      "{\n\t"
+      ".reg .pred p;\n\t"
+      ".reg .f32 t;\n\t"
+      "ld.shared.f32 t, [%0+%2];\n\t"
+      "setp.gt.f32 p, %1, t;\n\t"
+      "@p add.u32 %0, %0, %3;\n\t"
+      "}"
+      : "+r"(a)
+      : "f"(s), "n"((STEP - 1) * 4), "n"(STEP * 4)
+      : "memory");
+}
+
+// #{ j : thresholds[j] < s } for the table at shared address `table`: exactly
+// nearest_code_index(thresholds, s) of common/code_search.h, 8 branch-free
+// steps, reads thresholds[0..254] only, result in [0, 255]. Build with
+// -DD8_CUDA_PORTABLE_SEARCH to call the shared header's function instead.
+__device__ __forceinline__ int count_thresholds_below(const float* s_thresholds, unsigned table, float s) {
+#ifdef D8_CUDA_PORTABLE_SEARCH
+  (void)table;
+  return nearest_code_index(s_thresholds, s);
+#else
+  (void)s_thresholds;
+  static_assert(kCodeSize == 256, "8 steps cover 256 thresholds");
+  unsigned a = table;
+  search_step<128>(a, s);
+  search_step<64>(a, s);
+  search_step<32>(a, s);
+  search_step<16>(a, s);
+  search_step<8>(a, s);
+  search_step<4>(a, s);
+  search_step<2>(a, s);
+  search_step<1>(a, s);
+  return static_cast<int>((a - table) / 4);
+#endif
+}
+
+// Shared-memory address of a __shared__ table, for count_thresholds_below.
+__device__ __forceinline__ unsigned shared_address(const float* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// The code of one element: x scaled by inv, NaN to 0, nearest code, and with
+// SR the stochastic choice between the neighbours of s. `index` is the
+// element's flat index in the tensor (the stochastic stream position).
+template <bool SR>
+__device__ __forceinline__ uint32_t quantize_value(float x, float inv, const float* s_thresholds, const float* s_code,
+                                                   uint32_t key, int64_t index) {
+  const float s = scaled_value(x, inv);
+  int c = count_thresholds_below(s_thresholds, shared_address(s_thresholds), s);
+  if constexpr (SR) c = stochastic_code_index(s_code, c, s, uniform_for_index(key, static_cast<uint64_t>(index)));
+  return static_cast<uint32_t>(c);
+}
+
+// Copy the threshold table (and the code, for stochastic rounding) to shared memory.
+template <bool kNeedCode>
+__device__ __forceinline__ void stage_tables(const float* thresholds, const float* code, float* s_thresholds,
+                                             float* s_code) {
+  s_thresholds[threadIdx.x] = thresholds[threadIdx.x];
+  if (kNeedCode) s_code[threadIdx.x] = code[threadIdx.x];
+  __syncthreads();
+}
+
+// One block [start, start + len) by one warp with scalar accesses: absmax in
+// a first pass, codes in a second. Any len >= 1.
+template <typename E, bool SR>
+__device__ __forceinline__ void quantize_block_scalar(const typename E::Storage* __restrict__ x, int64_t start,
+                                                      int64_t len, int lane, const float* s_thresholds,
+                                                      const float* s_code, uint32_t key, uint8_t* __restrict__ codes,
+                                                      float* __restrict__ absmax_slot) {
+  unsigned m = 0;
+#pragma unroll 4
+  for (int64_t j = lane; j < len; j += kWarpSize) m = max(m, abs_bits(E::to_float(x[start + j])));
+  m = warp_max(m);
+  const float absmax = __uint_as_float(canonical_bits(m));
+  if (lane == 0) *absmax_slot = absmax;
+  const float inv = reciprocal(absmax);
+#pragma unroll 4
+  for (int64_t j = lane; j < len; j += kWarpSize) {
+    const int64_t i = start + j;
+    codes[i] = static_cast<uint8_t>(quantize_value<SR>(E::to_float(x[i]), inv, s_thresholds, s_code, key, i));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Quantize, fast path: BS a power of two in [64, 4096], x 16-byte and codes
+// 8-byte aligned.
+//
+// A lane holds at most kMaxBytesPerLane of input in registers. Small blocks
+// are grouped, kBlocksPerWarp to a warp, so that every lane has
+// kMinBytesPerLane in flight before the first reduction; large blocks are
+// split over kWarpsPerBlock warps of the CUDA block, whose partial maxima
+// meet in shared memory. Each step of a CUDA block covers kStepBlocks
+// consecutive blocks; warp w handles blocks (w / G) * B + b, b < B, and part
+// w % G of each (G = kWarpsPerBlock, B = kBlocksPerWarp, one of them is 1).
+
+constexpr int kMinBytesPerLane = 64;
+constexpr int kMaxBytesPerLane = 128;
+
+template <typename E, int BS>
+struct FastLayout {
+  static constexpr int kBlockBytesPerLane = BS * E::kBytes / kWarpSize;
+  static constexpr int kWarpsPerBlock =
+      kBlockBytesPerLane > kMaxBytesPerLane ? kBlockBytesPerLane / kMaxBytesPerLane : 1;
+  static constexpr int kBlocksPerWarp =
+      kBlockBytesPerLane < kMinBytesPerLane ? kMinBytesPerLane / kBlockBytesPerLane : 1;
+  static constexpr int kPart = BS / kWarpsPerBlock;                     // elements of a block per warp
+  static constexpr int kPerLane = kPart / kWarpSize;                    // ... per lane
+  static constexpr int kMaxVec = 16 / E::kBytes;                        // elements in a 16-byte load
+  static constexpr int kVec = kPerLane < kMaxVec ? kPerLane : kMaxVec;  // elements per load
+  static constexpr int kIters = kPerLane / kVec;                        // loads per lane per block
+  static constexpr int kWords = kVec * E::kBytes / 4;                   // 32-bit words per load
+  static constexpr int kStepBlocks = kWarps / kWarpsPerBlock * kBlocksPerWarp;
+
+  static_assert(BS >= 64 && BS <= 4096 && (BS & (BS - 1)) == 0, "fast path: power-of-two blocksize in [64, 4096]");
+  static_assert(kWarpsPerBlock == 1 || kBlocksPerWarp == 1, "either blocks per warp or warps per block");
+  static_assert(kWarps % kWarpsPerBlock == 0 && kPart % kWarpSize == 0, "whole warps, whole lanes");
+  static_assert(kVec >= 2 && kVec <= 8 && kPerLane % kVec == 0, "vector width");
+  static_assert(kWords >= 1 && kWords <= 4 && kWords * 4 == kVec * E::kBytes, "vector of whole words");
+  static_assert(kBlocksPerWarp * kIters * kWords * 4 <= kMaxBytesPerLane, "register budget");
+};
+
+template <typename E, int BS, bool SR>
+__global__ void quantize_fast_kernel(const typename E::Storage* __restrict__ x, int64_t n,
+                                     const float* __restrict__ code, const float* __restrict__ thresholds, uint32_t key,
+                                     uint8_t* __restrict__ codes, float* __restrict__ absmax) {
+  using L = FastLayout<E, BS>;
+  constexpr int G = L::kWarpsPerBlock;
+  constexpr int B = L::kBlocksPerWarp;
+  __shared__ float s_thresholds[kCodeSize];
+  __shared__ float s_code[SR ? kCodeSize : 1];
+  __shared__ unsigned s_partial[G > 1 ? 2 : 1][G > 1 ? kWarps : 1];
+  stage_tables<SR>(thresholds, code, s_thresholds, s_code);
+
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int part = warp % G;
+  const int64_t num_blocks = (n + BS - 1) / BS;
+  const int64_t num_steps = (num_blocks + L::kStepBlocks - 1) / L::kStepBlocks;
+  int parity = 0;
+  // The loop bound is uniform over the CUDA block: the barrier inside (G > 1) is safe.
+  for (int64_t step = blockIdx.x; step < num_steps; step += gridDim.x) {
+    const int64_t first_block = step * L::kStepBlocks + (warp / G) * B;
+    const bool full = (first_block + B) * BS <= n;
+    const int64_t base = first_block * BS + part * L::kPart;  // this warp's first element
+
+    // Every load of the step first, then the arithmetic.
+    Words<L::kWords> v[B][L::kIters];
+    unsigned m[B] = {};
+    if (full) {
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+#pragma unroll
+        for (int it = 0; it < L::kIters; ++it) {
+          v[b][it] = load_words<L::kWords>(x + base + b * BS + (it * kWarpSize + lane) * L::kVec);
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        m[b] = 0;
+#pragma unroll
+        for (int it = 0; it < L::kIters; ++it) {
+#pragma unroll
+          for (int k = 0; k < L::kVec; ++k) m[b] = max(m[b], abs_bits(element<E>(v[b][it], k)));
+        }
+        m[b] = warp_max(m[b]);
+      }
+    }
+    if constexpr (G > 1) {
+      // Partial maxima of the block's warps meet in shared memory. Double
+      // buffered by step parity: a warp cannot run two steps ahead of
+      // another, so one barrier per step suffices.
+      if (full && lane == 0) s_partial[parity][warp] = m[0];
+      __syncthreads();
+      if (full) {
+        const int group_first = warp - part;
+        m[0] = 0;
+#pragma unroll
+        for (int p = 0; p < G; ++p) m[0] = max(m[0], s_partial[parity][group_first + p]);
+      }
+      parity ^= 1;
+    }
+
+    if (full) {
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const float block_absmax = __uint_as_float(canonical_bits(m[b]));
+        if (lane == 0 && part == 0) absmax[first_block + b] = block_absmax;
+        const float inv = reciprocal(block_absmax);
+#pragma unroll
+        for (int it = 0; it < L::kIters; ++it) {
+          const int64_t first = base + b * BS + (it * kWarpSize + lane) * L::kVec;
+          uint32_t c[L::kVec];
+#pragma unroll
+          for (int k = 0; k < L::kVec; ++k) {
+            c[k] = quantize_value<SR>(element<E>(v[b][it], k), inv, s_thresholds, s_code, key, first + k);
+          }
+          store_codes<L::kVec>(codes + first, c);
+        }
+      }
+    } else if (part == 0) {
+      // The end of the tensor: whole and short blocks, one warp each, scalar accesses.
+      for (int b = 0; b < B; ++b) {
+        const int64_t block = first_block + b;
+        if (block >= num_blocks) break;
+        const int64_t start = block * BS;
+        const int64_t len = n - start < BS ? n - start : BS;
+        quantize_block_scalar<E, SR>(x, start, len, lane, s_thresholds, s_code, key, codes, absmax + block);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Quantize, generic path: any blocksize in [1, kLargeBlock], any alignment.
+
+template <typename E, bool SR>
+__global__ void quantize_generic_kernel(const typename E::Storage* __restrict__ x, int64_t n, int64_t blocksize,
+                                        const float* __restrict__ code, const float* __restrict__ thresholds,
+                                        uint32_t key, uint8_t* __restrict__ codes, float* __restrict__ absmax) {
+  __shared__ float s_thresholds[kCodeSize];
+  __shared__ float s_code[SR ? kCodeSize : 1];
+  stage_tables<SR>(thresholds, code, s_thresholds, s_code);
+
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t num_blocks = (n + blocksize - 1) / blocksize;
+  const int64_t warp_stride = int64_t{gridDim.x} * kWarps;
+  for (int64_t block = int64_t{blockIdx.x} * kWarps + threadIdx.x / kWarpSize; block < num_blocks;
+       block += warp_stride) {
+    const int64_t start = block * blocksize;
+    const int64_t len = n - start < blocksize ? n - start : blocksize;
+    quantize_block_scalar<E, SR>(x, start, len, lane, s_thresholds, s_code, key, codes, absmax + block);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Quantize, large path: blocksize > kLargeBlock >= kLargeTile, so a tile of
+// kLargeTile elements meets block `first` = base / blocksize and at most the
+// next one.
+
+// absmax_bits must hold zeros on entry; receives the bits of every block's absmax.
+template <typename E>
+__global__ void absmax_large_kernel(const typename E::Storage* __restrict__ x, int64_t n, int64_t blocksize,
+                                    unsigned* __restrict__ absmax_bits) {
+  __shared__ unsigned s_partial[2][kWarps];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int64_t num_tiles = (n + kLargeTile - 1) / kLargeTile;
+  // The loop bound is uniform over the CUDA block: __syncthreads inside is safe.
+  for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const int64_t base = tile * kLargeTile;
+    const int64_t first = base / blocksize;
+    const int64_t boundary = (first + 1) * blocksize;  // first element of block first + 1
+    unsigned m0 = 0;
+    unsigned m1 = 0;
+#pragma unroll 8
+    for (int k = 0; k < kLargeItems; ++k) {
+      const int64_t i = base + k * kThreads + threadIdx.x;
+      if (i < n) {
+        const unsigned bits = abs_bits(E::to_float(x[i]));
+        if (i < boundary) {
+          m0 = max(m0, bits);
+        } else {
+          m1 = max(m1, bits);
+        }
+      }
+    }
+    m0 = warp_max(m0);
+    m1 = warp_max(m1);
+    if (lane == 0) {
+      s_partial[0][warp] = m0;
+      s_partial[1][warp] = m1;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned a = 0;
+      unsigned b = 0;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        a = max(a, s_partial[0][w]);
+        b = max(b, s_partial[1][w]);
+      }
+      atomicMax(absmax_bits + first, canonical_bits(a));
+      const int64_t tile_end = n - base < kLargeTile ? n : base + kLargeTile;
+      if (boundary < tile_end) atomicMax(absmax_bits + first + 1, canonical_bits(b));
+    }
+    __syncthreads();  // s_partial is reused by the next tile
+  }
+}
+
+template <typename E, bool SR>
+__global__ void quantize_large_kernel(const typename E::Storage* __restrict__ x, int64_t n, int64_t blocksize,
+                                      const float* __restrict__ code, const float* __restrict__ thresholds,
+                                      uint32_t key, const float* __restrict__ absmax, uint8_t* __restrict__ codes) {
+  __shared__ float s_thresholds[kCodeSize];
+  __shared__ float s_code[SR ? kCodeSize : 1];
+  stage_tables<SR>(thresholds, code, s_thresholds, s_code);
+
+  const int64_t num_tiles = (n + kLargeTile - 1) / kLargeTile;
+  for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const int64_t base = tile * kLargeTile;
+    const int64_t first = base / blocksize;
+    const int64_t boundary = (first + 1) * blocksize;
+    const float inv0 = reciprocal(absmax[first]);
+    const float inv1 = boundary < n ? reciprocal(absmax[first + 1]) : 0.0f;
+#pragma unroll 8
+    for (int k = 0; k < kLargeItems; ++k) {
+      const int64_t i = base + k * kThreads + threadIdx.x;
+      if (i < n) {
+        const float inv = i < boundary ? inv0 : inv1;
+        codes[i] = static_cast<uint8_t>(quantize_value<SR>(E::to_float(x[i]), inv, s_thresholds, s_code, key, i));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Dequantize.
+//
+// kUniformScale: blocksize is a multiple of kDequantItems, so the aligned run
+// of 16 codes a thread handles lies in one block. shift >= 0: blocksize is
+// 2**shift (block index by shift instead of division).
+
+__device__ __forceinline__ int64_t block_of(int64_t i, int64_t blocksize, int shift) {
+  return shift >= 0 ? (i >> shift) : (i / blocksize);
+}
+
+template <typename E>
+__device__ __forceinline__ void store_outputs(typename E::Storage* p, const float (&v)[kDequantItems]) {
+  constexpr int kPerWord = 4 / E::kBytes;
+  constexpr int kWords = kDequantItems / kPerWord;
+  uint32_t w[kWords];
+#pragma unroll
+  for (int j = 0; j < kWords; ++j) {
+    w[j] = 0;
+#pragma unroll
+    for (int k = 0; k < kPerWord; ++k) w[j] |= E::to_bits(v[j * kPerWord + k]) << (32 / kPerWord * k);
+  }
+  uint4* dst = reinterpret_cast<uint4*>(p);
+#pragma unroll
+  for (int j = 0; j < kWords / 4; ++j) dst[j] = make_uint4(w[4 * j], w[4 * j + 1], w[4 * j + 2], w[4 * j + 3]);
+}
+
+template <typename E, bool kVectorized, bool kUniformScale>
+__global__ void dequantize_kernel(const uint8_t* __restrict__ codes, int64_t n, const float* __restrict__ code,
+                                  const float* __restrict__ absmax, int64_t blocksize, int shift,
+                                  typename E::Storage* __restrict__ out) {
+  __shared__ float s_code[kCodeSize];
+  s_code[threadIdx.x] = code[threadIdx.x];
+  __syncthreads();
+
+  const int64_t thread = int64_t{blockIdx.x} * kThreads + threadIdx.x;
+  const int64_t stride = int64_t{gridDim.x} * kThreads;
+  int64_t scalar_begin = 0;
+  if (kVectorized) {
+    const int64_t num_chunks = n / kDequantItems;
+    for (int64_t chunk = thread; chunk < num_chunks; chunk += stride) {
+      const int64_t i0 = chunk * kDequantItems;
+      const Words<4> raw = load_words<4>(codes + i0);
+      int64_t block = block_of(i0, blocksize, shift);
+      float scale = absmax[block];
+      // Elements left in `block` from i0 on (only used when a run can cross blocks).
+      int64_t left = (block + 1) * blocksize - i0;
+      float v[kDequantItems];
+#pragma unroll
+      for (int k = 0; k < kDequantItems; ++k) {
+        if (!kUniformScale) {
+          if (left == 0) {
+            ++block;
+            scale = absmax[block];
+            left = blocksize;
+          }
+          --left;
+        }
+        const uint32_t c = (raw.w[k / 4] >> (8 * (k % 4))) & 0xffu;
+        v[k] = __fmul_rn(s_code[c], scale);
+      }
+      store_outputs<E>(out + i0, v);
+    }
+    scalar_begin = num_chunks * kDequantItems;
+  }
+  for (int64_t i = scalar_begin + thread; i < n; i += stride) {
+    out[i] = E::from_float(__fmul_rn(s_code[codes[i]], absmax[block_of(i, blocksize, shift)]));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Launchers.
+
+int multiprocessor_count() {
+  int device = 0;
+  int count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 132;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) return 132;
+  return count;
+}
+
+// Enough CUDA blocks to cover `units` work items of `per_block` each, at most
+// a few waves of the whole GPU (the kernels loop grid-stride over the rest).
+unsigned grid_for(int64_t units, int64_t per_block) {
+  const int64_t wanted = (units + per_block - 1) / per_block;
+  const int64_t cap = int64_t{multiprocessor_count()} * (2048 / kThreads);
+  const int64_t blocks = wanted < cap ? wanted : cap;
+  return static_cast<unsigned>(blocks < 1 ? 1 : blocks);
+}
+
+bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+int log2_if_power_of_two(int64_t v) {
+  if (v <= 0 || (v & (v - 1)) != 0) return -1;
+  int shift = 0;
+  while ((int64_t{1} << shift) != v) ++shift;
+  return shift;
+}
+
+template <typename E, int BS, bool SR>
+void launch_fast(const typename E::Storage* x, int64_t n, const float* code, const float* thresholds, uint32_t key,
+                 uint8_t* codes, float* absmax, cudaStream_t stream) {
+  const int64_t num_blocks = (n + BS - 1) / BS;
+  quantize_fast_kernel<E, BS, SR><<<grid_for(num_blocks, FastLayout<E, BS>::kStepBlocks), kThreads, 0, stream>>>(
+      x, n, code, thresholds, key, codes, absmax);
+}
+
+template <typename E, bool SR>
+cudaError_t quantize_typed(const typename E::Storage* x, int64_t n, const float* code, const float* thresholds,
+                           int64_t blocksize, uint32_t key, uint8_t* codes, float* absmax, cudaStream_t stream) {
+  const bool vector_ok = aligned(x, 16) && aligned(codes, 8);
+  if (vector_ok) {
+    switch (blocksize) {
+      case 64:
+        launch_fast<E, 64, SR>(x, n, code, thresholds, key, codes, absmax, stream);
+        return cudaGetLastError();
+      case 128:
+        launch_fast<E, 128, SR>(x, n, code, thresholds, key, codes, absmax, stream);
+        return cudaGetLastError();
+      case 256:
+        launch_fast<E, 256, SR>(x, n, code, thresholds, key, codes, absmax, stream);
+        return cudaGetLastError();
+      case 512:
+        launch_fast<E, 512, SR>(x, n, code, thresholds, key, codes, absmax, stream);
+        return cudaGetLastError();
+      case 1024:
+        launch_fast<E, 1024, SR>(x, n, code, thresholds, key, codes, absmax, stream);
+        return cudaGetLastError();
+      case 2048:
+        launch_fast<E, 2048, SR>(x, n, code, thresholds, key, codes, absmax, stream);
+        return cudaGetLastError();
+      case 4096:
+        launch_fast<E, 4096, SR>(x, n, code, thresholds, key, codes, absmax, stream);
+        return cudaGetLastError();
+      default:
+        break;
+    }
+  }
+  if (blocksize <= kLargeBlock) {
+    const int64_t num_blocks = (n + blocksize - 1) / blocksize;
+    quantize_generic_kernel<E, SR>
+        <<<grid_for(num_blocks, kWarps), kThreads, 0, stream>>>(x, n, blocksize, code, thresholds, key, codes, absmax);
+    return cudaGetLastError();
+  }
+  const int64_t num_blocks = (n + blocksize - 1) / blocksize;
+  const int64_t num_tiles = (n + kLargeTile - 1) / kLargeTile;
+  const cudaError_t cleared = cudaMemsetAsync(absmax, 0, static_cast<size_t>(num_blocks) * sizeof(float), stream);
+  if (cleared != cudaSuccess) return cleared;
+  const unsigned grid = grid_for(num_tiles, 1);
+  absmax_large_kernel<E><<<grid, kThreads, 0, stream>>>(x, n, blocksize, reinterpret_cast<unsigned*>(absmax));
+  const cudaError_t first = cudaGetLastError();
+  if (first != cudaSuccess) return first;
+  quantize_large_kernel<E, SR><<<grid, kThreads, 0, stream>>>(x, n, blocksize, code, thresholds, key, absmax, codes);
+  return cudaGetLastError();
+}
+
+template <typename E>
+cudaError_t quantize_dispatch_rounding(const void* x, int64_t n, const float* code, const float* thresholds,
+                                       int64_t blocksize, bool stochastic, uint64_t seed, uint8_t* codes, float* absmax,
+                                       cudaStream_t stream) {
+  const auto* typed = static_cast<const typename E::Storage*>(x);
+  if (stochastic) {
+    const uint32_t key = seed_key(seed);
+    return quantize_typed<E, true>(typed, n, code, thresholds, blocksize, key, codes, absmax, stream);
+  }
+  return quantize_typed<E, false>(typed, n, code, thresholds, blocksize, 0u, codes, absmax, stream);
+}
+
+template <typename E>
+cudaError_t dequantize_typed(const uint8_t* codes, int64_t n, const float* code, const float* absmax, int64_t blocksize,
+                             void* out, cudaStream_t stream) {
+  auto* typed = static_cast<typename E::Storage*>(out);
+  const int shift = log2_if_power_of_two(blocksize);
+  const bool vectorized = aligned(codes, 16) && aligned(out, 16) && n >= kDequantItems;
+  if (!vectorized) {
+    dequantize_kernel<E, false, false>
+        <<<grid_for(n, kThreads), kThreads, 0, stream>>>(codes, n, code, absmax, blocksize, shift, typed);
+  } else if (blocksize % kDequantItems == 0) {
+    dequantize_kernel<E, true, true><<<grid_for(n / kDequantItems, kThreads), kThreads, 0, stream>>>(
+        codes, n, code, absmax, blocksize, shift, typed);
+  } else {
+    dequantize_kernel<E, true, false><<<grid_for(n / kDequantItems, kThreads), kThreads, 0, stream>>>(
+        codes, n, code, absmax, blocksize, shift, typed);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_quantize_blockwise(FloatType x_type, const void* x, int64_t n, const float* code,
+                                      const float* thresholds, int64_t blocksize, bool stochastic, uint64_t seed,
+                                      uint8_t* codes, float* absmax, cudaStream_t stream) {
+  if (n < 0 || blocksize < 1) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  switch (x_type) {
+    case FloatType::kFloat32:
+      return quantize_dispatch_rounding<F32>(x, n, code, thresholds, blocksize, stochastic, seed, codes, absmax,
+                                             stream);
+    case FloatType::kFloat16:
+      return quantize_dispatch_rounding<F16>(x, n, code, thresholds, blocksize, stochastic, seed, codes, absmax,
+                                             stream);
+    case FloatType::kBFloat16:
+      return quantize_dispatch_rounding<BF16>(x, n, code, thresholds, blocksize, stochastic, seed, codes, absmax,
+                                              stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_dequantize_blockwise(FloatType out_type, const uint8_t* codes, int64_t n, const float* code,
+                                        const float* absmax, int64_t blocksize, void* out, cudaStream_t stream) {
+  if (n < 0 || blocksize < 1) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  switch (out_type) {
+    case FloatType::kFloat32:
+      return dequantize_typed<F32>(codes, n, code, absmax, blocksize, out, stream);
+    case FloatType::kFloat16:
+      return dequantize_typed<F16>(codes, n, code, absmax, blocksize, out, stream);
+    case FloatType::kBFloat16:
+      return dequantize_typed<BF16>(codes, n, code, absmax, blocksize, out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace dist8bit
