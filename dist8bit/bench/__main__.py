@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from . import quantiles, quantize
+from . import optim, quantiles, quantize
 
 BENCHMARKS = {
     "quantize": (quantize, "quantize/dequantize throughput per backend vs bitsandbytes and copy bandwidth"),
+    "optim": (optim, "AdamW step time and state memory vs torch, bitsandbytes and torchao"),
     "quantiles": (quantiles, "estimate_quantiles vs torch.quantile and a full sort"),
 }
 

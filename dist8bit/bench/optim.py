@@ -1,0 +1,167 @@
+"""Optimizer step time and state memory: dist8bit vs torch, bitsandbytes and torchao.
+
+Bytes moved per parameter per step (the floor a memory-bound step can reach):
+    32-bit Adam:            p, g read + p write + 2 states read and written = 3*P + 16
+    8-bit Adam (block 256): 3*P + 2 codes read/written + 4 absmax           ~ 3*P + 4.06
+where P is the parameter/gradient element size (4 for fp32, 2 for bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .. import optim as d8
+from .report import format_table, machine_description, pyplot, write_json
+from .timing import copy_bandwidth_gbs, time_call
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def gpt_shapes(layers: int = 12, width: int = 768, vocab: int = 50257, context: int = 1024) -> list[tuple[int, ...]]:
+    """Parameter shapes of a GPT-2-style decoder (layers=12, width=768: the 124M model)."""
+    shapes: list[tuple[int, ...]] = [(vocab, width), (context, width)]
+    for _ in range(layers):
+        shapes += [(width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,)]
+        shapes += [(width,), (width,), (4 * width, width), (4 * width,), (width, 4 * width), (width,)]
+    return [*shapes, (width,), (width,)]
+
+
+PRESETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "gpt125m": gpt_shapes,
+    "gpt-small-test": lambda: gpt_shapes(layers=2, width=256, vocab=4096, context=256),
+    "one-2^24": lambda: [(1 << 24,)],
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="gpt125m", help="parameter shapes to step")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter and gradient dtype")
+    parser.add_argument("--budget", type=float, default=5.0, help="seconds of timing per optimizer")
+    parser.add_argument("--only", default="", help="comma-separated subset of implementation names")
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+
+
+def _candidates(dtype: torch.dtype, device: torch.device) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
+    lr = 1e-3
+    candidates: dict[str, Callable] = {
+        "dist8bit AdamW8bit": lambda ps: d8.AdamW8bit(ps, lr=lr),
+        "dist8bit AdamW32bit": lambda ps: d8.AdamW32bit(ps, lr=lr),
+        "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=lr, foreach=True),
+        "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True),
+    }
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        import bitsandbytes as bnb
+
+        candidates["bitsandbytes AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, lr=lr)
+    if importlib.util.find_spec("torchao") is not None:
+        from torchao.optim import AdamW8bit as TorchaoAdamW8bit
+
+        candidates["torchao AdamW8bit"] = lambda ps: TorchaoAdamW8bit(ps, lr=lr)
+    return candidates
+
+
+def bytes_per_param(name: str, element: int) -> float:
+    if "8bit" in name:
+        return 3 * element + 4 + 2 * 2 * 4 / 256
+    return 3 * element + 16
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                total += _tensor_bytes(value)
+    return total
+
+
+def _tensor_bytes(value: torch.Tensor) -> int:
+    """Storage bytes, also for tensor subclasses (torchao keeps codes and scales inside)."""
+    inner = getattr(value, "__tensor_flatten__", None)
+    if inner is not None and type(value) is not torch.Tensor:
+        names, _ = value.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(value, n)) for n in names)
+    return value.numel() * value.element_size()
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype]
+    shapes = PRESETS[args.preset]()
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    bandwidth = copy_bandwidth_gbs(device)
+    candidates = _candidates(dtype, device)
+    if args.only:
+        wanted = [n.strip() for n in args.only.split(",")]
+        candidates = {n: f for n, f in candidates.items() if n in wanted}
+    rows = []
+    for name, make in tqdm(candidates.items(), desc="optim bench", unit="optimizer"):
+        try:
+            optimizer = make(params)
+            timing = time_call(optimizer.step, device, min_repeats=3, budget_s=args.budget)
+        except Exception as error:  # a peer that cannot run here is reported, not fatal
+            rows.append({"impl": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"})
+            continue
+        moved = bytes_per_param(name, params[0].element_size()) * numel
+        rows.append(
+            {
+                "impl": name,
+                "ms": timing.median_ms,
+                "state_bytes_per_param": state_bytes(optimizer) / numel,
+                "GB/s": moved / (timing.median_ms * 1e-3) / 1e9,
+                "of_copy_bw": moved / (timing.median_ms * 1e-3) / 1e9 / bandwidth,
+            }
+        )
+        del optimizer
+        gc.collect()
+    fused = next((r for r in rows if r["impl"] == "torch AdamW fused" and "ms" in r), None)
+    bnb_row = next((r for r in rows if r["impl"] == "bitsandbytes AdamW8bit" and "ms" in r), None)
+    for row in rows:
+        if "ms" in row:
+            row["vs_torch_fused"] = fused["ms"] / row["ms"] if fused else None
+            row["vs_bnb"] = bnb_row["ms"] / row["ms"] if bnb_row else None
+    result = {
+        "benchmark": "optim",
+        "preset": args.preset,
+        "numel": numel,
+        "tensors": len(shapes),
+        "dtype": args.dtype,
+        "device": device.type,
+        "copy_bandwidth_GBps": bandwidth,
+        "machine": machine_description(),
+        "rows": rows,
+    }
+    write_json(args.out / f"optim-{args.preset}-{args.dtype}.json", result)
+    _plot(rows, args.out / f"optim-{args.preset}-{args.dtype}.png", f"{args.preset} ({numel / 1e6:.0f}M params, {args.dtype}, {device.type})")
+    print(f"\nAdamW step over {len(shapes)} tensors, {numel / 1e6:.1f}M params, {args.dtype} on {device.type}; copy bandwidth {bandwidth:.1f} GB/s")
+    print(format_table(rows, ["impl", "ms", "state_bytes_per_param", "GB/s", "of_copy_bw", "vs_torch_fused", "vs_bnb", "error"]))
+    return result
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    timed = [r for r in rows if "ms" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    names = [r["impl"].replace(" ", "\n", 1) for r in timed]
+    left.barh(names, [r["ms"] for r in timed], color="C0")
+    left.set_xlabel("step time (ms, lower is better)")
+    right.barh(names, [r["state_bytes_per_param"] for r in timed], color="C2")
+    right.set_xlabel("optimizer state bytes per parameter")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
