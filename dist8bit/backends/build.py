@@ -82,6 +82,7 @@ def load_extension(
     source_dir: Path,
     cflags: list[str],
     cuda_cflags: list[str] | None = None,
+    ldflags: list[str] | None = None,
 ) -> str:
     """Build every .cpp/.cu in `source_dir` into a torch-op library and load it.
 
@@ -98,6 +99,7 @@ def load_extension(
             sources=_sources(source_dir),
             extra_cflags=cflags,
             extra_cuda_cflags=cuda_cflags,
+            extra_ldflags=ldflags,
             extra_include_paths=[str(CSRC), str(source_dir)],
             build_directory=str(directory),
             is_python_module=False,
@@ -105,14 +107,18 @@ def load_extension(
         )
 
 
-CPU_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-std=c++17"]
+# -fopenmp: at::parallel_for is an inline header that runs its OpenMP pragma in
+# the extension's own code; without the flag it runs every range on one thread.
+# The library then binds to the libgomp.so.1 torch has already loaded.
+CPU_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
+CPU_LDFLAGS = ["-fopenmp"]
 # --fmad=false: the kernels must round like the reference, bit for bit.
 CUDA_FLAGS = ["-O3", "--fmad=false", "-std=c++17", "-lineinfo"]
 
 
 def load_cpu_extension() -> str:
     """Build (if needed) and load the CPU kernels."""
-    return load_extension("cpu", "dist8bit_cpu", CSRC / "cpu", CPU_FLAGS)
+    return load_extension("cpu", "dist8bit_cpu", CSRC / "cpu", CPU_FLAGS, ldflags=CPU_LDFLAGS)
 
 
 def load_cuda_extension() -> str:
