@@ -235,14 +235,14 @@ def test_blocksize_beyond_numel(cpu, ref):
     """One block however large the blocksize (the reference cannot pad to 2**40)."""
     x = wide_range(20000, seed=4)
     book = codebook("dynamic-signed")
-    for seed in (None, 1):
-        got = quantize(cpu, x, book, 2**40, seed)
+    for blocksize, seed in ((2**40, None), (2**40, 1), (2**63 - 1, None)):
+        got = quantize(cpu, x, book, blocksize, seed)
         want = quantize(ref, x, book, x.numel(), seed)
         assert_same_bits(got[0], want[0], "codes")
         assert_same_bits(got[1], want[1], "absmax")
         assert_same_bits(
-            dequantize(cpu, got[0], book, got[1], 2**40, torch.float32),
-            dequantize(ref, *want[:1], book, want[1], x.numel(), torch.float32),
+            dequantize(cpu, got[0], book, got[1], blocksize, torch.float32),
+            dequantize(ref, want[0], book, want[1], x.numel(), torch.float32),
         )
 
 

@@ -14,18 +14,23 @@
 //           even; a NaN becomes 0xFFFF in bfloat16, which is what torch's
 //           vectorised float -> bfloat16 copy (the reference) writes.
 //
-// Work layout. Blocks up to kFusedMaxBlock elements: each parallel task takes
-// a run of whole blocks and does both passes per block while the block sits
-// in L1 (absmax, then encode). Larger blocks (functional.quantize passes
-// blocksize = numel) are cut into pieces: one parallel pass for the pieces'
-// maxima, one for encoding. Dequantize is element-parallel.
+// Work layout (at::parallel_for over torch's OpenMP pool). Blocks up to
+// kFusedMaxBlock elements: each task takes a run of whole blocks and, a
+// window of about kWindow elements at a time, computes the window's scales and
+// then encodes it while it sits in L1, prefetching the next window. Larger
+// blocks (functional.quantize passes blocksize = numel) are cut into pieces:
+// one parallel pass for the pieces' maxima, one for encoding. Dequantize is
+// element-parallel. Outputs of kStreamBytes and more are written with
+// non-temporal stores (no read-for-ownership of lines nobody reads soon).
 //
 // With AVX-512 the count of thresholds below s is an 8-step binary search
-// whose threshold lookups are register permutes (no gathers: they are slow on
-// AMD cores), and decoding looks up the 4 bytes of code[c] with byte permutes
-// (VBMI). Without AVX-512 the same functions run as plain loops over the
-// shared scalar helpers (the codebook's lookup table, or the binary search
-// when it has none); both paths give identical results.
+// whose lookups are register permutes (no gathers: they are slow on AMD
+// cores), 16 vectors in lock step; decoding looks up the 4 bytes of code[c]
+// with byte permutes (VBMI). Without AVX-512 (or built with -DD8_PORTABLE)
+// the same entry points run plain loops over the shared scalar helpers (the
+// codebook's lookup table, or the binary search when it has none). Blocks
+// whose absmax is 0, Inf, NaN or so small that 1 / absmax overflows take the
+// scalar helpers on every path. All paths give identical results.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -60,6 +65,7 @@ constexpr int64_t kFusedMaxBlock = 16384;  // blocks up to this size are quantiz
 constexpr int64_t kPiece = 16384;          // larger blocks are split into pieces of this size
 constexpr int64_t kTaskElements = 32768;   // least work per parallel task
 constexpr int64_t kWindow = 2048;          // small blocks are encoded this many elements at a time
+constexpr int64_t kMaxAhead = 4096;        // software prefetch distance limit, elements
 constexpr int kOneScale = 62;              // encode shift: every vector uses inv[0]
 constexpr int64_t kStreamBytes = int64_t{8} << 20;  // outputs this large bypass the caches
 constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
@@ -83,6 +89,12 @@ inline uint16_t bfloat16_bits(float value) {
 inline void store_float(float* out, float v) { *out = v; }
 inline void store_float(c10::Half* out, float v) { *out = c10::Half(v); }
 inline void store_float(c10::BFloat16* out, float v) { *out = c10::BFloat16(bfloat16_bits(v), c10::BFloat16::from_bits()); }
+
+// ceil(n / blocksize) without overflow for any blocksize >= 1.
+inline int64_t block_count(int64_t n, int64_t blocksize) { return n / blocksize + (n % blocksize != 0 ? 1 : 0); }
+
+// A blocksize of n or more means one block; clamping it keeps all offsets within n.
+inline int64_t effective_blocksize(int64_t n, int64_t blocksize) { return std::min(blocksize, std::max<int64_t>(n, 1)); }
 
 // absmax from the max of |x| bits: NaN becomes the canonical quiet NaN.
 inline float absmax_from_bits(uint32_t bits) { return bits_to_float(bits > kInfBits ? kCanonicalNaN : bits); }
@@ -340,11 +352,13 @@ __attribute__((always_inline)) inline void encode_vectors(const SearchTables& ta
 
 template <bool kStream, typename T>
 void encode_avx512_impl(const SearchTables& tables, const T* x, int64_t len, const float* inv, int shift, uint8_t* out) {
+  // The loop is compute-heavy, so the hardware prefetcher falls behind: fetch
+  // the data one window or block ahead (the next absmax pass reads it), at
+  // most kMaxAhead elements so that it still lands in L1.
+  const int64_t distance = std::min(std::max(len, kWindow), kMaxAhead);
   int64_t i = 0;
   for (; i + 16 * kLanes <= len; i += 16 * kLanes) {
-    // The loop is compute-heavy, so the hardware prefetcher falls behind:
-    // fetch the data one window ahead (the next window's absmax pass reads it).
-    const char* ahead = reinterpret_cast<const char*>(x + i + kWindow);
+    const char* ahead = reinterpret_cast<const char*>(x + i + distance);
     for (size_t line = 0; line < 16 * kLanes * sizeof(T); line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
     encode_vectors<kLanes, true, kStream>(tables, x + i, 16 * kLanes, inv, i / 16, shift, out + i);
   }
@@ -516,7 +530,7 @@ struct Quantizer {
   }
 
   void run() const {
-    const int64_t blocks = (n + blocksize - 1) / blocksize;
+    const int64_t blocks = block_count(n, blocksize);
     if (blocksize <= kFusedMaxBlock) {
       // Blocks of 16 << shift elements are taken kWindow elements at a time:
       // all their scales, then one encode pass over the (L1-resident) window.
@@ -789,7 +803,7 @@ void quantize_blockwise_cpu(const at::Tensor& x, const at::Tensor& code, const a
               absmax.scalar_type());
   const int64_t n = x.numel();
   TORCH_CHECK(codes.numel() == n, "dist8bit CPU kernel: codes must hold ", n, " elements, got ", codes.numel());
-  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  const int64_t blocks = block_count(n, blocksize);
   TORCH_CHECK(absmax.numel() == blocks, "dist8bit CPU kernel: absmax must hold ", blocks, " elements, got ",
               absmax.numel());
   if (n == 0) return;
@@ -800,22 +814,23 @@ void quantize_blockwise_cpu(const at::Tensor& x, const at::Tensor& code, const a
                       static_cast<int>(lut_mantissa_bits),
                       static_cast<int>(lut_min_exponent),
                       lut.numel() == 0 ? 0 : static_cast<int>(refine_steps)};
+  const int64_t bs = effective_blocksize(n, blocksize);
   const bool stochastic = seed.has_value();
   const uint32_t key = stochastic ? seed_key(static_cast<uint64_t>(*seed)) : 0u;
   auto* out = static_cast<uint8_t*>(codes.data_ptr());
   auto* scales = static_cast<float*>(absmax.data_ptr());
   switch (x.scalar_type()) {
     case at::kFloat:
-      Quantizer<float>(static_cast<const float*>(x.const_data_ptr()), n, blocksize, out, scales, book, stochastic, key)
+      Quantizer<float>(static_cast<const float*>(x.const_data_ptr()), n, bs, out, scales, book, stochastic, key)
           .run();
       break;
     case at::kHalf:
-      Quantizer<c10::Half>(static_cast<const c10::Half*>(x.const_data_ptr()), n, blocksize, out, scales, book,
+      Quantizer<c10::Half>(static_cast<const c10::Half*>(x.const_data_ptr()), n, bs, out, scales, book,
                            stochastic, key)
           .run();
       break;
     default:
-      Quantizer<c10::BFloat16>(static_cast<const c10::BFloat16*>(x.const_data_ptr()), n, blocksize, out, scales, book,
+      Quantizer<c10::BFloat16>(static_cast<const c10::BFloat16*>(x.const_data_ptr()), n, bs, out, scales, book,
                                stochastic, key)
           .run();
       break;
@@ -836,23 +851,24 @@ void dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& code, c
               out.scalar_type());
   const int64_t n = codes.numel();
   TORCH_CHECK(out.numel() == n, "dist8bit CPU kernel: out must hold ", n, " elements, got ", out.numel());
-  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  const int64_t blocks = block_count(n, blocksize);
   TORCH_CHECK(absmax.numel() == blocks, "dist8bit CPU kernel: absmax must hold ", blocks, " elements, got ",
               absmax.numel());
   if (n == 0) return;
 
+  const int64_t bs = effective_blocksize(n, blocksize);
   const auto* in = static_cast<const uint8_t*>(codes.const_data_ptr());
   const float* table = code.const_data_ptr<float>();
   const float* scales = absmax.const_data_ptr<float>();
   switch (out.scalar_type()) {
     case at::kFloat:
-      dequantize_impl(in, n, table, scales, blocksize, static_cast<float*>(out.data_ptr()));
+      dequantize_impl(in, n, table, scales, bs, static_cast<float*>(out.data_ptr()));
       break;
     case at::kHalf:
-      dequantize_impl(in, n, table, scales, blocksize, static_cast<c10::Half*>(out.data_ptr()));
+      dequantize_impl(in, n, table, scales, bs, static_cast<c10::Half*>(out.data_ptr()));
       break;
     default:
-      dequantize_impl(in, n, table, scales, blocksize, static_cast<c10::BFloat16*>(out.data_ptr()));
+      dequantize_impl(in, n, table, scales, bs, static_cast<c10::BFloat16*>(out.data_ptr()));
       break;
   }
 }
