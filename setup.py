@@ -34,7 +34,7 @@ setup(
     install_requires=["torch>=2.4", "ninja", "tqdm"],
     extras_require={
         "bench": ["matplotlib"],
-        "test": ["pytest>=8", "ruff>=0.6", "matplotlib", "bitsandbytes==0.50.2"],
+        "test": ["pytest>=8", "ruff==0.17.6", "matplotlib", "bitsandbytes==0.50.2"],
     },
     entry_points={"console_scripts": []},
     cmdclass={"build_py": BuildPyWithKernelSources},

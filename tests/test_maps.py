@@ -83,9 +83,9 @@ def test_thresholds_give_exactly_the_nearest_code(code):
     exact_mid = (code.double()[:-1] + code.double()[1:]) / 2
     on_midpoint = exact_mid.float().double() == exact_mid
     tie_values = exact_mid[on_midpoint].float()
-    assert torch.equal(
-        nearest_code_index(tie_values, thresholds), torch.nonzero(on_midpoint).flatten()
-    ), "ties must round to the lower code"
+    assert torch.equal(nearest_code_index(tie_values, thresholds), torch.nonzero(on_midpoint).flatten()), (
+        "ties must round to the lower code"
+    )
 
 
 @pytest.mark.parametrize(

@@ -143,8 +143,14 @@ def run(args: argparse.Namespace) -> dict:
         "rows": rows,
     }
     write_json(args.out / f"optim-{args.preset}-{args.dtype}.json", result)
-    _plot(rows, args.out / f"optim-{args.preset}-{args.dtype}.png", f"{args.preset} ({numel / 1e6:.0f}M params, {args.dtype}, {device.type})")
-    print(f"\nAdamW step over {len(shapes)} tensors, {numel / 1e6:.1f}M params, {args.dtype} on {device.type}; copy bandwidth {bandwidth:.1f} GB/s")
+    _plot(
+        rows,
+        args.out / f"optim-{args.preset}-{args.dtype}.png",
+        f"{args.preset} ({numel / 1e6:.0f}M params, {args.dtype}, {device.type})",
+    )
+    print(
+        f"\nAdamW step over {len(shapes)} tensors, {numel / 1e6:.1f}M params, {args.dtype} on {device.type}; copy bandwidth {bandwidth:.1f} GB/s"
+    )
     print(format_table(rows, ["impl", "ms", "state_bytes_per_param", "GB/s", "of_copy_bw", "vs_torch_fused", "vs_bnb", "error"]))
     return result
 
