@@ -9,6 +9,7 @@ usable from host C++ (bindings.cpp includes it).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -23,6 +24,12 @@ CUDA_SOURCES = sorted(CSRC.rglob("*.cu"))
 TORCH_INCLUDE = re.compile(r"^\s*#\s*include\s*[<\"](torch|ATen|c10)/", re.MULTILINE)
 
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA sources cannot be compiled here")
+
+
+def test_ci_has_nvcc():
+    """CI must compile the CUDA sources (nvcc is installed there); a skip would hide that."""
+    if os.environ.get("CI") and NVCC is None:
+        pytest.fail("CI=true but nvcc is not on PATH: the CUDA sources would go uncompiled")
 
 
 def _source_id(path: Path) -> str:
