@@ -1,0 +1,197 @@
+// Device helpers shared by the CUDA kernels (quantize_kernels.cu, fused_step_kernels.cu).
+//
+// Moved here unchanged from quantize_kernels.cu so that every kernel reads,
+// converts, reduces and rounds exactly the same way: the element types as raw
+// storage bits, 4-to-16-byte vector loads, code stores, and the rounding rule
+// of dist8bit/quant/codebook.py (absmax as an unsigned max over the bits of
+// |x| with NaN propagated and stored canonical, the IEEE reciprocal, and the
+// threshold count of common/code_search.h over a table in shared memory).
+// CUDA runtime headers and the project's torch-free headers only; nvcc only.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/code_search.h"
+
+namespace dist8bit {
+namespace cuda {
+
+constexpr int kWarpSize = 32;
+constexpr int kCodeSize = 256;  // entries of a map and of its threshold table
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---------------------------------------------------------------------------
+// Element types, as raw storage bits (no class types on the device side).
+
+struct F32 {
+  using Storage = float;
+  static constexpr int kBytes = 4;
+  static __device__ __forceinline__ float to_float(Storage v) { return v; }
+  static __device__ __forceinline__ float from_word(uint32_t bits) { return __uint_as_float(bits); }
+  static __device__ __forceinline__ Storage from_float(float v) { return v; }
+  static __device__ __forceinline__ uint32_t to_bits(float v) { return __float_as_uint(v); }
+};
+
+struct F16 {
+  using Storage = unsigned short;
+  static constexpr int kBytes = 2;
+  static __device__ __forceinline__ float to_float(Storage v) { return __half2float(__ushort_as_half(v)); }
+  static __device__ __forceinline__ float from_word(uint32_t bits) {
+    return to_float(static_cast<Storage>(bits & 0xffffu));
+  }
+  static __device__ __forceinline__ Storage from_float(float v) { return __half_as_ushort(__float2half_rn(v)); }
+  static __device__ __forceinline__ uint32_t to_bits(float v) { return from_float(v); }
+};
+
+struct BF16 {
+  using Storage = unsigned short;
+  static constexpr int kBytes = 2;
+  // bfloat16 is the top half of a float32: widening is exact.
+  static __device__ __forceinline__ float to_float(Storage v) { return __uint_as_float(uint32_t{v} << 16); }
+  static __device__ __forceinline__ float from_word(uint32_t bits) { return __uint_as_float(bits << 16); }
+  static __device__ __forceinline__ Storage from_float(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+  static __device__ __forceinline__ uint32_t to_bits(float v) { return from_float(v); }
+};
+
+// ---------------------------------------------------------------------------
+// Vector memory access through 32-bit words.
+
+template <int kWords>
+struct Words {
+  uint32_t w[kWords];
+};
+
+template <int kWords>
+__device__ __forceinline__ Words<kWords> load_words(const void* p);
+
+template <>
+__device__ __forceinline__ Words<1> load_words<1>(const void* p) {
+  return {{*static_cast<const unsigned*>(p)}};
+}
+
+template <>
+__device__ __forceinline__ Words<2> load_words<2>(const void* p) {
+  const uint2 v = *static_cast<const uint2*>(p);
+  return {{v.x, v.y}};
+}
+
+template <>
+__device__ __forceinline__ Words<4> load_words<4>(const void* p) {
+  const uint4 v = *static_cast<const uint4*>(p);
+  return {{v.x, v.y, v.z, v.w}};
+}
+
+// Element k of a vector of E loaded as words (little-endian lanes).
+template <typename E, int kWords>
+__device__ __forceinline__ float element(const Words<kWords>& v, int k) {
+  constexpr int kPerWord = 4 / E::kBytes;
+  return E::from_word(v.w[k / kPerWord] >> (32 / kPerWord * (k % kPerWord)));
+}
+
+// Store kCount codes (each < 256) as one 2-, 4- or 8-byte store.
+template <int kCount>
+__device__ __forceinline__ void store_codes(uint8_t* p, const uint32_t (&c)[kCount]);
+
+template <>
+__device__ __forceinline__ void store_codes<2>(uint8_t* p, const uint32_t (&c)[2]) {
+  *reinterpret_cast<unsigned short*>(p) = static_cast<unsigned short>(c[0] | (c[1] << 8));
+}
+
+template <>
+__device__ __forceinline__ void store_codes<4>(uint8_t* p, const uint32_t (&c)[4]) {
+  *reinterpret_cast<unsigned*>(p) = c[0] | (c[1] << 8) | (c[2] << 16) | (c[3] << 24);
+}
+
+template <>
+__device__ __forceinline__ void store_codes<8>(uint8_t* p, const uint32_t (&c)[8]) {
+  *reinterpret_cast<uint2*>(p) =
+      make_uint2(c[0] | (c[1] << 8) | (c[2] << 16) | (c[3] << 24), c[4] | (c[5] << 8) | (c[6] << 16) | (c[7] << 24));
+}
+
+// ---------------------------------------------------------------------------
+// The rounding rule, per element.
+
+// Bits of |v|: ordered like |v| for numbers, every NaN above +inf.
+__device__ __forceinline__ unsigned abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
+
+__device__ __forceinline__ unsigned warp_max(unsigned v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(kFullMask, v);
+#else
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = max(v, __shfl_xor_sync(kFullMask, v, offset));
+  return v;
+#endif
+}
+
+// A block maximum from its abs_bits: any NaN becomes the canonical quiet NaN
+// 0x7FC00000 (what torch's amax gives for ordinary NaNs, and what the CPU
+// kernels store), so every backend writes the same absmax bits.
+constexpr unsigned kInfBits = 0x7f800000u;
+constexpr unsigned kCanonicalNaN = 0x7fc00000u;
+__device__ __forceinline__ unsigned canonical_bits(unsigned abs_max_bits) {
+  return abs_max_bits > kInfBits ? kCanonicalNaN : abs_max_bits;
+}
+
+// The float32 reciprocal of the reference, 1 / absmax (IEEE, round to nearest).
+__device__ __forceinline__ float reciprocal(float absmax) { return __fdiv_rn(1.0f, absmax); }
+
+// One step of nearest_code_index (common/code_search.h) on a threshold table
+// in shared memory, with the table position kept as a shared-memory byte
+// address `a` (= table + 4 * idx):
+//     idx += s > thresholds[idx + STEP - 1] ? STEP : 0
+// The same comparison in the same order, written in PTX so that a step is
+// three instructions (LDS with an immediate offset, FSETP, predicated IADD)
+// instead of the five the compiler emits for the index form; the search is
+// most of the arithmetic per element. Volatile with a memory clobber: it is
+// never moved above the __syncthreads() that publishes the table.
+template <int STEP>
+__device__ __forceinline__ void search_step(unsigned& a, float s) {
+  asm volatile(
+      "{\n\t"
+      ".reg .pred p;\n\t"
+      ".reg .f32 t;\n\t"
+      "ld.shared.f32 t, [%0+%2];\n\t"
+      "setp.gt.f32 p, %1, t;\n\t"
+      "@p add.u32 %0, %0, %3;\n\t"
+      "}"
+      : "+r"(a)
+      : "f"(s), "n"((STEP - 1) * 4), "n"(STEP * 4)
+      : "memory");
+}
+
+// #{ j : thresholds[j] < s } for the table at shared address `table`: exactly
+// nearest_code_index(thresholds, s) of common/code_search.h, 8 branch-free
+// steps, reads thresholds[0..254] only, result in [0, 255]. Build with
+// -DD8_CUDA_PORTABLE_SEARCH to call the shared header's function instead.
+__device__ __forceinline__ int count_thresholds_below(const float* s_thresholds, unsigned table, float s) {
+#ifdef D8_CUDA_PORTABLE_SEARCH
+  (void)table;
+  return nearest_code_index(s_thresholds, s);
+#else
+  (void)s_thresholds;
+  static_assert(kCodeSize == 256, "8 steps cover 256 thresholds");
+  unsigned a = table;
+  search_step<128>(a, s);
+  search_step<64>(a, s);
+  search_step<32>(a, s);
+  search_step<16>(a, s);
+  search_step<8>(a, s);
+  search_step<4>(a, s);
+  search_step<2>(a, s);
+  search_step<1>(a, s);
+  return static_cast<int>((a - table) / 4);
+#endif
+}
+
+// Shared-memory address of a __shared__ table, for count_thresholds_below.
+__device__ __forceinline__ unsigned shared_address(const float* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+}  // namespace cuda
+}  // namespace dist8bit
