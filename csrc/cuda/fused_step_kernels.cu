@@ -1,0 +1,809 @@
+// CUDA kernel of the fused multi-tensor optimizer step (see fused_step_kernels.cuh).
+//
+// Bit-identical to dist8bit/backends/reference_optim.py (run on the CPU) by
+// construction, element by element:
+//   g       float(grad) * grad_scale[k] (__fmul_rn); finite = g is not inf/NaN;
+//           a non-finite g enters the math as 0 and the element keeps its old
+//           parameter and state values, and is counted.
+//   old     8-bit: code[c] * absmax[block] (__fmul_rn, like dequantize);
+//           32-bit: the stored float32.
+//   d       dist8bit::update_element of common/update_rules.h (the file is
+//           built with --fmad=false, so no product is contracted into an FMA;
+//           division and sqrt are IEEE: no fast-math).
+//   p       dist8bit::apply_direction(p, hyper[DECAY], lr_eff, d), lr_eff =
+//           hyper[LR] * update_scale[k] (__fmul_rn) when update_scale is given;
+//           written round-to-nearest-even (F16/BF16::from_float of
+//           device_quant.cuh), or for bfloat16 with a seed stochastically:
+//           (bits + (r(i) & 0xFFFF)) >> 16 with r the hash of
+//           common/stochastic_rounding.h at segment_offsets[k] + i, non-finite
+//           values rounded to nearest.
+//   states  8-bit: the block's new absmax is the NaN-propagating max of |kept|
+//           over the block (unsigned max of the bits, canonical NaN), then
+//           code = #thresholds below kept * (1 / absmax) with NaN -> 0:
+//           the same helpers as quantize_kernels.cu (device_quant.cuh).
+//   norm    with norm_out: sum of (double) d * d over the finite elements of
+//           each segment, nothing else written (float64 atomics: the order of
+//           the sum differs from the reference, the terms do not).
+//
+// Work layout. The segments are cut into work units: with 8-bit states a unit
+// is max(blocksize, 256) elements starting at a block boundary of its segment,
+// with 32-bit states 256 elements. A group of warps owns one unit at a time
+// (one warp for blocksize <= 256, blocksize / 256 warps for 512..2048, eight
+// warps holding 512 elements each for 4096); each lane holds 2 (4 for 4096)
+// rows of 4 consecutive elements, rows strided by 128 elements, so every
+// load and store instruction of a warp covers one contiguous span. The unit
+// list of all segments is walked grid-stride by the groups of a persistent
+// grid, one launch per call; the segment of a unit is found with a 32-way
+// warp-cooperative search (one ballot per step) over the prefix sums of the
+// segments' unit counts in the device-side segment table, starting from the
+// previous unit's segment.
+//   Per unit: every load first (parameters, gradients, codes or float32
+//   states, old scales), then the update per element, the parameter store,
+//   and for 8-bit states the block maxima: within a lane, then across the 16
+//   or 32 lanes of the block (shuffles / redux), then across the warps of
+//   the group through shared memory (double-buffered, one named barrier per
+//   group and step).
+//   The new states stay in registers between the reduction and the encoding,
+//   so every byte is read once and written once: 16 bytes per element for
+//   AdamW8bit with float32 parameters and gradients. The code values and the
+//   thresholds of every used slot live in shared memory; the threshold search
+//   is count_thresholds_below of device_quant.cuh.
+//   Vector accesses (16 bytes of float32, 8 of 16-bit, 4 codes) need aligned
+//   pointers (checked per segment on the host) and a whole row; the last row
+//   of a segment and unaligned segments take per-element accesses.
+// The non-finite count is summed per warp and added once per warp (int64
+// atomics); the norm is summed per lane, reduced per warp and added once per
+// warp and segment. No host synchronisation anywhere.
+//
+// Registers (ptxas, sm_90, -O3 --fmad=false): about 108 for Adam and at most
+// 128 for AdEMAMix with blocksizes 64..2048 and with float32 states, so two
+// CUDA blocks (16 warps) are resident per SM; blocksize 4096 holds 16
+// elements per lane and needs 128..180 (one block per SM).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/code_search.h"
+#include "common/host_device.h"
+#include "common/stochastic_rounding.h"
+#include "common/update_rules.h"
+#include "device_quant.cuh"
+#include "fused_step_kernels.cuh"
+
+namespace dist8bit {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;  // threads per CUDA block
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kVec = 4;                     // consecutive elements per lane and row
+constexpr int kRow = kWarpSize * kVec;      // elements per warp row
+constexpr int kUnit32 = 2 * kRow;           // elements per work unit with float32 states
+constexpr int64_t kMinBlocksize = 64;
+constexpr int64_t kMaxBlocksize = 4096;
+static_assert(kThreads == kCodeSize, "staging loads one table entry per thread");
+
+constexpr int log2_of(int v) { return v <= 1 ? 0 : 1 + log2_of(v / 2); }
+
+// Elements of one work unit (host and device agree through this function).
+constexpr int64_t unit_elements(bool eight_bit, int64_t blocksize) {
+  return eight_bit && blocksize > kUnit32 ? blocksize : kUnit32;
+}
+
+// The layout of a work unit for blocksize BS (0: float32 states).
+template <int BS>
+struct Layout {
+  static constexpr bool kQuant = BS > 0;
+  static constexpr int kRows = BS == 4096 ? 4 : 2;  // rows per lane
+  static constexpr int kWarpElems = kRows * kRow;
+  static constexpr int kGroupWarps = BS > kWarpElems ? BS / kWarpElems : 1;  // warps sharing a unit
+  static constexpr int kUnit = kGroupWarps * kWarpElems;
+  static constexpr int kGroups = kWarps / kGroupWarps;  // units per CUDA block and step
+  // Lanes of one row inside one block, and rows of a lane inside one block.
+  static constexpr int kLanesPerBlock = (kQuant && BS < kRow) ? BS / kVec : kWarpSize;
+  static constexpr int kRowsPerBlock = (!kQuant || BS <= kRow) ? 1 : (BS >= kWarpElems ? kRows : BS / kRow);
+  static constexpr int kLog2Block = kQuant ? log2_of(BS) : 0;
+  static_assert(!kQuant || (1 << kLog2Block) == BS, "blocks are indexed by shifts");
+
+  static_assert(!kQuant || (BS >= kMinBlocksize && BS <= kMaxBlocksize && (BS & (BS - 1)) == 0),
+                "blocksize must be a power of two in [64, 4096]");
+  static_assert(kGroups * kGroupWarps == kWarps, "the groups must fill the CUDA block");
+  static_assert(kUnit == unit_elements(kQuant, BS), "host and device must cut the same units");
+  static_assert(kUnit % (kQuant ? BS : 1) == 0, "a unit holds whole blocks");
+  static_assert(kLanesPerBlock * kVec * kRowsPerBlock * kGroupWarps == (kQuant ? BS : kRow),
+                "every element of a block is held by exactly one lane of its group");
+};
+
+// Bytes before the segment records in the table: the unit prefix sums, padded to 16.
+size_t prefix_bytes(int64_t num_segments) {
+  return (static_cast<size_t>(num_segments + 1) * sizeof(int64_t) + 15) / 16 * 16;
+}
+
+// ---------------------------------------------------------------------------
+// Kernel arguments (passed by value: the constant vector sits in parameter space).
+
+struct KernelArgs {
+  StepConstants hyper;
+  const int64_t* prefix;          // num_segments + 1 unit prefix sums
+  const FusedSegment* segments;   // num_segments records
+  int64_t num_segments;
+  int64_t total_units;
+  const float* code[kMaxStates];
+  const float* thresholds[kMaxStates];
+  const float* grad_scale;
+  const float* update_scale;
+  double* norm_out;
+  unsigned long long* nonfinite_count;
+  WeightDecayMode wd_mode;
+  FloatType param_type;
+  FloatType grad_type;
+  uint32_t key;  // seed_key(seed) for stochastic rounding
+  bool stochastic;
+};
+
+// ---------------------------------------------------------------------------
+// Row access: kVec consecutive elements of one lane, `count` (0..kVec) of them
+// inside the segment; one vector access when the pointers allow it and the
+// row is whole, else one access per element. Every tensor is streamed once,
+// so loads and stores are explicit global accesses with the evict-first hint
+// (ld/st.global.cs; the pointers come from the segment table, where the
+// compiler cannot see their address space). Dtype branches are taken once
+// per row and are uniform over the grid.
+
+struct Row {
+  uint32_t w[kVec];  // storage bits: one float32 per word, or two 16-bit values per word (low first)
+};
+
+__device__ __forceinline__ bool whole_vector(bool vector_ok, int count) { return vector_ok && count == kVec; }
+
+__device__ __forceinline__ Row load_row(FloatType type, const void* base, int64_t first, int count, bool vector_ok) {
+  Row r = {{0u, 0u, 0u, 0u}};
+  if (type == FloatType::kFloat32) {
+    const unsigned* p = static_cast<const unsigned*>(base) + first;
+    if (whole_vector(vector_ok, count)) {
+      const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
+      r.w[0] = v.x;
+      r.w[1] = v.y;
+      r.w[2] = v.z;
+      r.w[3] = v.w;
+    } else {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        if (k < count) r.w[k] = __ldcs(p + k);
+      }
+    }
+  } else {
+    const unsigned short* p = static_cast<const unsigned short*>(base) + first;
+    if (whole_vector(vector_ok, count)) {
+      const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+      r.w[0] = v.x;
+      r.w[1] = v.y;
+    } else {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        if (k < count) r.w[k / 2] |= uint32_t{__ldcs(p + k)} << (16 * (k % 2));
+      }
+    }
+  }
+  return r;
+}
+
+// The row as float32 (exact widening).
+__device__ __forceinline__ void row_values(FloatType type, const Row& r, float (&v)[kVec]) {
+  if (type == FloatType::kFloat32) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) v[k] = F32::from_word(r.w[k]);
+  } else if (type == FloatType::kBFloat16) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) v[k] = BF16::from_word(r.w[k / 2] >> (16 * (k % 2)));
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) v[k] = F16::from_word(r.w[k / 2] >> (16 * (k % 2)));
+  }
+}
+
+// Four codes as one little-endian word.
+__device__ __forceinline__ uint32_t load_codes(const uint8_t* base, int64_t first, int count, bool vector_ok) {
+  const uint8_t* p = base + first;
+  if (whole_vector(vector_ok, count)) return __ldcs(reinterpret_cast<const unsigned*>(p));
+  uint32_t word = 0;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    if (k < count) word |= uint32_t{__ldcs(p + k)} << (8 * k);
+  }
+  return word;
+}
+
+__device__ __forceinline__ void store_code_word(uint8_t* base, int64_t first, int count, bool vector_ok,
+                                                uint32_t word) {
+  uint8_t* p = base + first;
+  if (whole_vector(vector_ok, count)) {
+    __stcs(reinterpret_cast<unsigned*>(p), word);
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    if (k < count) __stcs(p + k, static_cast<unsigned char>(word >> (8 * k)));
+  }
+}
+
+__device__ __forceinline__ void load_state_row(const float* base, int64_t first, int count, bool vector_ok,
+                                               float (&v)[kVec]) {
+  const float* p = base + first;
+  if (whole_vector(vector_ok, count)) {
+    const float4 w = __ldcs(reinterpret_cast<const float4*>(p));
+    v[0] = w.x;
+    v[1] = w.y;
+    v[2] = w.z;
+    v[3] = w.w;
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) v[k] = k < count ? __ldcs(p + k) : 0.0f;
+}
+
+__device__ __forceinline__ void store_state_row(float* base, int64_t first, int count, bool vector_ok,
+                                                const float (&v)[kVec]) {
+  float* p = base + first;
+  if (whole_vector(vector_ok, count)) {
+    __stcs(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    if (k < count) __stcs(p + k, v[k]);
+  }
+}
+
+// reference_optim.round_bf16_stochastically for one value: finite values add
+// the low 16 random bits of element `index` to their float32 bits and drop the
+// low half (uint32 arithmetic, as the reference's & 0xFFFF0000); inf and NaN
+// round to nearest like the reference's final .bfloat16().
+__device__ __forceinline__ uint32_t bf16_stochastic_bits(float v, uint32_t key, uint64_t index) {
+  const uint32_t bits = __float_as_uint(v);
+  if ((bits & kInfBits) == kInfBits) return BF16::to_bits(v);
+  return (bits + (random_bits_for_index(key, index) & 0xffffu)) >> 16;
+}
+
+// The parameter row back in its dtype: round to nearest even, or for
+// bfloat16 with `stochastic` stochastically, element k of the row drawing the
+// bits of stream position index + k.
+__device__ __forceinline__ void store_param_row(FloatType type, void* base, int64_t first, int count, bool vector_ok,
+                                                const float (&v)[kVec], bool stochastic, uint32_t key,
+                                                uint64_t index) {
+  if (type == FloatType::kFloat32) {
+    float* p = static_cast<float*>(base) + first;
+    if (whole_vector(vector_ok, count)) {
+      __stcs(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
+      return;
+    }
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      if (k < count) __stcs(p + k, v[k]);
+    }
+    return;
+  }
+  uint32_t h[kVec];
+  if (type == FloatType::kFloat16) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) h[k] = F16::to_bits(v[k]);
+  } else if (stochastic) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) h[k] = bf16_stochastic_bits(v[k], key, index + k);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) h[k] = BF16::to_bits(v[k]);
+  }
+  unsigned short* p = static_cast<unsigned short*>(base) + first;
+  if (whole_vector(vector_ok, count)) {
+    __stcs(reinterpret_cast<uint2*>(p), make_uint2(h[0] | (h[1] << 16), h[2] | (h[3] << 16)));
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    if (k < count) __stcs(p + k, static_cast<unsigned short>(h[k]));
+  }
+}
+
+__device__ __forceinline__ bool is_finite(float v) { return (__float_as_uint(v) & kInfBits) != kInfBits; }
+
+// ---------------------------------------------------------------------------
+// Reductions.
+
+// Maximum over aligned groups of kLanes lanes (kLanes a power of two <= 32).
+template <int kLanes>
+__device__ __forceinline__ unsigned group_max(unsigned v) {
+  if constexpr (kLanes == kWarpSize) {
+    return warp_max(v);
+  } else {
+#pragma unroll
+    for (int offset = kLanes / 2; offset > 0; offset /= 2) v = max(v, __shfl_xor_sync(kFullMask, v, offset));
+    return v;
+  }
+}
+
+__device__ __forceinline__ unsigned warp_sum(unsigned v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_add_sync(kFullMask, v);
+#else
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+#endif
+}
+
+// Barrier of the kGroupWarps warps of group `group`: named barrier 1 + group
+// (an immediate, so that ptxas reserves only the barriers in use), so that the
+// groups of a CUDA block do not wait for each other. Group g is warps
+// g * kGroupWarps .. (g + 1) * kGroupWarps - 1; the whole block is barrier 0.
+template <int kId, int kThreadCount>
+__device__ __forceinline__ void named_barrier() {
+  asm volatile("bar.sync %0, %1;" : : "n"(kId), "n"(kThreadCount) : "memory");
+}
+
+template <int kGroupWarps>
+__device__ __forceinline__ void group_barrier(int group) {
+  static_assert(kWarps % kGroupWarps == 0 && kWarps / kGroupWarps <= 4, "at most four groups per block");
+  constexpr int kCount = kGroupWarps * kWarpSize;
+  if constexpr (kGroupWarps == kWarps) {
+    __syncthreads();
+  } else {
+    switch (group) {
+      case 0:
+        named_barrier<1, kCount>();
+        break;
+      case 1:
+        named_barrier<2, kCount>();
+        break;
+      case 2:
+        named_barrier<3, kCount>();
+        break;
+      default:
+        named_barrier<4, kCount>();
+        break;
+    }
+  }
+}
+
+// Adds the warp's partial sums to *out (one atomic per warp) and clears them.
+// Called by all lanes of a warp.
+__device__ __forceinline__ void flush_norm(double& sum, double* out) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) sum = __dadd_rn(sum, __shfl_xor_sync(kFullMask, sum, offset));
+  if (threadIdx.x % kWarpSize == 0 && sum != 0.0) atomicAdd(out, sum);  // a NaN sum is added too
+  sum = 0.0;
+}
+
+// The segment of work unit `unit`: the k with prefix[k] <= unit < prefix[k + 1],
+// searched from `lo` (prefix[lo] <= unit) by all lanes of a warp: each step
+// probes 32 evenly spaced entries at once and keeps the span between the last
+// probe at or below `unit` and the next one. Empty segments repeat a prefix
+// value and are never returned.
+__device__ __forceinline__ int64_t find_segment(const int64_t* __restrict__ prefix, int64_t num_segments,
+                                                int64_t unit, int64_t lo, int lane) {
+  if (prefix[lo + 1] > unit) return lo;  // still the same segment (lo < num_segments)
+  int64_t hi = num_segments;             // prefix[hi] > unit
+  while (hi - lo > 1) {
+    const int64_t step = (hi - lo + kWarpSize - 1) / kWarpSize;
+    const int64_t probe = lo + (lane + 1) * step;
+    const bool at_or_below = probe < hi && prefix[probe] <= unit;
+    lo += __popc(__ballot_sync(kFullMask, at_or_below)) * step;
+    hi = lo + step < hi ? lo + step : hi;
+  }
+  return lo;
+}
+
+// ---------------------------------------------------------------------------
+// The kernel: rule R with NS state slots, blocksize BS (0: float32 states).
+
+template <Rule R, int NS, int BS>
+__global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_constant__ KernelArgs args) {
+  using L = Layout<BS>;
+  constexpr bool kQuant = L::kQuant;
+  constexpr int kRows = L::kRows;
+  constexpr int kSlots = NS > 0 ? NS : 1;  // array extents
+  constexpr bool kCrossWarp = kQuant && L::kGroupWarps > 1;
+  static_assert(!kQuant || NS > 0, "8-bit states need a slot");
+
+  __shared__ float s_code[kQuant ? kSlots : 1][kCodeSize];
+  __shared__ float s_thresholds[kQuant ? kSlots : 1][kCodeSize];
+  __shared__ unsigned s_partial[kCrossWarp ? 2 : 1][kCrossWarp ? kWarps : 1][kSlots];
+  unsigned table_address[kSlots];
+  if constexpr (kQuant) {
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      s_code[s][threadIdx.x] = args.code[s][threadIdx.x];
+      s_thresholds[s][threadIdx.x] = args.thresholds[s][threadIdx.x];
+      table_address[s] = shared_address(s_thresholds[s]);
+    }
+    __syncthreads();
+  }
+
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int part = warp % L::kGroupWarps;  // this warp's share of the unit
+  const int group = warp / L::kGroupWarps;
+  const bool norm_mode = args.norm_out != nullptr;
+  const FloatType param_type = args.param_type;
+  const FloatType grad_type = args.grad_type;
+
+  int64_t seg = 0;        // segment of the previous unit: the search starts there
+  int64_t norm_seg = -1;  // segment whose partial norm `norm_sum` holds
+  double norm_sum = 0.0;
+  unsigned nonfinite = 0;
+  int parity = 0;
+
+  const int64_t num_steps = (args.total_units + L::kGroups - 1) / L::kGroups;
+  // The loop bound is uniform over the CUDA block: the barriers inside are safe.
+  for (int64_t step = blockIdx.x; step < num_steps; step += gridDim.x) {
+    const int64_t unit = step * L::kGroups + group;
+    const bool active = unit < args.total_units;  // uniform over the group
+
+    // Carried from the update to the encoding (8-bit states).
+    float kept[kSlots][kRows][kVec];
+    unsigned block_max[kSlots][kRows];
+    int count[kRows];
+    int64_t first[kRows];
+    bool vector_ok = false;
+
+    if (active) {
+      seg = find_segment(args.prefix, args.num_segments, unit, seg, lane);
+      const FusedSegment& record = args.segments[seg];
+      const int64_t n = record.numel;
+      const int64_t base = (unit - args.prefix[seg]) * L::kUnit + part * L::kWarpElems;
+      void* const param = record.param;
+      const void* const grad = record.grad;
+      vector_ok = record.vector_ok != 0;
+
+      // Every load of the unit first, then the arithmetic.
+      Row p_raw[kRows];
+      Row g_raw[kRows];
+      uint32_t codes[kSlots][kRows];
+      float old_scale[kSlots][kRows];
+      float old_value[kSlots][kRows][kVec];
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) {
+        first[j] = base + j * kRow + lane * kVec;
+        const int64_t left = n - first[j];
+        count[j] = left <= 0 ? 0 : (left >= kVec ? kVec : static_cast<int>(left));
+        p_raw[j] = load_row(param_type, param, first[j], count[j], vector_ok);
+        g_raw[j] = load_row(grad_type, grad, first[j], count[j], vector_ok);
+#pragma unroll
+        for (int s = 0; s < NS; ++s) {
+          if constexpr (kQuant) {
+            codes[s][j] = load_codes(static_cast<const uint8_t*>(record.state[s]), first[j], count[j], vector_ok);
+            old_scale[s][j] = count[j] > 0 ? __ldcs(record.absmax[s] + (first[j] >> L::kLog2Block)) : 0.0f;
+          } else {
+            load_state_row(static_cast<const float*>(record.state[s]), first[j], count[j], vector_ok,
+                           old_value[s][j]);
+          }
+        }
+      }
+      const float grad_scale = args.grad_scale != nullptr ? args.grad_scale[seg] : 1.0f;
+      const float lr = args.update_scale != nullptr ? __fmul_rn(args.hyper.v[kLr], args.update_scale[seg])
+                                                    : args.hyper.v[kLr];
+      const float decay = args.hyper.v[kDecay];
+
+      if (norm_mode && seg != norm_seg) {
+        if (norm_seg >= 0) flush_norm(norm_sum, args.norm_out + norm_seg);
+        norm_seg = seg;
+      }
+
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) {
+        float p_row[kVec];
+        float g_row[kVec];
+        float p_new[kVec];
+        row_values(param_type, p_raw[j], p_row);
+        row_values(grad_type, g_raw[j], g_row);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          const bool valid = k < count[j];
+          const float p = p_row[k];
+          // Without grad_scale the factor is 1: exact for every finite g, and
+          // a non-finite g stays non-finite.
+          const float g = __fmul_rn(g_row[k], grad_scale);
+          const bool finite = valid && is_finite(g);
+          float state[kMaxStates] = {0.0f, 0.0f, 0.0f};
+#pragma unroll
+          for (int s = 0; s < NS; ++s) {
+            if constexpr (kQuant) {
+              old_value[s][j][k] = __fmul_rn(s_code[s][(codes[s][j] >> (8 * k)) & 0xffu], old_scale[s][j]);
+            }
+            state[s] = old_value[s][j][k];
+          }
+          const float d = update_element(R, args.wd_mode, args.hyper, finite ? g : 0.0f, p, state, NS);
+          if (norm_mode) {
+            if (finite) norm_sum = __dadd_rn(norm_sum, __dmul_rn(static_cast<double>(d), static_cast<double>(d)));
+          } else {
+            p_new[k] = finite ? apply_direction(p, decay, lr, d) : p;
+#pragma unroll
+            for (int s = 0; s < NS; ++s) kept[s][j][k] = valid ? (finite ? state[s] : old_value[s][j][k]) : 0.0f;
+            nonfinite += valid && !finite ? 1u : 0u;
+          }
+        }
+        if (!norm_mode) {
+          store_param_row(param_type, param, first[j], count[j], vector_ok, p_new, args.stochastic, args.key,
+                          static_cast<uint64_t>(record.first_index + first[j]));
+          if constexpr (!kQuant) {
+#pragma unroll
+            for (int s = 0; s < NS; ++s) {
+              store_state_row(static_cast<float*>(record.state[s]), first[j], count[j], vector_ok, kept[s][j]);
+            }
+          }
+        }
+      }
+
+      if (kQuant && !norm_mode) {
+        // Block maxima of |kept|: within the lane, then across the block's lanes.
+#pragma unroll
+        for (int s = 0; s < NS; ++s) {
+#pragma unroll
+          for (int j0 = 0; j0 < kRows; j0 += L::kRowsPerBlock) {
+            unsigned m = 0;
+#pragma unroll
+            for (int r = 0; r < L::kRowsPerBlock; ++r) {
+#pragma unroll
+              for (int k = 0; k < kVec; ++k) m = max(m, abs_bits(kept[s][j0 + r][k]));
+            }
+            m = group_max<L::kLanesPerBlock>(m);
+#pragma unroll
+            for (int r = 0; r < L::kRowsPerBlock; ++r) block_max[s][j0 + r] = m;
+          }
+        }
+      }
+    }
+
+    if constexpr (kCrossWarp) {
+      // The warps of a group meet in shared memory. Double buffered by step
+      // parity: a warp cannot run two steps ahead of another of its group,
+      // so one barrier per step suffices. The loop bound is uniform over the
+      // CUDA block and norm_mode over the grid, so every warp of a group
+      // reaches every barrier.
+      if (!norm_mode) {
+        if (active && lane == 0) {
+#pragma unroll
+          for (int s = 0; s < NS; ++s) s_partial[parity][warp][s] = block_max[s][0];
+        }
+        group_barrier<L::kGroupWarps>(group);
+        if (active) {
+#pragma unroll
+          for (int s = 0; s < NS; ++s) {
+            unsigned m = 0;
+#pragma unroll
+            for (int w = 0; w < L::kGroupWarps; ++w) m = max(m, s_partial[parity][warp - part + w][s]);
+#pragma unroll
+            for (int j = 0; j < kRows; ++j) block_max[s][j] = m;
+          }
+        }
+        parity ^= 1;
+      }
+    }
+
+    if constexpr (kQuant) {
+      if (active && !norm_mode) {
+        // Encode the kept values with the blocks' new scales (the segment
+        // record is read again: an L1 hit, and no registers held meanwhile).
+        const FusedSegment& record = args.segments[seg];
+#pragma unroll
+        for (int s = 0; s < NS; ++s) {
+          uint8_t* const codes = static_cast<uint8_t*>(record.state[s]);
+          float* const scales = record.absmax[s];
+#pragma unroll
+          for (int j = 0; j < kRows; ++j) {
+            const float scale = __uint_as_float(canonical_bits(block_max[s][j]));
+            const float inv = reciprocal(scale);
+            uint32_t word = 0;
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) {
+              const float x = scaled_value(kept[s][j][k], inv);
+              word |= static_cast<uint32_t>(count_thresholds_below(s_thresholds[s], table_address[s], x)) << (8 * k);
+            }
+            store_code_word(codes, first[j], count[j], vector_ok, word);
+            // The lane holding a block's first element writes its scale.
+            if (part == 0 && lane % L::kLanesPerBlock == 0 && j % L::kRowsPerBlock == 0 && count[j] > 0) {
+              __stcs(scales + (first[j] >> L::kLog2Block), scale);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  if (norm_mode) {
+    if (norm_seg >= 0) flush_norm(norm_sum, args.norm_out + norm_seg);  // norm_seg is uniform over the warp
+  } else if (args.nonfinite_count != nullptr) {
+    const unsigned total = warp_sum(nonfinite);
+    if (lane == 0 && total != 0) atomicAdd(args.nonfinite_count, static_cast<unsigned long long>(total));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Launch.
+
+int multiprocessor_count() {
+  int device = 0;
+  int count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 132;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) return 132;
+  return count;
+}
+
+template <Rule R, int NS, int BS>
+cudaError_t launch_kernel(const KernelArgs& args, cudaStream_t stream) {
+  using L = Layout<BS>;
+  const auto kernel = fused_step_kernel<R, NS, BS>;
+  // Resident CUDA blocks per multiprocessor: a property of the compiled kernel
+  // (registers, shared memory), asked once per kernel and process.
+  static const int per_multiprocessor = [kernel] {
+    int blocks = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0) != cudaSuccess || blocks < 1) {
+      (void)cudaGetLastError();  // clear a failed query; the launch reports real errors
+      blocks = 1;
+    }
+    return blocks;
+  }();
+  // A persistent grid: one wave of resident CUDA blocks (fewer for small
+  // calls), every block walking the units grid-stride.
+  const int64_t steps = (args.total_units + L::kGroups - 1) / L::kGroups;
+  const int64_t resident = int64_t{multiprocessor_count()} * per_multiprocessor;
+  const int64_t grid = steps < resident ? steps : resident;
+  kernel<<<static_cast<unsigned>(grid < 1 ? 1 : grid), kThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <Rule R, int NS>
+cudaError_t launch_blocksize(bool eight_bit, int64_t blocksize, const KernelArgs& args, cudaStream_t stream) {
+  if (!eight_bit) return launch_kernel<R, NS, 0>(args, stream);
+  if constexpr (NS == 0) {
+    return cudaErrorInvalidValue;
+  } else {
+    switch (blocksize) {
+      case 64:
+        return launch_kernel<R, NS, 64>(args, stream);
+      case 128:
+        return launch_kernel<R, NS, 128>(args, stream);
+      case 256:
+        return launch_kernel<R, NS, 256>(args, stream);
+      case 512:
+        return launch_kernel<R, NS, 512>(args, stream);
+      case 1024:
+        return launch_kernel<R, NS, 1024>(args, stream);
+      case 2048:
+        return launch_kernel<R, NS, 2048>(args, stream);
+      case 4096:
+        return launch_kernel<R, NS, 4096>(args, stream);
+      default:
+        return cudaErrorInvalidValue;
+    }
+  }
+}
+
+cudaError_t launch_rule(const FusedStepConfig& config, const KernelArgs& args, cudaStream_t stream) {
+  const bool q = config.eight_bit;
+  const int64_t bs = config.blocksize;
+  switch (config.rule) {
+    case Rule::kAdam:
+      if (config.num_states == 2) return launch_blocksize<Rule::kAdam, 2>(q, bs, args, stream);
+      break;
+    case Rule::kSgd:
+      if (config.num_states == 0) return launch_blocksize<Rule::kSgd, 0>(false, bs, args, stream);
+      if (config.num_states == 1) return launch_blocksize<Rule::kSgd, 1>(q, bs, args, stream);
+      break;
+    case Rule::kRmsprop:
+      if (config.num_states == 1) return launch_blocksize<Rule::kRmsprop, 1>(q, bs, args, stream);
+      if (config.num_states == 2) return launch_blocksize<Rule::kRmsprop, 2>(q, bs, args, stream);
+      break;
+    case Rule::kAdagrad:
+      if (config.num_states == 1) return launch_blocksize<Rule::kAdagrad, 1>(q, bs, args, stream);
+      break;
+    case Rule::kLion:
+      if (config.num_states == 1) return launch_blocksize<Rule::kLion, 1>(q, bs, args, stream);
+      break;
+    case Rule::kAdemamix:
+      if (config.num_states == 3) return launch_blocksize<Rule::kAdemamix, 3>(q, bs, args, stream);
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+int element_bytes(FloatType type) { return type == FloatType::kFloat32 ? 4 : 2; }
+
+bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+}  // namespace
+
+bool fused_step_supported(Rule rule, int num_states, bool eight_bit, int64_t blocksize) {
+  bool rule_ok = false;
+  switch (rule) {
+    case Rule::kAdam:
+      rule_ok = num_states == 2;
+      break;
+    case Rule::kSgd:
+      rule_ok = num_states == 0 || num_states == 1;
+      break;
+    case Rule::kRmsprop:
+      rule_ok = num_states == 1 || num_states == 2;
+      break;
+    case Rule::kAdagrad:
+    case Rule::kLion:
+      rule_ok = num_states == 1;
+      break;
+    case Rule::kAdemamix:
+      rule_ok = num_states == 3;
+      break;
+  }
+  if (!rule_ok) return false;
+  if (!eight_bit) return true;
+  return num_states > 0 && blocksize >= kMinBlocksize && blocksize <= kMaxBlocksize &&
+         (blocksize & (blocksize - 1)) == 0;
+}
+
+size_t fused_step_table_bytes(int64_t num_segments) {
+  return prefix_bytes(num_segments) + static_cast<size_t>(num_segments) * sizeof(FusedSegment);
+}
+
+int64_t fill_fused_step_table(const FusedStepConfig& config, const FusedSegment* segments, int64_t num_segments,
+                              void* table) {
+  auto* prefix = static_cast<int64_t*>(table);
+  auto* records = reinterpret_cast<FusedSegment*>(static_cast<unsigned char*>(table) + prefix_bytes(num_segments));
+  const int64_t unit = unit_elements(config.eight_bit, config.blocksize);
+  const uintptr_t param_bytes = static_cast<uintptr_t>(kVec * element_bytes(config.param_type));
+  const uintptr_t grad_bytes = static_cast<uintptr_t>(kVec * element_bytes(config.grad_type));
+  const uintptr_t state_bytes = static_cast<uintptr_t>(config.eight_bit ? kVec : kVec * 4);
+  prefix[0] = 0;
+  for (int64_t k = 0; k < num_segments; ++k) {
+    FusedSegment record = segments[k];
+    bool ok = aligned(record.param, param_bytes) && aligned(record.grad, grad_bytes);
+    for (int s = 0; s < config.num_states; ++s) ok = ok && aligned(record.state[s], state_bytes);
+    record.vector_ok = ok ? 1 : 0;
+    record.reserved = 0;
+    records[k] = record;
+    prefix[k + 1] = prefix[k] + (record.numel + unit - 1) / unit;
+  }
+  return prefix[num_segments];
+}
+
+cudaError_t launch_fused_step(const FusedStepConfig& config, const void* device_table, int64_t num_segments,
+                              int64_t total_units, cudaStream_t stream) {
+  if (num_segments < 0 || total_units < 0) return cudaErrorInvalidValue;
+  if (num_segments == 0) return cudaSuccess;
+  if (!fused_step_supported(config.rule, config.num_states, config.eight_bit, config.blocksize)) {
+    return cudaErrorInvalidValue;
+  }
+  if (config.norm_out != nullptr) {
+    const cudaError_t cleared =
+        cudaMemsetAsync(config.norm_out, 0, static_cast<size_t>(num_segments) * sizeof(double), stream);
+    if (cleared != cudaSuccess) return cleared;
+  }
+  if (total_units == 0) return cudaSuccess;
+
+  KernelArgs args;
+  args.hyper = config.hyper;
+  args.prefix = static_cast<const int64_t*>(device_table);
+  args.segments = reinterpret_cast<const FusedSegment*>(static_cast<const unsigned char*>(device_table) +
+                                                        prefix_bytes(num_segments));
+  args.num_segments = num_segments;
+  args.total_units = total_units;
+  for (int s = 0; s < kMaxStates; ++s) {
+    const bool used = config.eight_bit && s < config.num_states;
+    args.code[s] = used ? config.code[s] : nullptr;
+    args.thresholds[s] = used ? config.thresholds[s] : nullptr;
+  }
+  args.grad_scale = config.grad_scale;
+  args.update_scale = config.update_scale;
+  args.norm_out = config.norm_out;
+  args.nonfinite_count = reinterpret_cast<unsigned long long*>(config.nonfinite_count);
+  args.wd_mode = config.wd_mode;
+  args.param_type = config.param_type;
+  args.grad_type = config.grad_type;
+  args.stochastic = config.stochastic && config.param_type == FloatType::kBFloat16;
+  args.key = args.stochastic ? seed_key(config.seed) : 0u;
+  return launch_rule(config, args, stream);
+}
+
+}  // namespace cuda
+}  // namespace dist8bit

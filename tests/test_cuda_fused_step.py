@@ -1,0 +1,700 @@
+"""The CUDA fused optimizer step against the plain-PyTorch reference, bit for bit.
+
+Every case runs load_backend("cuda").fused_step on CUDA tensors and
+REFERENCE.fused_step on CPU copies of the same inputs, then compares
+parameters, codes, absmax, float32 states and the non-finite count to the last
+bit (NaN only has to meet NaN: its payload is not part of the contract), and
+norm_out to float64 rounding (the kernel sums in another order).
+
+The oracle runs on the CPU on purpose. On CUDA tensors ATen divides by a
+Python scalar as a multiplication by the scalar's float32 reciprocal
+(div_true_kernel_cuda), so reference_optim's sqrt(v) / h[BIAS_CORRECTION2_SQRT]
+(Adam, AdEMAMix) rounds differently from the division in
+csrc/common/update_rules.h there; on the CPU every reference operation rounds
+like the kernels' (IEEE division, sqrt, no contraction).
+
+Skipped without a CUDA GPU, except the host-compiler probe of the launcher
+header, which needs nvcc only.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist8bit.backends import REFERENCE, load_backend, reference
+from dist8bit.backends.rules import Rule, StepConstants, WeightDecay, constants
+from dist8bit.functional import codebook_for
+from dist8bit.quant.layout import num_blocks
+from dist8bit.quant.maps import create_dynamic_map
+
+REPO = Path(__file__).resolve().parents[1]
+CSRC = REPO / "csrc"
+NVCC = shutil.which("nvcc")
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CPU = torch.device("cpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BITS_DTYPE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+SIZES = (1, 255, 256, 257, 5000, 70000)
+# (eight_bit, blocksize): every 8-bit layout family (one warp with several blocks,
+# one warp per block, a group of warps, a group with four rows per lane) and 32-bit.
+PRECISIONS = [(True, 64), (True, 256), (True, 2048), (True, 4096), (False, 256)]
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    rule: Rule
+    wd_mode: WeightDecay
+    step: StepConstants
+    signed: tuple[bool, ...]  # one entry per used state slot: which dynamic map it uses
+
+
+CASES = [
+    Case(
+        "adamw",
+        Rule.ADAM,
+        WeightDecay.DECOUPLED,
+        StepConstants(lr=1e-3, step=7, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True),
+        (True, False),
+    ),
+    Case(
+        "adam-l2",
+        Rule.ADAM,
+        WeightDecay.L2,
+        StepConstants(lr=1e-3, step=7, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01),
+        (True, False),
+    ),
+    Case(
+        "adam-first-step",
+        Rule.ADAM,
+        WeightDecay.DECOUPLED,
+        StepConstants(lr=1e-3, step=1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True),
+        (True, False),
+    ),
+    Case(
+        "lamb-in-direction",
+        Rule.ADAM,
+        WeightDecay.IN_DIRECTION,
+        StepConstants(lr=1e-3, step=3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01),
+        (True, False),
+    ),
+    Case("sgd", Rule.SGD, WeightDecay.L2, StepConstants(lr=0.1, step=3, weight_decay=1e-4), ()),
+    Case(
+        "sgd-momentum",
+        Rule.SGD,
+        WeightDecay.L2,
+        StepConstants(lr=0.1, step=3, weight_decay=1e-4, momentum=0.9, dampening=0.1),
+        (True,),
+    ),
+    Case(
+        "sgd-momentum-first-step",
+        Rule.SGD,
+        WeightDecay.L2,
+        StepConstants(lr=0.1, step=1, weight_decay=1e-4, momentum=0.9, dampening=0.1),
+        (True,),
+    ),
+    Case(
+        "sgd-nesterov",
+        Rule.SGD,
+        WeightDecay.L2,
+        StepConstants(lr=0.1, step=4, weight_decay=1e-4, momentum=0.9, nesterov=True),
+        (True,),
+    ),
+    Case(
+        "rmsprop",
+        Rule.RMSPROP,
+        WeightDecay.L2,
+        StepConstants(lr=1e-2, step=3, beta2=0.99, eps=1e-8, weight_decay=1e-4),
+        (False,),
+    ),
+    Case(
+        "rmsprop-momentum",
+        Rule.RMSPROP,
+        WeightDecay.L2,
+        StepConstants(lr=1e-2, step=3, beta2=0.99, eps=1e-8, weight_decay=1e-4, momentum=0.9),
+        (False, True),
+    ),
+    Case(
+        "adagrad",
+        Rule.ADAGRAD,
+        WeightDecay.L2,
+        StepConstants(lr=1e-2, step=3, eps=1e-10, weight_decay=1e-4),
+        (False,),
+    ),
+    Case(
+        "lion",
+        Rule.LION,
+        WeightDecay.DECOUPLED,
+        StepConstants(lr=1e-4, step=3, beta1=0.9, beta2=0.99, weight_decay=0.1, decoupled=True),
+        (True,),
+    ),
+    Case(
+        "ademamix",
+        Rule.ADEMAMIX,
+        WeightDecay.DECOUPLED,
+        StepConstants(
+            lr=1e-3,
+            step=5,
+            beta1=0.9,
+            beta2=0.999,
+            beta3=0.9999,
+            alpha=5.0,
+            eps=1e-8,
+            weight_decay=0.01,
+            decoupled=True,
+        ),
+        (True, True, False),
+    ),
+]
+CASE_BY_NAME = {case.name: case for case in CASES}
+
+
+@dataclass
+class Inputs:
+    """One fused_step call's tensors (three slots each for states and absmax)."""
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    states: list[list[torch.Tensor]]
+    absmaxes: list[list[torch.Tensor]]
+    signed: tuple[bool, ...]
+    eight_bit: bool
+    blocksize: int
+    offsets: list[int] = field(default_factory=list)
+
+    def to(self, device: torch.device) -> Inputs:
+        """A deep copy on `device`: fresh, contiguous, aligned tensors."""
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device, copy=True)
+
+        return Inputs(
+            [copy(t) for t in self.params],
+            [copy(t) for t in self.grads],
+            [[copy(t) for t in slot] for slot in self.states],
+            [[copy(t) for t in slot] for slot in self.absmaxes],
+            self.signed,
+            self.eight_bit,
+            self.blocksize,
+            list(self.offsets),
+        )
+
+    def codebooks(self, device: torch.device) -> list:
+        books = [None, None, None]
+        if self.eight_bit:
+            for slot, signed in enumerate(self.signed):
+                books[slot] = codebook_for(create_dynamic_map(signed=signed), device)
+        return books
+
+
+def spread(n: int, generator: torch.Generator, low: float, high: float) -> torch.Tensor:
+    """Normal values whose magnitudes spread over 10**low .. 10**high."""
+    values = torch.randn(n, generator=generator)
+    return values * torch.pow(10.0, torch.empty(n).uniform_(low, high, generator=generator))
+
+
+def make_inputs(
+    case: Case,
+    sizes,
+    param_dtype: torch.dtype,
+    grad_dtype: torch.dtype,
+    eight_bit: bool,
+    blocksize: int,
+    seed: int = 0,
+    nonfinite: bool = False,
+) -> Inputs:
+    """Random parameters, gradients and states on the CPU; 8-bit states are encoded by the reference."""
+    g = torch.Generator().manual_seed(seed)
+    params, grads = [], []
+    for n in sizes:
+        shape = (350, 200) if n == 70000 else (n,)  # one 2-D parameter among the usual sizes
+        params.append(spread(n, g, -2, 0.5).to(param_dtype).view(shape))
+        grad = spread(n, g, -5, 0.3)
+        if nonfinite and n > 0:
+            where = torch.randint(0, n, (max(1, n // 61),), generator=g)
+            specials = torch.tensor([float("inf"), float("-inf"), float("nan")])
+            grad[where] = specials[torch.arange(where.numel()) % 3]
+        grads.append(grad.to(grad_dtype).view(shape))
+    states: list[list[torch.Tensor]] = [[], [], []]
+    absmaxes: list[list[torch.Tensor]] = [[], [], []]
+    for slot, signed in enumerate(case.signed):
+        book = codebook_for(create_dynamic_map(signed=signed), CPU) if eight_bit else None
+        for n, param in zip(sizes, params, strict=True):
+            values = spread(n, g, -6, -1)
+            if not signed:
+                values = values.abs()
+            if not eight_bit:
+                states[slot].append(values.reshape(param.shape))
+                continue
+            codes = torch.zeros(n, dtype=torch.uint8)
+            scales = torch.zeros(num_blocks(n, blocksize), dtype=torch.float32)
+            reference.quantize_blockwise(values, book, blocksize, None, codes, scales)
+            if scales.numel() > 2:
+                scales[1] = 0.0  # a block of zeros (1 / absmax = inf on the way back)
+            states[slot].append(codes.reshape(param.shape))
+            absmaxes[slot].append(scales)
+    offsets = [(k << 33) + 12345 * k for k in range(len(sizes))]  # uses the high 32 bits of the index
+    return Inputs(params, grads, states, absmaxes, case.signed, eight_bit, blocksize, offsets)
+
+
+def run(
+    backend,
+    device: torch.device,
+    case: Case,
+    inputs: Inputs,
+    *,
+    grad_scale: torch.Tensor | None = None,
+    update_scale: torch.Tensor | None = None,
+    norm: bool = False,
+    count: bool = False,
+    seed: int | None = None,
+):
+    """One step on copies of `inputs` on `device`; returns (tensors, norm_out, nonfinite_count)."""
+    t = inputs.to(device)
+    segments = len(t.params)
+    norm_out = torch.full((segments,), -1.0, dtype=torch.float64, device=device) if norm else None
+    nonfinite = torch.full((1,), 5, dtype=torch.int64, device=device) if count else None
+    backend.fused_step(
+        int(case.rule),
+        int(case.wd_mode),
+        constants(case.step),
+        t.params,
+        t.grads,
+        t.states,
+        t.absmaxes,
+        t.codebooks(device),
+        None if grad_scale is None else grad_scale.to(device),
+        None if update_scale is None else update_scale.to(device),
+        norm_out,
+        nonfinite,
+        t.offsets,
+        t.blocksize,
+        seed,
+    )
+    return t, norm_out, nonfinite
+
+
+def run_in_place(backend, case: Case, t: Inputs, *, count: bool = False, seed: int | None = None):
+    """One step on the tensors of `t` themselves (no copy: keeps views as they are)."""
+    device = t.params[0].device
+    nonfinite = torch.full((1,), 5, dtype=torch.int64, device=device) if count else None
+    backend.fused_step(
+        int(case.rule),
+        int(case.wd_mode),
+        constants(case.step),
+        t.params,
+        t.grads,
+        t.states,
+        t.absmaxes,
+        t.codebooks(device),
+        None,
+        None,
+        None,
+        nonfinite,
+        t.offsets,
+        t.blocksize,
+        seed,
+    )
+    return t, None, nonfinite
+
+
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Equal dtype, shape and bits; NaN only has to meet NaN."""
+    actual, expected = actual.detach().cpu(), expected.detach().cpu()
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    a, e = actual.reshape(-1), expected.reshape(-1)
+    if not a.is_floating_point():
+        mismatch = a != e
+    else:
+        nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+        bits = BITS_DTYPE[a.dtype]
+        mismatch = (nan_a != nan_e) | (~nan_a & (a.view(bits) != e.view(bits)))
+    if bool(mismatch.any()):
+        where = mismatch.nonzero().flatten()[:8].tolist()
+        raise AssertionError(
+            f"{what}: {int(mismatch.sum())} of {a.numel()} differ, first at {where}: "
+            f"got {a[where].tolist()}, expected {e[where].tolist()}"
+        )
+
+
+def assert_same_step(actual: Inputs, expected: Inputs, what: str) -> None:
+    for k, (p, q) in enumerate(zip(actual.params, expected.params, strict=True)):
+        assert_same_bits(p, q, f"{what}: params[{k}]")
+    for k, (p, q) in enumerate(zip(actual.grads, expected.grads, strict=True)):
+        assert_same_bits(p, q, f"{what}: grads[{k}] (must stay untouched)")
+    for slot in range(3):
+        for k, (p, q) in enumerate(zip(actual.states[slot], expected.states[slot], strict=True)):
+            assert_same_bits(p, q, f"{what}: state{slot + 1}[{k}]")
+        for k, (p, q) in enumerate(zip(actual.absmaxes[slot], expected.absmaxes[slot], strict=True)):
+            assert_same_bits(p, q, f"{what}: absmax{slot + 1}[{k}]")
+
+
+def check(case: Case, inputs: Inputs, what: str, **options) -> None:
+    """CUDA kernel vs CPU reference on the same inputs, every output compared."""
+    cuda_backend = load_backend("cuda")
+    got, got_norm, got_count = run(cuda_backend, torch.device("cuda"), case, inputs, **options)
+    want, want_norm, want_count = run(REFERENCE, CPU, case, inputs, **options)
+    torch.cuda.synchronize()
+    if options.get("norm"):
+        assert_same_step(got, inputs, f"{what}: norm_out given, nothing else may change")
+        torch.testing.assert_close(got_norm.cpu(), want_norm, rtol=1e-10, atol=0.0, msg=f"{what}: norm_out")
+    else:
+        assert_same_step(got, want, what)
+    if options.get("count"):
+        assert int(got_count.item()) == int(want_count.item()), f"{what}: nonfinite_count"
+
+
+# ---------------------------------------------------------------------------
+# Every rule, precision, blocksize and parameter dtype
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("eight_bit", "blocksize"), PRECISIONS, ids=lambda v: str(v))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_matches_reference(case, eight_bit, blocksize, dtype):
+    if not case.signed and eight_bit:
+        pytest.skip("no state: the precision does not apply")
+    inputs = make_inputs(case, SIZES, dtype, dtype, eight_bit, blocksize, seed=blocksize + len(case.name))
+    check(case, inputs, f"{case.name} eight_bit={eight_bit} blocksize={blocksize} {dtype}")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("blocksize", [128, 512, 1024])
+@pytest.mark.parametrize("case", ["adamw", "ademamix", "rmsprop-momentum"])
+def test_other_blocksizes(case, blocksize):
+    case = CASE_BY_NAME[case]
+    inputs = make_inputs(case, SIZES, torch.float32, torch.float32, True, blocksize, seed=blocksize)
+    check(case, inputs, f"{case.name} blocksize={blocksize}")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize(
+    ("param_dtype", "grad_dtype"),
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+        (torch.bfloat16, torch.float16),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("eight_bit", [True, False])
+def test_mixed_param_and_grad_dtypes(param_dtype, grad_dtype, eight_bit):
+    case = CASE_BY_NAME["adamw"]
+    inputs = make_inputs(case, SIZES, param_dtype, grad_dtype, eight_bit, 256, seed=3)
+    check(case, inputs, f"params {param_dtype}, grads {grad_dtype}")
+
+
+# ---------------------------------------------------------------------------
+# Scales, non-finite gradients, norms
+
+
+def segment_scales(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    grad_scale = torch.rand(count, generator=g) + 0.5
+    grad_scale[-1] = FLOAT32_MAX  # overflows the larger gradients to inf: skipped and counted
+    update_scale = torch.rand(count, generator=g) * 2
+    update_scale[0] = 0.0
+    return grad_scale, update_scale
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("eight_bit", "blocksize"), [(True, 256), (True, 2048), (False, 256)], ids=str)
+@pytest.mark.parametrize("case", ["adamw", "lamb-in-direction", "sgd", "sgd-momentum", "lion", "ademamix"])
+def test_scales_and_nonfinite_gradients(case, eight_bit, blocksize, dtype):
+    case = CASE_BY_NAME[case]
+    inputs = make_inputs(case, SIZES, dtype, dtype, eight_bit, blocksize, seed=7, nonfinite=True)
+    grad_scale, update_scale = segment_scales(len(SIZES), seed=blocksize)
+    what = f"{case.name} eight_bit={eight_bit} blocksize={blocksize} {dtype}"
+    check(case, inputs, what + " (no scales)", count=True)
+    check(case, inputs, what + " (grad_scale)", grad_scale=grad_scale, count=True)
+    check(case, inputs, what + " (update_scale)", update_scale=update_scale, count=True)
+    check(case, inputs, what + " (both)", grad_scale=grad_scale, update_scale=update_scale, count=True)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize(("eight_bit", "blocksize"), [(True, 64), (True, 4096), (False, 256)], ids=str)
+@pytest.mark.parametrize("case", ["lamb-in-direction", "adamw", "sgd-momentum", "ademamix"])
+def test_norm_out_writes_only_the_norms(case, eight_bit, blocksize):
+    case = CASE_BY_NAME[case]
+    sizes = (*SIZES, 0, 3)  # an empty segment has norm 0
+    inputs = make_inputs(case, sizes, torch.float32, torch.float32, eight_bit, blocksize, seed=11, nonfinite=True)
+    grad_scale, _ = segment_scales(len(sizes), seed=2)
+    check(case, inputs, f"{case.name} norm", norm=True, count=True)
+    check(case, inputs, f"{case.name} norm with grad_scale", norm=True, grad_scale=grad_scale)
+
+
+# ---------------------------------------------------------------------------
+# Stochastic rounding of bfloat16 parameters
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("eight_bit", [True, False])
+@pytest.mark.parametrize("seed", [0, 12345, 2**63 - 1])
+def test_stochastic_rounding(seed, eight_bit, dtype):
+    """bfloat16 parameters round stochastically at segment_offsets[k] + i; other dtypes ignore the seed."""
+    case = CASE_BY_NAME["adamw"]
+    inputs = make_inputs(case, SIZES, dtype, torch.float32, eight_bit, 256, seed=5, nonfinite=True)
+    check(case, inputs, f"seed={seed} {dtype}", seed=seed, count=True)
+    lion = CASE_BY_NAME["lion"]
+    check(lion, make_inputs(lion, SIZES, dtype, dtype, eight_bit, 64, seed=6), f"lion seed={seed}", seed=seed)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_stochastic_rounding_uses_the_seed():
+    case = CASE_BY_NAME["sgd"]
+    inputs = make_inputs(case, (50_000,), torch.bfloat16, torch.float32, False, 256, seed=1)
+    cuda = load_backend("cuda")
+    device = torch.device("cuda")
+    a, _, _ = run(cuda, device, case, inputs, seed=1)
+    b, _, _ = run(cuda, device, case, inputs, seed=1)
+    c, _, _ = run(cuda, device, case, inputs, seed=2)
+    assert torch.equal(a.params[0], b.params[0]) and not torch.equal(a.params[0], c.params[0])
+
+
+# ---------------------------------------------------------------------------
+# Layouts: unaligned segments, many segments, empty calls, several steps
+
+
+def unaligned(inputs: Inputs, shift: int) -> Inputs:
+    """The same values as views into shared flat buffers, every segment `shift` elements past alignment."""
+
+    def pack(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not tensors:
+            return []
+        total = sum(t.numel() + shift for t in tensors)
+        buffer = torch.zeros(total + shift, dtype=tensors[0].dtype, device=tensors[0].device)
+        views, at = [], shift
+        for t in tensors:
+            view = buffer[at : at + t.numel()].view(t.shape)
+            view.copy_(t)
+            views.append(view)
+            at += t.numel() + shift
+        return views
+
+    return Inputs(
+        pack(inputs.params),
+        pack(inputs.grads),
+        [pack(slot) for slot in inputs.states],
+        [pack(slot) for slot in inputs.absmaxes],
+        inputs.signed,
+        inputs.eight_bit,
+        inputs.blocksize,
+        inputs.offsets,
+    )
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shift", [1, 2, 3])
+@pytest.mark.parametrize(("eight_bit", "blocksize"), [(True, 64), (True, 256), (True, 2048), (False, 256)], ids=str)
+def test_unaligned_segments(eight_bit, blocksize, shift, dtype):
+    """Segments that start inside a vector take the per-element accesses and still agree."""
+    case = CASE_BY_NAME["ademamix"]
+    inputs = make_inputs(case, SIZES, dtype, dtype, eight_bit, blocksize, seed=shift, nonfinite=True)
+    views = unaligned(inputs.to(torch.device("cuda")), shift)
+    assert views.params[0].data_ptr() % 16 != 0
+    got, _, got_count = run_in_place(load_backend("cuda"), case, views, count=True, seed=9)
+    want, _, want_count = run(REFERENCE, CPU, case, inputs, count=True, seed=9)
+    assert_same_step(got, want, f"shift={shift}")
+    assert int(got_count.item()) == int(want_count.item())
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize(("eight_bit", "blocksize"), [(True, 64), (True, 1024), (False, 256)], ids=str)
+def test_many_segments(eight_bit, blocksize):
+    """Thousands of segments, empty ones among them: the unit-to-segment search over a long table."""
+    g = torch.Generator().manual_seed(blocksize)
+    sizes = [int(v) for v in torch.randint(0, 700, (3000,), generator=g)]
+    sizes[::7] = [0] * len(sizes[::7])
+    sizes[1::97] = [blocksize * 3 + 1] * len(sizes[1::97])
+    case = CASE_BY_NAME["adamw"]
+    inputs = make_inputs(case, sizes, torch.bfloat16, torch.bfloat16, eight_bit, blocksize, seed=4, nonfinite=True)
+    check(case, inputs, "3000 segments", count=True, seed=3)
+    check(case, inputs, "3000 segments, norm", norm=True)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_empty_segments_and_calls():
+    case = CASE_BY_NAME["adamw"]
+    for eight_bit in (True, False):
+        inputs = make_inputs(case, (0, 0, 0), torch.float32, torch.float32, eight_bit, 256)
+        check(case, inputs, "only empty segments", count=True)
+        check(case, inputs, "only empty segments, norm", norm=True)
+    cuda = load_backend("cuda")
+    cuda.fused_step(
+        int(case.rule),
+        int(case.wd_mode),
+        constants(case.step),
+        [],
+        [],
+        [[], [], []],
+        [[], [], []],
+        [None, None, None],
+        None,
+        None,
+        None,
+        None,
+        [],
+        256,
+        None,
+    )
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("eight_bit", [True, False])
+@pytest.mark.parametrize("case", ["adamw", "ademamix", "sgd-momentum", "adagrad"])
+def test_several_steps(case, eight_bit):
+    """Each backend feeds its own outputs into its next step; every step agrees."""
+    case = CASE_BY_NAME[case]
+    inputs = make_inputs(case, SIZES, torch.bfloat16, torch.float32, eight_bit, 256, seed=21)
+    cuda_backend = load_backend("cuda")
+    got = inputs.to(torch.device("cuda"))
+    want = inputs.to(CPU)
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        grads = [spread(t.numel(), g, -5, 0).reshape(t.shape) for t in inputs.grads]
+        got.grads = [t.to("cuda") for t in grads]
+        want.grads = grads
+        got, _, _ = run(cuda_backend, torch.device("cuda"), case, got, seed=step)
+        want, _, _ = run(REFERENCE, CPU, case, want, seed=step)
+        assert_same_step(got, want, f"{case.name} step {step}")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("eight_bit", [True, False])
+def test_special_values(eight_bit):
+    """inf/NaN/huge parameters, NaN and subnormal scales, states at the float32 limits."""
+    case = CASE_BY_NAME["adamw"]
+    inputs = make_inputs(case, SIZES, torch.float32, torch.float32, eight_bit, 64, seed=8)
+    p = inputs.params[4]
+    p[:6] = torch.tensor([float("inf"), float("-inf"), float("nan"), FLOAT32_MAX, -1e-45, 0.0])
+    inputs.grads[4][:6] = torch.tensor([1.0, -1.0, 2.0, 1e30, 3.0, -0.0])
+    if eight_bit:
+        inputs.absmaxes[0][4][3] = float("nan")
+        inputs.absmaxes[1][4][4] = 1e-45
+        inputs.absmaxes[0][5][2] = FLOAT32_MAX
+    else:
+        inputs.states[0][4][10:13] = torch.tensor([float("nan"), FLOAT32_MAX, -FLOAT32_MAX])
+        inputs.states[1][4][10:13] = torch.tensor([1e-45, FLOAT32_MAX, 0.0])
+    check(case, inputs, "special values", count=True)
+
+
+# ---------------------------------------------------------------------------
+# Streams and argument checks
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_runs_on_the_current_stream():
+    case = CASE_BY_NAME["adamw"]
+    inputs = make_inputs(case, (1 << 20, 777), torch.float32, torch.float32, True, 256, seed=12)
+    want, _, _ = run(REFERENCE, CPU, case, inputs)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got, _, _ = run(load_backend("cuda"), torch.device("cuda"), case, inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    assert_same_step(got, want, "side stream")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_rejects_bad_arguments():
+    case = CASE_BY_NAME["adamw"]
+    inputs = make_inputs(case, (300,), torch.float32, torch.float32, True, 256).to(torch.device("cuda"))
+    books = inputs.codebooks(torch.device("cuda"))
+    cuda = load_backend("cuda")
+
+    def call(**override):
+        args = dict(
+            rule=int(case.rule),
+            wd_mode=int(case.wd_mode),
+            hyper=constants(case.step),
+            params=inputs.params,
+            grads=inputs.grads,
+            states=inputs.states,
+            absmaxes=inputs.absmaxes,
+            codebooks=books,
+            grad_scale=None,
+            update_scale=None,
+            norm_out=None,
+            nonfinite_count=None,
+            segment_offsets=[0],
+            blocksize=256,
+            seed=None,
+        )
+        args.update(override)
+        cuda.fused_step(*args.values())
+
+    with pytest.raises(RuntimeError, match="blocksize"):
+        call(blocksize=100)
+    with pytest.raises(RuntimeError, match="state slot"):
+        call(rule=int(Rule.ADEMAMIX))
+    with pytest.raises(RuntimeError, match="hyper"):
+        call(hyper=[0.0] * 3)
+    with pytest.raises(RuntimeError, match="grads"):
+        call(grads=[inputs.grads[0][:-1]])
+    with pytest.raises(RuntimeError, match="absmax1"):
+        call(absmaxes=[[inputs.absmaxes[0][0][:-1]], inputs.absmaxes[1], []])
+    with pytest.raises(RuntimeError, match="grad_scale"):
+        call(grad_scale=torch.ones(2, device="cuda"))
+    with pytest.raises(RuntimeError, match="norm_out"):
+        call(norm_out=torch.zeros(1, device="cuda"))  # float32, not float64
+    with pytest.raises(RuntimeError, match="params"):
+        call(params=[inputs.params[0].cpu()])
+    with pytest.raises(RuntimeError, match="seed"):
+        call(seed=-1)
+
+
+# ---------------------------------------------------------------------------
+# The launcher header is host C++ (fused_step_binding.cpp includes it)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+def test_launcher_header_compiles_as_host_cpp(tmp_path):
+    probe = tmp_path / "probe.cpp"
+    probe.write_text(
+        '#include "fused_step_kernels.cuh"\n'
+        "cudaError_t probe(cudaStream_t stream) {\n"
+        "  using namespace dist8bit::cuda;\n"
+        "  FusedStepConfig config{};\n"
+        "  config.rule = dist8bit::Rule::kAdam;\n"
+        "  config.num_states = 2;\n"
+        "  FusedSegment segment{};\n"
+        "  alignas(16) unsigned char table[256];\n"
+        "  if (fused_step_table_bytes(1) > sizeof(table)) return cudaErrorInvalidValue;\n"
+        "  if (!fused_step_supported(config.rule, config.num_states, true, 256)) return cudaErrorInvalidValue;\n"
+        "  const int64_t units = fill_fused_step_table(config, &segment, 1, table);\n"
+        "  return launch_fused_step(config, nullptr, 1, units, stream);\n"
+        "}\n"
+    )
+    command = [NVCC, "-c", "-std=c++17", "-I", str(CSRC), "-I", str(CSRC / "cuda"), str(probe), "-o", str(tmp_path / "p.o")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
