@@ -25,7 +25,8 @@ def scaled_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.
     """(s, absmax): values normalised by their block's absmax, NaN mapped to 0."""
     blocks = _blocks(x, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    scaled = blocks * (1.0 / absmax).unsqueeze(1)
+    # ones / absmax, not 1.0 / absmax: a true division on every device.
+    scaled = blocks * (torch.ones_like(absmax) / absmax).unsqueeze(1)
     scaled = torch.where(torch.isnan(scaled), torch.zeros_like(scaled), scaled)
     return scaled.reshape(-1)[: x.numel()], absmax
 

@@ -25,17 +25,8 @@ class Adagrad(Optimizer8bit):
         weight_decay: float = 0.0,
         initial_accumulator_value: float = 0.0,
         eps: float = 1e-10,
-        optim_bits: int = 32,
-        args: Any = None,
-        min_8bit_size: int = 4096,
-        percentile_clipping: int = 100,
-        block_wise: bool = True,
-        max_unorm: float = 0.0,
-        is_paged: bool = False,
         **options: Any,
     ) -> None:
-        if args is not None:
-            raise ValueError("args= (bitsandbytes' argument namespace) is not supported; pass keyword arguments")
         check_non_negative(
             lr_decay=lr_decay, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value, eps=eps
         )
@@ -48,12 +39,6 @@ class Adagrad(Optimizer8bit):
                 "initial_accumulator_value": initial_accumulator_value,
                 "eps": eps,
             },
-            optim_bits,
-            min_8bit_size,
-            percentile_clipping,
-            block_wise,
-            max_unorm,
-            is_paged,
             **options,
         )
 

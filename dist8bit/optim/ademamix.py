@@ -51,12 +51,6 @@ class AdEMAMix(Optimizer8bit):
         t_beta3: int | None = None,
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
-        optim_bits: int = 32,
-        min_8bit_size: int = 4096,
-        percentile_clipping: int = 100,
-        block_wise: bool = True,
-        max_unorm: float = 0.0,
-        is_paged: bool = False,
         **options: Any,
     ) -> None:
         betas = check_betas(betas, 3)
@@ -74,12 +68,6 @@ class AdEMAMix(Optimizer8bit):
                 "eps": eps,
                 "weight_decay": weight_decay,
             },
-            optim_bits,
-            min_8bit_size,
-            percentile_clipping,
-            block_wise,
-            max_unorm,
-            is_paged,
             **options,
         )
 

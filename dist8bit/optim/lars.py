@@ -32,30 +32,12 @@ class LARS(SGD):
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
-        optim_bits: int = 32,
-        args: Any = None,
-        min_8bit_size: int = 4096,
-        percentile_clipping: int = 100,
-        max_unorm: float = 0.0,
         trust_coefficient: float = 0.001,
         **options: Any,
     ) -> None:
         if not trust_coefficient > 0:
             raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient!r}")
-        super().__init__(
-            params,
-            lr,
-            momentum,
-            dampening,
-            weight_decay,
-            nesterov,
-            optim_bits,
-            args,
-            min_8bit_size,
-            percentile_clipping,
-            max_unorm=max_unorm,
-            **options,
-        )
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, **options)
         for group in self.param_groups:
             group.setdefault("trust_coefficient", trust_coefficient)
         self.defaults["trust_coefficient"] = trust_coefficient

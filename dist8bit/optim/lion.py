@@ -23,28 +23,13 @@ class Lion(Optimizer8bit):
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
-        optim_bits: int = 32,
-        args: Any = None,
-        min_8bit_size: int = 4096,
-        percentile_clipping: int = 100,
-        block_wise: bool = True,
-        max_unorm: float = 0.0,
-        is_paged: bool = False,
         **options: Any,
     ) -> None:
-        if args is not None:
-            raise ValueError("args= (bitsandbytes' argument namespace) is not supported; pass keyword arguments")
         betas = check_betas(betas, 2)
         check_non_negative(weight_decay=weight_decay)
         super().__init__(
             params,
             {"lr": lr, "betas": betas, "weight_decay": weight_decay},
-            optim_bits,
-            min_8bit_size,
-            percentile_clipping,
-            block_wise,
-            max_unorm,
-            is_paged,
             **options,
         )
 

@@ -78,7 +78,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         self,
         params: Iterable[Any],
         defaults: dict[str, Any],
+        *,
         optim_bits: int = 32,
+        args: Any = None,
         min_8bit_size: int = 4096,
         percentile_clipping: int = 100,
         block_wise: bool = True,
@@ -87,6 +89,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         blocksize: int = DEFAULT_BLOCKSIZE,
         stochastic_rounding: bool = False,
     ) -> None:
+        """Options every optimizer takes as keywords (bitsandbytes' names, plus
+        `blocksize` and `stochastic_rounding`); subclasses pass them through."""
+        if args is not None:
+            raise ValueError("args= (bitsandbytes' argument namespace) is not supported; pass keyword arguments")
         check_lr(defaults["lr"])
         _check_common(optim_bits, min_8bit_size, percentile_clipping, max_unorm, block_wise)
         check_blocksize(blocksize)
@@ -350,10 +356,12 @@ class Optimizer8bit(torch.optim.Optimizer):
         for saved_id, entries in originals.items():
             param = id_to_param[saved_id]
             for key, value in entries.items():
-                if isinstance(value, torch.Tensor) and key != "step":
-                    self.state[param][key] = value.to(device=param.device, copy=True)
-                elif key == "step" and not isinstance(value, torch.Tensor):
+                if key == "step":
+                    # A fresh CPU tensor: torch would share the loaded one, so two
+                    # optimizers loaded from one dict would count each other's steps.
                     self.state[param][key] = torch.tensor(float(value), dtype=torch.float32)
+                elif isinstance(value, torch.Tensor):
+                    self.state[param][key] = value.to(device=param.device, copy=True)
 
     def _merge_saved_group(self, saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
         """Saved hyper-parameters over current defaults; torch-only flags must be off."""

@@ -27,31 +27,16 @@ class RMSprop(Optimizer8bit):
         weight_decay: float = 0.0,
         momentum: float = 0.0,
         centered: bool = False,
-        optim_bits: int = 32,
-        args: Any = None,
-        min_8bit_size: int = 4096,
-        percentile_clipping: int = 100,
-        block_wise: bool = True,
-        max_unorm: float = 0.0,
-        is_paged: bool = False,
         **options: Any,
     ) -> None:
         if centered:
             raise ValueError("centered=True is not supported by dist8bit's RMSprop")
-        if args is not None:
-            raise ValueError("args= (bitsandbytes' argument namespace) is not supported; pass keyword arguments")
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha!r}")
         check_non_negative(eps=eps, weight_decay=weight_decay, momentum=momentum)
         super().__init__(
             params,
             {"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay, "momentum": momentum, "centered": False},
-            optim_bits,
-            min_8bit_size,
-            percentile_clipping,
-            block_wise,
-            max_unorm,
-            is_paged,
             **options,
         )
 

@@ -25,29 +25,14 @@ class SGD(Optimizer8bit):
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
-        optim_bits: int = 32,
-        args: Any = None,
-        min_8bit_size: int = 4096,
-        percentile_clipping: int = 100,
-        block_wise: bool = True,
-        max_unorm: float = 0.0,
-        is_paged: bool = False,
         **options: Any,
     ) -> None:
-        if args is not None:
-            raise ValueError("args= (bitsandbytes' argument namespace) is not supported; pass keyword arguments")
         check_non_negative(momentum=momentum, weight_decay=weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
         super().__init__(
             params,
             {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay, "nesterov": nesterov},
-            optim_bits,
-            min_8bit_size,
-            percentile_clipping,
-            block_wise,
-            max_unorm,
-            is_paged,
             **options,
         )
 
