@@ -40,68 +40,93 @@ struct StepConstants {
   float v[kHyperSize];
 };
 
+// The two element operations the rules need besides + - * /, for float. A
+// vector type F gives update_value<F> its own overloads (found by argument-
+// dependent lookup) that round lane by lane exactly like these.
+D8_HD float sqrt_value(float x) { return sqrtf(x); }
+D8_HD float sign_value(float x) { return static_cast<float>((x > 0.f) - (x < 0.f)); }
+
+// The rules, written once for a value type F: float (update_element below, the
+// CUDA kernels) or a SIMD vector of floats whose operators are the lane-wise
+// float32 operations (the CPU kernel), so one source gives every backend the
+// same roundings in the same order. F needs F op F, float op F and F op float
+// for + - * /, sqrt_value, sign_value and an explicit F(float).
+//
 // One element's update. `state` holds the (dequantized) states on entry and the
 // new states on exit; `num_states` says how many slots the rule uses (SGD without
 // momentum: 0; RMSprop with momentum: 2). Returns the direction d, so that the
-// caller writes p <- p * decay - lr_eff * d.
-D8_HD float update_element(Rule rule, WeightDecayMode wd_mode, const StepConstants& c, float g, float p,
-                           float* state, int num_states) {
+// caller writes p <- p * decay - lr_eff * d. With `rule`, `wd_mode` and
+// `num_states` compile-time constants the switch folds away.
+template <typename F>
+D8_HD F update_value(Rule rule, WeightDecayMode wd_mode, const StepConstants& c, F g, F p, F* state, int num_states) {
   switch (rule) {
     case Rule::kAdam: {
       if (wd_mode == WeightDecayMode::kL2) g = g + c.v[kWeightDecay] * p;
-      const float m = c.v[kBeta1] * state[0] + c.v[kOneMinusBeta1] * g;
-      const float v = c.v[kBeta2] * state[1] + c.v[kOneMinusBeta2] * (g * g);
+      const F m = c.v[kBeta1] * state[0] + c.v[kOneMinusBeta1] * g;
+      const F v = c.v[kBeta2] * state[1] + c.v[kOneMinusBeta2] * (g * g);
       state[0] = m;
       state[1] = v;
-      const float denom = sqrtf(v) / c.v[kBiasCorrection2Sqrt] + c.v[kEps];
-      float d = (m / denom) * c.v[kInvBiasCorrection1];
+      const F denom = sqrt_value(v) / c.v[kBiasCorrection2Sqrt] + c.v[kEps];
+      F d = (m / denom) * c.v[kInvBiasCorrection1];
       if (wd_mode == WeightDecayMode::kInDirection) d = d + c.v[kWeightDecay] * p;
       return d;
     }
     case Rule::kSgd: {
       if (wd_mode == WeightDecayMode::kL2) g = g + c.v[kWeightDecay] * p;
       if (num_states == 0) return g;
-      const float buffer =
+      const F buffer =
           c.v[kFirstStep] != 0.f ? g : c.v[kMomentum] * state[0] + c.v[kOneMinusDampening] * g;
       state[0] = buffer;
       return c.v[kNesterov] != 0.f ? g + c.v[kMomentum] * buffer : buffer;
     }
     case Rule::kRmsprop: {
       if (wd_mode == WeightDecayMode::kL2) g = g + c.v[kWeightDecay] * p;
-      const float square_avg = c.v[kBeta2] * state[0] + c.v[kOneMinusBeta2] * (g * g);
+      const F square_avg = c.v[kBeta2] * state[0] + c.v[kOneMinusBeta2] * (g * g);
       state[0] = square_avg;
-      const float avg = sqrtf(square_avg) + c.v[kEps];
+      const F avg = sqrt_value(square_avg) + c.v[kEps];
       if (num_states == 1) return g / avg;
-      const float buffer = c.v[kMomentum] * state[1] + g / avg;
+      const F buffer = c.v[kMomentum] * state[1] + g / avg;
       state[1] = buffer;
       return buffer;
     }
     case Rule::kAdagrad: {
       if (wd_mode == WeightDecayMode::kL2) g = g + c.v[kWeightDecay] * p;
-      const float total = state[0] + g * g;
+      const F total = state[0] + g * g;
       state[0] = total;
-      return g / (sqrtf(total) + c.v[kEps]);
+      return g / (sqrt_value(total) + c.v[kEps]);
     }
     case Rule::kLion: {
-      const float mixed = c.v[kBeta1] * state[0] + c.v[kOneMinusBeta1] * g;
+      const F mixed = c.v[kBeta1] * state[0] + c.v[kOneMinusBeta1] * g;
       state[0] = c.v[kBeta2] * state[0] + c.v[kOneMinusBeta2] * g;
-      return static_cast<float>((mixed > 0.f) - (mixed < 0.f));
+      return sign_value(mixed);
     }
     case Rule::kAdemamix: {
-      const float fast = c.v[kBeta1] * state[0] + c.v[kOneMinusBeta1] * g;
-      const float slow = c.v[kBeta3] * state[1] + c.v[kOneMinusBeta3] * g;
-      const float v = c.v[kBeta2] * state[2] + c.v[kOneMinusBeta2] * (g * g);
+      const F fast = c.v[kBeta1] * state[0] + c.v[kOneMinusBeta1] * g;
+      const F slow = c.v[kBeta3] * state[1] + c.v[kOneMinusBeta3] * g;
+      const F v = c.v[kBeta2] * state[2] + c.v[kOneMinusBeta2] * (g * g);
       state[0] = fast;
       state[1] = slow;
       state[2] = v;
-      const float denom = sqrtf(v) / c.v[kBiasCorrection2Sqrt] + c.v[kEps];
+      const F denom = sqrt_value(v) / c.v[kBiasCorrection2Sqrt] + c.v[kEps];
       return (fast * c.v[kInvBiasCorrection1] + c.v[kAlpha] * slow) / denom;
     }
   }
-  return 0.f;
+  return F(0.f);
+}
+
+// The float rules (CUDA kernels, scalar CPU paths).
+D8_HD float update_element(Rule rule, WeightDecayMode wd_mode, const StepConstants& c, float g, float p,
+                           float* state, int num_states) {
+  return update_value<float>(rule, wd_mode, c, g, p, state, num_states);
 }
 
 // The parameter write: p * decay - lr_eff * d (two float32 roundings).
-D8_HD float apply_direction(float p, float decay, float lr_eff, float d) { return p * decay - lr_eff * d; }
+template <typename F>
+D8_HD F apply_direction_value(F p, float decay, float lr_eff, F d) {
+  return p * decay - lr_eff * d;
+}
+D8_HD float apply_direction(float p, float decay, float lr_eff, float d) {
+  return apply_direction_value<float>(p, decay, lr_eff, d);
+}
 
 }  // namespace dist8bit
