@@ -1,0 +1,482 @@
+// Building blocks of the CPU quantization kernels, shared by quantize.cpp
+// (quantize/dequantize_blockwise) and fused_step.cpp (the optimizer step, which
+// re-encodes its 8-bit states with the same code): element conversions, the
+// codebook's scalar rounding rule, absmax as an unsigned max over |x| bits,
+// and with AVX-512 the permute-based binary search encoder and (VBMI) the
+// byte-plane decoder. quantize.cpp's header comment describes the methods and
+// why they agree bit for bit with dist8bit/backends/reference.py.
+//
+// Everything here is inline or a template: each kernel file includes it.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "common/code_search.h"
+#include "common/stochastic_rounding.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    !defined(D8_PORTABLE)
+#define D8_AVX512 1
+#include <immintrin.h>
+#if defined(__AVX512VBMI__)
+#define D8_AVX512_VBMI 1
+#endif
+#endif
+
+namespace dist8bit {
+namespace cpu {
+
+constexpr int64_t kWindow = 2048;          // small blocks are encoded this many elements at a time
+constexpr int64_t kMaxAhead = 4096;        // software prefetch distance limit, elements
+constexpr int kOneScale = 62;              // encode shift: every vector uses inv[0]
+constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
+constexpr uint32_t kInfBits = 0x7F800000u;
+constexpr uint32_t kCanonicalNaN = 0x7FC00000u;
+
+// ---------------------------------------------------------------------------
+// Element conversions (scalar).
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// float32 -> bfloat16 bits, round to nearest even; NaN -> 0xFFFF like torch's vectorised copy.
+inline uint16_t bfloat16_bits(float value) {
+  const uint32_t bits = float_to_bits(value);
+  if ((bits & kAbsMask) > kInfBits) return 0xFFFFu;
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline void store_float(float* out, float v) { *out = v; }
+inline void store_float(c10::Half* out, float v) { *out = c10::Half(v); }
+inline void store_float(c10::BFloat16* out, float v) { *out = c10::BFloat16(bfloat16_bits(v), c10::BFloat16::from_bits()); }
+
+// ceil(n / blocksize) without overflow for any blocksize >= 1.
+inline int64_t block_count(int64_t n, int64_t blocksize) { return n / blocksize + (n % blocksize != 0 ? 1 : 0); }
+
+// A blocksize of n or more means one block; clamping it keeps all offsets within n.
+inline int64_t effective_blocksize(int64_t n, int64_t blocksize) { return std::min(blocksize, std::max<int64_t>(n, 1)); }
+
+// absmax from the max of |x| bits: NaN becomes the canonical quiet NaN.
+inline float absmax_from_bits(uint32_t bits) { return bits_to_float(bits > kInfBits ? kCanonicalNaN : bits); }
+
+// ---------------------------------------------------------------------------
+// What a quantize call needs, gathered once per call.
+
+struct Codebook {
+  const float* code;
+  const float* thresholds;
+  const int32_t* lut;  // nullptr: binary search
+  int mantissa_bits;
+  int min_exponent;
+  int refine_steps;
+
+  int nearest(float s) const {
+    return nearest_code_index(thresholds, lut, mantissa_bits, min_exponent, refine_steps, s);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Portable loops (also the path of rare blocks: absmax 0, Inf, NaN, or so
+// small that 1 / absmax overflows).
+
+template <typename T>
+uint32_t absmax_bits_portable(const T* x, int64_t n) {
+  uint32_t result = 0;
+#pragma omp simd reduction(max : result)
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t a = float_to_bits(to_float(x[i])) & kAbsMask;
+    result = a > result ? a : result;
+  }
+  return result;
+}
+
+template <typename T>
+void encode_portable(const Codebook& book, const T* x, int64_t len, float inv, uint8_t* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    out[i] = static_cast<uint8_t>(book.nearest(scaled_value(to_float(x[i]), inv)));
+  }
+}
+
+template <typename T>
+void encode_stochastic_portable(const Codebook& book, const T* x, int64_t len, float inv, uint8_t* out, uint32_t key,
+                                int64_t index0) {
+  for (int64_t i = 0; i < len; ++i) {
+    const float s = scaled_value(to_float(x[i]), inv);
+    const int nearest = book.nearest(s);
+    const float u = uniform_for_index(key, static_cast<uint64_t>(index0 + i));
+    out[i] = static_cast<uint8_t>(stochastic_code_index(book.code, nearest, s, u));
+  }
+}
+
+template <typename T>
+void decode_portable(const uint8_t* codes, int64_t len, const float* code, float scale, T* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) store_float(out + i, code[codes[i]] * scale);
+}
+
+#if D8_AVX512
+// ---------------------------------------------------------------------------
+// AVX-512 quantize.
+//
+// Binary search for #{ j : thresholds[j] < s }: step k (k = 1..8) compares s
+// with thresholds[p * 2^(9-k) + 2^(8-k) - 1], p = the k-1 decisions so far
+// read as a binary number, which is also the index of step k's table: tables
+// of up to 16 entries take one vpermps, 32 entries one vpermt2ps, 64 and 128
+// entries 2 and 4 vpermt2ps blended by the first decisions (bits of p). After
+// 8 steps p is the code. No gathers (slow on AMD cores) and no compare masks
+// on the dependency chain: the decision s > t is the sign bit of t - s, shifted
+// into p with one vpshldd. That is exact: s and t are finite, the difference of
+// two different floats is never zero (gradual underflow), rounding never flips
+// a sign, and t == s gives +0; thresholds equal to -0 are stored as +0 so that
+// s = +-0 compares as the reference does.
+//
+// The chain is 8 lookups long, so the loop runs kLanes independent vectors in
+// lock step to keep the vector units busy.
+
+struct SearchTables {
+  __m512 first;          // step 1: thresholds[127], broadcast
+  __m512 small[4];       // steps 2..5
+  __m512 step6[2];       // 32 entries
+  __m512 step7[4];       // 64 entries
+  __m512 step8[8];       // 128 entries
+
+  explicit SearchTables(const float* thresholds) {
+    alignas(64) float table[128];
+    auto fill = [&](int k) {
+      const int entries = 1 << (k - 1);
+      for (int p = 0; p < 128; ++p) table[p] = 0.0f;
+      for (int p = 0; p < entries; ++p) {
+        const float t = thresholds[(p << (9 - k)) + (1 << (8 - k)) - 1];
+        table[p] = t == 0.0f ? 0.0f : t;  // -0 -> +0
+      }
+    };
+    fill(1);
+    first = _mm512_set1_ps(table[0]);
+    for (int k = 2; k <= 5; ++k) {
+      fill(k);
+      small[k - 2] = _mm512_load_ps(table);
+    }
+    fill(6);
+    for (int q = 0; q < 2; ++q) step6[q] = _mm512_load_ps(table + 16 * q);
+    fill(7);
+    for (int q = 0; q < 4; ++q) step7[q] = _mm512_load_ps(table + 16 * q);
+    fill(8);
+    for (int q = 0; q < 8; ++q) step8[q] = _mm512_load_ps(table + 16 * q);
+  }
+};
+
+// p <- 2p + (s > t)
+__attribute__((always_inline)) inline __m512i search_step(__m512i p, __m512 s, __m512 t) {
+  const __m512i difference = _mm512_castps_si512(_mm512_sub_ps(t, s));
+#if defined(__AVX512VBMI2__)
+  return _mm512_shldi_epi32(p, difference, 1);
+#else
+  return _mm512_or_si512(_mm512_slli_epi32(p, 1), _mm512_srli_epi32(difference, 31));
+#endif
+}
+
+// codes[v] = #{ j : thresholds[j] < s[v] } for V vectors (s finite).
+template <int V>
+__attribute__((always_inline)) inline void search(const __m512* s, __m512i* codes, const SearchTables& t) {
+  const __m512i bit5 = _mm512_set1_epi32(32);
+  __mmask16 first[V];
+  for (int v = 0; v < V; ++v) codes[v] = _mm512_srli_epi32(_mm512_castps_si512(_mm512_sub_ps(t.first, s[v])), 31);
+  for (int k = 0; k < 4; ++k)
+    for (int v = 0; v < V; ++v) codes[v] = search_step(codes[v], s[v], _mm512_permutexvar_ps(codes[v], t.small[k]));
+  for (int v = 0; v < V; ++v)
+    codes[v] = search_step(codes[v], s[v], _mm512_permutex2var_ps(t.step6[0], codes[v], t.step6[1]));
+  for (int v = 0; v < V; ++v) {
+    first[v] = _mm512_test_epi32_mask(codes[v], bit5);  // decision 1
+    const __m512 lookup = _mm512_mask_blend_ps(first[v], _mm512_permutex2var_ps(t.step7[0], codes[v], t.step7[1]),
+                                               _mm512_permutex2var_ps(t.step7[2], codes[v], t.step7[3]));
+    codes[v] = search_step(codes[v], s[v], lookup);
+  }
+  for (int v = 0; v < V; ++v) {
+    const __mmask16 second = _mm512_test_epi32_mask(codes[v], bit5);  // decision 2
+    const __m512 low = _mm512_mask_blend_ps(second, _mm512_permutex2var_ps(t.step8[0], codes[v], t.step8[1]),
+                                            _mm512_permutex2var_ps(t.step8[2], codes[v], t.step8[3]));
+    const __m512 high = _mm512_mask_blend_ps(second, _mm512_permutex2var_ps(t.step8[4], codes[v], t.step8[5]),
+                                             _mm512_permutex2var_ps(t.step8[6], codes[v], t.step8[7]));
+    codes[v] = search_step(codes[v], s[v], _mm512_mask_blend_ps(first[v], low, high));
+  }
+}
+
+// Four vectors of 16 int32 in [0, 255] -> 64 bytes in element order.
+__attribute__((always_inline)) inline __m512i pack_bytes(__m512i a, __m512i b, __m512i c, __m512i d) {
+  // packs interleave per 128-bit lane: dword 4L+v ends up holding vector v's elements 4L..4L+3.
+  const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(a, b), _mm512_packus_epi32(c, d));
+  return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), bytes);
+}
+
+// 16 elements as float32; lanes outside `mask` read as 0 (never touching memory).
+__attribute__((always_inline)) inline __m512 load16(const float* p, __mmask16 mask) {
+  return _mm512_maskz_loadu_ps(mask, p);
+}
+__attribute__((always_inline)) inline __m512 load16(const c10::Half* p, __mmask16 mask) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
+}
+__attribute__((always_inline)) inline __m512 load16(const c10::BFloat16* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+__attribute__((always_inline)) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((always_inline)) inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+__attribute__((always_inline)) inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+inline __mmask64 first_bits(int64_t count) { return count >= 64 ? ~__mmask64(0) : ((__mmask64(1) << count) - 1); }
+
+// max |x| bits of a range.
+inline uint32_t absmax_bits(const float* x, int64_t n) {
+  const __m512i abs_mask = _mm512_set1_epi32(static_cast<int>(kAbsMask));
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    a0 = _mm512_max_epu32(a0, _mm512_and_si512(_mm512_loadu_si512(x + i), abs_mask));
+    a1 = _mm512_max_epu32(a1, _mm512_and_si512(_mm512_loadu_si512(x + i + 16), abs_mask));
+    a2 = _mm512_max_epu32(a2, _mm512_and_si512(_mm512_loadu_si512(x + i + 32), abs_mask));
+    a3 = _mm512_max_epu32(a3, _mm512_and_si512(_mm512_loadu_si512(x + i + 48), abs_mask));
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 mask = static_cast<__mmask16>(first_bits(n - i));
+    a0 = _mm512_max_epu32(a0, _mm512_and_si512(_mm512_maskz_loadu_epi32(mask, x + i), abs_mask));
+  }
+  return _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_max_epu32(a0, a1), _mm512_max_epu32(a2, a3)));
+}
+
+// max |x| over 16-bit floats (half or bfloat16): the same order argument holds for their bits.
+inline uint32_t absmax_bits16(const uint16_t* x, int64_t n) {
+  const __m512i abs_mask = _mm512_set1_epi16(0x7FFF);
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    a0 = _mm512_max_epu16(a0, _mm512_and_si512(_mm512_loadu_si512(x + i), abs_mask));
+    a1 = _mm512_max_epu16(a1, _mm512_and_si512(_mm512_loadu_si512(x + i + 32), abs_mask));
+  }
+  for (; i < n; i += 32) {
+    const __mmask32 mask = static_cast<__mmask32>(first_bits(n - i));
+    a0 = _mm512_max_epu16(a0, _mm512_and_si512(_mm512_maskz_loadu_epi16(mask, x + i), abs_mask));
+  }
+  const __m512i m = _mm512_max_epu16(a0, a1);
+  const __m512i wide = _mm512_max_epu32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(m)),
+                                        _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(m, 1)));
+  return _mm512_reduce_max_epu32(wide);
+}
+
+inline uint32_t absmax_bits(const c10::Half* x, int64_t n) {
+  const uint32_t bits = absmax_bits16(reinterpret_cast<const uint16_t*>(x), n);
+  return float_to_bits(static_cast<float>(c10::Half(static_cast<uint16_t>(bits), c10::Half::from_bits())));
+}
+inline uint32_t absmax_bits(const c10::BFloat16* x, int64_t n) {
+  return absmax_bits16(reinterpret_cast<const uint16_t*>(x), n) << 16;
+}
+
+// Round-to-nearest codes of `len` elements whose scales are finite (so s is
+// never NaN). Vector k (elements 16k .. 16k+15) is scaled by inv[k >> shift]:
+// one scale per block when blocks are 16 << shift elements long.
+constexpr int kLanes = 16;  // vectors in flight in the main loop (256 elements)
+
+template <int V, bool kFull, bool kStream = false, typename T>
+__attribute__((always_inline)) inline void encode_vectors(const SearchTables& tables, const T* x, int64_t count,
+                                                          const float* inv, int64_t first_vector, int shift,
+                                                          uint8_t* out) {
+  static_assert(V % 4 == 0, "whole 64-byte groups");
+  __m512 s[V];
+  __m512i c[V];
+  for (int v = 0; v < V; ++v) {
+    const __m512 scale = _mm512_set1_ps(inv[(first_vector + v) >> shift]);
+    if (kFull) {
+      s[v] = _mm512_mul_ps(load16(x + 16 * v), scale);
+    } else {
+      const int64_t left = count - 16 * v;
+      const __mmask16 lanes = left <= 0 ? __mmask16(0) : static_cast<__mmask16>(first_bits(left));
+      s[v] = _mm512_mul_ps(load16(x + 16 * v, lanes), scale);
+    }
+  }
+  search<V>(s, c, tables);
+  for (int g = 0; g < V / 4; ++g) {
+    const __m512i bytes = pack_bytes(c[4 * g], c[4 * g + 1], c[4 * g + 2], c[4 * g + 3]);
+    if (kStream) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(out + 64 * g), bytes);
+    } else if (kFull) {
+      _mm512_storeu_si512(out + 64 * g, bytes);
+    } else if (count > 64 * g) {
+      _mm512_mask_storeu_epi8(out + 64 * g, first_bits(count - 64 * g), bytes);
+    }
+  }
+}
+
+// kPrefetch = false: x is already in L1 (a kernel's local buffer).
+template <bool kStream, bool kPrefetch = true, typename T>
+void encode_avx512_impl(const SearchTables& tables, const T* x, int64_t len, const float* inv, int shift, uint8_t* out) {
+  // The loop is compute-heavy, so the hardware prefetcher falls behind: fetch
+  // the data one window or block ahead (the next absmax pass reads it), at
+  // most kMaxAhead elements so that it still lands in L1.
+  const int64_t distance = std::min(std::max(len, kWindow), kMaxAhead);
+  int64_t i = 0;
+  for (; i + 16 * kLanes <= len; i += 16 * kLanes) {
+    if (kPrefetch) {
+      const char* ahead = reinterpret_cast<const char*>(x + i + distance);
+      for (size_t line = 0; line < 16 * kLanes * sizeof(T); line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    }
+    encode_vectors<kLanes, true, kStream>(tables, x + i, 16 * kLanes, inv, i / 16, shift, out + i);
+  }
+  for (; i + 64 <= len; i += 64) encode_vectors<4, true>(tables, x + i, 64, inv, i / 16, shift, out + i);
+  if (i < len) encode_vectors<4, false>(tables, x + i, len - i, inv, i / 16, shift, out + i);
+}
+
+// Non-temporal stores when asked and `out` is 64-byte aligned (the caller fences).
+template <typename T>
+void encode_avx512(const SearchTables& tables, const T* x, int64_t len, const float* inv, int shift, uint8_t* out,
+                   bool stream) {
+  if (stream && (reinterpret_cast<uintptr_t>(out) & 63) == 0) {
+    encode_avx512_impl<true>(tables, x, len, inv, shift, out);
+  } else {
+    encode_avx512_impl<false>(tables, x, len, inv, shift, out);
+  }
+}
+
+// A 256-entry float table in 16 registers, looked up by int32 indices in [0, 255].
+struct FloatTable256 {
+  __m512 part[16];
+  explicit FloatTable256(const float* values) {
+    for (int q = 0; q < 16; ++q) part[q] = _mm512_loadu_ps(values + 16 * q);
+  }
+  __attribute__((always_inline)) __m512 lookup(__m512i idx) const {
+    const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+    const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+    const __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+    __m512 q[4];
+    for (int h = 0; h < 4; ++h) {
+      q[h] = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(part[4 * h], idx, part[4 * h + 1]),
+                                  _mm512_permutex2var_ps(part[4 * h + 2], idx, part[4 * h + 3]));
+    }
+    return _mm512_mask_blend_ps(b7, _mm512_mask_blend_ps(b6, q[0], q[1]), _mm512_mask_blend_ps(b6, q[2], q[3]));
+  }
+};
+
+__attribute__((always_inline)) inline __m512i mix32_avx512(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(kMixMulA)));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(kMixMulB)));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+}
+
+// r(i) for the 16 elements index0 .. index0 + 15 (common/stochastic_rounding.h).
+__attribute__((always_inline)) inline __m512i random_bits16(uint32_t key, int64_t index0) {
+  const uint64_t first = static_cast<uint64_t>(index0);
+  const __m512i base_low = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first)));
+  const __m512i low = _mm512_add_epi32(base_low, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __mmask16 carry = _mm512_cmplt_epu32_mask(low, base_low);
+  const __m512i base_high = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
+  const __m512i high = _mm512_mask_add_epi32(base_high, carry, base_high, _mm512_set1_epi32(1));
+  const __m512i mixed_high = mix32_avx512(_mm512_xor_si512(high, _mm512_set1_epi32(static_cast<int>(key))));
+  return mix32_avx512(_mm512_xor_si512(low, mixed_high));
+}
+
+// u(i) for the 16 elements index0 .. index0 + 15.
+__attribute__((always_inline)) inline __m512 uniform16(uint32_t key, int64_t index0) {
+  const __m512i bits = random_bits16(key, index0);
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bits, 8)), _mm512_set1_ps(5.9604644775390625e-08f));
+}
+
+// Stochastic codes of a block whose absmax and 1/absmax are finite.
+template <typename T>
+void encode_stochastic_avx512(const SearchTables& tables, const FloatTable256& code, const T* x, int64_t len, float inv,
+                              uint8_t* out, uint32_t key, int64_t index0) {
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int64_t i = 0; i < len; i += 64) {
+    const __mmask64 mask = first_bits(len - i);
+    __m512 s[4];
+    __m512i nearest[4], c[4];
+    for (int v = 0; v < 4; ++v) {
+      s[v] = _mm512_mul_ps(load16(x + i + 16 * v, static_cast<__mmask16>(mask >> (16 * v))), vinv);
+    }
+    search<4>(s, nearest, tables);
+    for (int v = 0; v < 4; ++v) {
+      const __mmask16 at_or_above = _mm512_cmp_ps_mask(s[v], code.lookup(nearest[v]), _CMP_GE_OQ);
+      __m512i low = _mm512_mask_mov_epi32(_mm512_sub_epi32(nearest[v], one), at_or_above, nearest[v]);
+      low = _mm512_max_epi32(low, _mm512_setzero_si512());
+      const __m512i high = _mm512_min_epi32(_mm512_add_epi32(low, one), _mm512_set1_epi32(kLastCode));
+      const __m512 code_low = code.lookup(low);
+      const __m512 fraction = _mm512_div_ps(_mm512_sub_ps(s[v], code_low), _mm512_sub_ps(code.lookup(high), code_low));
+      const __m512 u = uniform16(key, index0 + i + 16 * v);
+      c[v] = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(u, fraction, _CMP_LT_OQ), low, high);
+    }
+    _mm512_mask_storeu_epi8(out + i, mask, pack_bytes(c[0], c[1], c[2], c[3]));
+  }
+}
+
+// float32 -> the output type, 16 values.
+__attribute__((always_inline)) inline __m256i narrow(__m512 v, c10::Half*) {
+  return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+__attribute__((always_inline)) inline __m256i narrow(__m512 v, c10::BFloat16*) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
+#endif  // D8_AVX512
+
+#if D8_AVX512_VBMI
+// code[c] as four byte planes (byte k of every code value), each a 256-byte
+// table in 4 registers: a lookup is two vpermt2b (128 entries each) blended by
+// bit 7 of c. The codes are permuted first so that interleaving the planes
+// with in-lane unpacks yields the 64 floats in element order.
+struct DecodeTables {
+  __m512i plane[4][4];
+  __m512i order;
+
+  explicit DecodeTables(const float* code) {
+    alignas(64) uint8_t bytes[256];
+    for (int k = 0; k < 4; ++k) {
+      for (int i = 0; i < 256; ++i) bytes[i] = static_cast<uint8_t>(float_to_bits(code[i]) >> (8 * k));
+      for (int q = 0; q < 4; ++q) plane[k][q] = _mm512_load_si512(bytes + 64 * q);
+    }
+    // After unpacking, byte position 16L + 4r + q of the planes becomes element 16r + 4L + q.
+    for (int lane = 0; lane < 4; ++lane)
+      for (int r = 0; r < 4; ++r)
+        for (int q = 0; q < 4; ++q) bytes[16 * lane + 4 * r + q] = static_cast<uint8_t>(16 * r + 4 * lane + q);
+    order = _mm512_load_si512(bytes);
+  }
+
+  // 64 codes -> four vectors of 16 floats, elements 0..15, 16..31, 32..47, 48..63.
+  __attribute__((always_inline)) void decode(__m512i codes, __m512 out[4]) const {
+    const __m512i idx = _mm512_permutexvar_epi8(order, codes);
+    const __mmask64 upper = _mm512_movepi8_mask(idx);
+    __m512i b[4];
+    for (int k = 0; k < 4; ++k) {
+      b[k] = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(plane[k][0], idx, plane[k][1]),
+                                    _mm512_permutex2var_epi8(plane[k][2], idx, plane[k][3]));
+    }
+    const __m512i w_low = _mm512_unpacklo_epi8(b[0], b[1]);
+    const __m512i w_high = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i z_low = _mm512_unpacklo_epi8(b[2], b[3]);
+    const __m512i z_high = _mm512_unpackhi_epi8(b[2], b[3]);
+    out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w_low, z_low));
+    out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w_low, z_low));
+    out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w_high, z_high));
+    out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w_high, z_high));
+  }
+};
+#endif  // D8_AVX512_VBMI
+
+}  // namespace cpu
+}  // namespace dist8bit
