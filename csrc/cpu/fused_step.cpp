@@ -1,0 +1,702 @@
+// CPU kernel of dist8bit::fused_step: one optimizer step over many segments.
+//
+// Contract: the fused_step schema of dist8bit/backends/ops.py. Results are bit
+// for bit those of dist8bit/backends/reference_optim.py (parameters, 8-bit
+// codes and absmax, float32 states, the non-finite count; norm_out up to the
+// order of its float64 sum):
+//   g       float(grad) * grad_scale[k]; a non-finite g counts as 0 in the
+//           update and its element keeps its parameter and old state values
+//   states  8-bit: code[c] * absmax[block] on the way in; on the way out the
+//           block's new absmax (unsigned max over |x| bits, NaN-propagating)
+//           and the codebook's rounding rule, exactly as quantize.cpp encodes
+//   d       dist8bit::update_value of common/update_rules.h, the rules every
+//           backend shares, here on 16-lane vectors (Vec16 below)
+//   p       apply_direction(p, hyper[DECAY], lr_eff, d), lr_eff = hyper[LR]
+//           * update_scale[k] in float32, stored in the parameter dtype
+//           rounding to nearest even (a NaN becomes 0xFFFF in bfloat16 and
+//           keeps its payload in float16, as torch's vectorised copy does) or,
+//           for bfloat16 with a seed, stochastically (reference_optim.
+//           round_bf16_stochastically, element index segment_offsets[k] + i)
+//
+// Work layout. The call's segments are cut into units: the 8-bit blocks
+// (blocks of `blocksize` start at each segment's first element) or, for
+// 32-bit states, runs of kChunk32 elements. A prefix sum over the segments'
+// unit counts numbers all units of the call, and at::parallel_for hands each
+// thread a contiguous range of them. A unit is processed 64 elements at a
+// time: load g and p, decode the states (VBMI byte-plane lookups), run the
+// rule on four 16-lane vectors, store p, keep the new 8-bit states in a local
+// buffer (at most 4096 floats per slot, in L1) while taking their absmax, and
+// at the end of the unit encode the buffer with quantize.cpp's permute-based
+// binary search (quant_simd.h). The inner loops are templated on the rule,
+// the weight-decay mode, the state count, the state precision and the
+// parameter dtype, so the rule's switch folds away at compile time; the
+// gradient dtype is a per-segment branch. Norm mode (norm_out given) runs the
+// same loop, writes nothing but one float64 partial sum per unit and adds the
+// partials per segment in unit order, so its result does not depend on the
+// thread count.
+//
+// Without AVX-512 (or with -DD8_PORTABLE) the same units run a scalar loop
+// over update_element and quant_simd.h's portable helpers; both paths give
+// identical results.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "common/code_search.h"
+#include "common/stochastic_rounding.h"
+#include "common/update_rules.h"
+#include "quant_simd.h"
+#include "tensor_checks.h"
+
+namespace dist8bit {
+namespace cpu {
+namespace {
+
+constexpr int kMaxStates = 3;
+constexpr int64_t kMinBlock = 64;         // 8-bit blocksizes: powers of two in [64, 4096]
+constexpr int64_t kMaxBlock = 4096;
+constexpr int64_t kChunk32 = 2048;        // 32-bit states: elements per unit
+constexpr int64_t kStepTaskElements = 16384;  // least work per parallel task
+constexpr int64_t kGroup = 64;            // elements per inner iteration (one line of codes)
+constexpr int64_t kPrefetchAhead = 1024;  // software prefetch distance, elements
+
+enum class FloatKind : int { kFloat, kHalf, kBFloat16 };
+
+FloatKind float_kind(at::ScalarType t) {
+  return t == at::kFloat ? FloatKind::kFloat : (t == at::kHalf ? FloatKind::kHalf : FloatKind::kBFloat16);
+}
+
+int64_t element_size(FloatKind kind) { return kind == FloatKind::kFloat ? 4 : 2; }
+
+// One segment, ready for the kernels: used state slots in rule order.
+struct Segment {
+  void* param;
+  const void* grad;
+  FloatKind grad_kind;
+  void* state[kMaxStates];    // uint8 codes (8-bit) or float32 values
+  float* absmax[kMaxStates];  // 8-bit: one scale per block
+  int64_t numel;
+  int64_t first_index;  // segment_offsets[k]: stochastic rounding index of element 0
+  float grad_scale;     // 1 when the call has none (never applied then)
+  float lr;             // hyper[LR] * update_scale[k]
+  int64_t first_unit;
+  int64_t units;
+};
+
+// The codebook of one used 8-bit slot.
+struct SlotCode {
+  Codebook book;
+  uint8_t zero_code;  // the code of s = 0 (blocks whose absmax is 0, Inf or NaN)
+#if D8_AVX512
+  const SearchTables* search;
+#endif
+#if D8_AVX512_VBMI
+  const DecodeTables* decode;
+#endif
+};
+
+struct Call {
+  StepConstants c;
+  float decay;
+  int64_t unit;  // elements per unit
+  bool has_grad_scale;
+  bool stochastic;  // bfloat16 parameters with stochastic rounding
+  uint32_t key;
+  const Segment* segments;
+  SlotCode slot[kMaxStates];
+  double* unit_norms;  // norm mode: one partial sum per unit
+};
+
+// The codes of `len` kept state values with the block's new absmax: quantize.cpp's
+// round-to-nearest path (Quantizer::encode), on a buffer already in L1.
+void encode_state(const SlotCode& slot, const float* x, int64_t len, float absmax, uint8_t* out) {
+  const float inv = 1.0f / absmax;
+  if (std::isfinite(absmax) && std::isfinite(inv)) {
+#if D8_AVX512
+    encode_avx512_impl<false, false>(*slot.search, x, len, &inv, kOneScale, out);
+#else
+    encode_portable(slot.book, x, len, inv, out);
+#endif
+    return;
+  }
+  if (absmax == 0.0f || !std::isfinite(absmax)) {
+    // Every s is +-0 or NaN, which rounds as 0.
+    std::memset(out, slot.zero_code, static_cast<size_t>(len));
+    return;
+  }
+  encode_portable(slot.book, x, len, inv, out);  // 1 / absmax overflows
+}
+
+// The bfloat16 bits of a float under stochastic rounding (scalar).
+inline uint16_t bfloat16_bits_stochastic(float value, uint32_t key, int64_t index) {
+  const uint32_t bits = float_to_bits(value);
+  if ((bits & kAbsMask) > kInfBits) return 0xFFFFu;  // NaN, as torch's vectorised copy writes it
+  if ((bits & kAbsMask) == kInfBits) return static_cast<uint16_t>(bits >> 16);
+  const uint32_t random = random_bits_for_index(key, static_cast<uint64_t>(index)) & 0xFFFFu;
+  return static_cast<uint16_t>((bits + random) >> 16);
+}
+
+// ---------------------------------------------------------------------------
+// Scalar units (portable path).
+
+inline float load_value(const void* base, FloatKind kind, int64_t i) {
+  switch (kind) {
+    case FloatKind::kFloat:
+      return static_cast<const float*>(base)[i];
+    case FloatKind::kHalf:
+      return to_float(static_cast<const c10::Half*>(base)[i]);
+    default:
+      return to_float(static_cast<const c10::BFloat16*>(base)[i]);
+  }
+}
+
+inline void store_param_scalar(float* out, float v, const Call&, int64_t) { *out = v; }
+inline void store_param_scalar(c10::Half* out, float v, const Call&, int64_t) { store_float(out, v); }
+inline void store_param_scalar(c10::BFloat16* out, float v, const Call& call, int64_t index) {
+  if (call.stochastic) {
+    *out = c10::BFloat16(bfloat16_bits_stochastic(v, call.key, index), c10::BFloat16::from_bits());
+  } else {
+    store_float(out, v);
+  }
+}
+
+template <Rule R, WeightDecayMode W, int NS, bool kQuant, bool kNorm, typename P>
+void unit_scalar(const Call& call, const Segment& seg, int64_t u, float (*kept)[kMaxBlock], int64_t* nonfinite) {
+  constexpr int kSlots = NS > 0 ? NS : 1;
+  const int64_t b = u - seg.first_unit;
+  const int64_t start = b * call.unit;
+  const int64_t len = std::min(call.unit, seg.numel - start);
+  P* param = static_cast<P*>(seg.param) + start;
+  float scale[kSlots] = {};
+  if (kQuant) {
+    for (int k = 0; k < NS; ++k) scale[k] = seg.absmax[k][b];
+  }
+  double norm = 0.0;
+  int64_t bad = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    float g = load_value(seg.grad, seg.grad_kind, start + i);
+    if (call.has_grad_scale) g = g * seg.grad_scale;
+    const bool finite = std::isfinite(g);
+    const float p = to_float(param[i]);
+    float old[kSlots], state[kSlots];
+    for (int k = 0; k < NS; ++k) {
+      if (kQuant) {
+        old[k] = call.slot[k].book.code[static_cast<const uint8_t*>(seg.state[k])[start + i]] * scale[k];
+      } else {
+        old[k] = static_cast<const float*>(seg.state[k])[start + i];
+      }
+      state[k] = old[k];
+    }
+    const float d = update_element(R, W, call.c, finite ? g : 0.0f, p, state, NS);
+    if (kNorm) {
+      if (finite) norm += static_cast<double>(d) * static_cast<double>(d);
+      continue;
+    }
+    bad += finite ? 0 : 1;
+    store_param_scalar(param + i, finite ? apply_direction(p, call.decay, seg.lr, d) : p, call,
+                       seg.first_index + start + i);
+    for (int k = 0; k < NS; ++k) {
+      const float value = finite ? state[k] : old[k];
+      if (kQuant) {
+        kept[k][i] = value;
+      } else {
+        static_cast<float*>(seg.state[k])[start + i] = value;
+      }
+    }
+  }
+  if (kNorm) {
+    call.unit_norms[u] = norm;
+    return;
+  }
+  *nonfinite += bad;
+  if (kQuant) {
+    for (int k = 0; k < NS; ++k) {
+      const float absmax = absmax_from_bits(absmax_bits_portable(kept[k], len));
+      seg.absmax[k][b] = absmax;
+      encode_state(call.slot[k], kept[k], len, absmax, static_cast<uint8_t*>(seg.state[k]) + start);
+    }
+  }
+}
+
+#if D8_AVX512
+// ---------------------------------------------------------------------------
+// AVX-512 units.
+
+// 16 float32 lanes with lane-wise IEEE operations: the value type the rules of
+// common/update_rules.h run on here (each operator is one correctly rounded
+// float32 operation per lane, as in the scalar code; no contraction).
+struct Vec16 {
+  __m512 v;
+  Vec16() = default;
+  explicit Vec16(float x) : v(_mm512_set1_ps(x)) {}
+  explicit Vec16(__m512 x) : v(x) {}
+};
+
+#define D8_VEC16_OPERATOR(op, intrinsic)                                                 \
+  __attribute__((always_inline)) inline Vec16 operator op(Vec16 a, Vec16 b) {          \
+    return Vec16(intrinsic(a.v, b.v));                                                  \
+  }                                                                                     \
+  __attribute__((always_inline)) inline Vec16 operator op(float a, Vec16 b) {          \
+    return Vec16(intrinsic(_mm512_set1_ps(a), b.v));                                    \
+  }                                                                                     \
+  __attribute__((always_inline)) inline Vec16 operator op(Vec16 a, float b) {          \
+    return Vec16(intrinsic(a.v, _mm512_set1_ps(b)));                                    \
+  }
+D8_VEC16_OPERATOR(+, _mm512_add_ps)
+D8_VEC16_OPERATOR(-, _mm512_sub_ps)
+D8_VEC16_OPERATOR(*, _mm512_mul_ps)
+D8_VEC16_OPERATOR(/, _mm512_div_ps)
+#undef D8_VEC16_OPERATOR
+
+__attribute__((always_inline)) inline Vec16 sqrt_value(Vec16 x) { return Vec16(_mm512_sqrt_ps(x.v)); }
+
+// (x > 0) - (x < 0) as float: 1, -1, or +0 (for +-0 and NaN).
+__attribute__((always_inline)) inline Vec16 sign_value(Vec16 x) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 sign = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, zero, _CMP_GT_OQ), _mm512_set1_ps(1.0f));
+  sign = _mm512_mask_mov_ps(sign, _mm512_cmp_ps_mask(x.v, zero, _CMP_LT_OQ), _mm512_set1_ps(-1.0f));
+  return Vec16(sign);
+}
+
+__attribute__((always_inline)) inline __m512 load_values(const void* base, FloatKind kind, int64_t i, __mmask16 mask) {
+  switch (kind) {
+    case FloatKind::kFloat:
+      return load16(static_cast<const float*>(base) + i, mask);
+    case FloatKind::kHalf:
+      return load16(static_cast<const c10::Half*>(base) + i, mask);
+    default:
+      return load16(static_cast<const c10::BFloat16*>(base) + i, mask);
+  }
+}
+
+__attribute__((always_inline)) inline void store_param(float* out, __m512 v, __mmask16 mask, const Call&, int64_t) {
+  _mm512_mask_storeu_ps(out, mask, v);
+}
+__attribute__((always_inline)) inline void store_param(c10::Half* out, __m512 v, __mmask16 mask, const Call&, int64_t) {
+  _mm256_mask_storeu_epi16(out, mask, narrow(v, out));
+}
+__attribute__((always_inline)) inline void store_param(c10::BFloat16* out, __m512 v, __mmask16 mask, const Call& call,
+                                                       int64_t index0) {
+  if (!call.stochastic) {
+    _mm256_mask_storeu_epi16(out, mask, narrow(v, out));
+    return;
+  }
+  // (bits + 16 random bits) >> 16; +-Inf stays itself (its low bits are 0), NaN becomes 0xFFFF.
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i random = _mm512_and_si512(random_bits16(call.key, index0), _mm512_set1_epi32(0xFFFF));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, random), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+  _mm256_mask_storeu_epi16(out, mask, _mm512_cvtepi32_epi16(rounded));
+}
+
+// The old values of 64 elements of an 8-bit slot: code[c] * scale (lanes past `valid` read code 0).
+__attribute__((always_inline)) inline void decode_group(const SlotCode& slot, const uint8_t* codes, __mmask64 valid,
+                                                        float scale, __m512 out[4]) {
+#if D8_AVX512_VBMI
+  slot.decode->decode(_mm512_maskz_loadu_epi8(valid, codes), out);
+#else
+  alignas(64) float values[kGroup];
+  const float* code = slot.book.code;
+  for (int j = 0; j < kGroup; ++j) values[j] = (valid >> j) & 1 ? code[codes[j]] : 0.0f;
+  for (int q = 0; q < 4; ++q) out[q] = _mm512_load_ps(values + 16 * q);
+#endif
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int q = 0; q < 4; ++q) out[q] = _mm512_mul_ps(out[q], s);
+}
+
+__attribute__((always_inline)) inline void prefetch_range(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(c + line, _MM_HINT_T0);
+}
+
+template <Rule R, WeightDecayMode W, int NS, bool kQuant, bool kNorm, typename P>
+void unit_avx512(const Call& call, const Segment& seg, int64_t u, float (*kept)[kMaxBlock], int64_t* nonfinite) {
+  constexpr int kSlots = NS > 0 ? NS : 1;
+  const int64_t b = u - seg.first_unit;
+  const int64_t start = b * call.unit;
+  const int64_t len = std::min(call.unit, seg.numel - start);
+  P* param = static_cast<P*>(seg.param) + start;
+  const float lr = seg.lr;
+  const float decay = call.decay;
+  const __m512 grad_scale = _mm512_set1_ps(seg.grad_scale);
+  const __m512i abs_mask = _mm512_set1_epi32(static_cast<int>(kAbsMask));
+  const int64_t grad_bytes = element_size(seg.grad_kind);
+  float scale[kSlots] = {};
+  __m512i absmax[kSlots];
+  for (int k = 0; k < NS; ++k) {
+    if (kQuant) scale[k] = seg.absmax[k][b];
+    absmax[k] = _mm512_setzero_si512();
+  }
+  __m512d norm = _mm512_setzero_pd();
+  int64_t bad = 0;
+  for (int64_t i = 0; i < len; i += kGroup) {
+    const int64_t at = start + i;  // index in the segment
+    if (at + kPrefetchAhead < seg.numel) {
+      // The loop is compute-heavy enough that the hardware prefetcher lags.
+      const int64_t ahead = at + kPrefetchAhead;
+      prefetch_range(static_cast<const char*>(seg.grad) + ahead * grad_bytes, kGroup * grad_bytes);
+      prefetch_range(static_cast<const P*>(seg.param) + ahead, kGroup * static_cast<int64_t>(sizeof(P)));
+      for (int k = 0; k < NS; ++k) {
+        if (kQuant) {
+          prefetch_range(static_cast<const uint8_t*>(seg.state[k]) + ahead, kGroup);
+        } else {
+          prefetch_range(static_cast<const float*>(seg.state[k]) + ahead, kGroup * 4);
+        }
+      }
+    }
+    const int64_t count = std::min(kGroup, len - i);
+    const __mmask64 valid = first_bits(count);
+    __m512 old[kSlots][4];
+    for (int k = 0; k < NS; ++k) {
+      if (kQuant) {
+        decode_group(call.slot[k], static_cast<const uint8_t*>(seg.state[k]) + at, valid, scale[k], old[k]);
+      } else {
+        for (int q = 0; q < 4; ++q) {
+          old[k][q] = _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid >> (16 * q)),
+                                            static_cast<const float*>(seg.state[k]) + at + 16 * q);
+        }
+      }
+    }
+    for (int q = 0; q < 4 && 16 * q < count; ++q) {
+      const __mmask16 lanes = static_cast<__mmask16>(valid >> (16 * q));
+      const int64_t e = i + 16 * q;  // index in the unit
+      __m512 g = load_values(seg.grad, seg.grad_kind, at + 16 * q, lanes);
+      if (call.has_grad_scale) g = _mm512_mul_ps(g, grad_scale);
+      const __mmask16 not_finite = _mm512_fpclass_ps_mask(g, 0x99);  // QNaN | +Inf | -Inf | SNaN
+      const __mmask16 finite = lanes & static_cast<__mmask16>(~not_finite);
+      const __m512 p = load16(param + e, lanes);
+      Vec16 state[kSlots];
+      for (int k = 0; k < NS; ++k) state[k] = Vec16(old[k][q]);
+      const Vec16 d = update_value<Vec16>(R, W, call.c, Vec16(_mm512_maskz_mov_ps(static_cast<__mmask16>(~not_finite), g)),
+                                          Vec16(p), state, NS);
+      if (kNorm) {
+        const __m512d low = _mm512_cvtps_pd(_mm512_castps512_ps256(d.v));
+        const __m512d high = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d.v), 1)));
+        norm = _mm512_mask_add_pd(norm, static_cast<__mmask8>(finite), norm, _mm512_mul_pd(low, low));
+        norm = _mm512_mask_add_pd(norm, static_cast<__mmask8>(finite >> 8), norm, _mm512_mul_pd(high, high));
+        continue;
+      }
+      bad += __builtin_popcount(static_cast<unsigned>(lanes & not_finite));
+      const Vec16 stepped = apply_direction_value<Vec16>(Vec16(p), decay, lr, d);
+      store_param(param + e, _mm512_mask_blend_ps(finite, p, stepped.v), lanes, call, seg.first_index + at + 16 * q);
+      for (int k = 0; k < NS; ++k) {
+        const __m512 value = _mm512_mask_blend_ps(finite, old[k][q], state[k].v);
+        if (kQuant) {
+          _mm512_store_ps(kept[k] + e, value);
+          absmax[k] = _mm512_mask_max_epu32(absmax[k], lanes, absmax[k], _mm512_and_si512(_mm512_castps_si512(value), abs_mask));
+        } else {
+          _mm512_mask_storeu_ps(static_cast<float*>(seg.state[k]) + at + 16 * q, lanes, value);
+        }
+      }
+    }
+  }
+  if (kNorm) {
+    call.unit_norms[u] = _mm512_reduce_add_pd(norm);
+    return;
+  }
+  *nonfinite += bad;
+  if (kQuant) {
+    for (int k = 0; k < NS; ++k) {
+      const float block_absmax = absmax_from_bits(_mm512_reduce_max_epu32(absmax[k]));
+      seg.absmax[k][b] = block_absmax;
+      encode_state(call.slot[k], kept[k], len, block_absmax, static_cast<uint8_t*>(seg.state[k]) + start);
+    }
+  }
+}
+#endif  // D8_AVX512
+
+// ---------------------------------------------------------------------------
+// Units [first, last) of the call, in order, on one thread.
+
+using RangeFn = void (*)(const Call&, int64_t, int64_t, int64_t, int64_t*);
+
+template <Rule R, WeightDecayMode W, int NS, bool kQuant, bool kNorm, typename P>
+void run_units(const Call& call, int64_t num_segments, int64_t first, int64_t last, int64_t* nonfinite) {
+  alignas(64) float kept[kQuant && NS > 0 ? NS : 1][kMaxBlock];  // 8-bit: the kept states of one block
+  // The segment holding unit `first`: the last one starting at or before it.
+  const Segment* segments = call.segments;
+  int64_t s = std::upper_bound(segments, segments + num_segments, first,
+                               [](int64_t u, const Segment& seg) { return u < seg.first_unit; }) -
+              segments - 1;
+  for (int64_t u = first; u < last; ++u) {
+    while (u >= segments[s].first_unit + segments[s].units) ++s;
+#if D8_AVX512
+    unit_avx512<R, W, NS, kQuant, kNorm, P>(call, segments[s], u, kept, nonfinite);
+#else
+    unit_scalar<R, W, NS, kQuant, kNorm, P>(call, segments[s], u, kept, nonfinite);
+#endif
+  }
+}
+
+template <Rule R, WeightDecayMode W, int NS, bool kQuant>
+RangeFn pick_dtype(bool norm, at::ScalarType param_type) {
+  switch (param_type) {
+    case at::kFloat:
+      return norm ? &run_units<R, W, NS, kQuant, true, float> : &run_units<R, W, NS, kQuant, false, float>;
+    case at::kHalf:
+      return norm ? &run_units<R, W, NS, kQuant, true, c10::Half> : &run_units<R, W, NS, kQuant, false, c10::Half>;
+    default:
+      return norm ? &run_units<R, W, NS, kQuant, true, c10::BFloat16>
+                  : &run_units<R, W, NS, kQuant, false, c10::BFloat16>;
+  }
+}
+
+template <Rule R, WeightDecayMode W, int NS>
+RangeFn pick_precision(bool eight_bit, bool norm, at::ScalarType param_type) {
+  if (NS > 0 && eight_bit) return pick_dtype<R, W, NS, true>(norm, param_type);
+  return pick_dtype<R, W, NS, false>(norm, param_type);
+}
+
+// Only Adam reads kInDirection; the other rules only ask "L2 or not", and Lion
+// and AdEMAMix not even that, so they are instantiated for fewer modes.
+template <Rule R, int NS>
+RangeFn pick_l2(WeightDecayMode wd_mode, bool eight_bit, bool norm, at::ScalarType param_type) {
+  return wd_mode == WeightDecayMode::kL2
+             ? pick_precision<R, WeightDecayMode::kL2, NS>(eight_bit, norm, param_type)
+             : pick_precision<R, WeightDecayMode::kDecoupled, NS>(eight_bit, norm, param_type);
+}
+
+// The instantiation for a rule and state count, or nullptr when the rule does not take that many states.
+RangeFn pick(Rule rule, WeightDecayMode wd_mode, int num_states, bool eight_bit, bool norm, at::ScalarType param_type) {
+  switch (rule) {
+    case Rule::kAdam:
+      if (num_states != 2) return nullptr;
+      switch (wd_mode) {
+        case WeightDecayMode::kL2:
+          return pick_precision<Rule::kAdam, WeightDecayMode::kL2, 2>(eight_bit, norm, param_type);
+        case WeightDecayMode::kDecoupled:
+          return pick_precision<Rule::kAdam, WeightDecayMode::kDecoupled, 2>(eight_bit, norm, param_type);
+        default:
+          return pick_precision<Rule::kAdam, WeightDecayMode::kInDirection, 2>(eight_bit, norm, param_type);
+      }
+    case Rule::kSgd:
+      if (num_states == 0) return pick_l2<Rule::kSgd, 0>(wd_mode, eight_bit, norm, param_type);
+      if (num_states == 1) return pick_l2<Rule::kSgd, 1>(wd_mode, eight_bit, norm, param_type);
+      return nullptr;
+    case Rule::kRmsprop:
+      if (num_states == 1) return pick_l2<Rule::kRmsprop, 1>(wd_mode, eight_bit, norm, param_type);
+      if (num_states == 2) return pick_l2<Rule::kRmsprop, 2>(wd_mode, eight_bit, norm, param_type);
+      return nullptr;
+    case Rule::kAdagrad:
+      if (num_states == 1) return pick_l2<Rule::kAdagrad, 1>(wd_mode, eight_bit, norm, param_type);
+      return nullptr;
+    case Rule::kLion:
+      if (num_states == 1) return pick_precision<Rule::kLion, WeightDecayMode::kDecoupled, 1>(eight_bit, norm, param_type);
+      return nullptr;
+    case Rule::kAdemamix:
+      if (num_states == 3) {
+        return pick_precision<Rule::kAdemamix, WeightDecayMode::kDecoupled, 3>(eight_bit, norm, param_type);
+      }
+      return nullptr;
+  }
+  return nullptr;
+}
+
+// ---------------------------------------------------------------------------
+// Operator.
+
+const at::Tensor* check_optional(const std::optional<at::Tensor>& t, const char* name, at::ScalarType dtype,
+                                 int64_t numel) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  check_cpu(*t, name);
+  TORCH_CHECK(t->scalar_type() == dtype, "dist8bit CPU kernel: ", name, " must be ", dtype, ", got ", t->scalar_type());
+  TORCH_CHECK(t->numel() == numel, "dist8bit CPU kernel: ", name, " must hold ", numel, " elements, got ", t->numel());
+  return &*t;
+}
+
+void fused_step_cpu(int64_t rule, int64_t wd_mode, c10::ArrayRef<double> hyper, at::TensorList params,
+                    at::TensorList grads, at::TensorList state1, at::TensorList absmax1, at::TensorList state2,
+                    at::TensorList absmax2, at::TensorList state3, at::TensorList absmax3, at::TensorList codebooks,
+                    c10::ArrayRef<int64_t> lut_params, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& update_scale, const std::optional<at::Tensor>& norm_out,
+                    const std::optional<at::Tensor>& nonfinite_count, c10::ArrayRef<int64_t> segment_offsets,
+                    int64_t blocksize, std::optional<int64_t> seed) {
+  TORCH_CHECK(rule >= 0 && rule <= static_cast<int64_t>(Rule::kAdemamix), "dist8bit CPU kernel: unknown rule ", rule);
+  TORCH_CHECK(wd_mode >= 0 && wd_mode <= static_cast<int64_t>(WeightDecayMode::kInDirection),
+              "dist8bit CPU kernel: unknown weight decay mode ", wd_mode);
+  TORCH_CHECK(static_cast<int64_t>(hyper.size()) == kHyperSize, "dist8bit CPU kernel: hyper must hold ", kHyperSize,
+              " values, got ", hyper.size());
+  const int64_t num_segments = static_cast<int64_t>(params.size());
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == num_segments, "dist8bit CPU kernel: ", num_segments,
+              " params but ", grads.size(), " grads");
+  TORCH_CHECK(!seed.has_value() || *seed >= 0, "dist8bit CPU kernel: seed must be non-negative, got ", seed.value_or(0));
+  if (num_segments == 0) return;
+
+  // Used slots, in order: slot S is used iff its list is non-empty.
+  const std::array<at::TensorList, kMaxStates> states = {state1, state2, state3};
+  const std::array<at::TensorList, kMaxStates> absmaxes = {absmax1, absmax2, absmax3};
+  std::array<int, kMaxStates> used{};
+  int num_states = 0;
+  for (int slot = 0; slot < kMaxStates; ++slot) {
+    if (states[slot].empty()) {
+      TORCH_CHECK(absmaxes[slot].empty(), "dist8bit CPU kernel: state", slot + 1, " is empty but absmax", slot + 1,
+                  " is not");
+      continue;
+    }
+    TORCH_CHECK(static_cast<int64_t>(states[slot].size()) == num_segments, "dist8bit CPU kernel: state", slot + 1,
+                " must hold one tensor per segment (", num_segments, "), got ", states[slot].size());
+    used[num_states++] = slot;
+  }
+  const bool eight_bit = num_states > 0 && states[used[0]][0].scalar_type() == at::kByte;
+  const RangeFn run = pick(static_cast<Rule>(rule), static_cast<WeightDecayMode>(wd_mode), num_states, eight_bit,
+                           norm_out.has_value() && norm_out->defined(),
+                           num_segments > 0 ? params[0].scalar_type() : at::kFloat);
+  TORCH_CHECK(run != nullptr, "dist8bit CPU kernel: rule ", rule, " does not take ", num_states, " state slots");
+  if (eight_bit) {
+    TORCH_CHECK(blocksize >= kMinBlock && blocksize <= kMaxBlock && (blocksize & (blocksize - 1)) == 0,
+                "dist8bit CPU kernel: 8-bit states need a blocksize that is a power of two in [64, 4096], got ",
+                blocksize);
+    TORCH_CHECK(codebooks.size() == 3 * kMaxStates && lut_params.size() == 3 * kMaxStates,
+                "dist8bit CPU kernel: 8-bit states need [code, thresholds, lut] and 3 lookup-table parameters per slot");
+  }
+
+  const at::Tensor* grad_scale_t = check_optional(grad_scale, "grad_scale", at::kFloat, num_segments);
+  const at::Tensor* update_scale_t = check_optional(update_scale, "update_scale", at::kFloat, num_segments);
+  const at::Tensor* norm_t = check_optional(norm_out, "norm_out", at::kDouble, num_segments);
+  const at::Tensor* count_t = check_optional(nonfinite_count, "nonfinite_count", at::kLong, 1);
+  const bool bf16_params = num_segments > 0 && params[0].scalar_type() == at::kBFloat16;
+  const bool stochastic = seed.has_value() && bf16_params;
+  if (stochastic) {
+    TORCH_CHECK(static_cast<int64_t>(segment_offsets.size()) == num_segments,
+                "dist8bit CPU kernel: segment_offsets must hold one offset per segment (", num_segments, "), got ",
+                segment_offsets.size());
+  }
+
+  Call call{};
+  for (int h = 0; h < kHyperSize; ++h) call.c.v[h] = static_cast<float>(hyper[h]);
+  call.decay = call.c.v[kDecay];
+  call.unit = eight_bit ? blocksize : kChunk32;
+  call.has_grad_scale = grad_scale_t != nullptr;
+  call.stochastic = stochastic;
+  call.key = stochastic ? seed_key(static_cast<uint64_t>(*seed)) : 0u;
+
+  // Codebooks of the used 8-bit slots (tables built once per call).
+#if D8_AVX512
+  std::vector<SearchTables> search_tables;
+  search_tables.reserve(kMaxStates);
+#endif
+#if D8_AVX512_VBMI
+  std::vector<DecodeTables> decode_tables;
+  decode_tables.reserve(kMaxStates);
+#endif
+  if (eight_bit) {
+    for (int k = 0; k < num_states; ++k) {
+      const int slot = used[k];
+      const at::Tensor& code = codebooks[3 * slot];
+      const at::Tensor& thresholds = codebooks[3 * slot + 1];
+      const at::Tensor& lut = codebooks[3 * slot + 2];
+      check_codebook(code, thresholds, lut, lut_params[3 * slot], lut_params[3 * slot + 1], lut_params[3 * slot + 2]);
+      SlotCode& s = call.slot[k];
+      s.book = Codebook{code.const_data_ptr<float>(),
+                        thresholds.const_data_ptr<float>(),
+                        lut.numel() == 0 ? nullptr : lut.const_data_ptr<int32_t>(),
+                        static_cast<int>(lut_params[3 * slot]),
+                        static_cast<int>(lut_params[3 * slot + 1]),
+                        lut.numel() == 0 ? 0 : static_cast<int>(lut_params[3 * slot + 2])};
+      s.zero_code = static_cast<uint8_t>(s.book.nearest(0.0f));
+#if D8_AVX512
+      search_tables.emplace_back(s.book.thresholds);
+      s.search = &search_tables.back();
+#endif
+#if D8_AVX512_VBMI
+      decode_tables.emplace_back(s.book.code);
+      s.decode = &decode_tables.back();
+#endif
+    }
+  }
+
+  // Segments and their units.
+  std::vector<Segment> segments(static_cast<size_t>(num_segments));
+  const at::ScalarType param_type = num_segments > 0 ? params[0].scalar_type() : at::kFloat;
+  const float* grad_scales = grad_scale_t != nullptr ? grad_scale_t->const_data_ptr<float>() : nullptr;
+  const float* update_scales = update_scale_t != nullptr ? update_scale_t->const_data_ptr<float>() : nullptr;
+  int64_t total_units = 0;
+  for (int64_t k = 0; k < num_segments; ++k) {
+    const at::Tensor& param = params[k];
+    const at::Tensor& grad = grads[k];
+    check_cpu(param, "params");
+    check_cpu(grad, "grads");
+    TORCH_CHECK(param.scalar_type() == param_type, "dist8bit CPU kernel: every param must have dtype ", param_type,
+                ", got ", param.scalar_type());
+    TORCH_CHECK(is_float_type(param_type), "dist8bit CPU kernel: params must be float32, float16 or bfloat16, got ",
+                param_type);
+    TORCH_CHECK(is_float_type(grad.scalar_type()), "dist8bit CPU kernel: grads must be float32, float16 or bfloat16, got ",
+                grad.scalar_type());
+    const int64_t n = param.numel();
+    TORCH_CHECK(grad.numel() == n, "dist8bit CPU kernel: grad ", k, " has ", grad.numel(), " elements, its param ", n);
+    Segment& seg = segments[k];
+    seg.param = param.data_ptr();
+    seg.grad = grad.const_data_ptr();
+    seg.grad_kind = float_kind(grad.scalar_type());
+    for (int s = 0; s < num_states; ++s) {
+      const at::Tensor& state = states[used[s]][k];
+      check_cpu(state, "state");
+      TORCH_CHECK(state.scalar_type() == (eight_bit ? at::kByte : at::kFloat), "dist8bit CPU kernel: state",
+                  used[s] + 1, " tensors must all be ", (eight_bit ? "uint8" : "float32"), ", got ", state.scalar_type());
+      TORCH_CHECK(state.numel() == n, "dist8bit CPU kernel: state", used[s] + 1, "[", k, "] must hold ", n,
+                  " elements, got ", state.numel());
+      seg.state[s] = state.data_ptr();
+      seg.absmax[s] = nullptr;
+      if (eight_bit) {
+        TORCH_CHECK(static_cast<int64_t>(absmaxes[used[s]].size()) == num_segments, "dist8bit CPU kernel: absmax",
+                    used[s] + 1, " must hold one tensor per segment");
+        const at::Tensor& absmax = absmaxes[used[s]][k];
+        check_cpu(absmax, "absmax");
+        TORCH_CHECK(absmax.scalar_type() == at::kFloat, "dist8bit CPU kernel: absmax must be float32, got ",
+                    absmax.scalar_type());
+        TORCH_CHECK(absmax.numel() == block_count(n, blocksize), "dist8bit CPU kernel: absmax", used[s] + 1, "[", k,
+                    "] must hold ", block_count(n, blocksize), " scales, got ", absmax.numel());
+        seg.absmax[s] = absmax.data_ptr<float>();
+      }
+    }
+    seg.numel = n;
+    seg.first_index = stochastic ? segment_offsets[k] : 0;
+    seg.grad_scale = grad_scales != nullptr ? grad_scales[k] : 1.0f;
+    seg.lr = update_scales != nullptr ? call.c.v[kLr] * update_scales[k] : call.c.v[kLr];
+    seg.first_unit = total_units;
+    seg.units = block_count(n, call.unit);
+    total_units += seg.units;
+  }
+  call.segments = segments.data();
+
+  std::vector<double> unit_norms(norm_t != nullptr ? static_cast<size_t>(total_units) : 0);
+  call.unit_norms = unit_norms.data();
+  std::atomic<int64_t> nonfinite{0};
+  if (total_units > 0) {
+    const int64_t grain = std::max<int64_t>(1, kStepTaskElements / call.unit);
+    at::parallel_for(0, total_units, grain, [&](int64_t first, int64_t last) {
+      int64_t count = 0;
+      run(call, num_segments, first, last, &count);
+      if (count != 0) nonfinite.fetch_add(count, std::memory_order_relaxed);
+    });
+  }
+
+  if (norm_t != nullptr) {
+    double* out = norm_t->data_ptr<double>();
+    for (int64_t k = 0; k < num_segments; ++k) {
+      double sum = 0.0;
+      for (int64_t u = segments[k].first_unit; u < segments[k].first_unit + segments[k].units; ++u) sum += unit_norms[u];
+      out[k] = sum;
+    }
+    return;
+  }
+  if (count_t != nullptr) count_t->data_ptr<int64_t>()[0] += nonfinite.load();
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace dist8bit
+
+TORCH_LIBRARY_IMPL(dist8bit, CPU, m) { m.impl("fused_step", &dist8bit::cpu::fused_step_cpu); }
