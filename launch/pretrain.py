@@ -387,7 +387,7 @@ def train(args: argparse.Namespace, env: distributed.DistEnv) -> dict[str, Any]:
         if step > start_step + 1 or step == args.steps:  # the first step of a run (warm-up) only counts when it is the only one
             train_seconds += seconds
             train_tokens += tokens_per_step
-        if step == 1 or step == args.steps:
+        if step == start_step + 1 or step == args.steps:  # states exist after the first step
             state_bytes = optimizer_state_bytes(optimizer)
         metrics["train"].append({"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / seconds})
         if not math.isfinite(loss_value):
