@@ -21,19 +21,19 @@
 // Work layout. The call's segments are cut into units: the 8-bit blocks
 // (blocks of `blocksize` start at each segment's first element) or, for
 // 32-bit states, runs of kChunk32 elements. A prefix sum over the segments'
-// unit counts numbers all units of the call, and at::parallel_for hands each
-// thread a contiguous range of them. A unit is processed 64 elements at a
-// time: load g and p, decode the states (VBMI byte-plane lookups), run the
-// rule on four 16-lane vectors, store p, keep the new 8-bit states in a local
-// buffer (at most 4096 floats per slot, in L1) while taking their absmax, and
-// at the end of the unit encode the buffer with quantize.cpp's permute-based
-// binary search (quant_simd.h). The inner loops are templated on the rule,
-// the weight-decay mode, the state count, the state precision and the
-// parameter dtype, so the rule's switch folds away at compile time; the
-// gradient dtype is a per-segment branch. Norm mode (norm_out given) runs the
-// same loop, writes nothing but one float64 partial sum per unit and adds the
-// partials per segment in unit order, so its result does not depend on the
-// thread count.
+// unit counts numbers all units of the call; one task per thread
+// (at::parallel_for) takes chunks of consecutive units from a shared counter
+// until none are left. A unit is processed 64 elements at a time: load g and
+// p, decode the states (VBMI byte-plane lookups), run the rule on four 16-lane
+// vectors, store p, keep the new 8-bit states in a local buffer (at most 4096
+// floats per slot, in L1) while taking their absmax, and at the end of the
+// unit encode the buffer with quantize.cpp's permute-based binary search
+// (quant_simd.h). The inner loops are templated on the rule, the weight-decay
+// mode, the state count, the state precision and the parameter and gradient
+// dtypes, so the rule's switch folds away at compile time. Norm mode (norm_out
+// given) runs the same loop, writes nothing but one float64 partial sum per
+// unit and adds the partials per segment in unit order, so its result does not
+// depend on the thread count or the chunking.
 //
 // Without AVX-512 (or with -DD8_PORTABLE) the same units run a scalar loop
 // over update_element and quant_simd.h's portable helpers; both paths give
@@ -68,17 +68,17 @@ constexpr int kMaxStates = 3;
 constexpr int64_t kMinBlock = 64;         // 8-bit blocksizes: powers of two in [64, 4096]
 constexpr int64_t kMaxBlock = 4096;
 constexpr int64_t kChunk32 = 2048;        // 32-bit states: elements per unit
-constexpr int64_t kStepTaskElements = 16384;  // least work per parallel task
+constexpr int64_t kMinChunkElements = 16384;  // work taken at a time by a thread: at least this much,
+constexpr int64_t kMaxChunkElements = 65536;  // at most this much,
+constexpr int64_t kChunksPerThread = 8;       // and, between those, this many chunks per thread
 constexpr int64_t kGroup = 64;            // elements per inner iteration (one line of codes)
-constexpr int64_t kPrefetchAhead = 1024;  // software prefetch distance, elements
+constexpr int64_t kPrefetchAhead = 512;   // software prefetch distance, elements
 
 enum class FloatKind : int { kFloat, kHalf, kBFloat16 };
 
 FloatKind float_kind(at::ScalarType t) {
   return t == at::kFloat ? FloatKind::kFloat : (t == at::kHalf ? FloatKind::kHalf : FloatKind::kBFloat16);
 }
-
-int64_t element_size(FloatKind kind) { return kind == FloatKind::kFloat ? 4 : 2; }
 
 // One segment, ready for the kernels: used state slots in rule order.
 struct Segment {
@@ -270,17 +270,6 @@ __attribute__((always_inline)) inline Vec16 sign_value(Vec16 x) {
   return Vec16(sign);
 }
 
-__attribute__((always_inline)) inline __m512 load_values(const void* base, FloatKind kind, int64_t i, __mmask16 mask) {
-  switch (kind) {
-    case FloatKind::kFloat:
-      return load16(static_cast<const float*>(base) + i, mask);
-    case FloatKind::kHalf:
-      return load16(static_cast<const c10::Half*>(base) + i, mask);
-    default:
-      return load16(static_cast<const c10::BFloat16*>(base) + i, mask);
-  }
-}
-
 __attribute__((always_inline)) inline void store_param(float* out, __m512 v, __mmask16 mask, const Call&, int64_t) {
   _mm512_mask_storeu_ps(out, mask, v);
 }
@@ -321,98 +310,153 @@ __attribute__((always_inline)) inline void prefetch_range(const void* p, int64_t
   for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(c + line, _MM_HINT_T0);
 }
 
-template <Rule R, WeightDecayMode W, int NS, bool kQuant, bool kNorm, typename P>
-void unit_avx512(const Call& call, const Segment& seg, int64_t u, float (*kept)[kMaxBlock], int64_t* nonfinite) {
-  constexpr int kSlots = NS > 0 ? NS : 1;
-  const int64_t b = u - seg.first_unit;
-  const int64_t start = b * call.unit;
-  const int64_t len = std::min(call.unit, seg.numel - start);
-  P* param = static_cast<P*>(seg.param) + start;
-  const float lr = seg.lr;
-  const float decay = call.decay;
-  const __m512 grad_scale = _mm512_set1_ps(seg.grad_scale);
-  const __m512i abs_mask = _mm512_set1_epi32(static_cast<int>(kAbsMask));
-  const int64_t grad_bytes = element_size(seg.grad_kind);
-  float scale[kSlots] = {};
-  __m512i absmax[kSlots];
-  for (int k = 0; k < NS; ++k) {
-    if (kQuant) scale[k] = seg.absmax[k][b];
-    absmax[k] = _mm512_setzero_si512();
+// One unit: its elements 64 at a time (group<true>; a last partial group masks
+// its lanes), then the 8-bit slots' absmax and codes. G: the gradient dtype.
+template <Rule R, WeightDecayMode W, int NS, bool kQuant, bool kNorm, typename P, typename G>
+class UnitAvx512 {
+ public:
+  UnitAvx512(const Call& call, const Segment& seg, int64_t u, float (*kept)[kMaxBlock])
+      : call_(call),
+        seg_(seg),
+        u_(u),
+        block_(u - seg.first_unit),
+        start_(block_ * call.unit),
+        len_(std::min(call.unit, seg.numel - start_)),
+        param_(static_cast<P*>(seg.param) + start_),
+        grad_(static_cast<const G*>(seg.grad) + start_),
+        kept_(kept),
+        grad_scale_(_mm512_set1_ps(seg.grad_scale)) {
+    for (int k = 0; k < NS; ++k) {
+      scale_[k] = kQuant ? seg.absmax[k][block_] : 0.0f;
+      absmax_[k] = _mm512_setzero_si512();
+    }
   }
-  __m512d norm = _mm512_setzero_pd();
-  int64_t bad = 0;
-  for (int64_t i = 0; i < len; i += kGroup) {
-    const int64_t at = start + i;  // index in the segment
-    if (at + kPrefetchAhead < seg.numel) {
+
+  void run(int64_t* nonfinite) {
+    int64_t i = 0;
+    for (; i + kGroup <= len_; i += kGroup) group<true>(i, kGroup);
+    if (i < len_) group<false>(i, len_ - i);
+    if (kNorm) {
+      call_.unit_norms[u_] = _mm512_reduce_add_pd(norm_);
+      return;
+    }
+    *nonfinite += bad_;
+    if (kQuant) {
+      for (int k = 0; k < NS; ++k) {
+        const float block_absmax = absmax_from_bits(_mm512_reduce_max_epu32(absmax_[k]));
+        seg_.absmax[k][block_] = block_absmax;
+        encode_state(call_.slot[k], kept_[k], len_, block_absmax, static_cast<uint8_t*>(seg_.state[k]) + start_);
+      }
+    }
+  }
+
+ private:
+  static constexpr int kSlots = NS > 0 ? NS : 1;
+
+  // Elements i .. i + count - 1 of the unit (count = 64 when kFull).
+  template <bool kFull>
+  __attribute__((always_inline)) void group(int64_t i, int64_t count) {
+    const int64_t at = start_ + i;  // index in the segment
+    if (at + kPrefetchAhead < seg_.numel) {
       // The loop is compute-heavy enough that the hardware prefetcher lags.
-      const int64_t ahead = at + kPrefetchAhead;
-      prefetch_range(static_cast<const char*>(seg.grad) + ahead * grad_bytes, kGroup * grad_bytes);
-      prefetch_range(static_cast<const P*>(seg.param) + ahead, kGroup * static_cast<int64_t>(sizeof(P)));
+      prefetch_range(grad_ + i + kPrefetchAhead, kGroup * static_cast<int64_t>(sizeof(G)));
+      prefetch_range(param_ + i + kPrefetchAhead, kGroup * static_cast<int64_t>(sizeof(P)));
       for (int k = 0; k < NS; ++k) {
         if (kQuant) {
-          prefetch_range(static_cast<const uint8_t*>(seg.state[k]) + ahead, kGroup);
+          prefetch_range(static_cast<const uint8_t*>(seg_.state[k]) + at + kPrefetchAhead, kGroup);
         } else {
-          prefetch_range(static_cast<const float*>(seg.state[k]) + ahead, kGroup * 4);
+          prefetch_range(static_cast<const float*>(seg_.state[k]) + at + kPrefetchAhead, kGroup * 4);
         }
       }
     }
-    const int64_t count = std::min(kGroup, len - i);
-    const __mmask64 valid = first_bits(count);
+    const __mmask64 valid = kFull ? ~__mmask64(0) : first_bits(count);
     __m512 old[kSlots][4];
     for (int k = 0; k < NS; ++k) {
       if (kQuant) {
-        decode_group(call.slot[k], static_cast<const uint8_t*>(seg.state[k]) + at, valid, scale[k], old[k]);
+        decode_group(call_.slot[k], static_cast<const uint8_t*>(seg_.state[k]) + at, valid, scale_[k], old[k]);
       } else {
+        const float* state = static_cast<const float*>(seg_.state[k]) + at;
         for (int q = 0; q < 4; ++q) {
-          old[k][q] = _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid >> (16 * q)),
-                                            static_cast<const float*>(seg.state[k]) + at + 16 * q);
+          old[k][q] = kFull ? _mm512_loadu_ps(state + 16 * q)
+                            : _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid >> (16 * q)), state + 16 * q);
         }
       }
     }
-    for (int q = 0; q < 4 && 16 * q < count; ++q) {
-      const __mmask16 lanes = static_cast<__mmask16>(valid >> (16 * q));
-      const int64_t e = i + 16 * q;  // index in the unit
-      __m512 g = load_values(seg.grad, seg.grad_kind, at + 16 * q, lanes);
-      if (call.has_grad_scale) g = _mm512_mul_ps(g, grad_scale);
-      const __mmask16 not_finite = _mm512_fpclass_ps_mask(g, 0x99);  // QNaN | +Inf | -Inf | SNaN
-      const __mmask16 finite = lanes & static_cast<__mmask16>(~not_finite);
-      const __m512 p = load16(param + e, lanes);
-      Vec16 state[kSlots];
-      for (int k = 0; k < NS; ++k) state[k] = Vec16(old[k][q]);
-      const Vec16 d = update_value<Vec16>(R, W, call.c, Vec16(_mm512_maskz_mov_ps(static_cast<__mmask16>(~not_finite), g)),
-                                          Vec16(p), state, NS);
-      if (kNorm) {
-        const __m512d low = _mm512_cvtps_pd(_mm512_castps512_ps256(d.v));
-        const __m512d high = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d.v), 1)));
-        norm = _mm512_mask_add_pd(norm, static_cast<__mmask8>(finite), norm, _mm512_mul_pd(low, low));
-        norm = _mm512_mask_add_pd(norm, static_cast<__mmask8>(finite >> 8), norm, _mm512_mul_pd(high, high));
-        continue;
-      }
-      bad += __builtin_popcount(static_cast<unsigned>(lanes & not_finite));
-      const Vec16 stepped = apply_direction_value<Vec16>(Vec16(p), decay, lr, d);
-      store_param(param + e, _mm512_mask_blend_ps(finite, p, stepped.v), lanes, call, seg.first_index + at + 16 * q);
-      for (int k = 0; k < NS; ++k) {
-        const __m512 value = _mm512_mask_blend_ps(finite, old[k][q], state[k].v);
-        if (kQuant) {
-          _mm512_store_ps(kept[k] + e, value);
-          absmax[k] = _mm512_mask_max_epu32(absmax[k], lanes, absmax[k], _mm512_and_si512(_mm512_castps_si512(value), abs_mask));
-        } else {
-          _mm512_mask_storeu_ps(static_cast<float*>(seg.state[k]) + at + 16 * q, lanes, value);
-        }
-      }
+    for (int q = 0; q < 4; ++q) {
+      if (!kFull && 16 * q >= count) break;
+      vector<kFull>(i + 16 * q, static_cast<__mmask16>(valid >> (16 * q)), old, q);
     }
   }
-  if (kNorm) {
-    call.unit_norms[u] = _mm512_reduce_add_pd(norm);
-    return;
-  }
-  *nonfinite += bad;
-  if (kQuant) {
+
+  // The 16 elements e .. e + 15 of the unit (lanes: the valid ones).
+  template <bool kFull>
+  __attribute__((always_inline)) void vector(int64_t e, __mmask16 lanes, const __m512 (*old)[4], int q) {
+    __m512 g = kFull ? load16(grad_ + e) : load16(grad_ + e, lanes);
+    if (call_.has_grad_scale) g = _mm512_mul_ps(g, grad_scale_);
+    const __mmask16 not_finite = _mm512_fpclass_ps_mask(g, 0x99);  // QNaN | +Inf | -Inf | SNaN
+    const __mmask16 finite = static_cast<__mmask16>(lanes & ~not_finite);
+    const __m512 p = kFull ? load16(param_ + e) : load16(param_ + e, lanes);
+    Vec16 state[kSlots];
+    for (int k = 0; k < NS; ++k) state[k] = Vec16(old[k][q]);
+    const Vec16 d = update_value<Vec16>(R, W, call_.c, Vec16(_mm512_maskz_mov_ps(static_cast<__mmask16>(~not_finite), g)),
+                                        Vec16(p), state, NS);
+    if (kNorm) {
+      const __m512d low = _mm512_cvtps_pd(_mm512_castps512_ps256(d.v));
+      const __m512d high = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d.v), 1)));
+      norm_ = _mm512_mask_add_pd(norm_, static_cast<__mmask8>(finite), norm_, _mm512_mul_pd(low, low));
+      norm_ = _mm512_mask_add_pd(norm_, static_cast<__mmask8>(finite >> 8), norm_, _mm512_mul_pd(high, high));
+      return;
+    }
+    const __mmask16 skipped = static_cast<__mmask16>(lanes & not_finite);
+    if (skipped != 0) bad_ += __builtin_popcount(static_cast<unsigned>(skipped));
+    const Vec16 stepped = apply_direction_value<Vec16>(Vec16(p), call_.decay, seg_.lr, d);
+    store_param(param_ + e, _mm512_mask_blend_ps(finite, p, stepped.v), lanes, call_, seg_.first_index + start_ + e);
     for (int k = 0; k < NS; ++k) {
-      const float block_absmax = absmax_from_bits(_mm512_reduce_max_epu32(absmax[k]));
-      seg.absmax[k][b] = block_absmax;
-      encode_state(call.slot[k], kept[k], len, block_absmax, static_cast<uint8_t*>(seg.state[k]) + start);
+      const __m512 value = _mm512_mask_blend_ps(finite, old[k][q], state[k].v);
+      if (kQuant) {
+        _mm512_store_ps(kept_[k] + e, value);
+        const __m512i magnitude = _mm512_and_si512(_mm512_castps_si512(value), _mm512_set1_epi32(static_cast<int>(kAbsMask)));
+        absmax_[k] = kFull ? _mm512_max_epu32(absmax_[k], magnitude)
+                           : _mm512_mask_max_epu32(absmax_[k], lanes, absmax_[k], magnitude);
+      } else {
+        float* out = static_cast<float*>(seg_.state[k]) + start_ + e;
+        if (kFull) {
+          _mm512_storeu_ps(out, value);
+        } else {
+          _mm512_mask_storeu_ps(out, lanes, value);
+        }
+      }
     }
+  }
+
+  const Call& call_;
+  const Segment& seg_;
+  const int64_t u_;
+  const int64_t block_;  // index of the unit in its segment
+  const int64_t start_;  // its first element
+  const int64_t len_;
+  P* const param_;
+  const G* const grad_;
+  float (*const kept_)[kMaxBlock];
+  const __m512 grad_scale_;
+  float scale_[kSlots] = {};  // 8-bit: the old absmax of each slot
+  __m512i absmax_[kSlots];    // 8-bit: max of |kept value| bits so far
+  __m512d norm_ = _mm512_setzero_pd();
+  int64_t bad_ = 0;
+};
+
+template <Rule R, WeightDecayMode W, int NS, bool kQuant, bool kNorm, typename P>
+void unit_avx512(const Call& call, const Segment& seg, int64_t u, float (*kept)[kMaxBlock], int64_t* nonfinite) {
+  switch (seg.grad_kind) {
+    case FloatKind::kFloat:
+      UnitAvx512<R, W, NS, kQuant, kNorm, P, float>(call, seg, u, kept).run(nonfinite);
+      break;
+    case FloatKind::kHalf:
+      UnitAvx512<R, W, NS, kQuant, kNorm, P, c10::Half>(call, seg, u, kept).run(nonfinite);
+      break;
+    default:
+      UnitAvx512<R, W, NS, kQuant, kNorm, P, c10::BFloat16>(call, seg, u, kept).run(nonfinite);
+      break;
   }
 }
 #endif  // D8_AVX512
@@ -675,10 +719,23 @@ void fused_step_cpu(int64_t rule, int64_t wd_mode, c10::ArrayRef<double> hyper, 
   call.unit_norms = unit_norms.data();
   std::atomic<int64_t> nonfinite{0};
   if (total_units > 0) {
-    const int64_t grain = std::max<int64_t>(1, kStepTaskElements / call.unit);
-    at::parallel_for(0, total_units, grain, [&](int64_t first, int64_t last) {
+    // Threads take chunks of units from a shared counter, in order, so that
+    // a thread slowed down (by another process, or a sibling hyperthread)
+    // leaves its share to the others instead of holding up the call.
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t min_units = std::max<int64_t>(1, kMinChunkElements / call.unit);
+    const int64_t max_units = std::max<int64_t>(1, kMaxChunkElements / call.unit);
+    const int64_t chunk = std::clamp<int64_t>(total_units / (kChunksPerThread * threads), min_units, max_units);
+    const int64_t tasks = std::min(threads, (total_units + chunk - 1) / chunk);
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, tasks, 1, [&](int64_t first_task, int64_t last_task) {
       int64_t count = 0;
-      run(call, num_segments, first, last, &count);
+      for (int64_t task = first_task; task < last_task; ++task) {
+        for (int64_t first = next.fetch_add(chunk, std::memory_order_relaxed); first < total_units;
+             first = next.fetch_add(chunk, std::memory_order_relaxed)) {
+          run(call, num_segments, first, std::min(first + chunk, total_units), &count);
+        }
+      }
       if (count != 0) nonfinite.fetch_add(count, std::memory_order_relaxed);
     });
   }

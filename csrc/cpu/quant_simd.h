@@ -148,6 +148,9 @@ struct SearchTables {
   __m512 step6[2];       // 32 entries
   __m512 step7[4];       // 64 entries
   __m512 step8[8];       // 128 entries
+#if D8_AVX512_VBMI
+  __m512i step8_planes[4][2];  // the step-8 table as four byte planes of 128 bytes (vpermi2b)
+#endif
 
   explicit SearchTables(const float* thresholds) {
     alignas(64) float table[128];
@@ -171,6 +174,14 @@ struct SearchTables {
     for (int q = 0; q < 4; ++q) step7[q] = _mm512_load_ps(table + 16 * q);
     fill(8);
     for (int q = 0; q < 8; ++q) step8[q] = _mm512_load_ps(table + 16 * q);
+#if D8_AVX512_VBMI
+    alignas(64) uint8_t bytes[128];
+    for (int k = 0; k < 4; ++k) {
+      for (int q = 0; q < 128; ++q) bytes[q] = static_cast<uint8_t>(float_to_bits(table[q]) >> (8 * k));
+      step8_planes[k][0] = _mm512_load_si512(bytes);
+      step8_planes[k][1] = _mm512_load_si512(bytes + 64);
+    }
+#endif
   }
 };
 
@@ -184,31 +195,77 @@ __attribute__((always_inline)) inline __m512i search_step(__m512i p, __m512 s, _
 #endif
 }
 
-// codes[v] = #{ j : thresholds[j] < s[v] } for V vectors (s finite).
+// Steps 1..7 for V vectors (s finite): codes[v] = the first 7 decisions, in [0, 127].
 template <int V>
-__attribute__((always_inline)) inline void search(const __m512* s, __m512i* codes, const SearchTables& t) {
+__attribute__((always_inline)) inline void search7(const __m512* s, __m512i* codes, const SearchTables& t) {
   const __m512i bit5 = _mm512_set1_epi32(32);
-  __mmask16 first[V];
   for (int v = 0; v < V; ++v) codes[v] = _mm512_srli_epi32(_mm512_castps_si512(_mm512_sub_ps(t.first, s[v])), 31);
   for (int k = 0; k < 4; ++k)
     for (int v = 0; v < V; ++v) codes[v] = search_step(codes[v], s[v], _mm512_permutexvar_ps(codes[v], t.small[k]));
   for (int v = 0; v < V; ++v)
     codes[v] = search_step(codes[v], s[v], _mm512_permutex2var_ps(t.step6[0], codes[v], t.step6[1]));
   for (int v = 0; v < V; ++v) {
-    first[v] = _mm512_test_epi32_mask(codes[v], bit5);  // decision 1
-    const __m512 lookup = _mm512_mask_blend_ps(first[v], _mm512_permutex2var_ps(t.step7[0], codes[v], t.step7[1]),
+    const __mmask16 first = _mm512_test_epi32_mask(codes[v], bit5);  // decision 1
+    const __m512 lookup = _mm512_mask_blend_ps(first, _mm512_permutex2var_ps(t.step7[0], codes[v], t.step7[1]),
                                                _mm512_permutex2var_ps(t.step7[2], codes[v], t.step7[3]));
     codes[v] = search_step(codes[v], s[v], lookup);
   }
+}
+
+// codes[v] = #{ j : thresholds[j] < s[v] } for V vectors (s finite): steps 1..7, then
+// step 8 with the 128-entry table in 16 registers.
+template <int V>
+__attribute__((always_inline)) inline void search(const __m512* s, __m512i* codes, const SearchTables& t) {
+  search7<V>(s, codes, t);
+  const __m512i bit5 = _mm512_set1_epi32(32);
+  const __m512i bit6 = _mm512_set1_epi32(64);
   for (int v = 0; v < V; ++v) {
+    const __mmask16 first = _mm512_test_epi32_mask(codes[v], bit6);   // decision 1
     const __mmask16 second = _mm512_test_epi32_mask(codes[v], bit5);  // decision 2
     const __m512 low = _mm512_mask_blend_ps(second, _mm512_permutex2var_ps(t.step8[0], codes[v], t.step8[1]),
                                             _mm512_permutex2var_ps(t.step8[2], codes[v], t.step8[3]));
     const __m512 high = _mm512_mask_blend_ps(second, _mm512_permutex2var_ps(t.step8[4], codes[v], t.step8[5]),
                                              _mm512_permutex2var_ps(t.step8[6], codes[v], t.step8[7]));
-    codes[v] = search_step(codes[v], s[v], _mm512_mask_blend_ps(first[v], low, high));
+    codes[v] = search_step(codes[v], s[v], _mm512_mask_blend_ps(first, low, high));
   }
 }
+
+#if D8_AVX512_VBMI
+// Four byte planes (byte k of 64 floats, in the order the packs below leave
+// them: position 16L + 4r + q holds element 16r + 4L + q) -> four vectors of 16
+// floats, elements 0..15, 16..31, 32..47, 48..63.
+__attribute__((always_inline)) inline void planes_to_floats(const __m512i b[4], __m512 out[4]) {
+  const __m512i w_low = _mm512_unpacklo_epi8(b[0], b[1]);
+  const __m512i w_high = _mm512_unpackhi_epi8(b[0], b[1]);
+  const __m512i z_low = _mm512_unpacklo_epi8(b[2], b[3]);
+  const __m512i z_high = _mm512_unpackhi_epi8(b[2], b[3]);
+  out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w_low, z_low));
+  out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w_low, z_low));
+  out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w_high, z_high));
+  out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w_high, z_high));
+}
+
+// Step 8 for four vectors of 7-bit prefixes p (after search7), 64 lanes at a
+// time in the byte domain, returning the 64 codes 2p + (s > t8[p]) as bytes in
+// element order. The packs leave p exactly in the order planes_to_floats
+// expects, so t8[p] costs 4 vpermi2b (128-entry byte tables) and 8 unpacks
+// instead of 16 float permutes and 12 blends; the decision s > t is t < s, the
+// same comparison as search_step's sign bit for finite s and t.
+__attribute__((always_inline)) inline __m512i search8_bytes(const __m512i p[4], const __m512 s[4], const SearchTables& t) {
+  const __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(p[0], p[1]), _mm512_packus_epi32(p[2], p[3]));
+  __m512i planes[4];
+  for (int k = 0; k < 4; ++k) planes[k] = _mm512_permutex2var_epi8(t.step8_planes[k][0], packed, t.step8_planes[k][1]);
+  __m512 threshold[4];
+  planes_to_floats(planes, threshold);
+  __mmask16 below[4];
+  for (int v = 0; v < 4; ++v) below[v] = _mm512_cmp_ps_mask(threshold[v], s[v], _CMP_LT_OQ);
+  const __mmask64 decision = _mm512_kunpackd(static_cast<__mmask64>(_mm512_kunpackw(below[3], below[2])),
+                                             static_cast<__mmask64>(_mm512_kunpackw(below[1], below[0])));
+  const __m512i prefix = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), packed);
+  const __m512i doubled = _mm512_add_epi8(prefix, prefix);
+  return _mm512_mask_sub_epi8(doubled, decision, doubled, _mm512_set1_epi8(-1));
+}
+#endif
 
 // Four vectors of 16 int32 in [0, 255] -> 64 bytes in element order.
 __attribute__((always_inline)) inline __m512i pack_bytes(__m512i a, __m512i b, __m512i c, __m512i d) {
@@ -305,9 +362,17 @@ __attribute__((always_inline)) inline void encode_vectors(const SearchTables& ta
       s[v] = _mm512_mul_ps(load16(x + 16 * v, lanes), scale);
     }
   }
+#if D8_AVX512_VBMI
+  search7<V>(s, c, tables);
+#else
   search<V>(s, c, tables);
+#endif
   for (int g = 0; g < V / 4; ++g) {
+#if D8_AVX512_VBMI
+    const __m512i bytes = search8_bytes(c + 4 * g, s + 4 * g, tables);
+#else
     const __m512i bytes = pack_bytes(c[4 * g], c[4 * g + 1], c[4 * g + 2], c[4 * g + 3]);
+#endif
     if (kStream) {
       _mm512_stream_si512(reinterpret_cast<__m512i*>(out + 64 * g), bytes);
     } else if (kFull) {
@@ -466,14 +531,7 @@ struct DecodeTables {
       b[k] = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(plane[k][0], idx, plane[k][1]),
                                     _mm512_permutex2var_epi8(plane[k][2], idx, plane[k][3]));
     }
-    const __m512i w_low = _mm512_unpacklo_epi8(b[0], b[1]);
-    const __m512i w_high = _mm512_unpackhi_epi8(b[0], b[1]);
-    const __m512i z_low = _mm512_unpacklo_epi8(b[2], b[3]);
-    const __m512i z_high = _mm512_unpackhi_epi8(b[2], b[3]);
-    out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w_low, z_low));
-    out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w_low, z_low));
-    out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w_high, z_high));
-    out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w_high, z_high));
+    planes_to_floats(b, out);
   }
 };
 #endif  // D8_AVX512_VBMI
