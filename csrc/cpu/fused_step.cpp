@@ -312,6 +312,45 @@ __attribute__((always_inline)) inline void prefetch_range(const void* p, int64_t
 
 // One unit: its elements 64 at a time (group<true>; a last partial group masks
 // its lanes), then the 8-bit slots' absmax and codes. G: the gradient dtype.
+// The gradient dtype as a template argument: float, c10::Half, c10::BFloat16,
+// or AnyFloat for "the segment's grad_kind, looked up per vector" (the norm
+// passes use that: they run once per step at most, and it saves compile time).
+struct AnyFloat {};
+
+template <typename G>
+__attribute__((always_inline)) inline __m512 load_grad(const void* base, FloatKind, int64_t i) {
+  return load16(static_cast<const G*>(base) + i);
+}
+template <typename G>
+__attribute__((always_inline)) inline __m512 load_grad(const void* base, FloatKind, int64_t i, __mmask16 lanes) {
+  return load16(static_cast<const G*>(base) + i, lanes);
+}
+template <>
+__attribute__((always_inline)) inline __m512 load_grad<AnyFloat>(const void* base, FloatKind kind, int64_t i,
+                                                                 __mmask16 lanes) {
+  switch (kind) {
+    case FloatKind::kFloat:
+      return load16(static_cast<const float*>(base) + i, lanes);
+    case FloatKind::kHalf:
+      return load16(static_cast<const c10::Half*>(base) + i, lanes);
+    default:
+      return load16(static_cast<const c10::BFloat16*>(base) + i, lanes);
+  }
+}
+template <>
+__attribute__((always_inline)) inline __m512 load_grad<AnyFloat>(const void* base, FloatKind kind, int64_t i) {
+  return load_grad<AnyFloat>(base, kind, i, static_cast<__mmask16>(0xFFFF));
+}
+
+template <typename G>
+constexpr int64_t grad_bytes(FloatKind) {
+  return sizeof(G);
+}
+template <>
+constexpr int64_t grad_bytes<AnyFloat>(FloatKind kind) {
+  return kind == FloatKind::kFloat ? 4 : 2;
+}
+
 template <Rule R, WeightDecayMode W, int NS, bool kQuant, bool kNorm, typename P, typename G>
 class UnitAvx512 {
  public:
@@ -323,7 +362,7 @@ class UnitAvx512 {
         start_(block_ * call.unit),
         len_(std::min(call.unit, seg.numel - start_)),
         param_(static_cast<P*>(seg.param) + start_),
-        grad_(static_cast<const G*>(seg.grad) + start_),
+        grad_(static_cast<const char*>(seg.grad) + start_ * grad_bytes<G>(seg.grad_kind)),
         kept_(kept),
         grad_scale_(_mm512_set1_ps(seg.grad_scale)) {
     for (int k = 0; k < NS; ++k) {
@@ -359,7 +398,8 @@ class UnitAvx512 {
     const int64_t at = start_ + i;  // index in the segment
     if (at + kPrefetchAhead < seg_.numel) {
       // The loop is compute-heavy enough that the hardware prefetcher lags.
-      prefetch_range(grad_ + i + kPrefetchAhead, kGroup * static_cast<int64_t>(sizeof(G)));
+      const int64_t bytes = grad_bytes<G>(seg_.grad_kind);
+      prefetch_range(grad_ + (i + kPrefetchAhead) * bytes, kGroup * bytes);
       prefetch_range(param_ + i + kPrefetchAhead, kGroup * static_cast<int64_t>(sizeof(P)));
       for (int k = 0; k < NS; ++k) {
         if (kQuant) {
@@ -391,7 +431,7 @@ class UnitAvx512 {
   // The 16 elements e .. e + 15 of the unit (lanes: the valid ones).
   template <bool kFull>
   __attribute__((always_inline)) void vector(int64_t e, __mmask16 lanes, const __m512 (*old)[4], int q) {
-    __m512 g = kFull ? load16(grad_ + e) : load16(grad_ + e, lanes);
+    __m512 g = kFull ? load_grad<G>(grad_, seg_.grad_kind, e) : load_grad<G>(grad_, seg_.grad_kind, e, lanes);
     if (call_.has_grad_scale) g = _mm512_mul_ps(g, grad_scale_);
     const __mmask16 not_finite = _mm512_fpclass_ps_mask(g, 0x99);  // QNaN | +Inf | -Inf | SNaN
     const __mmask16 finite = static_cast<__mmask16>(lanes & ~not_finite);
@@ -436,7 +476,7 @@ class UnitAvx512 {
   const int64_t start_;  // its first element
   const int64_t len_;
   P* const param_;
-  const G* const grad_;
+  const char* const grad_;  // the unit's first gradient
   float (*const kept_)[kMaxBlock];
   const __m512 grad_scale_;
   float scale_[kSlots] = {};  // 8-bit: the old absmax of each slot
@@ -447,16 +487,20 @@ class UnitAvx512 {
 
 template <Rule R, WeightDecayMode W, int NS, bool kQuant, bool kNorm, typename P>
 void unit_avx512(const Call& call, const Segment& seg, int64_t u, float (*kept)[kMaxBlock], int64_t* nonfinite) {
-  switch (seg.grad_kind) {
-    case FloatKind::kFloat:
-      UnitAvx512<R, W, NS, kQuant, kNorm, P, float>(call, seg, u, kept).run(nonfinite);
-      break;
-    case FloatKind::kHalf:
-      UnitAvx512<R, W, NS, kQuant, kNorm, P, c10::Half>(call, seg, u, kept).run(nonfinite);
-      break;
-    default:
-      UnitAvx512<R, W, NS, kQuant, kNorm, P, c10::BFloat16>(call, seg, u, kept).run(nonfinite);
-      break;
+  if constexpr (kNorm) {
+    UnitAvx512<R, W, NS, kQuant, kNorm, P, AnyFloat>(call, seg, u, kept).run(nonfinite);
+  } else {
+    switch (seg.grad_kind) {
+      case FloatKind::kFloat:
+        UnitAvx512<R, W, NS, kQuant, kNorm, P, float>(call, seg, u, kept).run(nonfinite);
+        break;
+      case FloatKind::kHalf:
+        UnitAvx512<R, W, NS, kQuant, kNorm, P, c10::Half>(call, seg, u, kept).run(nonfinite);
+        break;
+      default:
+        UnitAvx512<R, W, NS, kQuant, kNorm, P, c10::BFloat16>(call, seg, u, kept).run(nonfinite);
+        break;
+    }
   }
 }
 #endif  // D8_AVX512
@@ -499,7 +543,9 @@ RangeFn pick_dtype(bool norm, at::ScalarType param_type) {
 
 template <Rule R, WeightDecayMode W, int NS>
 RangeFn pick_precision(bool eight_bit, bool norm, at::ScalarType param_type) {
-  if (NS > 0 && eight_bit) return pick_dtype<R, W, NS, true>(norm, param_type);
+  if constexpr (NS > 0) {
+    if (eight_bit) return pick_dtype<R, W, NS, true>(norm, param_type);
+  }
   return pick_dtype<R, W, NS, false>(norm, param_type);
 }
 
