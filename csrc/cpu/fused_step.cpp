@@ -10,7 +10,11 @@
 //           block's new absmax (unsigned max over |x| bits, NaN-propagating)
 //           and the codebook's rounding rule, exactly as quantize.cpp encodes
 //   d       dist8bit::update_value of common/update_rules.h, the rules every
-//           backend shares, here on 16-lane vectors (Vec16 below)
+//           backend shares, here on 16-lane vectors (Vec16 below); sqrt and
+//           division are IEEE (vsqrtps, vdivps), as sqrtf and / in the header.
+//           (torch.sqrt on the CPU goes through MKL's vsSqrt, which is not
+//           correctly rounded on every CPU; tests/test_cpu_fused_step.py says
+//           how the comparison deals with that.)
 //   p       apply_direction(p, hyper[DECAY], lr_eff, d), lr_eff = hyper[LR]
 //           * update_scale[k] in float32, stored in the parameter dtype
 //           rounding to nearest even (a NaN becomes 0xFFFF in bfloat16 and
@@ -30,7 +34,8 @@
 // unit encode the buffer with quantize.cpp's permute-based binary search
 // (quant_simd.h). The inner loops are templated on the rule, the weight-decay
 // mode, the state count, the state precision and the parameter and gradient
-// dtypes, so the rule's switch folds away at compile time. Norm mode (norm_out
+// dtypes (norm passes look the gradient dtype up at run time), so the rule's
+// switch folds away at compile time. Norm mode (norm_out
 // given) runs the same loop, writes nothing but one float64 partial sum per
 // unit and adds the partials per segment in unit order, so its result does not
 // depend on the thread count or the chunking.
