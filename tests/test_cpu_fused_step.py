@@ -6,17 +6,9 @@ compares parameters, 8-bit codes and absmax, float32 states and the
 non-finite count to the last bit, NaN payloads included, and norm_out to
 float64 rounding (the kernel adds in another order).
 
-The square root. csrc/common/update_rules.h takes IEEE sqrt (sqrtf, a
-correctly rounded vsqrtps here), and so do the CUDA kernels. The reference
-calls torch.sqrt, which torch's CPU build hands to MKL's vsSqrt (VML_HA): on
-CPUs where MKL picks an approximate path (AMD, where rsqrtps plus Newton steps
-are off by one ulp for about a fifth of the inputs) torch.sqrt is not
-correctly rounded, and no kernel that follows the shared header can match it.
-The comparisons therefore run the reference with torch.sqrt computed in
-float64 and rounded to float32, which is the correctly rounded float32 square
-root (a float32's square root is never within 2^-50 relative of a float32
-rounding boundary, far more than float64's error). test_torch_sqrt_is_ieee
-reports, as an expected failure, machines where the unpatched oracle differs.
+The reference computes square roots correctly rounded (through float64), as
+the kernels' sqrtf does; torch.sqrt itself is not correctly rounded on every
+CPU (see reference_optim._sqrt).
 """
 
 from __future__ import annotations
@@ -170,21 +162,8 @@ def cpu():
     return load_backend("cpu")
 
 
-def _exact_sqrt(original):
-    """float32 sqrt correctly rounded, through float64 (see the module docstring)."""
-
-    def sqrt(x, *args, **kwargs):
-        if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and not args and not kwargs:
-            return original(x.double()).float()
-        return original(x, *args, **kwargs)
-
-    return sqrt
-
-
 @pytest.fixture
-def ieee_reference(monkeypatch):
-    """REFERENCE.fused_step with a correctly rounded torch.sqrt."""
-    monkeypatch.setattr(torch, "sqrt", _exact_sqrt(torch.sqrt))
+def reference():
     return REFERENCE
 
 
@@ -298,7 +277,7 @@ def assert_same(actual: Inputs, expected: Inputs, what: str = "") -> None:
 @pytest.mark.parametrize("param_dtype,grad_dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("eight_bit,blocksize", PRECISIONS, ids=PRECISION_IDS)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_matches_reference(cpu, ieee_reference, case, eight_bit, blocksize, param_dtype, grad_dtype):
+def test_matches_reference(cpu, reference, case, eight_bit, blocksize, param_dtype, grad_dtype):
     """Two consecutive steps with non-finite gradients, grad_scale and update_scale."""
     inputs = make_inputs(case, eight_bit, blocksize, param_dtype, grad_dtype)
     mine, theirs = inputs.clone(), inputs.clone()
@@ -310,14 +289,14 @@ def test_matches_reference(cpu, ieee_reference, case, eight_bit, blocksize, para
     for step in range(2):
         scales = (grad_scale, update_scale) if step == 0 else (None, None)
         run_step(cpu, case, mine, *scales, count=counts[0])
-        run_step(ieee_reference, case, theirs, *scales, count=counts[1])
+        run_step(reference, case, theirs, *scales, count=counts[1])
         assert_same(mine, theirs, f"step {step}")
     assert counts[0].item() == counts[1].item() > 0
 
 
 @pytest.mark.parametrize("eight_bit,blocksize", PRECISIONS, ids=PRECISION_IDS)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_norm_out_only_sums(cpu, ieee_reference, case, eight_bit, blocksize):
+def test_norm_out_only_sums(cpu, reference, case, eight_bit, blocksize):
     """norm_out: sum(d^2) over finite elements per segment, nothing else written."""
     inputs = make_inputs(case, eight_bit, blocksize, torch.float32, torch.float32)
     mine = inputs.clone()
@@ -326,7 +305,7 @@ def test_norm_out_only_sums(cpu, ieee_reference, case, eight_bit, blocksize):
     count = torch.zeros(1, dtype=torch.int64)
     grad_scale = torch.linspace(0.5, 2.0, n)
     run_step(cpu, case, mine, grad_scale=grad_scale, norm_out=norms[0], count=count)
-    run_step(ieee_reference, case, inputs.clone(), grad_scale=grad_scale, norm_out=norms[1])
+    run_step(reference, case, inputs.clone(), grad_scale=grad_scale, norm_out=norms[1])
     torch.testing.assert_close(norms[0], norms[1], rtol=1e-12, atol=0.0)
     assert norms[0][0].item() == 0.0  # the empty segment
     assert count.item() == 0
@@ -336,7 +315,7 @@ def test_norm_out_only_sums(cpu, ieee_reference, case, eight_bit, blocksize):
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=["fp32grad", "bf16grad"])
 @pytest.mark.parametrize("eight_bit,blocksize", [(True, 256), (False, 256)], ids=["8bit", "32bit"])
 @pytest.mark.parametrize("name", ["adamw", "sgd", "lion", "ademamix"])
-def test_bf16_stochastic_rounding(cpu, ieee_reference, name, eight_bit, blocksize, grad_dtype):
+def test_bf16_stochastic_rounding(cpu, reference, name, eight_bit, blocksize, grad_dtype):
     """Parameters rounded by the hash of (seed, segment_offsets[k] + i), also across a 2^32 boundary."""
     case = CASES_BY_NAME[name]
     inputs = make_inputs(case, eight_bit, blocksize, torch.bfloat16, grad_dtype)
@@ -344,26 +323,26 @@ def test_bf16_stochastic_rounding(cpu, ieee_reference, name, eight_bit, blocksiz
     mine, theirs = inputs.clone(), inputs.clone()
     for seed in (0, 2**62 + 12345):
         run_step(cpu, case, mine, offsets=offsets, seed=seed)
-        run_step(ieee_reference, case, theirs, offsets=offsets, seed=seed)
+        run_step(reference, case, theirs, offsets=offsets, seed=seed)
         assert_same(mine, theirs, f"seed {seed}")
     rounded = make_inputs(case, eight_bit, blocksize, torch.bfloat16, grad_dtype)
     run_step(cpu, case, rounded, offsets=offsets)
     assert not all(torch.equal(a, b) for a, b in zip(rounded.params, inputs.params, strict=True))
 
 
-def test_seed_is_ignored_for_float16(cpu, ieee_reference):
+def test_seed_is_ignored_for_float16(cpu, reference):
     case = CASES_BY_NAME["adamw"]
     inputs = make_inputs(case, True, 256, torch.float16, torch.float16)
     mine, theirs = inputs.clone(), inputs.clone()
     run_step(cpu, case, mine, seed=5)
-    run_step(ieee_reference, case, theirs, seed=5)
+    run_step(reference, case, theirs, seed=5)
     assert_same(mine, theirs)
 
 
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("eight_bit,blocksize", [(True, 64), (True, 256), (False, 256)], ids=["8bit-64", "8bit-256", "32bit"])
 @pytest.mark.parametrize("name", ["adamw", "sgd-momentum", "rmsprop-momentum", "lion", "ademamix"])
-def test_special_values(cpu, ieee_reference, name, eight_bit, blocksize, param_dtype):
+def test_special_values(cpu, reference, name, eight_bit, blocksize, param_dtype):
     """NaN/Inf parameters and states, all-zero and tiny blocks (absmax 0, 1/absmax = inf), huge gradients."""
     case = CASES_BY_NAME[name]
     sizes = (300, 1000, 4096)
@@ -390,12 +369,12 @@ def test_special_values(cpu, ieee_reference, name, eight_bit, blocksize, param_d
     counts = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
     grad_scale = torch.tensor([1.0, 1.0, float("inf")])  # segment 2: every scaled gradient is non-finite
     run_step(cpu, case, mine, grad_scale=grad_scale, count=counts[0])
-    run_step(ieee_reference, case, theirs, grad_scale=grad_scale, count=counts[1])
+    run_step(reference, case, theirs, grad_scale=grad_scale, count=counts[1])
     assert_same(mine, theirs)
     assert counts[0].item() == counts[1].item() >= sizes[2]
 
 
-def test_many_segments_and_empty_calls(cpu, ieee_reference):
+def test_many_segments_and_empty_calls(cpu, reference):
     """Hundreds of small segments (parallel work split across them) and calls with nothing to do."""
     case = CASES_BY_NAME["adamw"]
     gen = torch.Generator().manual_seed(7)
@@ -404,17 +383,17 @@ def test_many_segments_and_empty_calls(cpu, ieee_reference):
     mine, theirs = inputs.clone(), inputs.clone()
     norms = [torch.zeros(len(sizes), dtype=torch.float64) for _ in range(2)]
     run_step(cpu, case, mine.clone(), norm_out=norms[0])
-    run_step(ieee_reference, case, theirs.clone(), norm_out=norms[1])
+    run_step(reference, case, theirs.clone(), norm_out=norms[1])
     torch.testing.assert_close(norms[0], norms[1], rtol=1e-12, atol=0.0)
     run_step(cpu, case, mine)
-    run_step(ieee_reference, case, theirs)
+    run_step(reference, case, theirs)
     assert_same(mine, theirs)
     empty = make_inputs(case, True, 64, torch.float32, torch.float32, sizes=(0, 0))
     run_step(cpu, case, empty, norm_out=torch.zeros(2, dtype=torch.float64))
     run_step(cpu, case, make_inputs(case, True, 64, torch.float32, torch.float32, sizes=()))
 
 
-def test_thread_count_does_not_change_results(cpu, ieee_reference):
+def test_thread_count_does_not_change_results(cpu, reference):
     case = CASES_BY_NAME["ademamix"]
     inputs = make_inputs(case, True, 256, torch.bfloat16, torch.float32, sizes=(100000, 3, 40000))
     results = []
@@ -466,18 +445,6 @@ def test_rejects_bad_arguments(cpu):
         call(good, count=torch.zeros(1, dtype=torch.int32))
 
 
-def test_torch_sqrt_is_ieee():
-    """Whether the unpatched oracle's torch.sqrt is correctly rounded on this machine (see the docstring)."""
-    gen = torch.Generator().manual_seed(0)
-    v = torch.rand(1 << 16, generator=gen) * 1e-3
-    differ = (torch.sqrt(v) != torch.sqrt(v.double()).float()).sum().item()
-    if differ:
-        pytest.xfail(
-            f"torch.sqrt (MKL vsSqrt) is not correctly rounded on this CPU ({differ} of {v.numel()} results off by "
-            "one ulp): the unpatched reference cannot match IEEE-sqrt kernels here"
-        )
-
-
 PORTABLE_CHECK = textwrap.dedent(
     """
     import sys
@@ -490,7 +457,6 @@ PORTABLE_CHECK = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     import test_cpu_fused_step as t
 
-    torch.sqrt = t._exact_sqrt(torch.sqrt)
     cpu = compiled_backend("cpu")
     for case in t.CASES:
         for eight_bit, blocksize in ((True, 64), (False, 256)):

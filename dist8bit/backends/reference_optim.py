@@ -27,6 +27,17 @@ class _Constants:
         return self.values[slot]
 
 
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root, as the kernels' sqrtf.
+
+    torch.sqrt on CPU goes through MKL's vsSqrt, which on some CPUs (AMD Zen
+    here) is off by one ulp for about a fifth of the inputs, and differently
+    on other CPUs. A float32's square root computed in float64 and rounded once
+    is the correctly rounded result (it is never close enough to a float32
+    rounding boundary for float64's error to matter)."""
+    return torch.sqrt(x.double()).float()
+
+
 def _divide(numerator: torch.Tensor, denominator: float) -> torch.Tensor:
     """A true float32 division: CUDA turns `tensor / python_number` into a multiply
     by the reciprocal, which rounds differently from the kernels' division."""
@@ -39,7 +50,7 @@ def _adam(h, wd_mode, g, p, states):
         g = g + h[Hyper.WEIGHT_DECAY] * p
     m = h[Hyper.BETA1] * m + h[Hyper.ONE_MINUS_BETA1] * g
     v = h[Hyper.BETA2] * v + h[Hyper.ONE_MINUS_BETA2] * (g * g)
-    denom = _divide(torch.sqrt(v), h[Hyper.BIAS_CORRECTION2_SQRT]) + h[Hyper.EPS]
+    denom = _divide(_sqrt(v), h[Hyper.BIAS_CORRECTION2_SQRT]) + h[Hyper.EPS]
     direction = (m / denom) * h[Hyper.INV_BIAS_CORRECTION1]
     if wd_mode == WeightDecay.IN_DIRECTION:
         direction = direction + h[Hyper.WEIGHT_DECAY] * p
@@ -64,7 +75,7 @@ def _rmsprop(h, wd_mode, g, p, states):
     if wd_mode == WeightDecay.L2:
         g = g + h[Hyper.WEIGHT_DECAY] * p
     square_avg = h[Hyper.BETA2] * states[0] + h[Hyper.ONE_MINUS_BETA2] * (g * g)
-    avg = torch.sqrt(square_avg) + h[Hyper.EPS]
+    avg = _sqrt(square_avg) + h[Hyper.EPS]
     if len(states) == 1:
         return [square_avg], g / avg
     buffer = h[Hyper.MOMENTUM] * states[1] + g / avg
@@ -75,7 +86,7 @@ def _adagrad(h, wd_mode, g, p, states):
     if wd_mode == WeightDecay.L2:
         g = g + h[Hyper.WEIGHT_DECAY] * p
     total = states[0] + g * g
-    return [total], g / (torch.sqrt(total) + h[Hyper.EPS])
+    return [total], g / (_sqrt(total) + h[Hyper.EPS])
 
 
 def _lion(h, wd_mode, g, p, states):
@@ -90,7 +101,7 @@ def _ademamix(h, wd_mode, g, p, states):
     fast = h[Hyper.BETA1] * fast + h[Hyper.ONE_MINUS_BETA1] * g
     slow = h[Hyper.BETA3] * slow + h[Hyper.ONE_MINUS_BETA3] * g
     v = h[Hyper.BETA2] * v + h[Hyper.ONE_MINUS_BETA2] * (g * g)
-    denom = _divide(torch.sqrt(v), h[Hyper.BIAS_CORRECTION2_SQRT]) + h[Hyper.EPS]
+    denom = _divide(_sqrt(v), h[Hyper.BIAS_CORRECTION2_SQRT]) + h[Hyper.EPS]
     direction = (fast * h[Hyper.INV_BIAS_CORRECTION1] + h[Hyper.ALPHA] * slow) / denom
     return [fast, slow, v], direction
 
