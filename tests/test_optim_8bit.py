@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -62,19 +64,23 @@ def test_each_step_tracks_the_32bit_reference(backend, name):
             p32.copy_(p8)
 
 
-def _regression_task(seed: int = 0):
+def _classification_task(seed: int = 0):
+    """A teacher network's labels with 20% of them flipped: the loss plateaus well above 0."""
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(512, 64, generator=generator)
+    inputs = torch.randn(4096, 64, generator=generator)
     teacher = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
     with torch.no_grad():
         for p in teacher.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
         targets = teacher(inputs).argmax(dim=1)
+    noisy = torch.rand(len(targets), generator=generator) < 0.2
+    targets[noisy] = torch.randint(0, 10, (int(noisy.sum()),), generator=generator)
     return inputs, targets
 
 
 def _train(optimizer_cls, optim_bits: int, steps: int = 300, **kwargs) -> float:
-    inputs, targets = _regression_task()
+    """Training-set loss after `steps` steps (same seed, data and batches for both precisions)."""
+    inputs, targets = _classification_task()
     torch.manual_seed(1)
     model = torch.nn.Sequential(
         torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)
@@ -101,8 +107,8 @@ def test_300_step_trajectory_final_loss_within_one_percent(backend, cls, kwargs)
         pytest.skip("the trajectory runs on CPU")
     loss32 = _train(cls, 32, **kwargs)
     loss8 = _train(cls, 8, **kwargs)
-    assert loss32 < 0.5, "the task must actually be learned"
-    assert abs(loss8 - loss32) <= 0.01 * loss32 + 1e-3, (loss8, loss32)
+    assert loss32 < 0.8 * math.log(10), "the task must actually be learned"
+    assert abs(loss8 - loss32) <= 0.01 * loss32, (loss8, loss32)
 
 
 def test_adamw8bit_state_is_at_most_2_05_bytes_per_parameter():
