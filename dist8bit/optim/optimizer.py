@@ -13,6 +13,7 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..backends import backend_for
 from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay, constants
 from ..functional import codebook_for
+from ..quant.codebook import Codebook
 from ..quant.layout import DEFAULT_BLOCKSIZE, check_blocksize, num_blocks
 from ..quant.maps import create_dynamic_map
 from . import state as state_layout
@@ -265,7 +267,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             if eight_bit:
                 slots[slot] = [s[spec.name + state_layout.CODES_SUFFIX] for s in states]
                 scales[slot] = [s[spec.name + state_layout.ABSMAX_SUFFIX] for s in states]
-                codebooks[slot] = codebook_for(_dynamic_map(spec.signed), device)
+                codebooks[slot] = _state_codebook(spec.signed, device)
             else:
                 slots[slot] = [s[spec.name] for s in states]
         offsets = [self._param_uid.get(p, 0) * SEGMENT_STRIDE for p in params]
@@ -445,13 +447,10 @@ def _batch_key(config: dict[str, Any]) -> tuple:
     return tuple((k, repr(config[k])) for k in sorted(config) if k != "params")
 
 
-_MAPS: dict[bool, torch.Tensor] = {}
-
-
-def _dynamic_map(signed: bool) -> torch.Tensor:
-    if signed not in _MAPS:
-        _MAPS[signed] = create_dynamic_map(signed=signed)
-    return _MAPS[signed]
+@lru_cache(maxsize=16)
+def _state_codebook(signed: bool, device: torch.device) -> Codebook:
+    """The dynamic map's codebook for a state slot, built once per device (not per step)."""
+    return codebook_for(create_dynamic_map(signed=signed), device)
 
 
 def parameter_norms(params: list[torch.Tensor]) -> torch.Tensor:
