@@ -31,6 +31,7 @@ class LAMB(Optimizer8bit):
     """LAMB with a real per-parameter trust ratio; 8-bit states with optim_bits=8."""
 
     rule = Rule.ADAM
+    uses_parameter_norms = True
 
     def __init__(
         self,

@@ -24,6 +24,8 @@ from .variants import with_fixed
 class LARS(SGD):
     """LARS with a real per-parameter trust ratio; 8-bit momentum with optim_bits=8."""
 
+    uses_parameter_norms = True
+
     def __init__(
         self,
         params: Iterable[Any],

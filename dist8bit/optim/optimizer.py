@@ -10,23 +10,26 @@ states their rule keeps and which constants it needs.
 from __future__ import annotations
 
 import math
-import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .. import paging
 from ..backends import backend_for
 from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay, constants
-from ..functional import codebook_for
+from ..functional import codebook_for, dequantize_blockwise
 from ..quant.codebook import Codebook
 from ..quant.layout import DEFAULT_BLOCKSIZE, check_blocksize, num_blocks
 from ..quant.maps import create_dynamic_map
+from . import sharded
 from . import state as state_layout
 from .overrides import GlobalOptimManager
+from .segments import Segment, check_segments, packed_layout, segment_table
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HISTORY = 100  # steps of gradient norms kept for percentile clipping
@@ -71,10 +74,36 @@ def check_non_negative(**values: float) -> None:
             raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
+_NORMS_UNDER_SHARDING = (
+    "percentile_clipping, max_unorm and the LAMB/LARS trust ratio need whole-parameter norms, which a rank holding a "
+    "shard (DeepSpeed ZeRO, FSDP) does not have; turn them off (percentile_clipping=100, max_unorm=0) or use "
+    "gradient clipping from the framework (DeepSpeed 'gradient_clipping', torch.nn.utils.clip_grad_norm_)"
+)
+
+
+@dataclass
+class _Unit:
+    """One segment ready for the kernel: contiguous views of a parameter (or its
+    piece of a flat buffer or local shard), its gradient and its state."""
+
+    param: torch.Tensor
+    write_back: torch.Tensor | None  # the non-contiguous original to copy the result into
+    grad: torch.Tensor
+    state: dict[str, torch.Tensor]
+    history: torch.Tensor | None
+    config: dict[str, Any]
+    specs: tuple[StateSpec, ...]
+    eight_bit: bool
+    blocksize: int
+    step: int
+    rounding_offset: int
+
+
 class Optimizer8bit(torch.optim.Optimizer):
     """Base class: state layout, grouping into fused launches, state dicts."""
 
     rule: Rule
+    uses_parameter_norms = False  # LAMB / LARS: the update needs ||p|| of the whole parameter
 
     def __init__(
         self,
@@ -99,12 +128,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         _check_common(optim_bits, min_8bit_size, percentile_clipping, max_unorm, block_wise)
         check_blocksize(blocksize)
         if is_paged:
-            warnings.warn(
-                "is_paged=True: paged (CUDA unified memory) states are not available in this build; "
-                "states use ordinary device memory",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            paging.warn_if_unavailable()  # one warning per process where states cannot be paged
         defaults = {
             **defaults,
             "optim_bits": optim_bits,
@@ -117,6 +141,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         }
         self._logical_numel: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._param_uid: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._segments: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.stochastic_rounding = stochastic_rounding
         self._rounding_seed = torch.initial_seed() % (1 << 62)
         self.nonfinite_counts: dict[torch.device, torch.Tensor] = {}
@@ -201,7 +226,129 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def uses_eight_bit(self, param: torch.Tensor, config: dict[str, Any]) -> bool:
         numel = self._logical_numel.get(param, param.numel())
-        return config["optim_bits"] == 8 and numel >= config["min_8bit_size"]
+        if config["optim_bits"] != 8 or numel < config["min_8bit_size"]:
+            return False
+        return self._state_blocksize(param, config) is not None
+
+    # ------------------------------------------------------------- segments
+    def set_segments(self, flat: torch.Tensor, segments: Sequence[Segment]) -> None:
+        """Declare which parameter each element range of a flat buffer belongs to.
+
+        For wrappers that hand the optimizer flat buffers instead of the
+        parameters (DeepSpeed ZeRO partitions): each segment keeps the
+        precision, overrides and rounding stream of its original parameter.
+        Call before the buffer's first step; the layout is then fixed.
+        """
+        ordered = check_segments(flat, segments)
+        known = self._segments.get(flat)
+        if known is not None and self.state.get(flat) and _spans(known) != _spans(ordered):
+            raise ValueError("set_segments: this buffer already has state laid out for other segments")
+        for segment in ordered:
+            self._param_uid.setdefault(segment.source, len(self._param_uid))
+        self._segments[flat] = ordered
+
+    def segment_states(self, flat: torch.Tensor) -> list[tuple[Segment, bool, dict[str, torch.Tensor]]]:
+        """Each segment of a flat buffer, whether its state is 8-bit, and its state as float32 values.
+
+        The equivalent of DeepSpeed's per-parameter state fragments for packed
+        8-bit state (which DeepSpeed's own fragment API cannot read).
+        """
+        segments = self._segments.get(flat)
+        if segments is None:
+            raise KeyError("segment_states: no segments were set for this tensor (see set_segments)")
+        state = self.state.get(flat)
+        if not state:
+            return []
+        group = self._group_of(flat)
+        overrides = GlobalOptimManager.get_instance().overrides()
+        result = []
+        for segment, eight_bit, views in self._segment_views(flat, segments, state, group, overrides):
+            config = self.resolved_config(segment.source, group, overrides)
+            values = {}
+            for spec in self.state_specs(config):
+                if eight_bit:
+                    values[spec.name] = dequantize_blockwise(
+                        views[spec.name + state_layout.CODES_SUFFIX],
+                        absmax=views[spec.name + state_layout.ABSMAX_SUFFIX],
+                        code=create_dynamic_map(signed=spec.signed).to(flat.device),
+                        blocksize=config["blocksize"],
+                    )
+                else:
+                    values[spec.name] = views[spec.name].clone()
+            result.append((segment, eight_bit, values))
+        return result
+
+    def _group_of(self, param: torch.Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return group
+        raise KeyError("the tensor is not in any param group of this optimizer")
+
+    def _segment_eight_bit(self, segment: Segment, config: dict[str, Any]) -> bool:
+        return config["optim_bits"] == 8 and segment.logical_numel >= config["min_8bit_size"]
+
+    def _segment_views(
+        self, flat: torch.Tensor, segments: list[Segment], state: dict[str, Any], group: dict[str, Any], overrides
+    ) -> list[tuple[Segment, bool, dict[str, torch.Tensor]]]:
+        """Per-segment views into a flat buffer's packed state (see segments.py)."""
+        table = state["segment_table"]
+        eight_bits = [bool(q) for q in table[:, 4].tolist()]
+        blocksize = group["blocksize"]
+        layout = packed_layout(segments, eight_bits, blocksize)
+        specs = self.state_specs(group)
+        views = []
+        for index, segment in enumerate(segments):
+            entry: dict[str, torch.Tensor] = {}
+            offset = layout.value_offsets[index]
+            for spec in specs:
+                if eight_bits[index]:
+                    entry[spec.name + state_layout.CODES_SUFFIX] = state[spec.name + state_layout.CODES_SUFFIX].narrow(
+                        0, offset, segment.length
+                    )
+                    entry[spec.name + state_layout.ABSMAX_SUFFIX] = state[spec.name + state_layout.ABSMAX_SUFFIX].narrow(
+                        0, layout.block_offsets[index], num_blocks(segment.length, blocksize)
+                    )
+                else:
+                    entry[spec.name] = state[spec.name].narrow(0, offset, segment.length)
+            views.append((segment, eight_bits[index], entry))
+        return views
+
+    def _init_flat_state(
+        self, flat: torch.Tensor, segments: list[Segment], state: dict[str, Any], configs: list[dict[str, Any]], group
+    ) -> None:
+        specs = self.state_specs(group)
+        for segment, config in zip(segments, configs, strict=True):
+            if self.state_specs(config) != specs or config["blocksize"] != group["blocksize"]:
+                raise ValueError(
+                    f"parameter of {segment.logical_numel} elements overrides settings that change its state layout "
+                    "(state slots or blocksize); that is not supported inside a flat (ZeRO) partition"
+                )
+            if self._needs_whole_parameter_norms(config):
+                raise ValueError(_NORMS_UNDER_SHARDING)
+        eight_bits = [self._segment_eight_bit(s, c) for s, c in zip(segments, configs, strict=True)]
+        layout = packed_layout(segments, eight_bits, group["blocksize"])
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state.update(
+            state_layout.allocate_packed(
+                flat.device,
+                specs,
+                layout.codes_numel,
+                layout.blocks,
+                layout.values_numel,
+                self.initial_state_value(group),
+                paged=self.defaults["is_paged"],
+            )
+        )
+        state["segment_table"] = segment_table(segments, eight_bits)
+
+    def _needs_whole_parameter_norms(self, config: dict[str, Any]) -> bool:
+        return self.uses_parameter_norms or config["percentile_clipping"] < 100 or config["max_unorm"] > 0
+
+    def _state_blocksize(self, param: torch.Tensor, config: dict[str, Any]) -> int | None:
+        """Block size of this parameter's 8-bit state; None when it must stay 32-bit."""
+        if sharded.is_dtensor(param):
+            return sharded.row_aligned_blocksize(param.shape, config["blocksize"])
+        return config["blocksize"]
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -211,26 +358,91 @@ class Optimizer8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         overrides = GlobalOptimManager.get_instance().overrides()
-        batches: dict[tuple, list] = defaultdict(list)
+        batches: dict[tuple, list[_Unit]] = defaultdict(list)
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is None:
                     continue
                 self._check_grad(param)
-                config = self.resolved_config(param, group, overrides)
                 state = self.state[param]
-                if not state:
-                    self._init_state(param, state, config)
-                state["step"] += 1
-                step = int(state["step"].item())  # a CPU tensor: no device sync
-                specs = self.state_specs(config)
-                eight_bit = state_layout.is_eight_bit(state, specs)
-                hyper = tuple(constants(self.step_constants(config, step)))
-                key = (param.device, param.dtype, param.grad.dtype, eight_bit, hyper, step, _batch_key(config))
-                batches[key].append((param, state, config, specs))
-        for (device, _, _, eight_bit, hyper, step, _), members in batches.items():
-            self._launch(device, eight_bit, list(hyper), step, members)
+                segments = self._segments.get(param)
+                if segments is None:
+                    units = self._whole_parameter_unit(param, state, group, overrides)
+                else:
+                    units = self._flat_units(param, segments, state, group, overrides)
+                for unit in units:
+                    hyper = tuple(constants(self.step_constants(unit.config, unit.step)))
+                    key = (
+                        unit.param.device,
+                        unit.param.dtype,
+                        unit.grad.dtype,
+                        unit.eight_bit,
+                        unit.blocksize,
+                        hyper,
+                        unit.step,
+                        _batch_key(unit.config),
+                    )
+                    batches[key].append(unit)
+        for (device, _, _, eight_bit, blocksize, hyper, step, _), units in batches.items():
+            self._launch(device, eight_bit, blocksize, list(hyper), step, units)
         return loss
+
+    def _whole_parameter_unit(self, param: torch.Tensor, state: dict[str, Any], group, overrides) -> list[_Unit]:
+        config = self.resolved_config(param, group, overrides)
+        if not state:
+            self._init_state(param, state, config)
+        state["step"] += 1
+        step = int(state["step"].item())  # a CPU tensor: no device sync
+        specs = self.state_specs(config)
+        local_param = sharded.local(param)
+        if local_param.numel() == 0:
+            return []
+        eight_bit = state_layout.is_eight_bit(state, specs)
+        names = [name for spec in specs for name in state_layout.expected_entries(spec, eight_bit)]
+        target = local_param
+        updated = local_param if local_param.is_contiguous() else local_param.contiguous()
+        return [
+            _Unit(
+                param=updated,
+                write_back=target if updated is not target else None,
+                grad=sharded.local(param.grad).contiguous(),
+                state={name: state[name] for name in names},
+                history=state.get("grad_norm_history"),
+                config=config,
+                specs=specs,
+                eight_bit=eight_bit,
+                blocksize=(self._state_blocksize(param, config) or config["blocksize"]) if eight_bit else config["blocksize"],
+                step=step,
+                rounding_offset=self._param_uid.get(param, 0) * SEGMENT_STRIDE,
+            )
+        ]
+
+    def _flat_units(self, flat: torch.Tensor, segments: list[Segment], state, group, overrides) -> list[_Unit]:
+        configs = [self.resolved_config(s.source, group, overrides) for s in segments]
+        if not state:
+            self._init_flat_state(flat, segments, state, configs, group)
+        state["step"] += 1
+        step = int(state["step"].item())
+        grad = flat.grad
+        units = []
+        views = self._segment_views(flat, segments, state, group, overrides)
+        for (segment, eight_bit, entry), config in zip(views, configs, strict=True):
+            units.append(
+                _Unit(
+                    param=flat.narrow(0, segment.start, segment.length),
+                    write_back=None,
+                    grad=grad.narrow(0, segment.start, segment.length),
+                    state=entry,
+                    history=None,
+                    config=config,
+                    specs=self.state_specs(config),
+                    eight_bit=eight_bit,
+                    blocksize=config["blocksize"],
+                    step=step,
+                    rounding_offset=self._param_uid.get(segment.source, 0) * SEGMENT_STRIDE + segment.param_offset,
+                )
+            )
+        return units
 
     def _check_grad(self, param: torch.Tensor) -> None:
         grad = param.grad
@@ -244,33 +456,47 @@ class Optimizer8bit(torch.optim.Optimizer):
                 f"gradient of parameter of shape {tuple(param.shape)} has dtype {grad.dtype}, shape {tuple(grad.shape)} "
                 f"and device {grad.device}; it must be a float tensor shaped like the parameter on {param.device}"
             )
+        if sharded.is_dtensor(param) != sharded.is_dtensor(grad):
+            raise RuntimeError(
+                f"parameter of shape {tuple(param.shape)}: the parameter and its gradient must both be DTensors or both "
+                "plain tensors (mixed torch.Tensor and DTensor)"
+            )
 
     def _init_state(self, param: torch.Tensor, state: dict[str, Any], config: dict[str, Any]) -> None:
         specs = self.state_specs(config)
+        if sharded.is_dtensor(param):
+            sharded.check_placements(param)
+            if sharded.is_sharded(param) and self._needs_whole_parameter_norms(config):
+                raise ValueError(_NORMS_UNDER_SHARDING)
         eight_bit = self.uses_eight_bit(param, config)
+        local_param = sharded.local(param)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state.update(state_layout.allocate(param, specs, eight_bit, config["blocksize"], self.initial_state_value(config)))
+        blocksize = self._state_blocksize(param, config) if eight_bit else config["blocksize"]
+        state.update(
+            state_layout.allocate(
+                local_param, specs, eight_bit, blocksize, self.initial_state_value(config), paged=self.defaults["is_paged"]
+            )
+        )
         if config["percentile_clipping"] < 100:
-            state["grad_norm_history"] = torch.full((HISTORY,), math.inf, dtype=torch.float32, device=param.device)
+            state["grad_norm_history"] = torch.full((HISTORY,), math.inf, dtype=torch.float32, device=local_param.device)
 
-    def _launch(self, device: torch.device, eight_bit: bool, hyper: list[float], step: int, members: list) -> None:
-        config, specs = members[0][2], members[0][3]
-        params = [m[0] for m in members]
-        states = [m[1] for m in members]
-        blocksize = config["blocksize"]
-        grads = [p.grad.contiguous() for p in params]
-        contiguous = [p if p.is_contiguous() else p.contiguous() for p in params]
+    def _launch(
+        self, device: torch.device, eight_bit: bool, blocksize: int, hyper: list[float], step: int, units: list[_Unit]
+    ) -> None:
+        config, specs = units[0].config, units[0].specs
+        params = [u.param for u in units]
+        grads = [u.grad for u in units]
         slots: list[list[torch.Tensor]] = [[], [], []]
         scales: list[list[torch.Tensor]] = [[], [], []]
         codebooks = [None, None, None]
         for slot, spec in enumerate(specs):
             if eight_bit:
-                slots[slot] = [s[spec.name + state_layout.CODES_SUFFIX] for s in states]
-                scales[slot] = [s[spec.name + state_layout.ABSMAX_SUFFIX] for s in states]
+                slots[slot] = [u.state[spec.name + state_layout.CODES_SUFFIX] for u in units]
+                scales[slot] = [u.state[spec.name + state_layout.ABSMAX_SUFFIX] for u in units]
                 codebooks[slot] = _state_codebook(spec.signed, device)
             else:
-                slots[slot] = [s[spec.name] for s in states]
-        offsets = [self._param_uid.get(p, 0) * SEGMENT_STRIDE for p in params]
+                slots[slot] = [u.state[spec.name] for u in units]
+        offsets = [u.rounding_offset for u in units]
         backend = backend_for(device)
         seed = None
         if self.stochastic_rounding and params[0].dtype == torch.bfloat16:
@@ -281,7 +507,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 self.rule,
                 self.weight_decay_mode(config),
                 hyper,
-                contiguous,
+                params,
                 grads,
                 slots,
                 scales,
@@ -297,26 +523,47 @@ class Optimizer8bit(torch.optim.Optimizer):
 
         grad_scale = None
         if config["percentile_clipping"] < 100:
-            grad_scale = percentile_clip(states, grads, step, config["percentile_clipping"])
+            grad_scale = percentile_clip([u.history for u in units], grads, step, config["percentile_clipping"])
 
         def direction_norms() -> torch.Tensor:
             norms = torch.zeros(len(params), dtype=torch.float64, device=device)
             run(grad_scale, None, norm_out=norms)
             return norms
 
-        update_scale = self.update_scale(config, contiguous, grads, direction_norms)
+        update_scale = self.update_scale(config, params, grads, direction_norms)
         counter = self.nonfinite_counts.setdefault(device, torch.zeros(1, dtype=torch.int64, device=device))
         run(grad_scale, update_scale, nonfinite=counter)
-        for param, updated in zip(params, contiguous, strict=True):
-            if updated is not param:
-                param.copy_(updated)
+        for unit in units:
+            if unit.write_back is not None:
+                unit.write_back.copy_(unit.param)
 
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
             group["dist8bit_state_version"] = state_layout.STATE_FORMAT_VERSION
+        overrides = GlobalOptimManager.get_instance().overrides()
+        index = 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                if sharded.is_dtensor(param) and index in state_dict["state"]:
+                    blocksize = self._state_blocksize(param, self.resolved_config(param, group, overrides))
+                    state_dict["state"][index] = self._dtensor_state(param, state_dict["state"][index], blocksize)
+                index += 1
         return state_dict
+
+    @staticmethod
+    def _dtensor_state(param: torch.Tensor, state: dict[str, Any], blocksize: int | None) -> dict[str, Any]:
+        """A DTensor parameter's local state as DTensors laid out like it (see sharded.py)."""
+        exported = {}
+        for key, value in state.items():
+            if key == "step" or not isinstance(value, torch.Tensor) or key == "grad_norm_history":
+                exported[key] = value
+            elif key.endswith(state_layout.ABSMAX_SUFFIX):
+                exported[key] = sharded.state_to_dtensor(param, value, blocksize)
+            else:
+                exported[key] = sharded.state_to_dtensor(param, value, None)
+        return exported
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_groups = state_dict.get("param_groups")
@@ -352,6 +599,14 @@ class Optimizer8bit(torch.optim.Optimizer):
             self._check_saved_state(param, saved_state, self.resolved_config(param, group_of[id(param)], overrides))
         state_dict = {**state_dict, "param_groups": merged_groups}
         originals = {key: dict(value) for key, value in state_dict["state"].items()}
+        for saved_id, entries in originals.items():
+            param = id_to_param[saved_id]
+            if sharded.is_dtensor(param):
+                blocksize = self._state_blocksize(param, self.resolved_config(param, group_of[id(param)], overrides))
+                for key, value in entries.items():
+                    if isinstance(value, torch.Tensor) and key not in ("step", "grad_norm_history"):
+                        scales = key.endswith(state_layout.ABSMAX_SUFFIX)
+                        entries[key] = sharded.local_state(param, value, blocksize if scales else None, key)
         super().load_state_dict(state_dict)
         # torch casts floating-point state to the parameter's dtype; dist8bit keeps
         # float32 states and scales whatever the parameter dtype is.
@@ -395,6 +650,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         where = f"parameter of shape {tuple(param.shape)}"
         if not saved:
             return
+        if param in self._segments:
+            self._check_saved_flat_state(param, saved, config)
+            return
         specs = self.state_specs(config)
         eight_bit = self.uses_eight_bit(param, config)
         expected = {name for spec in specs for name in state_layout.expected_entries(spec, eight_bit)}
@@ -419,14 +677,15 @@ class Optimizer8bit(torch.optim.Optimizer):
             if eight_bit:
                 codes = saved[spec.name + state_layout.CODES_SUFFIX]
                 absmax = saved[spec.name + state_layout.ABSMAX_SUFFIX]
-                blocks = num_blocks(param.numel(), config["blocksize"])
+                blocksize = self._state_blocksize(param, config)
+                blocks = num_blocks(param.numel(), blocksize)
                 if codes.dtype != torch.uint8 or codes.shape != param.shape:
                     raise ValueError(
                         f"{where}: {spec.name}_codes must be uint8 of shape {tuple(param.shape)}, got {codes.dtype} {tuple(codes.shape)}"
                     )
                 if absmax.dtype != torch.float32 or absmax.numel() != blocks:
                     raise ValueError(
-                        f"{where}: {spec.name}_absmax must be float32 with {blocks} scales (blocksize {config['blocksize']}), "
+                        f"{where}: {spec.name}_absmax must be float32 with {blocks} scales (blocksize {blocksize}), "
                         f"got {absmax.dtype} with {absmax.numel()}"
                     )
             else:
@@ -436,10 +695,50 @@ class Optimizer8bit(torch.optim.Optimizer):
                         f"{where}: {spec.name} must be a float tensor of shape {tuple(param.shape)}, got {value.dtype} {tuple(value.shape)}"
                     )
 
+    def _check_saved_flat_state(self, flat: torch.Tensor, saved: dict[str, Any], group: dict[str, Any]) -> None:
+        """A flat buffer's saved state must have been laid out for exactly these segments."""
+        segments = self._segments[flat]
+        overrides = GlobalOptimManager.get_instance().overrides()
+        configs = [self.resolved_config(s.source, group, overrides) for s in segments]
+        eight_bits = [self._segment_eight_bit(s, c) for s, c in zip(segments, configs, strict=True)]
+        expected = segment_table(segments, eight_bits)
+        table = saved.get("segment_table")
+        if (
+            not isinstance(table, torch.Tensor)
+            or tuple(table.shape) != tuple(expected.shape)
+            or not torch.equal(table.cpu(), expected)
+        ):
+            raise ValueError(
+                "the checkpoint's state for a flat (ZeRO) partition was laid out for other segments: it was saved with "
+                "another world size, other parameters or other precision settings; load it with the same world size "
+                "and model, or reshard it first (dist8bit convert SRC DST --world-size M)"
+            )
+        layout = packed_layout(segments, eight_bits, group["blocksize"])
+        for spec in self.state_specs(group):
+            sizes = {}
+            if layout.codes_numel:
+                sizes[spec.name + state_layout.CODES_SUFFIX] = (torch.uint8, layout.codes_numel)
+                sizes[spec.name + state_layout.ABSMAX_SUFFIX] = (torch.float32, layout.blocks)
+            if layout.values_numel:
+                sizes[spec.name] = (torch.float32, layout.values_numel)
+            for name, (dtype, numel) in sizes.items():
+                value = saved.get(name)
+                if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.numel() != numel:
+                    raise ValueError(
+                        f"the checkpoint's flat-partition state {name!r} must be {dtype} with {numel} elements, got "
+                        f"{getattr(value, 'dtype', type(value).__name__)} with {getattr(value, 'numel', lambda: '?')()}"
+                    )
+        if "step" not in saved:
+            raise ValueError("the checkpoint's flat-partition state has no 'step'")
+
     # ---------------------------------------------------------- reporting
     def state_bytes(self) -> int:
         """Bytes held by all optimizer state tensors (excluding the scalar steps)."""
         return sum(state_layout.state_bytes(s) for s in self.state.values())
+
+
+def _spans(segments: list[Segment]) -> list[tuple[int, int, int]]:
+    return [(s.start, s.length, s.param_offset) for s in segments]
 
 
 def _batch_key(config: dict[str, Any]) -> tuple:
@@ -463,10 +762,9 @@ def clip_update_norm(max_unorm: float, param_norms: torch.Tensor, update_norms: 
     return torch.where(update_norms > limit, limit / update_norms, torch.ones_like(update_norms))
 
 
-def percentile_clip(states: list[dict], grads: list[torch.Tensor], step: int, percentile: int) -> torch.Tensor:
+def percentile_clip(histories: list[torch.Tensor], grads: list[torch.Tensor], step: int, percentile: int) -> torch.Tensor:
     """Gradient scale clipping each norm to the given percentile of its last 100 norms."""
     norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
-    histories = [s["grad_norm_history"] for s in states]
     slot = (step - 1) % HISTORY
     stacked = torch.stack(histories)
     stacked[:, slot] = norms

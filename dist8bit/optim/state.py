@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..backends.rules import StateSpec
+from ..paging.allocation import new_state_tensor
 from ..quant.layout import num_blocks
 
 STATE_FORMAT_VERSION = 1
@@ -28,22 +29,51 @@ def expected_entries(spec: StateSpec, eight_bit: bool) -> tuple[str, ...]:
 
 
 def allocate(
-    param: torch.Tensor, specs: tuple[StateSpec, ...], eight_bit: bool, blocksize: int, initial: float = 0.0
+    param: torch.Tensor,
+    specs: tuple[StateSpec, ...],
+    eight_bit: bool,
+    blocksize: int,
+    initial: float = 0.0,
+    *,
+    paged: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Fresh zero state (or `initial`, Adagrad's accumulator) for one parameter."""
+    """Fresh zero state (or `initial`, Adagrad's accumulator) for one parameter;
+    in managed memory when `paged` (see dist8bit.paging.new_state_tensor)."""
     state: dict[str, torch.Tensor] = {}
+    device = param.device
     for spec in specs:
         if not eight_bit:
-            state[spec.name] = torch.full(param.shape, initial, dtype=torch.float32, device=param.device)
+            state[spec.name] = new_state_tensor(param.shape, torch.float32, device, initial, paged=paged)
             continue
-        codes = torch.zeros(param.shape, dtype=torch.uint8, device=param.device)
-        absmax = torch.zeros(num_blocks(param.numel(), blocksize), dtype=torch.float32, device=param.device)
-        if initial != 0.0:
-            # A block filled with `initial` encodes as the map's 1.0 scaled by it.
-            codes.fill_(255)
-            absmax.fill_(initial)
-        state[spec.name + CODES_SUFFIX] = codes
-        state[spec.name + ABSMAX_SUFFIX] = absmax
+        # A block filled with `initial` encodes as the map's 1.0 (code 255) scaled by it.
+        codes_fill = 255 if initial != 0.0 else 0
+        blocks = (num_blocks(param.numel(), blocksize),)
+        state[spec.name + CODES_SUFFIX] = new_state_tensor(param.shape, torch.uint8, device, codes_fill, paged=paged)
+        state[spec.name + ABSMAX_SUFFIX] = new_state_tensor(blocks, torch.float32, device, initial, paged=paged)
+    return state
+
+
+def allocate_packed(
+    device: torch.device,
+    specs: tuple[StateSpec, ...],
+    codes_numel: int,
+    blocks: int,
+    values_numel: int,
+    initial: float = 0.0,
+    *,
+    paged: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Fresh packed state of a flat buffer (see segments.py): 8-bit segments'
+    codes and scales, and 32-bit segments' values, each run back to back;
+    in managed memory when `paged`."""
+    state: dict[str, torch.Tensor] = {}
+    codes_fill = 255 if initial != 0.0 else 0
+    for spec in specs:
+        if codes_numel:
+            state[spec.name + CODES_SUFFIX] = new_state_tensor((codes_numel,), torch.uint8, device, codes_fill, paged=paged)
+            state[spec.name + ABSMAX_SUFFIX] = new_state_tensor((blocks,), torch.float32, device, initial, paged=paged)
+        if values_numel:
+            state[spec.name] = new_state_tensor((values_numel,), torch.float32, device, initial, paged=paged)
     return state
 
 
