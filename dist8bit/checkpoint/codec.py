@@ -1,0 +1,98 @@
+"""Quantize and dequantize state chunks with dist8bit.functional (the one implementation).
+
+`quantize_exact` adds one thing on top of `quantize_blockwise`: values that are
+themselves a dequantization come back as the very codes and scales they were
+decoded from, so 8-bit -> fp32 -> 8-bit is bit-exact. That needs care only for
+the signed map, whose most negative value is -0.993, not -1: a block whose
+largest magnitude is negative decodes to at most 0.993 * absmax, and a plain
+requantization would shrink its scale by 0.7% (and move some codes). For such
+blocks the original scale is absmax / 0.993 to within an ulp; each candidate is
+tried by quantizing the block with its largest element set to -candidate (which
+fixes the scale and still encodes to the lowest code) and accepted only if the
+result decodes to exactly the input bits. Genuine fp32 data never passes that
+test, so it is quantized exactly as the optimizer would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import functional as F
+from ..quant.layout import num_blocks
+
+# Tried in this order around absmax / |lowest code|, in ulps.
+CANDIDATE_ULPS = (0, 1, -1, 2, -2)
+# A wrong-by-an-ulp scale leaves errors of a few ulps of the scale; anything
+# larger means the block is not a dequantization and is left as quantized.
+NEAR_EXACT = 2.0**-20
+
+
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    return F.dequantize_blockwise(codes.reshape(-1), absmax=absmax.reshape(-1), code=code, blocksize=blocksize)
+
+
+def quantize_exact(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise codes and scales of 1-D `values` (float32), exact on dequantized input."""
+    n = values.numel()
+    blocks = num_blocks(n, blocksize)
+    padded = values.float().reshape(-1)
+    if blocks * blocksize != n:  # zero padding changes neither the scale nor the other codes
+        padded = torch.cat([padded, padded.new_zeros(blocks * blocksize - n)])
+    codes, state = F.quantize_blockwise(padded, code=code, blocksize=blocksize)
+    absmax = state.absmax
+    lowest = float(code.min())
+    if -1.0 < lowest < 0.0 and n > 0:
+        _recover_scales(padded.view(blocks, blocksize), code, lowest, codes.view(blocks, blocksize), absmax)
+    return codes[:n], absmax
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int32)
+
+
+def _recover_scales(blocks: torch.Tensor, code: torch.Tensor, lowest: float, codes: torch.Tensor, absmax: torch.Tensor) -> None:
+    """Fix codes/absmax in place for blocks that decode a negative-extreme dequantization."""
+    blocksize = blocks.shape[1]
+    candidate = (blocks.amin(1) == -absmax) & (absmax > 0) & torch.isfinite(absmax)
+    rows = candidate.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    decoded = dequantize(codes[rows], absmax[rows], code, blocksize).view(-1, blocksize)
+    rows = rows[(_bits(decoded) != _bits(blocks[rows])).any(1)]
+    if rows.numel() == 0:
+        return
+    scale = (absmax[rows].double() / -lowest).float()
+    for attempt, ulps in enumerate(CANDIDATE_ULPS):
+        target = blocks[rows]
+        trial_scale = scale
+        for _ in range(abs(ulps)):
+            trial_scale = torch.nextafter(trial_scale, torch.full_like(trial_scale, float("inf") if ulps > 0 else 0.0))
+        trial = target.clone()
+        extreme = trial.argmin(1)
+        trial[torch.arange(rows.numel()), extreme] = -trial_scale
+        trial_codes, trial_state = F.quantize_blockwise(trial.reshape(-1), code=code, blocksize=blocksize)
+        trial_decoded = dequantize(trial_codes, trial_state.absmax, code, blocksize).view(-1, blocksize)
+        exact = (_bits(trial_decoded) == _bits(target)).all(1)
+        codes[rows[exact]] = trial_codes.view(-1, blocksize)[exact]
+        absmax[rows[exact]] = trial_state.absmax[exact]
+        keep = ~exact
+        if attempt == 0:
+            error = (trial_decoded - target).abs().amax(1)
+            keep &= error <= trial_scale * NEAR_EXACT
+        rows, scale = rows[keep], scale[keep]
+        if rows.numel() == 0:
+            return
+
+
+def error_bound(code: torch.Tensor) -> float:
+    """Largest |x - dequantize(quantize(x))| / absmax for x in the map's range.
+
+    Half the widest gap between neighbouring codes, or the distance from the
+    range end (1, or -1 for a signed map) to the nearest code, if larger.
+    """
+    values = code.double().sort().values
+    bound = float((values[1:] - values[:-1]).max()) / 2
+    bound = max(bound, 1.0 - float(values[-1]))
+    if float(values[0]) < 0:
+        bound = max(bound, 1.0 + float(values[0]))
+    return bound

@@ -1,0 +1,73 @@
+"""The `dist8bit` command: `dist8bit convert SRC DST --to fp32|8bit ...` (docs/checkpoints.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="checkpoint to read: a torch.save file with an optimizer state dict")
+    parser.add_argument("dst", help="where to write the converted checkpoint (refused if it exists, unless --overwrite)")
+    parser.add_argument("--to", required=True, choices=("fp32", "8bit"), help="target state precision")
+    parser.add_argument(
+        "--optimizer",
+        help="optimizer kind (adamw, adam, sgd, lion, rmsprop, adagrad, lamb, lars, ademamix); needed for bitsandbytes",
+    )
+    parser.add_argument("--world-size", type=int, help="ranks of the output (DeepSpeed / DCP directories)")
+    parser.add_argument("--blocksize", type=int, help="8-bit block size (default: the source's, else 256)")
+    parser.add_argument(
+        "--min-8bit-size", type=int, help="parameters with fewer elements keep fp32 state (default: the source's, else 4096)"
+    )
+    parser.add_argument(
+        "--keep-fp32",
+        default="",
+        help="comma-separated parameter indices whose state stays fp32 (e.g. an embedding with a 32-bit override)",
+    )
+    parser.add_argument(
+        "--verify", action="store_true", help="re-read the output and check it against the source before keeping it"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError, convert
+
+    try:
+        keep = [int(k) for k in args.keep_fp32.split(",") if k.strip()]
+    except ValueError:
+        print(f"error: --keep-fp32 takes comma-separated integers, got {args.keep_fp32!r}", file=sys.stderr)
+        return 2
+    try:
+        report = convert(
+            args.src,
+            args.dst,
+            to=args.to,
+            optimizer=args.optimizer,
+            world_size=args.world_size,
+            blocksize=args.blocksize,
+            min_8bit_size=args.min_8bit_size,
+            keep_fp32=keep,
+            verify=args.verify,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dist8bit", description="dist8bit command-line tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("convert", help="convert optimizer checkpoints between 8-bit and fp32 states")
+    add_convert_arguments(convert)
+    args = parser.parse_args(argv)
+    return run_convert(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
