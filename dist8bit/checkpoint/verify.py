@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from . import codec
+from . import codec, plan
 from .canonical import Buffer, Dense, OptimizerState
 from .errors import CheckpointError
-from .plan import CHUNK, dense_chunks
+from .plan import dense_chunks
 from .writer import walk
 
 ROUNDING = 2.0**-22  # float32 rounding of decode and difference: a few ulps of the block's absmax
@@ -48,7 +48,7 @@ def _output_chunks(buffer: Buffer) -> Iterator[tuple[torch.Tensor, torch.Tensor 
     unit = codec.error_bound(buffer.code)
     blocksize = buffer.blocksize
     absmax = buffer.absmax.reshape(-1)
-    for start, values in zip(range(0, buffer.numel, CHUNK), dense_chunks(buffer, lambda _: None), strict=True):
+    for start, values in zip(range(0, buffer.numel, plan.CHUNK), dense_chunks(buffer, lambda _: None), strict=True):
         scales = absmax[start // blocksize : start // blocksize + -(-values.numel() // blocksize)]
         yield values, (scales * (unit + ROUNDING)).repeat_interleave(blocksize)[: values.numel()]
 
@@ -109,9 +109,10 @@ def compare_carried(source: Any, output: Any, skip: set[tuple], on_bytes: Callab
             same = isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
             if same:
                 flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-                for start in range(0, a.numel(), CHUNK):
-                    same = same and torch.equal(flat_a[start : start + CHUNK], flat_b[start : start + CHUNK])
-                    on_bytes(min(CHUNK, a.numel() - start) * a.element_size())
+                step = plan.CHUNK
+                for start in range(0, a.numel(), step):
+                    same = same and torch.equal(flat_a[start : start + step], flat_b[start : start + step])
+                    on_bytes(min(step, a.numel() - start) * a.element_size())
             if not same:
                 raise CheckpointError(f"verify: the carried-over tensor at {list(path)} differs from the source")
             count += 1

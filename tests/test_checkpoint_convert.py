@@ -1,0 +1,403 @@
+"""Checkpoint conversion: torch / dist8bit / bitsandbytes optimizer state dicts <-> 8-bit or fp32.
+
+References are plain PyTorch: torch.optim optimizers resumed from the converted
+files, and dist8bit.functional's (de)quantization of the source states.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import dist8bit.functional as F
+import dist8bit.optim as d8
+from dist8bit import cli
+from dist8bit.checkpoint import CheckpointError, codec, convert, plan
+from dist8bit.quant.maps import create_dynamic_map
+
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+# Parameter shapes: two 8-bit-sized (one not a multiple of 256) and one below min_8bit_size.
+SHAPES = [(64, 100), (4500,), (10,)]
+
+# optimizer factory per kind, 8-bit (dist8bit) and its kwargs
+DIST8BIT_KINDS = {
+    "adamw": (d8.AdamW8bit, {"lr": 1e-2, "weight_decay": 0.01}),
+    "sgd": (d8.SGD8bit, {"lr": 1e-2, "momentum": 0.9}),
+    "rmsprop": (d8.RMSprop8bit, {"lr": 1e-3, "momentum": 0.5}),
+    "adagrad": (d8.Adagrad8bit, {"lr": 1e-2}),
+    "lion": (d8.Lion8bit, {"lr": 1e-3}),
+    "ademamix": (d8.AdEMAMix8bit, {"lr": 1e-3}),
+}
+
+
+def make_params(seed: int = 0) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=generator) * 0.1) for s in SHAPES]
+
+
+def train(params, optimizer, steps: int, seed: int = 1, scheduler=None) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator) * torch.rand((), generator=generator)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def clone(params) -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def load(path: Path):
+    return torch.load(path, weights_only=True)
+
+
+def run(*args, **kwargs):
+    return convert(*args, progress=False, **kwargs)
+
+
+def assert_same_state_dicts(a: dict, b: dict) -> None:
+    assert a["state"].keys() == b["state"].keys()
+    for key in a["state"]:
+        assert a["state"][key].keys() == b["state"][key].keys(), key
+        for name, value in a["state"][key].items():
+            assert value.dtype == b["state"][key][name].dtype, (key, name)
+            assert torch.equal(value, b["state"][key][name]), (key, name)
+
+
+# ------------------------------------------------------------------ torch -> 8-bit
+def test_torch_adamw_training_checkpoint_to_8bit_resumes_in_adamw8bit(tmp_path):
+    params = make_params()
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
+    train(params, optimizer, 6, scheduler=scheduler)
+    checkpoint = {"model": {"w": params[0].detach().clone()}, "optimizer": optimizer.state_dict()}
+    checkpoint |= {"scheduler": scheduler.state_dict(), "epoch": 3}
+    torch.save(checkpoint, tmp_path / "torch.pt")
+
+    report = run(tmp_path / "torch.pt", tmp_path / "8bit.pt", to="8bit", verify=True)
+    assert report.source_format == "torch" and report.optimizer == "adamw"
+    assert 0 < report.bound_ratio <= 1.0
+
+    converted = load(tmp_path / "8bit.pt")
+    assert converted["epoch"] == 3 and converted["scheduler"] == checkpoint["scheduler"]
+    assert torch.equal(converted["model"]["w"], checkpoint["model"]["w"])
+    group, source_group = converted["optimizer"]["param_groups"][0], checkpoint["optimizer"]["param_groups"][0]
+    for key in ("lr", "betas", "eps", "weight_decay", "initial_lr", "params"):
+        assert group[key] == source_group[key], key
+    state = converted["optimizer"]["state"]
+    assert sorted(state[0]) == ["exp_avg_absmax", "exp_avg_codes", "exp_avg_sq_absmax", "exp_avg_sq_codes", "step"]
+    assert sorted(state[2]) == ["exp_avg", "exp_avg_sq", "step"]  # 10 elements < min_8bit_size: fp32
+    assert all(float(s["step"]) == 6.0 for s in state.values())
+
+    # Each 8-bit state is the quantizer's output for the fp32 state.
+    for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        codes, quant = F.quantize_blockwise(checkpoint["optimizer"]["state"][1][name], code=create_dynamic_map(signed))
+        assert torch.equal(state[1][name + "_codes"], codes) and torch.equal(state[1][name + "_absmax"], quant.absmax)
+
+    # Resume: AdamW8bit from the converted file tracks torch AdamW from the original.
+    resumed, reference = clone(params), clone(params)
+    eight = d8.AdamW8bit(resumed, lr=1e-2, weight_decay=0.01)
+    eight.load_state_dict(converted["optimizer"])
+    torch_ref = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.01)
+    torch_ref.load_state_dict(checkpoint["optimizer"])
+    assert eight.param_groups[0]["lr"] == torch_ref.param_groups[0]["lr"] == 5e-3  # the scheduler's decayed lr
+    train(resumed, eight, 5, seed=2)
+    train(reference, torch_ref, 5, seed=2)
+    for a, b in zip(resumed, reference, strict=True):
+        # 5 steps of at most ~lr each; 8-bit states change an update by a few percent.
+        assert (a - b).abs().max() < 5 * 5e-3 * 0.05
+
+
+def test_fp32_to_8bit_to_fp32_is_within_the_quantizer_bound(tmp_path):
+    params = make_params()
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    train(params, optimizer, 3)
+    torch.save(optimizer.state_dict(), tmp_path / "fp32.pt")
+    run(tmp_path / "fp32.pt", tmp_path / "8bit.pt", to="8bit")
+    run(tmp_path / "8bit.pt", tmp_path / "back.pt", to="fp32")
+    source, back, eight = load(tmp_path / "fp32.pt"), load(tmp_path / "back.pt"), load(tmp_path / "8bit.pt")
+    for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        x, y = source["state"][0][name], back["state"][0][name]
+        absmax = eight["state"][0][name + "_absmax"].repeat_interleave(256)[: x.numel()].view(x.shape)
+        bound = absmax * (codec.error_bound(create_dynamic_map(signed)) + 2**-22)
+        assert ((x - y).abs() <= bound).all()
+        assert (x - y).abs().max() > 0  # really quantized
+        assert torch.equal(source["state"][2][name], back["state"][2][name])  # small tensor stayed fp32
+
+
+# ------------------------------------------------------------------ 8-bit -> fp32
+def test_dist8bit_8bit_to_fp32_loads_into_torch_adamw(tmp_path):
+    params = make_params()
+    optimizer = d8.AdamW8bit(params, lr=1e-2)
+    train(params, optimizer, 4)
+    torch.save(optimizer.state_dict(), tmp_path / "8bit.pt")
+    report = run(tmp_path / "8bit.pt", tmp_path / "fp32.pt", to="fp32", verify=True)
+    assert report.max_error == 0.0 and report.source_format == "dist8bit-8bit"
+
+    fp32 = load(tmp_path / "fp32.pt")
+    for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        expected = F.dequantize_blockwise(
+            optimizer.state[params[0]][name + "_codes"],
+            absmax=optimizer.state[params[0]][name + "_absmax"],
+            code=create_dynamic_map(signed),
+        )
+        assert fp32["state"][0][name].dtype == torch.float32 and torch.equal(fp32["state"][0][name], expected)
+
+    # torch's AdamW resumes from it, and steps exactly like dist8bit's 32-bit AdamW from the same file.
+    a, b = clone(params), clone(params)
+    torch_opt = torch.optim.AdamW(a, lr=1e-2, foreach=False)
+    torch_opt.load_state_dict(fp32)
+    ours = d8.AdamW32bit(b, lr=1e-2)
+    ours.load_state_dict(fp32)
+    train(a, torch_opt, 3, seed=5)
+    train(b, ours, 3, seed=5)
+    assert float(torch_opt.state[a[0]]["step"]) == 7.0
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", list(DIST8BIT_KINDS))
+def test_8bit_to_fp32_to_8bit_is_bit_exact(tmp_path, kind):
+    cls, kwargs = DIST8BIT_KINDS[kind]
+    params = make_params()
+    optimizer = cls(params, **kwargs)
+    train(params, optimizer, 5)
+    original = optimizer.state_dict()
+    torch.save(original, tmp_path / "8bit.pt")
+    run(tmp_path / "8bit.pt", tmp_path / "fp32.pt", to="fp32", verify=True)
+    run(tmp_path / "fp32.pt", tmp_path / "back.pt", to="8bit", verify=True)
+    assert_same_state_dicts(original, load(tmp_path / "back.pt"))
+    # and the round trip loads into the 8-bit optimizer again
+    cls(clone(params), **kwargs).load_state_dict(load(tmp_path / "back.pt"))
+
+
+def test_plain_requantization_would_not_be_exact():
+    """The scale recovery in codec.quantize_exact is needed: without it the round trip moves scales."""
+    params = make_params()
+    optimizer = d8.AdamW8bit(params, lr=1e-2)
+    train(params, optimizer, 5)
+    state, code = optimizer.state[params[0]], create_dynamic_map(True)
+    values = codec.dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], code, 256)
+    _, plain = F.quantize_blockwise(values, code=code)
+    assert not torch.equal(plain.absmax, state["exp_avg_absmax"])
+    codes, absmax = codec.quantize_exact(values, code, 256)
+    assert torch.equal(codes, state["exp_avg_codes"].reshape(-1)) and torch.equal(absmax, state["exp_avg_absmax"])
+    # genuine fp32 data is quantized exactly as quantize_blockwise does
+    data = torch.randn(5000)
+    expected_codes, expected = F.quantize_blockwise(data, code=code)
+    codes, absmax = codec.quantize_exact(data, code, 256)
+    assert torch.equal(codes, expected_codes) and torch.equal(absmax, expected.absmax)
+
+
+def test_blocksize_change_and_chunked_streaming(tmp_path, monkeypatch):
+    params = make_params()
+    optimizer = d8.AdamW8bit(params, lr=1e-2)
+    train(params, optimizer, 3)
+    torch.save(optimizer.state_dict(), tmp_path / "256.pt")
+    run(tmp_path / "256.pt", tmp_path / "64.pt", to="8bit", blocksize=64, verify=True)
+    monkeypatch.setattr(plan, "CHUNK", 4096)  # several chunks per tensor, and a short last one
+    run(tmp_path / "256.pt", tmp_path / "64-chunked.pt", to="8bit", blocksize=64, verify=True)
+    assert_same_state_dicts(load(tmp_path / "64.pt"), load(tmp_path / "64-chunked.pt"))
+    converted = load(tmp_path / "64.pt")
+    assert converted["state"][0]["exp_avg_absmax"].numel() == 6400 // 64
+    d8.AdamW8bit(clone(params), lr=1e-2, blocksize=64).load_state_dict(converted)
+    assert zipfile.ZipFile(tmp_path / "64-chunked.pt").testzip() is None  # CRCs of streamed records are right
+
+
+def test_min_8bit_size_and_keep_fp32(tmp_path):
+    params = make_params()
+    optimizer = torch.optim.AdamW(params)
+    train(params, optimizer, 1)
+    torch.save(optimizer.state_dict(), tmp_path / "fp32.pt")
+    run(tmp_path / "fp32.pt", tmp_path / "8bit.pt", to="8bit", min_8bit_size=4500, keep_fp32=[0])
+    state = load(tmp_path / "8bit.pt")["state"]
+    assert "exp_avg" in state[0] and "exp_avg_codes" in state[1] and "exp_avg" in state[2]
+    run(tmp_path / "fp32.pt", tmp_path / "5000.pt", to="8bit", min_8bit_size=5000)
+    state = load(tmp_path / "5000.pt")["state"]
+    assert "exp_avg_codes" in state[0] and "exp_avg" in state[1] and "exp_avg" in state[2]
+
+
+# ------------------------------------------------------------------ bitsandbytes
+@pytest.fixture
+def bnb():
+    if not HAS_BNB:
+        pytest.skip("bitsandbytes is not installed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import bitsandbytes
+
+    return bitsandbytes
+
+
+def test_bitsandbytes_adamw8bit_migrates_and_matches_its_continued_run(tmp_path, bnb):
+    """Tolerance: 10 steps move a parameter by at most ~10 * lr (Adam's normalised update is ~1 per
+    step). The two 8-bit implementations start from identical states (the codes and scales are copied
+    bit for bit) and differ only in which code a requantized value rounds to (bitsandbytes' CPU lookup
+    table is not always nearest), which changes an update by a few percent of a code gap: we allow 2%
+    of the largest possible movement (measured: ~1%). A resume from a fresh state is 10x further away."""
+    lr, steps = 1e-3, 10
+    params = make_params()
+    bnb_opt = bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.01)
+    train(params, bnb_opt, 15)
+    torch.save(bnb_opt.state_dict(), tmp_path / "bnb.pt")
+    saved_state = {k: v.clone() for k, v in bnb_opt.state[params[0]].items() if torch.is_tensor(v)}
+    start = clone(params)
+    train(params, bnb_opt, steps, seed=3)
+
+    report = run(tmp_path / "bnb.pt", tmp_path / "d8.pt", to="8bit", optimizer="adamw", verify=True)
+    assert report.source_format == "bitsandbytes-8bit" and report.max_error == 0.0
+    converted = load(tmp_path / "d8.pt")
+    assert torch.equal(converted["state"][0]["exp_avg_codes"], saved_state["state1"])
+    assert torch.equal(converted["state"][0]["exp_avg_sq_absmax"], saved_state["absmax2"])
+
+    resumed = clone(start)
+    ours = d8.AdamW8bit(resumed, lr=lr, weight_decay=0.01)
+    ours.load_state_dict(converted)
+    train(resumed, ours, steps, seed=3)
+    fresh = clone(start)
+    train(fresh, d8.AdamW8bit(fresh, lr=lr, weight_decay=0.01), steps, seed=3)
+    tolerance = steps * lr * 0.02
+    for ref, ours_p, fresh_p in zip(params, resumed, fresh, strict=True):
+        assert (ref - ours_p).abs().max() < tolerance
+        assert (ref - fresh_p).abs().max() > 10 * tolerance  # the test can tell a lost state
+
+    # and to fp32, for torch's AdamW
+    run(tmp_path / "bnb.pt", tmp_path / "fp32.pt", to="fp32", optimizer="adamw", verify=True)
+    torch.optim.AdamW(clone(start), lr=lr).load_state_dict(load(tmp_path / "fp32.pt"))
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "kwargs"),
+    [("SGD8bit", "sgd", {"lr": 0.1, "momentum": 0.9}), ("Lion8bit", "lion", {}), ("AdEMAMix8bit", "ademamix", {})],
+)
+def test_bitsandbytes_other_optimizers(tmp_path, bnb, name, kind, kwargs):
+    params = make_params()
+    optimizer = getattr(bnb.optim, name)(params, **kwargs)
+    train(params, optimizer, 2)
+    torch.save(optimizer.state_dict(), tmp_path / "bnb.pt")
+    run(tmp_path / "bnb.pt", tmp_path / "d8.pt", to="8bit", optimizer=kind, verify=True)
+    cls, _ = DIST8BIT_KINDS[kind]
+    translated = {"lr": kwargs.get("lr", 1e-3) if kind != "lion" else 1e-4, **({"momentum": 0.9} if kind == "sgd" else {})}
+    cls(clone(params), **translated).load_state_dict(load(tmp_path / "d8.pt"))
+
+
+def test_bitsandbytes_needs_the_right_optimizer(tmp_path, bnb):
+    params = make_params()
+    optimizer = bnb.optim.AdamW8bit(params)
+    train(params, optimizer, 1)
+    torch.save(optimizer.state_dict(), tmp_path / "bnb.pt")
+    with pytest.raises(CheckpointError, match="pass --optimizer"):
+        run(tmp_path / "bnb.pt", tmp_path / "out.pt", to="8bit")
+    with pytest.raises(CheckpointError, match="is --optimizer right"):
+        run(tmp_path / "bnb.pt", tmp_path / "out.pt", to="8bit", optimizer="sgd")
+
+
+# ------------------------------------------------------------------ safety
+def small_checkpoint(tmp_path) -> Path:
+    params = make_params()
+    optimizer = torch.optim.AdamW(params)
+    train(params, optimizer, 1)
+    torch.save(optimizer.state_dict(), tmp_path / "src.pt")
+    return tmp_path / "src.pt"
+
+
+def test_refuses_to_overwrite_without_flag(tmp_path):
+    src = small_checkpoint(tmp_path)
+    (tmp_path / "dst.pt").write_bytes(b"keep me")
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        run(src, tmp_path / "dst.pt", to="8bit")
+    assert (tmp_path / "dst.pt").read_bytes() == b"keep me"
+    run(src, tmp_path / "dst.pt", to="8bit", overwrite=True)
+    assert "exp_avg_codes" in load(tmp_path / "dst.pt")["state"][0]
+    with pytest.raises(CheckpointError, match="same"):
+        run(src, src, to="8bit", overwrite=True)
+
+
+def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
+    src = small_checkpoint(tmp_path)
+    (tmp_path / "old.pt").write_bytes(b"previous checkpoint")
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # after some tensors were written
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    original = codec.quantize_exact
+    monkeypatch.setattr(codec, "quantize_exact", failing)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(KeyboardInterrupt):
+        run(src, tmp_path / "new.pt", to="8bit")
+    with pytest.raises(KeyboardInterrupt):
+        calls.clear()
+        run(src, tmp_path / "old.pt", to="8bit", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no new.pt, no temporaries
+    assert (tmp_path / "old.pt").read_bytes() == b"previous checkpoint"
+
+
+def test_corrupt_truncated_and_unsafe_inputs(tmp_path):
+    src = small_checkpoint(tmp_path)
+    data = src.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        run(tmp_path / "truncated.pt", tmp_path / "out.pt", to="8bit")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        run(tmp_path / "empty.pt", tmp_path / "out.pt", to="8bit")
+    with open(tmp_path / "unsafe.pt", "wb") as file:  # a pickle that would run code if loaded unsafely
+        torch.save({"state": {}, "param_groups": [], "x": pickle.loads(pickle.dumps(Path("/")))}, file)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        run(tmp_path / "unsafe.pt", tmp_path / "out.pt", to="8bit")
+    torch.save({"model": {"w": torch.zeros(3)}}, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="no optimizer state dict"):
+        run(tmp_path / "model.pt", tmp_path / "out.pt", to="8bit")
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_mismatched_inputs(tmp_path):
+    params = make_params()
+    optimizer = d8.AdamW8bit(params)
+    train(params, optimizer, 1)
+    sd = copy.deepcopy(optimizer.state_dict())  # state_dict() shares the live per-parameter dicts
+    sd["state"][0]["exp_avg_absmax"] = sd["state"][0]["exp_avg_absmax"][:-1]
+    torch.save(sd, tmp_path / "short.pt")
+    with pytest.raises(CheckpointError, match="absmax"):
+        run(tmp_path / "short.pt", tmp_path / "out.pt", to="fp32")
+    sd = copy.deepcopy(optimizer.state_dict())
+    sd["state"][0]["exp_avg_sq_codes"] = sd["state"][0]["exp_avg_sq_codes"].reshape(100, 64)
+    torch.save(sd, tmp_path / "shape.pt")
+    with pytest.raises(CheckpointError, match="disagree on the parameter's shape"):
+        run(tmp_path / "shape.pt", tmp_path / "out.pt", to="fp32")
+    torch.save(optimizer.state_dict(), tmp_path / "adam.pt")
+    with pytest.raises(CheckpointError, match="--optimizer sgd keeps"):
+        run(tmp_path / "adam.pt", tmp_path / "out.pt", to="fp32", optimizer="sgd")
+    amsgrad = torch.optim.AdamW(params, amsgrad=True)
+    train(params, amsgrad, 1)
+    torch.save(amsgrad.state_dict(), tmp_path / "amsgrad.pt")
+    with pytest.raises(CheckpointError, match="amsgrad"):
+        run(tmp_path / "amsgrad.pt", tmp_path / "out.pt", to="8bit")
+    with pytest.raises(CheckpointError, match="world-size"):
+        run(tmp_path / "adam.pt", tmp_path / "out.pt", to="fp32", world_size=2)
+    with pytest.raises(CheckpointError, match="blocksize"):
+        run(tmp_path / "adam.pt", tmp_path / "out.pt", to="8bit", blocksize=100)
+    assert not (tmp_path / "out.pt").exists()
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_convert_prints_a_summary_and_reports_errors(tmp_path, capsys):
+    src = small_checkpoint(tmp_path)
+    assert cli.main(["convert", str(src), str(tmp_path / "out.pt"), "--to", "8bit", "--verify", "--quiet"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "3 parameters" in summary and "in," in summary and "out" in summary and "verified: max error" in summary
+    assert cli.main(["convert", str(src), str(tmp_path / "out.pt"), "--to", "8bit", "--quiet"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
