@@ -1,0 +1,195 @@
+"""FSDP2 (fully_shard) and DDP with dist8bit optimizers: 2 ranks on CPU (gloo).
+
+Row-aligned blocks make the sharded run and the 1-rank run quantize the same
+blocks, so they agree to float rounding, not just to 8-bit tolerance; DCP
+checkpoints carry each rank's own scales as DTensors and reshard 2 -> 1 and
+2 -> 2 ranks exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dist8bit.optim import AdamW8bit
+
+STEPS = 20
+SAVE_AT = 10
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TinyModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(96, 128)  # 12288 elements, rows of 128: 8-bit, blocks of 128
+        self.up = torch.nn.Linear(128, 256)  # weight 8-bit (blocks of 128), bias 32-bit (< 4096)
+        self.down = torch.nn.Linear(256, 96)  # weight rows of 256: blocks of 256
+        self.scale = torch.nn.Parameter(torch.ones(4608))  # 1-D, >= 4096: 32-bit when sharded (no row layout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.up(self.embed(tokens)))
+        return self.down(hidden * self.scale[:256])
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(step)
+    tokens = torch.randint(0, 96, (8, 16), generator=generator)
+    return tokens, torch.roll(tokens, 1, dims=1)
+
+
+def build(strategy: str):
+    torch.manual_seed(0)
+    model = TinyModel()
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model.up)
+        fully_shard(model.down)
+        fully_shard(model)
+    elif strategy == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    return model, AdamW8bit(model.parameters(), lr=1e-2)
+
+
+def train(model, optimizer, steps: range) -> list[float]:
+    losses = []
+    for step in steps:
+        tokens, targets = batch(step)
+        loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, param in model.named_parameters():
+        value = param.full_tensor() if hasattr(param, "full_tensor") else param
+        out[name] = value.detach().clone()
+    return out
+
+
+def precisions(model, optimizer) -> dict[str, bool]:
+    return {name: "exp_avg_codes" in optimizer.state[param] for name, param in model.named_parameters()}
+
+
+def worker(rank: int, world_size: int, port: int, job: str, directory: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        out = Path(directory)
+        model, optimizer = build("ddp" if job == "ddp" else "fsdp")
+        if job == "ddp":
+            losses = train(model, optimizer, range(STEPS))
+            result = {"params": full_params(model.module), "losses": losses, "state_bytes": optimizer.state_bytes()}
+        elif job == "train":
+            losses = train(model, optimizer, range(SAVE_AT))
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / "dcp"))
+            losses += train(model, optimizer, range(SAVE_AT, STEPS))
+            result = {
+                "params": full_params(model),
+                "losses": losses,
+                "state_bytes": optimizer.state_bytes(),
+                "precisions": precisions(model, optimizer),
+            }
+            full = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))[1]
+            if rank == 0:
+                result["full_optim"] = full
+        else:  # resume from the DCP checkpoint written by the 2-rank run
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=str(out / "dcp"))
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            losses = train(model, optimizer, range(SAVE_AT, STEPS))
+            result = {"params": full_params(model), "losses": losses}
+        if rank == 0:
+            torch.save(result, out / f"{job}-{world_size}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(world_size: int, job: str, directory: Path) -> dict:
+    mp.spawn(worker, args=(world_size, free_port(), job, str(directory)), nprocs=world_size, join=True)
+    return torch.load(directory / f"{job}-{world_size}.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    directory = tmp_path_factory.mktemp("fsdp")
+    return {
+        "two": launch(2, "train", directory),
+        "one": launch(1, "train", directory / "one"),
+        "resume-1": launch(1, "resume", directory),
+        "resume-2": launch(2, "resume", directory),
+        "ddp": launch(2, "ddp", directory),
+    }
+
+
+def test_two_ranks_match_one_rank(runs):
+    for name, value in runs["one"]["params"].items():
+        torch.testing.assert_close(runs["two"]["params"][name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_ddp_works_as_is(runs):
+    """DDP replicates the optimizer: same parameters as 1 rank, full state on every rank."""
+    model, optimizer = build("none")
+    assert runs["ddp"]["losses"] == pytest.approx(train(model, optimizer, range(STEPS)), rel=1e-5)
+    for name, value in full_params(model).items():
+        torch.testing.assert_close(runs["ddp"]["params"][name], value, rtol=0, atol=1e-5, msg=name)
+    assert runs["ddp"]["state_bytes"] == optimizer.state_bytes()
+
+
+def test_state_bytes_halve_per_rank(runs):
+    one, two = runs["one"]["state_bytes"], runs["two"]["state_bytes"]
+    assert two == pytest.approx(one / 2, rel=0.1)
+
+
+def test_precision_comes_from_the_global_shape(runs):
+    expected = {
+        "embed.weight": True,
+        "up.weight": True,
+        "up.bias": False,
+        "down.weight": True,
+        "down.bias": False,
+        "scale": False,
+    }
+    assert runs["one"]["precisions"] == expected
+    assert runs["two"]["precisions"] == expected
+
+
+def test_full_state_dict_gathers_codes_and_scales(runs):
+    state = runs["two"]["full_optim"]["state"]
+    embed = state["embed.weight"]
+    assert embed["exp_avg_codes"].shape == (96, 128) and embed["exp_avg_codes"].dtype == torch.uint8
+    assert embed["exp_avg_absmax"].shape == (96, 1)  # one block of 128 per row
+    assert state["down.weight"]["exp_avg_absmax"].shape == (96, 1)
+    assert state["scale"]["exp_avg"].shape == (4608,)
+
+
+@pytest.mark.parametrize("resume", ["resume-1", "resume-2"])
+def test_dcp_checkpoint_resumes_on_any_world_size(runs, resume):
+    """Saved on 2 ranks at step 10, resumed on 1 or 2: the curve continues exactly."""
+    expected = runs["two"]
+    got = runs[resume]
+    assert got["losses"] == pytest.approx(expected["losses"][SAVE_AT:], rel=1e-5)
+    for name, value in expected["params"].items():
+        torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-5, msg=name)
