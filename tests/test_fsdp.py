@@ -193,3 +193,27 @@ def test_dcp_checkpoint_resumes_on_any_world_size(runs, resume):
     assert got["losses"] == pytest.approx(expected["losses"][SAVE_AT:], rel=1e-5)
     for name, value in expected["params"].items():
         torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def mismatch_worker(rank: int, world_size: int, port: int, directory: str) -> None:
+    from dist8bit.integrations.consistency import check_same_parameters
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = torch.nn.Linear(8, 8 + rank)  # rank 1 builds a wider layer
+        try:
+            check_same_parameters(model.named_parameters())
+            message = "no error"
+        except ValueError as error:
+            message = str(error)
+        Path(directory, f"mismatch-{rank}.txt").write_text(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_parameters_get_a_clear_error(tmp_path):
+    mp.spawn(mismatch_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        message = (tmp_path / f"mismatch-{rank}.txt").read_text()
+        assert "parameter #0 is ('weight', (8, 8)" in message and "(9, 8)" in message and "same model" in message
