@@ -8,6 +8,20 @@ from .lars import LARS, LARS8bit, LARS32bit
 from .lion import Lion, Lion8bit, Lion32bit
 from .optimizer import Optimizer8bit
 from .overrides import GlobalOptimManager
+from .paged import (
+    PagedAdam,
+    PagedAdam8bit,
+    PagedAdam32bit,
+    PagedAdamW,
+    PagedAdamW8bit,
+    PagedAdamW32bit,
+    PagedAdEMAMix,
+    PagedAdEMAMix8bit,
+    PagedAdEMAMix32bit,
+    PagedLion,
+    PagedLion8bit,
+    PagedLion32bit,
+)
 from .rmsprop import RMSprop, RMSprop8bit, RMSprop32bit
 from .sgd import SGD, SGD8bit, SGD32bit
 
@@ -36,6 +50,18 @@ __all__ = [
     "Lion8bit",
     "Lion32bit",
     "Optimizer8bit",
+    "PagedAdEMAMix",
+    "PagedAdEMAMix8bit",
+    "PagedAdEMAMix32bit",
+    "PagedAdam",
+    "PagedAdam8bit",
+    "PagedAdam32bit",
+    "PagedAdamW",
+    "PagedAdamW8bit",
+    "PagedAdamW32bit",
+    "PagedLion",
+    "PagedLion8bit",
+    "PagedLion32bit",
     "RMSprop",
     "RMSprop8bit",
     "RMSprop32bit",
