@@ -128,9 +128,6 @@ class PageManager:
         _install_step_hook()
         return raw.view(dtype).view(tuple(shape))
 
-    def is_managed(self, tensor: torch.Tensor) -> bool:
-        return tensor.untyped_storage().data_ptr() in self._allocations
-
     def _room(self, device: torch.device) -> int:
         free, total = self.backend.memory(device)
         if not self.limits.active:
@@ -156,7 +153,7 @@ class PageManager:
 
     # ------------------------------------------------------------- step hook
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not optimizer.defaults.get("is_paged"):
+        if not getattr(optimizer, "defaults", {}).get("is_paged"):
             return
         view = self._optimizers.get(optimizer)
         if view is None:
@@ -177,7 +174,8 @@ class PageManager:
         """Move ordinary state tensors (what load_state_dict copies in) into managed memory."""
         for state in optimizer.state.values():
             for name, value in list(state.items()):
-                if not isinstance(value, torch.Tensor) or value.dim() == 0 or self.is_managed(value):
+                ptr = _storage_ptr(value)
+                if ptr is None or ptr in self._allocations:
                     continue
                 managed = self.allocate(value.shape, value.dtype, value.device)
                 if managed is not None:
@@ -216,10 +214,9 @@ class PageManager:
         """Addresses of the managed allocations behind these state values (views counted once)."""
         ptrs: dict[int, None] = {}
         for value in values:
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                ptr = value.untyped_storage().data_ptr()
-                if ptr in self._allocations:
-                    ptrs[ptr] = None
+            ptr = _storage_ptr(value)
+            if ptr in self._allocations:
+                ptrs[ptr] = None
         return list(ptrs)
 
     def _move(self, ptrs: Sequence[int], to_host: bool) -> None:
@@ -251,11 +248,10 @@ class PageManager:
             seen: set[int] = set()
             for state in optimizer.state.values():
                 for value in state.values():
-                    if isinstance(value, torch.Tensor) and value.dim() > 0 and not self.is_managed(value):
-                        storage = value.untyped_storage()
-                        if storage.data_ptr() not in seen:
-                            seen.add(storage.data_ptr())
-                            unpaged += storage.nbytes()
+                    ptr = _storage_ptr(value)
+                    if ptr is not None and ptr not in self._allocations and ptr not in seen:
+                        seen.add(ptr)
+                        unpaged += value.untyped_storage().nbytes()
         ranges = [(p, self._allocations[p].nbytes) for p in ptrs]
         on_host = self.backend.on_host(ranges)
         host = sum(n for (_, n), h in zip(ranges, on_host, strict=True) if h)
@@ -263,6 +259,14 @@ class PageManager:
 
     def _ptrs_of(self, optimizer: torch.optim.Optimizer) -> list[int]:
         return self._managed_ptrs(value for state in optimizer.state.values() for value in state.values())
+
+
+def _storage_ptr(value: Any) -> int | None:
+    """Address of the storage behind a state tensor; None for scalars (`step`), non-tensors and
+    tensor subclasses (a DTensor's memory is its local tensor's, which the optimizer keeps itself)."""
+    if type(value) is not torch.Tensor or value.dim() == 0:
+        return None
+    return value.untyped_storage().data_ptr()
 
 
 _manager: PageManager | None = None
