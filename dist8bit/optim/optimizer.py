@@ -37,7 +37,9 @@ SEGMENT_STRIDE = 1 << 40  # random-number counter range reserved per parameter
 # Flags torch.optim groups carry that dist8bit optimizers do not implement; a
 # torch state dict loads only when they are off.
 TORCH_ONLY_FLAGS = ("foreach", "maximize", "capturable", "differentiable", "fused", "amsgrad", "decoupled_weight_decay")
-PRECISION_KEYS = ("optim_bits", "min_8bit_size", "blocksize")
+# Group keys that are this optimizer's choice, never the checkpoint's (a
+# paged checkpoint loads into an unpaged optimizer and vice versa).
+PRECISION_KEYS = ("optim_bits", "min_8bit_size", "blocksize", "is_paged")
 
 
 def _check_common(optim_bits: int, min_8bit_size: int, percentile_clipping: int, max_unorm: float, block_wise: bool) -> None:
@@ -623,8 +625,8 @@ class Optimizer8bit(torch.optim.Optimizer):
     def _merge_saved_group(self, saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
         """Saved hyper-parameters over current defaults; torch-only flags must be off."""
         merged = {**{k: v for k, v in current.items() if k != "params"}, **saved}
-        # Precision is this optimizer's choice, not the checkpoint's: a mismatch
-        # must surface as an error below, never silently switch the precision.
+        # Precision and paging are this optimizer's choice, not the checkpoint's: a
+        # precision mismatch must surface as an error below, never silently switch.
         for key in PRECISION_KEYS:
             merged[key] = current[key]
         implied = self.implied_torch_flags()
