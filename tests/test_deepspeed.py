@@ -1,0 +1,372 @@
+"""DeepSpeed integration: dist8bit optimizers named in a DeepSpeed config, ZeRO 0-3, fp32 and bf16.
+
+The distributed part launches tests/distributed_workers/deepspeed_worker.py as 1, 2
+and 3 CPU processes (gloo, DS_ACCELERATOR=cpu), each running every configuration
+in one process: 20 steps of a small model (StableEmbedding + two Linear layers)
+with AdamW8bit and a WarmupLR scheduler from the config, a checkpoint at step 10
+and a resumed engine that repeats steps 10-20. The workers use the plain-PyTorch
+reference kernels (kernel parity is tested elsewhere) and skip DeepSpeed's
+shared-memory CPU all-reduce op (a C++ build of its own collectives).
+
+Tolerance for "2 ranks match 1 rank": twice the 8-bit vs 32-bit parameter gap of
+the same 1-rank run (AdamW8bit vs AdamW32bit, same data). Measured on this
+machine (20 steps, lr 3e-3): 8-bit vs 32-bit max 3.45e-3, mean 1.9e-4; 2 ranks
+vs 1 rank under ZeRO 1/2/3 max 3.5e-3 to 3.6e-3, mean 1.3e-4 (fp32), up to 5.3e-3
+/ 1.9e-4 with bf16. Under ZeRO a parameter's piece on rank 1 starts its
+quantization blocks at its own first element, so the 8-bit rounding differs from
+the 1-rank run by the same kind of error as 8-bit vs 32-bit; without ZeRO
+(stage 0) the runs agree to 2e-8 on average (float order of the gradient reduction).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dist8bit import optim
+from dist8bit.integrations import deepspeed as integration
+from dist8bit.integrations.deepspeed_config import DeepSpeedConfigError, check_params, resolve
+from dist8bit.integrations.deepspeed_segments import DeepSpeedLayoutError, zero3_segments
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "distributed_workers" / "deepspeed_worker.py"
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install -e .[deepspeed])")
+
+CASES = ["z0", "z1", "z2", "z3", "z2_bf16", "z1_bf16_fp32acc", "z3_bf16", "z0_bf16"]
+EXPECTED_8BIT = {
+    "emb.weight": False,  # StableEmbedding: 32-bit state although it has 4800 >= 4096 elements
+    "emb.norm.weight": False,
+    "emb.norm.bias": False,
+    "fc1.weight": True,
+    "fc1.bias": False,
+    "fc2.weight": True,  # its piece on rank 0 under ZeRO 1/2 has 486 < 4096 elements: still 8-bit
+    "fc2.bias": False,
+}
+SHAPES = {
+    "emb.weight": (100, 48),
+    "emb.norm.weight": (48,),
+    "emb.norm.bias": (48,),
+    "fc1.weight": (111, 48),
+    "fc1.bias": (111,),
+    "fc2.weight": (100, 111),
+    "fc2.bias": (100,),
+}
+NUMEL = {name: torch.Size(shape).numel() for name, shape in SHAPES.items()}
+STEPS, SAVE_AT, LR, WARMUP = 20, 10, 3e-3, 5
+
+
+# ------------------------------------------------------------- config rules
+def deepspeed_knows(name: str) -> bool:
+    """What DeepSpeed 0.19 resolves by itself (its lower-cased names and torch.optim)."""
+    return name in ("adam", "adamw", "lamb", "lion", "adagrad") or hasattr(torch.optim, name)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("AdamW8bit", optim.AdamW8bit),
+        ("adam8bit", optim.Adam8bit),
+        ("Lion8bit", optim.Lion8bit),
+        ("AdEMAMix8bit", optim.AdEMAMix8bit),
+        ("AdamW32bit", optim.AdamW32bit),
+        ("PagedAdamW8bit", optim.PagedAdamW8bit),
+        ("AdEMAMix", optim.AdEMAMix),  # DeepSpeed has no AdEMAMix: ours
+        ("dist8bit.AdamW", optim.AdamW),
+        ("adamw", None),  # DeepSpeed's own names stay DeepSpeed's
+        ("lamb", None),
+        ("SGD", None),  # torch.optim's
+    ],
+)
+def test_config_type_resolution(name, expected):
+    assert resolve(name, deepspeed_knows) is expected
+
+
+@pytest.mark.parametrize("name", ["AdamW8bitt", "Adamw9bit8bit", "Foo32bit", "PagedSomething", "dist8bit.Nope"])
+def test_config_type_that_looks_like_ours_is_a_clear_error(name):
+    with pytest.raises(DeepSpeedConfigError, match=r"Known dist8bit optimizers: .*AdamW8bit"):
+        resolve(name, deepspeed_knows)
+
+
+def test_config_type_typo_suggests_the_name():
+    with pytest.raises(DeepSpeedConfigError, match="Did you mean 'AdamW8bit'"):
+        resolve("AdamW8bitt", deepspeed_knows)
+
+
+def test_config_params_unknown_key_names_key_and_accepted_arguments():
+    with pytest.raises(DeepSpeedConfigError, match=r"'foo'.*AdamW8bit accepts: lr, betas, eps, weight_decay"):
+        check_params(optim.AdamW8bit, {"lr": 1e-3, "foo": 1})
+    with pytest.raises(DeepSpeedConfigError, match="optim_bits is fixed by the name AdamW8bit"):
+        check_params(optim.AdamW8bit, {"optim_bits": 32})
+    with pytest.raises(DeepSpeedConfigError, match="gradient_clipping"):
+        check_params(optim.AdamW8bit, {"max_grad_norm": 1.0})
+    assert check_params(optim.AdamW8bit, {"lr": 1e-3, "betas": [0.9, 0.95], "min_8bit_size": 16}) == {
+        "lr": 1e-3,
+        "betas": [0.9, 0.95],
+        "min_8bit_size": 16,
+    }
+
+
+def test_version_pin(monkeypatch):
+    monkeypatch.delenv(integration.ALLOW_UNTESTED_ENV, raising=False)
+    integration.check_version("0.19.8")
+    integration.check_version("0.19.0")
+    with pytest.raises(integration.DeepSpeedVersionError, match=r"0\.19\.x \(tested on 0\.19\.8\).*0\.20\.1 is installed"):
+        integration.check_version("0.20.1")
+    monkeypatch.setenv(integration.ALLOW_UNTESTED_ENV, "1")
+    with pytest.warns(RuntimeWarning, match="0.18.3 is installed"):
+        integration.check_version("0.18.3")
+
+
+# ------------------------------------------------------------ ZeRO-3 layout
+def zero3_param(numel: int, world: int) -> SimpleNamespace:
+    return SimpleNamespace(ds_numel=numel, ds_tensor=SimpleNamespace(ds_numel=-(-numel // world)))
+
+
+def test_zero3_segments_skip_tail_padding():
+    params = [zero3_param(10, 3), zero3_param(1, 3), zero3_param(7, 3)]  # partitions of 4, 1, 3 elements
+    by_rank = {rank: zero3_segments(params, lambda p, r=rank: r, 8) for rank in range(3)}
+    spans = {rank: [(s.start, s.length, s.param_offset) for s in segments] for rank, segments in by_rank.items()}
+    assert spans[0] == [(0, 4, 0), (4, 1, 0), (5, 3, 0)]
+    assert spans[1] == [(0, 4, 4), (5, 3, 3)]  # the 1-element parameter has nothing on rank 1
+    assert spans[2] == [(0, 2, 8), (5, 1, 6)]  # tails: 2 of 4 and 1 of 3 elements are real
+    assert all(s.source is params[i] for i, s in zip((0, 2), by_rank[2], strict=True))
+    with pytest.raises(DeepSpeedLayoutError, match="add up to 8 elements but its flat buffer has 9"):
+        zero3_segments(params, lambda p: 0, 9)
+
+
+# ----------------------------------------------------------- registration
+@needs_deepspeed
+def test_import_dist8bit_does_not_import_deepspeed_and_registers_after():
+    script = textwrap.dedent(
+        """
+        import sys
+        import dist8bit
+        assert "deepspeed" not in sys.modules
+        from dist8bit.integrations import deepspeed as integration
+        assert not integration.is_registered()
+        import deepspeed
+        assert integration.is_registered()
+        from deepspeed.runtime.engine import DeepSpeedEngine
+        patched = DeepSpeedEngine._configure_zero_optimizer
+        integration.register()
+        assert DeepSpeedEngine._configure_zero_optimizer is patched  # idempotent
+        assert deepspeed.__spec__.loader.__class__.__name__ != "_CallbackLoader"
+        print("ok")
+        """
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+# ------------------------------------------------------------ distributed
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(world: int, phase: str, folder: Path) -> dict:
+    """Run the worker on `world` processes and return rank 0's results."""
+    out = folder / f"{phase}_{world}.pt"
+    port = free_port()
+    procs, logs = [], []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "DS_ACCELERATOR": "cpu",
+            "DIST8BIT_BACKEND": "reference",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        log = folder / f"{phase}_{world}_rank{rank}.log"
+        logs.append(log)
+        with open(log, "w") as handle:
+            command = [sys.executable, str(WORKER), phase, str(out), str(folder / "checkpoints")]
+            procs.append(subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT))
+    try:
+        codes = [proc.wait(timeout=600) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    if any(codes):
+        tails = "\n".join(f"--- {log.name} ---\n{log.read_text()[-4000:]}" for log in logs)
+        raise AssertionError(f"{world}-rank {phase} run failed (exit codes {codes}):\n{tails}")
+    return torch.load(out, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if not HAS_DEEPSPEED:
+        pytest.skip("deepspeed is not installed")
+    folder = tmp_path_factory.mktemp("deepspeed")
+    one = launch(1, "train", folder)  # also saves the checkpoints the 2-rank run must refuse
+    two = launch(2, "train", folder)
+    three = launch(3, "precision", folder)
+    return SimpleNamespace(one=one, two=two, three=three)
+
+
+def gap(a: dict, b: dict) -> tuple[float, float]:
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    return diff.max().item(), diff.mean().item()
+
+
+@needs_deepspeed
+def test_workers_registered_without_untested_optimizer_flag(runs):
+    assert runs.one["registered"] and runs.two["registered"] and runs.three["registered"]
+    wrappers = {name: runs.two["cases"][name]["wrapper"] for name in CASES}
+    assert wrappers["z0"] == "AdamW8bit"
+    assert wrappers["z1"] == wrappers["z2"] == wrappers["z2_bf16"] == "DeepSpeedZeroOptimizer"
+    assert wrappers["z3"] == wrappers["z3_bf16"] == "DeepSpeedZeroOptimizer_Stage3"
+    assert wrappers["z1_bf16_fp32acc"] == "BF16_Optimizer"
+    assert wrappers["z0_bf16"] == "FP16_UnfusedOptimizer"
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("case", CASES)
+def test_two_ranks_match_one_rank(runs, case):
+    gap_max, gap_mean = gap(runs.one["cases"]["z0"]["params"], runs.one["cases"]["z0_32bit"]["params"])
+    assert gap_max > 0  # 8-bit and 32-bit runs differ: the tolerance below is a measured one
+    one, two = runs.one["cases"][case], runs.two["cases"][case]
+    diff_max, diff_mean = gap(two["params"], one["params"])
+    assert diff_max <= 2 * gap_max and diff_mean <= 2 * gap_mean, (
+        f"{case}: 2 ranks vs 1 rank max {diff_max:.2e} mean {diff_mean:.2e}; 8-bit vs 32-bit max {gap_max:.2e} mean {gap_mean:.2e}"
+    )
+    assert one["losses"][-1] < one["losses"][0]
+
+
+def covered(pieces: list, name: str) -> list[tuple[int, int]]:
+    return sorted((offset, offset + length) for offset, length in ((p[1], p[2]) for p in pieces if p[0] == name))
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("case", CASES)
+def test_pieces_cover_each_parameter_once_with_one_precision(runs, case):
+    """Each parameter's state is split over the ranks without gap or overlap (ZeRO), or held
+    whole by every rank (stage 0), and its precision is the same everywhere: the one its
+    full size and overrides decide, on 1, 2 and 3 ranks."""
+    for result in (runs.one, runs.two):
+        per_rank = result["cases"][case]["pieces"]
+        groups = per_rank if case.startswith("z0") else [[p for rank in per_rank for p in rank]]
+        for pieces in groups:
+            for name, numel in NUMEL.items():
+                spans = covered(pieces, name)
+                assert spans[0][0] == 0 and spans[-1][1] == numel, (case, name, spans)
+                assert all(a[1] == b[0] for a, b in itertools.pairwise(spans)), (case, name, spans)
+            precision = {}
+            for name, _, _, eight_bit in pieces:
+                assert precision.setdefault(name, eight_bit) == eight_bit, (case, name)
+            assert precision == EXPECTED_8BIT, case
+    if case in runs.three["precision"]:
+        pieces = [p for rank in runs.three["precision"][case] for p in rank]
+        assert {name: eight_bit for name, _, _, eight_bit in pieces} == EXPECTED_8BIT
+        assert all(covered(pieces, name)[-1][1] == numel for name, numel in NUMEL.items())
+    if case in ("z1", "z2"):  # the partition boundary cuts fc2.weight after 486 elements on rank 0
+        rank0 = [p for p in runs.two["cases"][case]["pieces"][0] if p[0] == "fc2.weight"]
+        assert rank0 == [("fc2.weight", 0, 486, True)]
+
+
+@needs_deepspeed
+def test_client_optimizer_gets_segments_too(runs):
+    pieces = [p for rank in runs.two["client_optimizer_pieces"] for p in rank]
+    assert {name: eight_bit for name, _, _, eight_bit in pieces} == EXPECTED_8BIT
+    assert all(covered(pieces, name)[-1][1] == numel for name, numel in NUMEL.items())
+
+
+def expected_bytes(pieces: list) -> int:
+    """Two Adam states: 8-bit = 1 byte per element + one float32 scale per 256-element block."""
+    total = 0
+    for _, _, length, eight_bit in pieces:
+        total += 2 * (length + 4 * -(-length // 256)) if eight_bit else 2 * 4 * length
+    return total
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("case", CASES)
+def test_state_bytes_per_rank(runs, case):
+    single = runs.one["cases"][case]["state_bytes"][0]
+    per_rank = runs.two["cases"][case]["state_bytes"]
+    pieces = runs.two["cases"][case]["pieces"]
+    if case.startswith("z0"):  # no partitioning: every rank holds everything
+        assert per_rank == [single, single]
+        return
+    # ZeRO: the ranks share the state (a few more block scales where a parameter is cut).
+    assert sum(per_rank) == pytest.approx(single, rel=0.01)
+    for rank, count in enumerate(per_rank):
+        assert count == pytest.approx(expected_bytes(pieces[rank]), rel=0.01), (case, rank)
+    if case.startswith("z3"):  # every parameter is halved
+        assert per_rank == [pytest.approx(single / 2, rel=0.02)] * 2
+    else:  # ZeRO 1/2 halve the elements; the 32-bit embedding (8 bytes/element) sits on rank 0
+        assert max(per_rank) < 0.75 * single
+
+
+@needs_deepspeed
+def test_lr_scheduler_from_config_drives_the_optimizer(runs):
+    expected = [LR * min(step, WARMUP) / WARMUP for step in range(STEPS)]  # WarmupLR, linear
+    for result in (runs.one, runs.two):
+        for case in CASES:
+            lrs = result["cases"][case]["lrs"]
+            assert [engine_lr for engine_lr, _ in lrs] == pytest.approx(expected), case
+            assert all(engine_lr == optimizer_lr for engine_lr, optimizer_lr in lrs), case
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("case", CASES)
+def test_checkpoint_round_trip_continues_identically(runs, case):
+    for result in (runs.one, runs.two):
+        run = result["cases"][case]
+        assert run["loaded_state_equal"], f"{case}: optimizer state after load_checkpoint differs from the saved one"
+        assert run["resumed_losses"] == run["losses"][SAVE_AT:], case
+        for name, value in run["params"].items():
+            assert torch.equal(run["resumed_params"][name], value), (case, name)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("case", CASES)
+def test_full_optimizer_state(runs, case):
+    two, one = runs.two["cases"][case], runs.one["cases"][case]
+    assert two["full_state_exact"], f"{case}: gathered state differs from a rank's own pieces"
+    for name, states in two["full_state"].items():
+        for key, value in states.items():
+            assert value.shape == SHAPES[name]
+            similarity = torch.nn.functional.cosine_similarity(value.flatten(), one["full_state"][name][key].flatten(), dim=0)
+            assert similarity > 0.995, (case, name, key, similarity.item())
+        deepspeed_value = two["deepspeed_full_exp_avg"][name]
+        if case.startswith("z0"):
+            assert deepspeed_value is None  # DeepSpeed keeps no fragments without ZeRO
+        else:  # DeepSpeed's safe_get_full_optimizer_state reads dist8bit's state
+            assert torch.equal(deepspeed_value, states["exp_avg"]), (case, name)
+
+
+@needs_deepspeed
+def test_clear_errors(runs):
+    errors = runs.one["errors"]
+    kind, message = errors["unknown_name"]
+    assert kind == "DeepSpeedConfigError" and "'AdamW8bitt'" in message and "Did you mean 'AdamW8bit'" in message
+    kind, message = errors["unknown_key"]
+    assert kind == "DeepSpeedConfigError" and "'foo_bar'" in message and "AdamW8bit accepts: lr" in message
+    kind, message = errors["elastic"]
+    assert kind == "DeepSpeedCheckpointError" and "elastic_checkpoint" in message
+    assert errors["torch_name_untouched"] == "torch.optim.sgd.SGD"
+    assert "zero_allow_untested_optimizer" in errors["torch_name_under_zero"][1]
+    kind, message = runs.two["world_size_mismatch"]
+    assert kind == "DeepSpeedCheckpointError"
+    assert "world size 1, this run has 2" in message and "--world-size 2" in message and "dist8bit convert" in message
