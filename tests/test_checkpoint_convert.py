@@ -19,7 +19,7 @@ import torch
 import dist8bit.functional as F
 import dist8bit.optim as d8
 from dist8bit import cli
-from dist8bit.checkpoint import CheckpointError, codec, convert, plan
+from dist8bit.checkpoint import CheckpointError, codec, convert, loading, plan
 from dist8bit.quant.maps import create_dynamic_map
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -224,6 +224,33 @@ def test_min_8bit_size_and_keep_fp32(tmp_path):
     run(tmp_path / "fp32.pt", tmp_path / "5000.pt", to="8bit", min_8bit_size=5000)
     state = load(tmp_path / "5000.pt")["state"]
     assert "exp_avg_codes" in state[0] and "exp_avg" in state[1] and "exp_avg" in state[2]
+
+
+def test_verify_catches_a_wrong_conversion(tmp_path, monkeypatch):
+    src = small_checkpoint(tmp_path)
+    original = codec.quantize_exact
+
+    def off_by_one_code(values, code, blocksize):
+        codes, absmax = original(values, code, blocksize)
+        return codes.clamp(max=254) + 1, absmax
+
+    monkeypatch.setattr(codec, "quantize_exact", off_by_one_code)
+    with pytest.raises(CheckpointError, match="exceeds the quantizer's error bound"):
+        run(src, tmp_path / "out.pt", to="8bit", verify=True)
+    assert not (tmp_path / "out.pt").exists()  # a failed verify keeps nothing
+
+
+def test_chunks_are_read_from_the_file_not_the_mapping(tmp_path):
+    """FileReader locates torch.load(mmap=True)'s mapping; if torch's layout changed it would silently stop."""
+    src = small_checkpoint(tmp_path)
+    loaded = loading.load(src)
+    reader = loading.FileReader()
+    reader.add(src, loaded)
+    assert len(reader._files) == 1
+    value = loaded["state"][0]["exp_avg"]
+    chunk = reader(value, 100, 300)
+    assert chunk.data_ptr() != value.reshape(-1)[100:].data_ptr() and torch.equal(chunk, value.reshape(-1)[100:300])
+    reader.close()
 
 
 # ------------------------------------------------------------------ bitsandbytes

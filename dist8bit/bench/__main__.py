@@ -1,16 +1,17 @@
-"""python -m dist8bit.bench {quantize,optim,quantiles,paged} [--out DIR] ..."""
+"""python -m dist8bit.bench {quantize,optim,quantiles,paged,convert} [--out DIR] ..."""
 
 from __future__ import annotations
 
 import argparse
 
-from . import optim, paged, quantiles, quantize
+from . import convert, optim, paged, quantiles, quantize
 
 BENCHMARKS = {
     "quantize": (quantize, "quantize/dequantize throughput per backend vs bitsandbytes and copy bandwidth"),
     "optim": (optim, "AdamW step time and state memory vs torch, bitsandbytes and torchao"),
     "quantiles": (quantiles, "estimate_quantiles vs torch.quantile and a full sort"),
     "paged": (paged, "paged optimizer states: overhead when everything fits, step time with a fraction evicted"),
+    "convert": (convert, "checkpoint conversion throughput and peak memory on a synthetic AdamW checkpoint"),
 }
 
 

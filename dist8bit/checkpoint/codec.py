@@ -10,7 +10,8 @@ blocks the original scale is absmax / 0.993 to within an ulp; each candidate is
 tried by quantizing the block with its largest element set to -candidate (which
 fixes the scale and still encodes to the lowest code) and accepted only if the
 result decodes to exactly the input bits. Genuine fp32 data never passes that
-test, so it is quantized exactly as the optimizer would.
+test, so it is quantized exactly as the optimizer would (and after a probe of a
+few blocks fails, costs nothing more).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ CANDIDATE_ULPS = (0, 1, -1, 2, -2)
 # A wrong-by-an-ulp scale leaves errors of a few ulps of the scale; anything
 # larger means the block is not a dequantization and is left as quantized.
 NEAR_EXACT = 2.0**-20
+PROBE = 32  # candidate blocks tried before deciding a chunk is genuine data
 
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -51,37 +53,45 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 
 
 def _recover_scales(blocks: torch.Tensor, code: torch.Tensor, lowest: float, codes: torch.Tensor, absmax: torch.Tensor) -> None:
-    """Fix codes/absmax in place for blocks that decode a negative-extreme dequantization."""
+    """Fix codes/absmax in place for blocks that are a dequantization with a negative extreme.
+
+    Such a block's extreme decodes to lowest * scale, so its minimum equals -absmax and a plain
+    requantization can never reproduce it. A tensor is either a dequantization throughout or
+    genuine data throughout (one fp32 step changes every value), so a probe of the first PROBE
+    candidates decides whether the rest are worth the candidate search.
+    """
+    rows = ((blocks.amin(1) == -absmax) & (absmax > 0) & torch.isfinite(absmax)).nonzero().squeeze(1)
+    if rows.numel() and _recover(rows[:PROBE], blocks, code, lowest, codes, absmax):
+        _recover(rows[PROBE:], blocks, code, lowest, codes, absmax)
+
+
+def _recover(
+    rows: torch.Tensor, blocks: torch.Tensor, code: torch.Tensor, lowest: float, codes: torch.Tensor, absmax: torch.Tensor
+) -> int:
+    """Try the candidate scales on these blocks; returns how many came back bit-exact."""
     blocksize = blocks.shape[1]
-    candidate = (blocks.amin(1) == -absmax) & (absmax > 0) & torch.isfinite(absmax)
-    rows = candidate.nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return
-    decoded = dequantize(codes[rows], absmax[rows], code, blocksize).view(-1, blocksize)
-    rows = rows[(_bits(decoded) != _bits(blocks[rows])).any(1)]
-    if rows.numel() == 0:
-        return
     scale = (absmax[rows].double() / -lowest).float()
+    recovered = 0
     for attempt, ulps in enumerate(CANDIDATE_ULPS):
+        if rows.numel() == 0:
+            break
         target = blocks[rows]
         trial_scale = scale
         for _ in range(abs(ulps)):
             trial_scale = torch.nextafter(trial_scale, torch.full_like(trial_scale, float("inf") if ulps > 0 else 0.0))
         trial = target.clone()
-        extreme = trial.argmin(1)
-        trial[torch.arange(rows.numel()), extreme] = -trial_scale
+        trial[torch.arange(rows.numel()), trial.argmin(1)] = -trial_scale
         trial_codes, trial_state = F.quantize_blockwise(trial.reshape(-1), code=code, blocksize=blocksize)
         trial_decoded = dequantize(trial_codes, trial_state.absmax, code, blocksize).view(-1, blocksize)
         exact = (_bits(trial_decoded) == _bits(target)).all(1)
         codes[rows[exact]] = trial_codes.view(-1, blocksize)[exact]
         absmax[rows[exact]] = trial_state.absmax[exact]
+        recovered += int(exact.sum())
         keep = ~exact
         if attempt == 0:
-            error = (trial_decoded - target).abs().amax(1)
-            keep &= error <= trial_scale * NEAR_EXACT
+            keep &= (trial_decoded - target).abs().amax(1) <= trial_scale * NEAR_EXACT
         rows, scale = rows[keep], scale[keep]
-        if rows.numel() == 0:
-            return
+    return recovered
 
 
 def error_bound(code: torch.Tensor) -> float:

@@ -19,9 +19,10 @@ from ..quant.layout import DEFAULT_BLOCKSIZE, num_blocks
 from ..quant.maps import create_dynamic_map
 from . import codec, optimizers
 from .canonical import Buffer, Dense, OptimizerState, ParamState, Quantized
+from .loading import Read, slice_read
 from .writer import Sink, Slot, map_leaves
 
-CHUNK = 1 << 22  # elements per read: 16 MiB of float32, a multiple of every block size
+CHUNK = 1 << 20  # elements per read: 4 MiB of float32, a multiple of every block size
 DEFAULT_MIN_8BIT_SIZE = 4096
 
 
@@ -47,35 +48,34 @@ class Plan:
     """Output tree (Slots where tensors go) and the jobs that fill the slots."""
 
     tree: Any
+    read: Read = slice_read
     jobs: list[Job] = field(default_factory=list)
 
 
-def dense_chunks(buffer: Buffer, on_bytes: Callable[[int], None]) -> Iterator[torch.Tensor]:
+def dense_chunks(buffer: Buffer, on_bytes: Callable[[int], None], read: Read = slice_read) -> Iterator[torch.Tensor]:
     """float32 chunks of CHUNK elements of a buffer's values (dequantized if 8-bit); reports bytes read."""
     if isinstance(buffer, Dense):
-        flat = buffer.values.reshape(-1)
-        for start in range(0, flat.numel(), CHUNK):
-            piece = flat[start : start + CHUNK]
+        values = buffer.values
+        for start in range(0, values.numel(), CHUNK):
+            piece = read(values, start, min(start + CHUNK, values.numel()))
             yield piece.float()
             on_bytes(piece.numel() * piece.element_size())
         return
-    codes = buffer.codes.reshape(-1)
-    absmax = buffer.absmax.reshape(-1)
-    blocksize = buffer.blocksize
-    for start in range(0, codes.numel(), CHUNK):
-        piece = codes[start : start + CHUNK]
-        scales = absmax[start // blocksize : start // blocksize + num_blocks(piece.numel(), blocksize)]
+    blocksize, total = buffer.blocksize, buffer.codes.numel()
+    for start in range(0, total, CHUNK):
+        stop = min(start + CHUNK, total)
+        piece = read(buffer.codes, start, stop)
+        scales = read(buffer.absmax, start // blocksize, num_blocks(stop, blocksize))
         yield codec.dequantize(piece, scales, buffer.code, blocksize)
         on_bytes(piece.numel() + 4 * scales.numel())
 
 
-def copy_job(label: str, source: torch.Tensor, slot: Slot) -> Job:
+def copy_job(label: str, source: torch.Tensor, slot: Slot, read: Read) -> Job:
     """Carry a tensor over unchanged (cast to the slot's dtype)."""
 
     def run(sink: Sink) -> None:
-        flat = source.reshape(-1)
-        for start in range(0, flat.numel(), CHUNK):
-            piece = flat[start : start + CHUNK]
+        for start in range(0, source.numel(), CHUNK):
+            piece = read(source, start, min(start + CHUNK, source.numel()))
             sink.write(slot, piece.to(slot.dtype))
             sink.progress(piece.numel() * piece.element_size())
 
@@ -89,29 +89,30 @@ def value_job(label: str, value: torch.Tensor, slot: Slot) -> Job:
     return Job(label, 0, run)
 
 
-def to_dense_job(label: str, buffer: Buffer, slot: Slot) -> Job:
+def to_dense_job(label: str, buffer: Buffer, slot: Slot, read: Read) -> Job:
     def run(sink: Sink) -> None:
-        for values in dense_chunks(buffer, sink.progress):
+        for values in dense_chunks(buffer, sink.progress, read):
             sink.write(slot, values)
 
     return Job(label, buffer.nbytes(), run)
 
 
-def to_quantized_job(label: str, buffer: Buffer, codes: Slot, absmax: Slot, blocksize: int, code: torch.Tensor) -> Job:
+def to_quantized_job(
+    label: str, buffer: Buffer, codes: Slot, absmax: Slot, blocksize: int, code: torch.Tensor, read: Read
+) -> Job:
     if isinstance(buffer, Quantized) and buffer.blocksize == blocksize and torch.equal(buffer.code, code):
 
         def run(sink: Sink) -> None:  # already in the target layout: copy codes and scales as they are
-            flat = buffer.codes.reshape(-1)
-            for start in range(0, flat.numel(), CHUNK):
-                sink.write(codes, flat[start : start + CHUNK])
-                sink.progress(min(CHUNK, flat.numel() - start))
-            sink.write(absmax, buffer.absmax.reshape(-1))
-            sink.progress(4 * buffer.absmax.numel())
+            for source, slot in ((buffer.codes, codes), (buffer.absmax, absmax)):
+                for start in range(0, source.numel(), CHUNK):
+                    piece = read(source, start, min(start + CHUNK, source.numel()))
+                    sink.write(slot, piece)
+                    sink.progress(piece.numel() * piece.element_size())
 
     else:
 
         def run(sink: Sink) -> None:
-            for values in dense_chunks(buffer, sink.progress):
+            for values in dense_chunks(buffer, sink.progress, read):
                 chunk_codes, chunk_absmax = codec.quantize_exact(values, code, blocksize)
                 sink.write(codes, chunk_codes)
                 sink.write(absmax, chunk_absmax)
@@ -139,7 +140,7 @@ def output_group(group: dict[str, Any], target: Target, blocksize: int, min_8bit
     return {**hyper, "params": list(group["params"])}
 
 
-def plan_optimizer(state: OptimizerState, target: Target, where: str) -> Plan:
+def plan_optimizer(state: OptimizerState, target: Target, where: str, read: Read = slice_read) -> Plan:
     """Output state dict (torch conventions; dist8bit's 8-bit names for 8-bit) and its jobs."""
     if target.precision == "8bit" and state.source_format == "torch":
         optimizers.check_torch_flags(state.optimizer, state.param_groups, where)
@@ -148,7 +149,7 @@ def plan_optimizer(state: OptimizerState, target: Target, where: str) -> Plan:
     for key, param in state.params.items():
         members.setdefault(id(group_of[key]), []).append(param)
     source_has_8bit = any(isinstance(b, Quantized) for p in state.params.values() for b in p.buffers.values())
-    plan = Plan(tree=None)
+    plan = Plan(tree=None, read=read)
     groups, layout = [], {}
     for group in state.param_groups:
         blocksize = _blocksize_of(group, members.get(id(group), []), target)
@@ -183,11 +184,11 @@ def _plan_param(plan: Plan, param: ParamState, eight_bit: bool, blocksize: int, 
             codes = Slot(param.shape, torch.uint8, label + CODES_SUFFIX)
             absmax = Slot((num_blocks(param.numel, blocksize),), torch.float32, label + ABSMAX_SUFFIX)
             code = create_dynamic_map(spec.signed)
-            plan.jobs.append(to_quantized_job(label, buffer, codes, absmax, blocksize, code))
+            plan.jobs.append(to_quantized_job(label, buffer, codes, absmax, blocksize, code, plan.read))
             entry[name + CODES_SUFFIX], entry[name + ABSMAX_SUFFIX] = codes, absmax
         else:
             slot = Slot(param.shape, torch.float32, label)
-            plan.jobs.append(to_dense_job(label, buffer, slot))
+            plan.jobs.append(to_dense_job(label, buffer, slot, plan.read))
             entry[name] = slot
     for name, value in param.extras.items():
         entry[name] = passthrough(plan, value, f"{where}: {name}")
@@ -202,7 +203,7 @@ def passthrough(plan: Plan, value: Any, label: str) -> Any:
             return item
         where = label + "".join(f"[{p!r}]" for p in path)
         slot = Slot(item.shape, item.dtype, where)
-        plan.jobs.append(copy_job(where, item, slot))
+        plan.jobs.append(copy_job(where, item, slot, plan.read))
         return slot
 
     return map_leaves(value, leaf)

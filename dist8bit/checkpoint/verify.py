@@ -10,15 +10,18 @@ be bit-identical.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..quant.layout import num_blocks
 from . import codec, plan
-from .canonical import Buffer, Dense, OptimizerState
+from .canonical import Buffer, Dense, OptimizerState, Quantized
 from .errors import CheckpointError
+from .loading import Read
 from .plan import dense_chunks
 from .writer import walk
 
@@ -39,41 +42,65 @@ class Agreement:
         self.tensors += 1
 
 
-def _output_chunks(buffer: Buffer) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(decoded values, per-element allowed error or None for exact) per CHUNK elements."""
+def _output_chunks(buffer: Buffer, read: Read) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(decoded values, the allowed error per block or None for exact) per CHUNK elements."""
     if isinstance(buffer, Dense):
-        for values in dense_chunks(buffer, lambda _: None):
+        for values in dense_chunks(buffer, lambda _: None, read):
             yield values, None
         return
-    unit = codec.error_bound(buffer.code)
+    unit = codec.error_bound(buffer.code) + ROUNDING
     blocksize = buffer.blocksize
-    absmax = buffer.absmax.reshape(-1)
-    for start, values in zip(range(0, buffer.numel, plan.CHUNK), dense_chunks(buffer, lambda _: None), strict=True):
-        scales = absmax[start // blocksize : start // blocksize + -(-values.numel() // blocksize)]
-        yield values, (scales * (unit + ROUNDING)).repeat_interleave(blocksize)[: values.numel()]
+    for start, values in zip(range(0, buffer.numel, plan.CHUNK), dense_chunks(buffer, lambda _: None, read), strict=True):
+        yield values, read(buffer.absmax, start // blocksize, num_blocks(start + values.numel(), blocksize)) * unit
 
 
-def compare_buffer(source: Buffer, output: Buffer, where: str, on_bytes: Callable[[int], None]) -> tuple[float, float]:
+def _block_maxima(difference: torch.Tensor, allowed: torch.Tensor | None, blocksize: int) -> torch.Tensor:
+    """The largest difference per quantization block (elementwise when the output is fp32)."""
+    if allowed is None:
+        return difference
+    padding = allowed.numel() * blocksize - difference.numel()
+    return torch.nn.functional.pad(difference, (0, padding)).view(-1, blocksize).amax(1)
+
+
+def _largest(values: torch.Tensor) -> float:
+    return float(values.max()) if values.numel() else 0.0
+
+
+def compare_buffer(
+    source: Buffer, output: Buffer, where: str, on_bytes: Callable[[int], None], read: Read, blocksize: int
+) -> tuple[float, float]:
+    """(max |output - source|, max over blocks of that error / the allowed error) for one state buffer."""
     if source.numel != output.numel:
         raise CheckpointError(f"verify: {where} has {output.numel} elements in the output but {source.numel} in the source")
     error = ratio = 0.0
-    for expected, (actual, allowed) in zip(dense_chunks(source, on_bytes), _output_chunks(output), strict=True):
-        finite = torch.isfinite(expected)
-        if not bool(torch.isfinite(actual[finite]).all()):
-            raise CheckpointError(f"verify: {where} decodes to non-finite values where the source is finite")
-        difference = (actual - expected).abs().masked_fill(~finite, 0.0)
-        error = max(error, float(difference.max()) if difference.numel() else 0.0)
+    for expected, (actual, allowed) in zip(dense_chunks(source, on_bytes, read), _output_chunks(output, read), strict=True):
+        difference = (actual - expected).abs()
+        if allowed is not None:  # one maximum per block
+            padding = allowed.numel() * blocksize - difference.numel()
+            difference = (
+                (torch.nn.functional.pad(difference, (0, padding)) if padding else difference).view(-1, blocksize).amax(1)
+            )
+        chunk_error = _largest(difference)
+        if not math.isfinite(chunk_error):  # slow path: NaN/Inf in the source stay out of the comparison
+            finite = expected.abs() < math.inf
+            if not bool((actual[finite].abs() < math.inf).all()):
+                raise CheckpointError(f"verify: {where} decodes to non-finite values where the source is finite")
+            difference = (actual - expected).abs().masked_fill(~finite, 0.0)
+            if allowed is not None:
+                padding = allowed.numel() * blocksize - difference.numel()
+                difference = torch.nn.functional.pad(difference, (0, padding)).view(-1, blocksize).amax(1)
+            chunk_error = _largest(difference)
+        error = max(error, chunk_error)
         if allowed is None:
-            chunk_ratio = 0.0 if error == 0.0 else float("inf")
+            ratio = max(ratio, 0.0 if chunk_error == 0.0 else math.inf)
         else:
-            over = difference / allowed
-            over = torch.where(allowed > 0, over, torch.where(difference > 0, float("inf"), 0.0))
-            chunk_ratio = float(over.max()) if over.numel() else 0.0
-        ratio = max(ratio, chunk_ratio)
+            ratio = max(ratio, _largest(difference / allowed.clamp_min(torch.finfo(torch.float32).tiny)))
     return error, ratio
 
 
-def compare_optimizer(source: OptimizerState, output: OptimizerState, where: str, on_bytes: Callable[[int], None]) -> Agreement:
+def compare_optimizer(
+    source: OptimizerState, output: OptimizerState, where: str, on_bytes: Callable[[int], None], read: Read
+) -> Agreement:
     agreement = Agreement()
     if len(source.param_groups) != len(output.param_groups):
         raise CheckpointError(
@@ -92,7 +119,10 @@ def compare_optimizer(source: OptimizerState, output: OptimizerState, where: str
         for name, buffer in param.buffers.items():
             if name not in converted.buffers:
                 raise CheckpointError(f"verify: {where} parameter {key!r} lost its {name}")
-            agreement.add(*compare_buffer(buffer, converted.buffers[name], f"{where} parameter {key!r} {name}", on_bytes))
+            label = f"{where} parameter {key!r} {name}"
+            written = converted.buffers[name]
+            blocksize = written.blocksize if isinstance(written, Quantized) else 1
+            agreement.add(*compare_buffer(buffer, written, label, on_bytes, read, blocksize))
     if agreement.bound_ratio > 1.0:
         kind = "is not exact" if agreement.bound_ratio == float("inf") else "exceeds the quantizer's error bound"
         raise CheckpointError(
@@ -101,18 +131,16 @@ def compare_optimizer(source: OptimizerState, output: OptimizerState, where: str
     return agreement
 
 
-def compare_carried(source: Any, output: Any, skip: set[tuple], on_bytes: Callable[[int], None]) -> int:
+def compare_carried(source: Any, output: Any, skip: set[tuple], on_bytes: Callable[[int], None], read: Read) -> int:
     """Every tensor outside the converted optimizer state dicts must be bit-identical; returns how many."""
     count = 0
     for (path, a), (_, b) in zip(_outside(source, skip), _outside(output, skip), strict=True):
         if isinstance(a, torch.Tensor):
             same = isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
-            if same:
-                flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-                step = plan.CHUNK
-                for start in range(0, a.numel(), step):
-                    same = same and torch.equal(flat_a[start : start + step], flat_b[start : start + step])
-                    on_bytes(min(step, a.numel() - start) * a.element_size())
+            for start in range(0, a.numel() if same else 0, plan.CHUNK):
+                stop = min(start + plan.CHUNK, a.numel())
+                same = same and torch.equal(read(a, start, stop), read(b, start, stop))
+                on_bytes((stop - start) * a.element_size())
             if not same:
                 raise CheckpointError(f"verify: the carried-over tensor at {list(path)} differs from the source")
             count += 1

@@ -19,21 +19,15 @@ Peak memory is one chunk of one tensor, whatever the checkpoint size.
 from __future__ import annotations
 
 import struct
-import zipfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
-LOCAL_SIGNATURE = 0x04034B50
-CENTRAL_SIGNATURE = 0x02014B50
-DESCRIPTOR_SIGNATURE = 0x08074B50
-DATA_DESCRIPTOR_FLAG = 0x8
+from .archive import Record, data_records
 
 
 class Slot:
@@ -81,19 +75,10 @@ def map_leaves(tree: Any, fn: Callable[[tuple, Any], Any], path: tuple = ()) -> 
     return fn(path, tree)
 
 
-@dataclass
-class _Record:
-    offset: int  # of the data in the file
-    size: int
-    crc_positions: tuple[int, ...]  # where the record's CRC-32 is stored
-    crc: int = 0
-    written: int = 0
-
-
 class Sink:
     """Where jobs put slot data; counts input progress for the bar."""
 
-    def __init__(self, file: Any, records: dict[int, _Record], on_progress: Callable[[int], None]) -> None:
+    def __init__(self, file: Any, records: dict[int, Record], on_progress: Callable[[int], None]) -> None:
         self._file = file
         self._records = records
         self._on_progress = on_progress
@@ -147,9 +132,9 @@ def save_streaming(path: Path, tree: Any, fill: Callable[[Sink], None], on_progr
     return sink.bytes_out
 
 
-def _locate(path: Path, tree: Any, slots: list[Slot]) -> dict[int, _Record]:
+def _locate(path: Path, tree: Any, slots: list[Slot]) -> dict[int, Record]:
     """Byte range of every slot in the reserved file."""
-    zip_records = _zip_data_records(path)
+    zip_records = data_records(path)
     loaded = torch.load(path, mmap=True, weights_only=True)
     pointers: dict[int, int] = {}
     for (where, leaf), (_, twin) in zip(walk(tree), walk(loaded), strict=True):
@@ -160,7 +145,7 @@ def _locate(path: Path, tree: Any, slots: list[Slot]) -> dict[int, _Record]:
                 pointers[id(leaf)] = twin.data_ptr()
     del loaded
     by_offset = {r.offset: r for r in zip_records if r.size}
-    records: dict[int, _Record] = {}
+    records: dict[int, Record] = {}
     if pointers:
         # All storages of a memory-mapped load are views of one mapping of the
         # file, so pointer differences are file offset differences.
@@ -175,48 +160,7 @@ def _locate(path: Path, tree: Any, slots: list[Slot]) -> dict[int, _Record]:
                     f"(slot {slot} has no matching record); please report this with your torch version ({torch.__version__})"
                 )
             records[id(slot)] = record
-    empty = _Record(0, 0, ())
+    empty = Record(0, 0, ())
     for slot in slots:
         records.setdefault(id(slot), empty)
     return records
-
-
-def _zip_data_records(path: Path) -> list[_Record]:
-    """Offset, size and CRC field positions of every tensor record (`<archive>/data/<key>`)."""
-    result = []
-    with zipfile.ZipFile(path) as archive, open(path, "rb") as file:
-        central = _central_crc_positions(file, archive)
-        for info in archive.infolist():
-            parts = info.filename.split("/")
-            if len(parts) != 3 or parts[1] != "data":
-                continue
-            file.seek(info.header_offset)
-            signature, _, flags, method, _, _, _, _, _, name_len, extra_len = LOCAL_HEADER.unpack(file.read(LOCAL_HEADER.size))
-            if signature != LOCAL_SIGNATURE or method != zipfile.ZIP_STORED:
-                raise RuntimeError(f"unexpected zip record {info.filename} in {path}")
-            offset = info.header_offset + LOCAL_HEADER.size + name_len + extra_len
-            positions = [central[info.filename]]
-            if flags & DATA_DESCRIPTOR_FLAG:
-                file.seek(offset + info.file_size)
-                (first,) = struct.unpack("<I", file.read(4))
-                positions.append(offset + info.file_size + (4 if first == DESCRIPTOR_SIGNATURE else 0))
-            else:
-                positions.append(info.header_offset + 14)
-            result.append(_Record(offset, info.file_size, tuple(positions)))
-    return result
-
-
-def _central_crc_positions(file: Any, archive: zipfile.ZipFile) -> dict[str, int]:
-    positions = {}
-    position = archive.start_dir
-    for _ in archive.infolist():
-        file.seek(position)
-        header = file.read(46)
-        (signature,) = struct.unpack_from("<I", header)
-        if signature != CENTRAL_SIGNATURE:
-            raise RuntimeError("unexpected zip central directory layout")
-        name_len, extra_len, comment_len = struct.unpack_from("<HHH", header, 28)
-        name = file.read(name_len).decode("utf-8")
-        positions[name] = position + 16
-        position += 46 + name_len + extra_len + comment_len
-    return positions
