@@ -21,7 +21,7 @@ import deepspeed
 import deepspeed.ops
 import torch
 import torch.nn.functional as F
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_optimizer_state
 from torch import nn
 
 import dist8bit  # registers with DeepSpeed (already imported: at once)
@@ -256,6 +256,10 @@ def run_case(case: tuple, workdir: str) -> dict:
     # DeepSpeed's own fragment API (ZeRO 1-3 and bf16 wrappers; None where it has no fragments, e.g. ZeRO 0).
     ds_state = {n: safe_get_full_optimizer_state(names[n], "exp_avg") for n in WATCHED}
     result["deepspeed_full_exp_avg"] = {n: None if v is None else v.float().cpu() for n, v in ds_state.items()}
+    weight = names["fc2.weight"]
+    result["set_state"] = capture(
+        lambda: safe_set_full_optimizer_state(weight, torch.zeros(weight.ds_shape if stage == 3 else weight.shape), "exp_avg")
+    )
     _, resumed, _ = build(cfg)
     resumed.load_checkpoint(checkpoint, tag="step10")
     result["loaded_state_equal"] = all_ranks(same_state(saved_state, state_snapshot(resumed)))
