@@ -150,11 +150,14 @@ def test_zero3_segments_skip_tail_padding():
 def test_import_dist8bit_does_not_import_deepspeed_and_registers_after():
     script = textwrap.dedent(
         """
+        import importlib.util
         import sys
         import dist8bit
         assert "deepspeed" not in sys.modules
         from dist8bit.integrations import deepspeed as integration
         assert not integration.is_registered()
+        assert importlib.util.find_spec("deepspeed") is not None  # an availability check must not disarm the hook
+        assert "deepspeed" not in sys.modules
         import deepspeed
         assert integration.is_registered()
         from deepspeed.runtime.engine import DeepSpeedEngine
@@ -162,6 +165,7 @@ def test_import_dist8bit_does_not_import_deepspeed_and_registers_after():
         integration.register()
         assert DeepSpeedEngine._configure_zero_optimizer is patched  # idempotent
         assert deepspeed.__spec__.loader.__class__.__name__ != "_CallbackLoader"
+        assert not any(type(f).__name__ == "AfterImportFinder" for f in sys.meta_path)
         print("ok")
         """
     )

@@ -20,9 +20,9 @@ from typing import Any
 class _CallbackLoader(importlib.abc.Loader):
     """Delegates to the real loader, then runs the callback once the module is executed."""
 
-    def __init__(self, loader: Any, callback: Callable[[], None]) -> None:
+    def __init__(self, loader: Any, finder: AfterImportFinder) -> None:
         self._loader = loader
-        self._callback = callback
+        self._finder = finder
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self._loader.create_module(spec)
@@ -34,14 +34,15 @@ class _CallbackLoader(importlib.abc.Loader):
         if module.__spec__ is not None:
             module.__spec__.loader = self._loader
         self._loader.exec_module(module)
-        self._callback()
+        self._finder.remove()
+        self._finder.callback()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loader, name)
 
 
 class AfterImportFinder(importlib.abc.MetaPathFinder):
-    """Meta-path finder for one module name; removes itself after the first hit."""
+    """Meta-path finder for one module name; removes itself once that module is imported."""
 
     def __init__(self, name: str, callback: Callable[[], None]) -> None:
         self.name = name
@@ -50,9 +51,13 @@ class AfterImportFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname != self.name:
             return None
-        self.remove()
+        # Stay installed until the module is actually executed: availability
+        # checks such as importlib.util.find_spec("deepspeed") (transformers
+        # does one) look the module up without importing it.
         spec = None
         for finder in list(sys.meta_path):
+            if finder is self:
+                continue
             find_spec = getattr(finder, "find_spec", None)
             if find_spec is None:
                 continue
@@ -61,7 +66,7 @@ class AfterImportFinder(importlib.abc.MetaPathFinder):
                 break
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        spec.loader = _CallbackLoader(spec.loader, self.callback)
+        spec.loader = _CallbackLoader(spec.loader, self)
         return spec
 
     def install(self) -> None:
