@@ -66,7 +66,32 @@ class Dense:
         return self.values.numel() * self.values.element_size()
 
 
-Buffer = Quantized | Dense
+@dataclass(frozen=True)
+class Pieced:
+    """A parameter's state kept in pieces, as a sharded (ZeRO) checkpoint holds it.
+
+    `pieces` are (offset in the parameter, Quantized or Dense piece), sorted,
+    disjoint and covering [0, numel). An 8-bit piece's blocks start at the
+    piece's first element, so pieces cannot be concatenated into one Quantized.
+    """
+
+    numel: int
+    pieces: tuple[tuple[int, Quantized | Dense], ...]
+
+    def nbytes(self) -> int:
+        return sum(piece.nbytes() for _, piece in self.pieces)
+
+    def check(self, where: str) -> None:
+        end = 0
+        for offset, piece in self.pieces:
+            if offset != end:
+                raise ValueError(f"{where}: elements [{end}, {offset}) are in no rank's partition (missing or mismatched ranks?)")
+            end = offset + piece.numel
+        if end != self.numel:
+            raise ValueError(f"{where}: the ranks' pieces cover {end} of {self.numel} elements (missing ranks?)")
+
+
+Buffer = Quantized | Dense | Pieced
 
 
 @dataclass

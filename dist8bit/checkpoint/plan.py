@@ -52,22 +52,31 @@ class Plan:
     jobs: list[Job] = field(default_factory=list)
 
 
+def read_values(buffer: Buffer, start: int, stop: int, read: Read = slice_read) -> torch.Tensor:
+    """Elements [start, stop) of a buffer's values as float32 (dequantized if 8-bit)."""
+    if isinstance(buffer, Dense):
+        return read(buffer.values, start, stop).float()
+    if isinstance(buffer, Quantized):
+        blocksize = buffer.blocksize
+        first, last = start // blocksize, num_blocks(stop, blocksize)
+        codes = read(buffer.codes, first * blocksize, min(last * blocksize, buffer.numel))
+        values = codec.dequantize(codes, read(buffer.absmax, first, last), buffer.code, blocksize)
+        return values[start - first * blocksize : stop - first * blocksize]
+    parts = []
+    for offset, piece in buffer.pieces:
+        low, high = max(start, offset), min(stop, offset + piece.numel)
+        if low < high:
+            parts.append(read_values(piece, low - offset, high - offset, read))
+    return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.empty(0)
+
+
 def dense_chunks(buffer: Buffer, on_bytes: Callable[[int], None], read: Read = slice_read) -> Iterator[torch.Tensor]:
     """float32 chunks of CHUNK elements of a buffer's values (dequantized if 8-bit); reports bytes read."""
-    if isinstance(buffer, Dense):
-        values = buffer.values
-        for start in range(0, values.numel(), CHUNK):
-            piece = read(values, start, min(start + CHUNK, values.numel()))
-            yield piece.float()
-            on_bytes(piece.numel() * piece.element_size())
-        return
-    blocksize, total = buffer.blocksize, buffer.codes.numel()
+    total = buffer.numel
     for start in range(0, total, CHUNK):
         stop = min(start + CHUNK, total)
-        piece = read(buffer.codes, start, stop)
-        scales = read(buffer.absmax, start // blocksize, num_blocks(stop, blocksize))
-        yield codec.dequantize(piece, scales, buffer.code, blocksize)
-        on_bytes(piece.numel() + 4 * scales.numel())
+        yield read_values(buffer, start, stop, read)
+        on_bytes(buffer.nbytes() * (stop - start) // max(total, 1))
 
 
 def copy_job(label: str, source: torch.Tensor, slot: Slot, read: Read) -> Job:

@@ -19,10 +19,10 @@ import torch
 
 from ..quant.layout import num_blocks
 from . import codec, plan
-from .canonical import Buffer, Dense, OptimizerState, Quantized
+from .canonical import Buffer, OptimizerState, Pieced, Quantized
 from .errors import CheckpointError
 from .loading import Read
-from .plan import dense_chunks
+from .plan import read_values
 from .writer import walk
 
 ROUNDING = 2.0**-22  # float32 rounding of decode and difference: a few ulps of the block's absmax
@@ -42,18 +42,6 @@ class Agreement:
         self.tensors += 1
 
 
-def _output_chunks(buffer: Buffer, read: Read) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(decoded values, the allowed error per block or None for exact) per CHUNK elements."""
-    if isinstance(buffer, Dense):
-        for values in dense_chunks(buffer, lambda _: None, read):
-            yield values, None
-        return
-    unit = codec.error_bound(buffer.code) + ROUNDING
-    blocksize = buffer.blocksize
-    for start, values in zip(range(0, buffer.numel, plan.CHUNK), dense_chunks(buffer, lambda _: None, read), strict=True):
-        yield values, read(buffer.absmax, start // blocksize, num_blocks(start + values.numel(), blocksize)) * unit
-
-
 def _block_maxima(difference: torch.Tensor, allowed: torch.Tensor | None, blocksize: int) -> torch.Tensor:
     """The largest difference per quantization block (elementwise when the output is fp32)."""
     if allowed is None:
@@ -67,35 +55,41 @@ def _largest(values: torch.Tensor) -> float:
 
 
 def compare_buffer(
-    source: Buffer, output: Buffer, where: str, on_bytes: Callable[[int], None], read: Read, blocksize: int
+    source: Buffer, output: Buffer, where: str, on_bytes: Callable[[int], None], read: Read
 ) -> tuple[float, float]:
     """(max |output - source|, max over blocks of that error / the allowed error) for one state buffer."""
     if source.numel != output.numel:
         raise CheckpointError(f"verify: {where} has {output.numel} elements in the output but {source.numel} in the source")
     error = ratio = 0.0
-    for expected, (actual, allowed) in zip(dense_chunks(source, on_bytes, read), _output_chunks(output, read), strict=True):
-        difference = (actual - expected).abs()
-        if allowed is not None:  # one maximum per block
-            padding = allowed.numel() * blocksize - difference.numel()
-            difference = (
-                (torch.nn.functional.pad(difference, (0, padding)) if padding else difference).view(-1, blocksize).amax(1)
-            )
-        chunk_error = _largest(difference)
-        if not math.isfinite(chunk_error):  # slow path: NaN/Inf in the source stay out of the comparison
-            finite = expected.abs() < math.inf
-            if not bool((actual[finite].abs() < math.inf).all()):
-                raise CheckpointError(f"verify: {where} decodes to non-finite values where the source is finite")
-            difference = (actual - expected).abs().masked_fill(~finite, 0.0)
-            if allowed is not None:
-                padding = allowed.numel() * blocksize - difference.numel()
-                difference = torch.nn.functional.pad(difference, (0, padding)).view(-1, blocksize).amax(1)
-            chunk_error = _largest(difference)
-        error = max(error, chunk_error)
-        if allowed is None:
-            ratio = max(ratio, 0.0 if chunk_error == 0.0 else math.inf)
-        else:
-            ratio = max(ratio, _largest(difference / allowed.clamp_min(torch.finfo(torch.float32).tiny)))
+    for offset, piece in output.pieces if isinstance(output, Pieced) else ((0, output),):
+        quantized = isinstance(piece, Quantized)
+        blocksize = piece.blocksize if quantized else 1
+        unit = codec.error_bound(piece.code) + ROUNDING if quantized else 0.0
+        for start in range(0, piece.numel, plan.CHUNK):  # chunks start on block boundaries
+            stop = min(start + plan.CHUNK, piece.numel)
+            expected = read_values(source, offset + start, offset + stop, read)
+            actual = read_values(piece, start, stop, read)
+            on_bytes(source.nbytes() * (stop - start) // max(source.numel, 1))
+            allowed = read(piece.absmax, start // blocksize, num_blocks(stop, blocksize)) * unit if quantized else None
+            chunk_error, chunk_ratio = _compare_chunk(expected, actual, allowed, blocksize, where)
+            error, ratio = max(error, chunk_error), max(ratio, chunk_ratio)
     return error, ratio
+
+
+def _compare_chunk(
+    expected: torch.Tensor, actual: torch.Tensor, allowed: torch.Tensor | None, blocksize: int, where: str
+) -> tuple[float, float]:
+    difference = _block_maxima((actual - expected).abs(), allowed, blocksize)
+    error = _largest(difference)
+    if not math.isfinite(error):  # slow path: NaN/Inf in the source stay out of the comparison
+        finite = expected.abs() < math.inf
+        if not bool((actual[finite].abs() < math.inf).all()):
+            raise CheckpointError(f"verify: {where} decodes to non-finite values where the source is finite")
+        difference = _block_maxima((actual - expected).abs().masked_fill(~finite, 0.0), allowed, blocksize)
+        error = _largest(difference)
+    if allowed is None:
+        return error, 0.0 if error == 0.0 else math.inf
+    return error, _largest(difference / allowed.clamp_min(torch.finfo(torch.float32).tiny))
 
 
 def compare_optimizer(
@@ -120,9 +114,7 @@ def compare_optimizer(
             if name not in converted.buffers:
                 raise CheckpointError(f"verify: {where} parameter {key!r} lost its {name}")
             label = f"{where} parameter {key!r} {name}"
-            written = converted.buffers[name]
-            blocksize = written.blocksize if isinstance(written, Quantized) else 1
-            agreement.add(*compare_buffer(buffer, written, label, on_bytes, read, blocksize))
+            agreement.add(*compare_buffer(buffer, converted.buffers[name], label, on_bytes, read))
     if agreement.bound_ratio > 1.0:
         kind = "is not exact" if agreement.bound_ratio == float("inf") else "exceeds the quantizer's error bound"
         raise CheckpointError(
