@@ -1,7 +1,13 @@
 """Train the same model twice, 8-bit vs 32-bit AdamW (same seed, data and steps), and compare the loss curves.
 
     python launch/compare.py --nproc 2 --steps 400
+    python launch/compare.py --nproc 2 --strategy fsdp --out-dir results/compare-fsdp
+    python launch/compare.py --nproc 2 --strategy deepspeed -- --deepspeed_config launch/configs/zero2_adamw8bit.json
     python launch/compare.py --nproc 1 --steps 100 -- --n-layer 2     # after --: passed on to pretrain.py
+
+Under --strategy deepspeed each run's --optim replaces the config's optimizer
+type (its params, scheduler and ZeRO settings stay), so both runs differ only
+in the optimizer's precision.
 
 Writes OUT_DIR/<optim>/metrics.json (+ ckpt.pt) per run, OUT_DIR/loss.png
 (train and validation curves) and OUT_DIR/summary.json, and prints the final
@@ -29,6 +35,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun --standalone when > 1)")
+    parser.add_argument(
+        "--strategy",
+        choices=("auto", "none", "ddp", "fsdp", "deepspeed"),
+        default="auto",
+        help="pretrain.py's --strategy for both runs (auto: ddp with --nproc > 1, else none)",
+    )
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument(
@@ -50,7 +62,8 @@ def pretrain_command(args: argparse.Namespace, optim: str, extra: list[str]) -> 
     launcher = [sys.executable]
     if args.nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)]
-    run_args = ["--optim", optim, "--steps", str(args.steps), "--seed", str(args.seed), "--out-dir", str(args.out_dir / optim)]
+    run_args = ["--strategy", args.strategy, "--optim", optim, "--steps", str(args.steps), "--seed", str(args.seed)]
+    run_args += ["--out-dir", str(args.out_dir / optim)]
     return [*launcher, str(PRETRAIN), *run_args, *extra]
 
 
@@ -80,6 +93,7 @@ def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
         "state_bytes_per_rank": summary.get("state_bytes"),
         "tokens_per_s": summary.get("tokens_per_s"),
         "world_size": metrics.get("world_size"),
+        "strategy": metrics.get("strategy"),
         "parameters": metrics.get("parameters"),
     }
 
@@ -167,9 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     relative = {
         key: (finals[first][key] - finals[second][key]) / finals[second][key] for key in ("final_val_loss", "final_train_loss")
     }
-    world = finals[first]["world_size"]
+    world, strategy = finals[first]["world_size"], finals[first]["strategy"]
+    if (world, strategy) != (finals[second]["world_size"], finals[second]["strategy"]):
+        print(f"error: the runs differ in world size or strategy: {finals}", file=sys.stderr)
+        return 1
     plot_path = args.out_dir / "loss.png"
-    plot(runs, plot_path, f"{first} vs {second}: {finals[first]['steps']} steps, {world} rank(s), same seed and data")
+    title = f"{first} vs {second}: {finals[first]['steps']} steps, {strategy}, {world} rank(s), same seed and data"
+    plot(runs, plot_path, title)
     summary = {
         "optims": args.optims,
         "runs": {optim: {**finals[optim], "seconds": seconds.get(optim), "command": commands[optim]} for optim in args.optims},

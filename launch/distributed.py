@@ -1,7 +1,8 @@
-"""Who am I in the job: rank discovery (torchrun, else MPI, else one process) and process-group set-up.
+"""Who am I in the job: rank discovery (launcher variables, else MPI, else one process) and process-group set-up.
 
-torchrun (and torch.distributed.launch, SLURM wrappers that mimic it) export
-RANK / WORLD_SIZE / LOCAL_RANK. Under mpirun / srun --mpi those are absent;
+torchrun, DeepSpeed's `deepspeed` launcher (and torch.distributed.launch,
+SLURM wrappers that mimic them) export RANK / WORLD_SIZE / LOCAL_RANK
+(source "env"). Under mpirun / srun --mpi those are absent;
 when an MPI launcher's variables are present (or DIST8BIT_USE_MPI=1) and
 mpi4py is importable, the ranks come from MPI.COMM_WORLD and MASTER_ADDR /
 MASTER_PORT default to rank 0's host name and 29500, so that torch's env://
@@ -29,7 +30,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     local_world_size: int
-    source: str  # "torchrun", "mpi" or "single"
+    source: str  # "env" (torchrun, deepspeed, ...), "mpi" or "single"
 
     @property
     def is_main(self) -> bool:
@@ -46,7 +47,7 @@ def _int_env(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _from_torchrun() -> DistEnv | None:
+def _from_launcher_env() -> DistEnv | None:
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         return None
     world_size = _int_env("WORLD_SIZE", 1)
@@ -55,7 +56,7 @@ def _from_torchrun() -> DistEnv | None:
     local_world_size = _int_env("LOCAL_WORLD_SIZE", world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
-    return DistEnv(rank, world_size, local_rank, local_world_size, "torchrun")
+    return DistEnv(rank, world_size, local_rank, local_world_size, "env")
 
 
 def _mpi_requested() -> bool:
@@ -89,8 +90,8 @@ def _from_mpi() -> DistEnv | None:
 
 
 def discover() -> DistEnv:
-    """This process's place in the job: torchrun's variables, else MPI's world, else a single process."""
-    return _from_torchrun() or _from_mpi() or DistEnv(0, 1, 0, 1, "single")
+    """This process's place in the job: a launcher's RANK/WORLD_SIZE, else MPI's world, else a single process."""
+    return _from_launcher_env() or _from_mpi() or DistEnv(0, 1, 0, 1, "single")
 
 
 def device_for(env: DistEnv) -> torch.device:

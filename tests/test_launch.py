@@ -1,14 +1,20 @@
-"""The pretraining launcher (launch/): data pipeline, model, 1-process and 2-rank DDP runs, resume, errors.
+"""The pretraining launcher (launch/): data pipeline, model, runs under every strategy, resume, errors.
 
-Runs use a tiny model for ~10 steps. The optimizers use the CPU kernels when
-they are built, else the reference backend (DIST8BIT_BACKEND=reference).
+Runs use a tiny model for ~10 steps, 2 processes on the CPU (gloo) for ddp,
+fsdp and deepspeed (ZeRO-2; the DeepSpeed integration's own tests cover every
+stage at the optimizer level), and mpirun when an MPI runtime is installed.
+The optimizers use the CPU kernels when they are built, else the reference
+backend (DIST8BIT_BACKEND=reference).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import types
@@ -21,8 +27,11 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launch import data, distributed, pretrain  # noqa: E402
+from launch import checkpoint, data, distributed, pretrain  # noqa: E402
 from launch.model import GPT, GPTConfig  # noqa: E402
+from launch.optimizers import LaunchError  # noqa: E402
+from launch.strategies.base import state_dict_checksum  # noqa: E402
+from launch.strategies.deepspeed_engine import effective_config, read_config  # noqa: E402
 
 PRETRAIN = str(ROOT / "launch" / "pretrain.py")
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "64", "--block-size", "32", "--batch-size", "4"]
@@ -64,7 +73,21 @@ def _pretrain(args: list[str], env: dict[str, str], nproc: int = 1) -> subproces
 
 
 def _check(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
+    errors = "\n".join(line for line in result.stderr.splitlines() if "Error" in line or "error:" in line)
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nstdout:\n{result.stdout}\nerror lines:\n{errors[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+    )
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _run(out: Path, data_dir: Path, env: dict[str, str], *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    """A tiny run into `out` that must succeed."""
+    result = _pretrain([*TINY, "--data-dir", str(data_dir), "--out-dir", str(out), *extra], env, nproc=nproc)
+    _check(result)
+    return result
 
 
 # -------------------------------------------------------------------- data
@@ -157,7 +180,7 @@ def test_model_config_errors():
 # ------------------------------------------------------------ rank discovery
 def test_rank_discovery(monkeypatch):
     monkeypatch.setattr(os, "environ", {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
-    assert distributed.discover() == distributed.DistEnv(1, 2, 1, 2, "torchrun")
+    assert distributed.discover() == distributed.DistEnv(1, 2, 1, 2, "env")
     monkeypatch.setattr(os, "environ", {})
     assert distributed.discover() == distributed.DistEnv(0, 1, 0, 1, "single")
 
@@ -201,51 +224,128 @@ def test_unknown_optimizer_is_a_clear_error(capsys):
     assert "invalid choice: 'sgd'" in error and "adamw8bit" in error and "torch-adamw" in error
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
-def test_later_strategies_say_not_implemented(strategy, capsys, monkeypatch):
-    monkeypatch.setattr(os, "environ", {})
-    assert pretrain.main(["--strategy", strategy]) == 1
-    assert f"--strategy {strategy} is not implemented yet" in capsys.readouterr().err
+def test_strategy_flags():
+    args, explicit = pretrain.parse_args(["--deepspeed_config", "x.json", "--lr", "1e-3"])
+    assert args.strategy == "deepspeed" and explicit == {"deepspeed_config", "lr"}
+    assert args.weight_decay is None  # under DeepSpeed it may come from the config
+    assert pretrain.parse_args(["--deepspeed", "--local_rank=1"])[0].strategy == "deepspeed"
+    args, explicit = pretrain.parse_args(["--strategy", "fsdp"])
+    assert (args.lr, args.weight_decay, explicit) == (2e-3, 0.1, {"strategy"})
+    with pytest.raises(LaunchError, match="--deepspeed_config is only read by --strategy deepspeed"):
+        pretrain.parse_args(["--strategy", "ddp", "--deepspeed_config", "x.json"])
+    with pytest.raises(LaunchError, match="--strategy none runs a single process"):
+        pretrain.resolve_strategy("none", 2)
+    assert pretrain.resolve_strategy("auto", 2) == "ddp" and pretrain.resolve_strategy("auto", 1) == "none"
 
 
 def test_learning_rate_schedule():
-    args = pretrain.parse_args(["--steps", "100", "--lr", "1.0", "--warmup-steps", "10", "--min-lr-ratio", "0.1"])
+    args, _ = pretrain.parse_args(["--steps", "100", "--lr", "1.0", "--warmup-steps", "10", "--min-lr-ratio", "0.1"])
     assert pretrain.learning_rate(0, args) == pytest.approx(0.1)
     assert pretrain.learning_rate(9, args) == pytest.approx(1.0)
     assert pretrain.learning_rate(100, args) == pytest.approx(0.1)
     assert 0.1 < pretrain.learning_rate(55, args) < 1.0
 
 
+# ------------------------------------------------------- DeepSpeed config
+def _ds_args(*argv: str):
+    return pretrain.parse_args(["--strategy", "deepspeed", *argv])
+
+
+def test_deepspeed_config_precedence_flag_then_json_then_default():
+    raw = {
+        "optimizer": {"type": "Lion8bit", "params": {"lr": 5e-4, "weight_decay": 0.3}},
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_clipping": 0.5,
+        "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 5}},
+        "zero_optimization": {"stage": 3},
+    }
+    args, explicit = _ds_args("--lr", "1e-3", "--batch-size", "8", "--steps", "40")
+    config = effective_config(raw, args, explicit, world_size=2)
+    assert config["optimizer"] == {"type": "Lion8bit", "params": {"lr": 1e-3, "weight_decay": 0.3, "betas": [0.9, 0.99]}}
+    assert (args.optim, args.lr, args.weight_decay, args.grad_clip, args.zero_stage) == ("lion8bit", 1e-3, 0.3, 0.5, 3)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["train_batch_size"]) == (
+        8,
+        1,
+        16,
+    )
+    assert config["scheduler"]["params"] == {"warmup_num_steps": 5, "total_num_steps": 40}
+    assert raw["optimizer"]["params"]["lr"] == 5e-4 and "total_num_steps" not in raw["scheduler"]["params"]  # not mutated
+
+    # --optim replaces only the type; the JSON's params stay
+    args, explicit = _ds_args("--optim", "adamw32bit")
+    config = effective_config(raw, args, explicit, world_size=1)
+    assert config["optimizer"]["type"] == "AdamW32bit" and config["optimizer"]["params"]["lr"] == 5e-4
+    assert args.batch_size == 2 and config["zero_optimization"]["stage"] == 3
+
+    # an empty config: everything from the launcher's defaults
+    args, explicit = _ds_args()
+    config = effective_config({}, args, explicit, world_size=2)
+    assert config["optimizer"] == {"type": "AdamW8bit", "params": {"lr": 2e-3, "weight_decay": 0.1, "betas": [0.9, 0.99]}}
+    assert config["zero_optimization"] == {"stage": 2} and config["gradient_clipping"] == 1.0 and "scheduler" not in config
+
+
+def test_deepspeed_config_errors(tmp_path):
+    with pytest.raises(LaunchError, match="gradient_accumulation_steps=4"):
+        effective_config({"gradient_accumulation_steps": 4}, *_ds_args(), world_size=1)
+    with pytest.raises(LaunchError, match="--optim torch-adamw has no DeepSpeed optimizer type"):
+        effective_config({}, *_ds_args("--optim", "torch-adamw"), world_size=1)
+    with pytest.raises(LaunchError, match=r"optimizer Adagrad8bit has no params.lr"):
+        effective_config({"optimizer": {"type": "Adagrad8bit"}}, *_ds_args(), world_size=1)
+    with pytest.raises(LaunchError, match="no such file"):
+        read_config(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(LaunchError, match="not valid JSON"):
+        read_config(tmp_path / "bad.json")
+
+
+SHIPPED_CONFIGS = sorted((ROOT / "launch" / "configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=[p.name for p in SHIPPED_CONFIGS])
+def test_shipped_deepspeed_configs_resolve(path):
+    args, explicit = _ds_args("--deepspeed_config", str(path))
+    config = effective_config(read_config(path), args, explicit, world_size=2)
+    stage = int(path.name[len("zero")])  # zero{stage}_...
+    assert config["zero_optimization"]["stage"] == args.zero_stage == stage
+    assert "8bit" in config["optimizer"]["type"] and args.lr > 0
+
+
 # ------------------------------------------------------------------- runs
-def test_single_process_run_writes_metrics_and_resumes(tmp_path, data_dir, run_env):
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, data_dir, run_env) -> Path:
+    """One process, 10 uninterrupted steps: the reference for resume and per-rank state size."""
+    out = tmp_path_factory.mktemp("single")
+    _run(out, data_dir, run_env, "--steps", "10")
+    return out
+
+
+def test_single_process_run_writes_metrics_and_resumes(tmp_path, data_dir, run_env, single_run):
     out = tmp_path / "run"
-    common = [*TINY, "--data-dir", str(data_dir), "--out-dir", str(out)]
-    _check(_pretrain([*common, "--steps", "6"], run_env))
-    metrics = json.loads((out / "metrics.json").read_text())
+    _run(out, data_dir, run_env, "--steps", "6")
+    metrics = _metrics(out)
     assert [e["step"] for e in metrics["train"]] == list(range(1, 7))
     assert [e["step"] for e in metrics["val"]] == [0, 5, 6]
     assert metrics["summary"]["state_bytes"] > 0 and metrics["summary"]["tokens_per_s"] > 0
     assert metrics["world_size"] == 1 and metrics["strategy"] == "none"
-    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
-    assert checkpoint["step"] == 6 and checkpoint["world_size"] == 1
+    directory, meta = checkpoint.read_meta(out)
+    assert directory.name == "step_000006" and meta["step"] == 6 and meta["world_size"] == 1
+    assert sorted(p.name for p in directory.iterdir()) == ["launch.pt", "state.pt"]
 
-    resumed = _pretrain([*common, "--steps", "10", "--resume"], run_env)
-    _check(resumed)
+    resumed = _run(out, data_dir, run_env, "--steps", "10", "--resume")
     assert "done: 10 steps" in resumed.stdout
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = _metrics(out)
     assert [e["step"] for e in metrics["train"]] == list(range(1, 11))
     assert [e["step"] for e in metrics["val"]] == [0, 5, 6, 10]
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 10
-
+    assert metrics["resumed_from"]["step"] == 6
+    # only the newest checkpoint is kept
+    assert sorted(p.name for p in checkpoint.root(out).iterdir()) == ["latest", "step_000010"]
     # resuming is exact: the same parameters as 10 uninterrupted steps
-    straight = tmp_path / "straight"
-    _check(_pretrain([*TINY, "--data-dir", str(data_dir), "--out-dir", str(straight), "--steps", "10"], run_env))
-    assert json.loads((straight / "metrics.json").read_text())["summary"]["param_sha256"] == metrics["summary"]["param_sha256"]
+    assert _metrics(single_run)["summary"]["param_sha256"] == metrics["summary"]["param_sha256"]
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data_dir, run_env):
     result = _pretrain([*TINY, "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--steps", "2", "--resume"], run_env)
-    assert result.returncode == 1 and "no checkpoint at" in result.stderr
+    assert result.returncode == 1 and "no checkpoint under" in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -253,31 +353,144 @@ def ddp_run(tmp_path_factory, data_dir, run_env) -> Path:
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this torch build")
     out = tmp_path_factory.mktemp("ddp")
-    result = _pretrain(
-        [*TINY, "--strategy", "ddp", "--data-dir", str(data_dir), "--out-dir", str(out), "--steps", "10"], run_env, nproc=2
-    )
-    _check(result)
-    assert "done: 10 steps, 2 rank(s)" in result.stdout
+    result = _run(out, data_dir, run_env, "--strategy", "ddp", "--steps", "10", nproc=2)
+    assert "done: 10 steps, 2 rank(s), ddp" in result.stdout
     return out
 
 
 def test_ddp_two_ranks_end_identical(ddp_run):
-    metrics = json.loads((ddp_run / "metrics.json").read_text())
+    metrics = _metrics(ddp_run)
     summary = metrics["summary"]
-    assert metrics["world_size"] == 2 and metrics["strategy"] == "ddp" and metrics["rank_source"] == "torchrun"
+    assert metrics["world_size"] == 2 and metrics["strategy"] == "ddp" and metrics["rank_source"] == "env"
     assert len(summary["param_sha256"]) == 2 and summary["param_sha256"][0] == summary["param_sha256"][1]
     assert summary["ranks_in_sync"] is True
     assert len(summary["state_bytes_per_rank"]) == 2
     assert len(metrics["train"]) == 10 and all(math.isfinite(e["loss"]) for e in metrics["train"])
-    checkpoint = torch.load(ddp_run / "ckpt.pt", weights_only=True)
-    assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
-    assert pretrain.state_dict_checksum(checkpoint["model"]) == summary["param_sha256"][0]
+    directory, meta = checkpoint.read_meta(ddp_run)
+    assert meta["world_size"] == 2 and len(meta["rng"]) == 2
+    state = torch.load(directory / "state.pt", weights_only=True)
+    assert state_dict_checksum(state["model"]) == summary["param_sha256"][0]
 
 
-def test_world_size_mismatch_on_resume_is_a_clear_error(ddp_run, data_dir, run_env):
-    result = _pretrain([*TINY, "--data-dir", str(data_dir), "--out-dir", str(ddp_run), "--steps", "12", "--resume"], run_env)
+def test_ddp_checkpoint_resumes_on_one_process(ddp_run, tmp_path, data_dir, run_env):
+    """none/ddp checkpoints hold the whole model and optimizer: any number of processes can continue them."""
+    out = tmp_path / "ddp"
+    shutil.copytree(ddp_run, out)
+    result = _run(out, data_dir, run_env, "--steps", "12", "--resume")
+    assert "resuming a 2-process checkpoint on 1 process(es)" in result.stdout
+    metrics = _metrics(out)
+    assert metrics["resumed_from"]["param_sha256"] == _metrics(ddp_run)["summary"]["param_sha256"][0]
+    assert metrics["strategy"] == "none" and [e["step"] for e in metrics["train"]] == list(range(1, 13))
+
+
+def _state_ratios(sharded: dict, single: dict) -> list[float]:
+    return [b / single["summary"]["state_bytes"] for b in sharded["summary"]["state_bytes_per_rank"]]
+
+
+@pytest.fixture(scope="module")
+def fsdp_six(tmp_path_factory, data_dir, run_env) -> Path:
+    """2-rank FSDP2 run of 6 steps, checkpointed with DCP."""
+    out = tmp_path_factory.mktemp("fsdp")
+    result = _run(out, data_dir, run_env, "--strategy", "fsdp", "--steps", "6", nproc=2)
+    assert "done: 6 steps, 2 rank(s), fsdp" in result.stdout
+    return out
+
+
+def test_fsdp_two_ranks_shard_state_and_resume_exactly(fsdp_six, tmp_path, data_dir, run_env, single_run):
+    six = _metrics(fsdp_six)
+    assert six["strategy"] == "fsdp" and six["optimizer"] == "AdamW8bit" and six["summary"]["ranks_in_sync"]
+    assert six["parameters"] == _metrics(single_run)["parameters"]  # counted from the full (DTensor) sizes
+    # each rank holds about half of the single-process 8-bit state
+    assert all(0.4 < r < 0.6 for r in _state_ratios(six, _metrics(single_run))), six["summary"]["state_bytes_per_rank"]
+    assert any(p.suffix == ".distcp" for p in checkpoint.latest(fsdp_six).iterdir())
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(fsdp_six, resumed)
+    _run(resumed, data_dir, run_env, "--strategy", "fsdp", "--steps", "10", "--resume", nproc=2)
+    straight = tmp_path / "straight"
+    _run(straight, data_dir, run_env, "--strategy", "fsdp", "--steps", "10", nproc=2)
+    # DCP kept every rank's own 8-bit codes and scales: the resumed run is bit-identical
+    assert _metrics(resumed)["summary"]["param_sha256"] == _metrics(straight)["summary"]["param_sha256"]
+    assert [e["step"] for e in _metrics(resumed)["val"]] == [0, 5, 6, 10]
+
+
+def test_fsdp_checkpoint_from_two_ranks_resumes_on_one(fsdp_six, tmp_path, data_dir, run_env):
+    out = tmp_path / "one"
+    shutil.copytree(fsdp_six, out)
+    result = _run(out, data_dir, run_env, "--strategy", "fsdp", "--steps", "10", "--resume")
+    assert "resuming a 2-process checkpoint on 1 process(es)" in result.stdout
+    six, metrics = _metrics(fsdp_six), _metrics(out)
+    # the model DCP loads onto 1 rank is the one the 2 ranks saved, bit for bit
+    assert metrics["resumed_from"]["param_sha256"] == six["summary"]["param_sha256"][0]
+    # one rank now holds both halves of the optimizer state
+    assert metrics["summary"]["state_bytes"] == pytest.approx(sum(six["summary"]["state_bytes_per_rank"]), rel=0.02)
+    # the loss continues the 2-rank curve (no jump from a mangled optimizer state)
+    losses = [e["loss"] for e in metrics["train"]]
+    assert len(losses) == 10 and abs(losses[6] - losses[5]) < 0.15 and losses[-1] < losses[0] - 0.2
+
+
+# The schedule's length is fixed in the config (not filled in from --steps), so a 6-step run resumed
+# to 10 follows the same learning rates as an uninterrupted 10-step run.
+DS_CONFIG = {
+    "optimizer": {"type": "AdamW8bit", "params": {"lr": 2e-3, "betas": [0.9, 0.99], "weight_decay": 0.1}},
+    "scheduler": {
+        "type": "WarmupCosineLR",
+        "params": {"total_num_steps": 10, "warmup_num_steps": 3, "warmup_type": "linear", "cos_min_ratio": 0.1},
+    },
+    "zero_optimization": {"stage": 2},
+    "gradient_clipping": 1.0,
+}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+def test_deepspeed_zero2_runs_and_resumes_exactly(tmp_path, data_dir, run_env, single_run):
+    config = tmp_path / "zero2.json"
+    config.write_text(json.dumps(DS_CONFIG))
+    flags = ["--deepspeed_config", str(config)]
+    out = tmp_path / "run"
+    result = _run(out, data_dir, run_env, *flags, "--steps", "6", nproc=2)
+    assert "done: 6 steps, 2 rank(s), deepspeed, adamw8bit" in result.stdout
+    six = _metrics(out)
+    info = six["deepspeed"]
+    assert (info["zero_stage"], info["optimizer"], info["wrapper"]) == (2, "AdamW8bit", "DeepSpeedZeroOptimizer")
+    assert info["scheduler"] == "WarmupCosineLR" and six["lr_schedule"] == "strategy"
+    assert [e["lr"] for e in six["train"][:3]] == pytest.approx([0.0, 0.0, 2e-3 / 3])  # DeepSpeed's linear warm-up from 0
+    # ZeRO-2 partitions the 8-bit state: each rank holds about half of the single-process state
+    assert six["summary"]["ranks_in_sync"] and all(0.35 < r < 0.65 for r in _state_ratios(six, _metrics(single_run)))
+    assert sorted(p.name for p in checkpoint.latest(out).iterdir()) == [
+        "launch.pt",
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+
+    _run(out, data_dir, run_env, *flags, "--steps", "10", "--resume", nproc=2)
+    straight = tmp_path / "straight"
+    _run(straight, data_dir, run_env, *flags, "--steps", "10", nproc=2)
+    assert _metrics(out)["summary"]["param_sha256"] == _metrics(straight)["summary"]["param_sha256"]
+
+    # ZeRO partitions are per rank: another world size is refused before DeepSpeed starts
+    result = _pretrain([*TINY, *flags, "--data-dir", str(data_dir), "--out-dir", str(out), "--steps", "12", "--resume"], run_env)
     assert result.returncode == 1
-    assert "world size mismatch" in result.stderr and "2-process run" in result.stderr
+    assert "world size mismatch" in result.stderr and "2-process deepspeed run" in result.stderr
+
+
+@pytest.mark.skipif(
+    shutil.which("mpirun") is None or importlib.util.find_spec("mpi4py") is None,
+    reason="no MPI runtime (pip install mpich mpi4py)",
+)
+def test_mpirun_two_ranks(tmp_path, data_dir, run_env):
+    env = dict(run_env)
+    with socket.socket() as probe:  # a free port for the env:// rendezvous (29500 may be taken)
+        probe.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(probe.getsockname()[1])
+    env["MASTER_ADDR"] = "127.0.0.1"
+    command = ["mpirun", "-np", "2", sys.executable, PRETRAIN, *TINY, "--data-dir", str(data_dir)]
+    command += ["--out-dir", str(tmp_path), "--strategy", "ddp", "--steps", "3", "--no-checkpoint"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    _check(result)
+    metrics = _metrics(tmp_path)
+    assert metrics["rank_source"] == "mpi" and metrics["world_size"] == 2 and metrics["summary"]["ranks_in_sync"]
 
 
 def test_compare_plots_and_summarises(tmp_path, capsys):
@@ -286,6 +499,7 @@ def test_compare_plots_and_summarises(tmp_path, capsys):
     for optim, final in (("adamw8bit", 2.02), ("adamw32bit", 2.0)):
         metrics = {
             "world_size": 2,
+            "strategy": "fsdp",
             "train": [{"step": s, "loss": 4.0 - s * (4.0 - final) / 20} for s in range(1, 21)],
             "val": [{"step": 0, "loss": 4.0}, {"step": 20, "loss": final}],
             "summary": {"state_bytes": 2**20, "tokens_per_s": 1000.0},
@@ -296,9 +510,10 @@ def test_compare_plots_and_summarises(tmp_path, capsys):
     assert (tmp_path / "loss.png").stat().st_size > 10_000
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["relative_difference"]["final_val_loss"] == pytest.approx(0.01)
+    assert summary["runs"]["adamw8bit"]["strategy"] == "fsdp"
     assert "val +1.00%" in capsys.readouterr().out
-    args, extra = compare.parse_args(["--nproc", "2", "--steps", "7", "--", "--n-layer", "2"])
+    args, extra = compare.parse_args(["--nproc", "2", "--steps", "7", "--strategy", "deepspeed", "--", "--n-layer", "2"])
     command = compare.pretrain_command(args, "adamw8bit", extra)
     assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     assert command[-4:] == ["--out-dir", str(Path("results/compare/adamw8bit")), "--n-layer", "2"]
-    assert command[command.index("--steps") + 1] == "7"
+    assert command[command.index("--steps") + 1] == "7" and command[command.index("--strategy") + 1] == "deepspeed"

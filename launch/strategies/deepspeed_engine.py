@@ -1,0 +1,211 @@
+"""DeepSpeed: `deepspeed.initialize` with the optimizer (and LR scheduler) named in a JSON config.
+
+`import dist8bit` registers dist8bit's optimizer names with DeepSpeed, so a
+config such as launch/configs/zero2_adamw8bit.json,
+
+    {"optimizer": {"type": "AdamW8bit", "params": {"lr": 2e-3, ...}}, "zero_optimization": {"stage": 2}, ...}
+
+builds the 8-bit optimizer inside DeepSpeed (over ZeRO's flat partitions for
+stages 1-3), the same way HF Trainer or Accelerate would. The launcher only
+fills in what its own flags define (see `effective_config`), runs
+engine.backward / engine.step, and checkpoints with engine.save_checkpoint /
+load_checkpoint. ZeRO partitions the optimizer state by rank, so a checkpoint
+resumes on the world size that wrote it.
+
+DeepSpeed is imported only when this strategy runs (it is slow to import and
+optional); on a machine without CUDA, DS_ACCELERATOR defaults to `cpu`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launch.model import GPT
+from launch.optimizers import DEEPSPEED_TYPES, OPTIMIZERS, LaunchError
+from launch.strategies.base import Strategy, state_dict_checksum
+
+# Schedulers whose length the launcher fills in from --steps when the config leaves it out.
+SCHEDULERS_WITH_TOTAL_STEPS = ("WarmupCosineLR", "WarmupDecayLR")
+QUIET_STEPS_PER_PRINT = 1 << 30  # DeepSpeed logs every steps_per_print steps; the progress bar already shows them
+
+
+def read_config(path: Path | None) -> dict[str, Any]:
+    """The JSON config at `path`, or an empty one (everything then comes from the launcher's flags)."""
+    if path is None:
+        return {}
+    try:
+        config = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise LaunchError(f"--deepspeed_config {path}: no such file") from None
+    except json.JSONDecodeError as error:
+        raise LaunchError(f"--deepspeed_config {path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise LaunchError(f"--deepspeed_config {path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _resolve(args: argparse.Namespace, explicit: set[str], flag: str, section: dict[str, Any], key: str) -> None:
+    """An explicit flag overrides the config; otherwise the config's value, when present, becomes the flag's."""
+    if flag in explicit or key not in section:
+        section[key] = getattr(args, flag)
+    else:
+        setattr(args, flag, section[key])
+
+
+def effective_config(raw: dict[str, Any], args: argparse.Namespace, explicit: set[str], world_size: int) -> dict[str, Any]:
+    """The config DeepSpeed gets, and `args` updated to match it.
+
+    Precedence: a flag given on the command line, then the JSON, then the
+    launcher's default. The launcher owns the batch (one micro-batch of
+    --batch-size sequences per rank per step, so gradient_accumulation_steps
+    must be 1 and train_batch_size is derived); the optimizer type, its
+    params, the scheduler and the ZeRO/precision sections come from the JSON.
+    Without a "scheduler" section the launcher's own warm-up + cosine schedule
+    sets the learning rate; with one, DeepSpeed's scheduler does.
+    """
+    config = copy.deepcopy(raw)
+    if config.get("gradient_accumulation_steps", 1) != 1:
+        raise LaunchError(
+            f"the DeepSpeed config sets gradient_accumulation_steps={config['gradient_accumulation_steps']}; "
+            "this launcher runs one micro-batch per step: set it to 1 and raise --batch-size instead"
+        )
+    if "batch_size" in explicit or "train_micro_batch_size_per_gpu" not in config:
+        config["train_micro_batch_size_per_gpu"] = args.batch_size
+    else:
+        args.batch_size = int(config["train_micro_batch_size_per_gpu"])
+    config["gradient_accumulation_steps"] = 1
+    config["train_batch_size"] = args.batch_size * world_size
+
+    if "grad_clip" in explicit or "gradient_clipping" not in config:
+        config["gradient_clipping"] = args.grad_clip
+    else:
+        args.grad_clip = float(config["gradient_clipping"])
+    zero = config.setdefault("zero_optimization", {})
+    if "zero_stage" in explicit or "stage" not in zero:
+        zero["stage"] = args.zero_stage
+    else:
+        args.zero_stage = int(zero["stage"])
+
+    optimizer = config.setdefault("optimizer", {})
+    if "optim" in explicit or "type" not in optimizer:
+        if args.optim not in DEEPSPEED_TYPES:
+            raise LaunchError(
+                f"--optim {args.optim} has no DeepSpeed optimizer type; under --strategy deepspeed use one of "
+                f"{', '.join(DEEPSPEED_TYPES)} (or name any registered type in the config's optimizer.type)"
+            )
+        optimizer["type"] = DEEPSPEED_TYPES[args.optim]
+    else:
+        by_type = {ds_type.lower(): name for name, ds_type in DEEPSPEED_TYPES.items()}
+        args.optim = by_type.get(str(optimizer["type"]).lower(), str(optimizer["type"]))
+    params = optimizer.setdefault("params", {})
+    if args.optim in OPTIMIZERS:  # launcher defaults for the optimizer the config names
+        _, default_lr, default_wd = OPTIMIZERS[args.optim]
+        args.lr = default_lr if args.lr is None else args.lr
+        args.weight_decay = default_wd if args.weight_decay is None else args.weight_decay
+    for flag, key in (("lr", "lr"), ("weight_decay", "weight_decay")):
+        if getattr(args, flag) is None and key not in params:
+            raise LaunchError(
+                f"the DeepSpeed config's optimizer {optimizer['type']} has no params.{key}; set it there or pass --{flag}"
+            )
+        _resolve(args, explicit, flag, params, key)
+    if {"beta1", "beta2"} & explicit or "betas" not in params:
+        params["betas"] = [args.beta1, args.beta2]
+    else:
+        args.beta1, args.beta2 = (float(b) for b in params["betas"])
+
+    scheduler = config.get("scheduler")
+    if scheduler and scheduler.get("type") in SCHEDULERS_WITH_TOTAL_STEPS:
+        scheduler.setdefault("params", {}).setdefault("total_num_steps", args.steps)
+    config.setdefault("steps_per_print", QUIET_STEPS_PER_PRINT)
+    return config
+
+
+def base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The optimizer DeepSpeed built from the config, under its ZeRO / mixed-precision wrappers."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+    resume_needs_same_world_size = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.config: dict[str, Any] = {}  # set by configure(), before setup()
+        self.engine = None
+        self.scheduler = None
+
+    def configure(self, explicit: set[str]) -> None:
+        """Read the JSON and settle the effective config (and the args it changes) before anything is built."""
+        self.config = effective_config(read_config(self.args.deepspeed_config), self.args, explicit, self.env.world_size)
+
+    def setup(self, model: GPT) -> None:
+        if self.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed  # optional and slow to import: only when this strategy runs
+
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+        # dist8bit's optimizer types are registered with DeepSpeed by `import dist8bit` (launch.optimizers).
+
+        self.model = model
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=model.parameter_groups(self.args.weight_decay), config=self.config
+        )
+        self.module = self.engine
+
+    def info(self) -> dict[str, Any]:
+        import deepspeed
+
+        return {
+            "deepspeed": {
+                "version": deepspeed.__version__,
+                "zero_stage": self.engine.zero_optimization_stage(),
+                "optimizer": type(self.base_optimizer()).__name__,
+                "wrapper": type(self.engine.optimizer).__name__,
+                "scheduler": type(self.scheduler).__name__ if self.scheduler is not None else None,
+                "config": self.config,
+            }
+        }
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _, loss = self.engine(x, y)
+        self.engine.backward(loss)
+        self.engine.step()  # clips (gradient_clipping), steps, zeroes the gradients and steps the scheduler
+        return loss
+
+    @property
+    def schedules_lr(self) -> bool:
+        return self.scheduler is not None
+
+    def set_lr(self, lr: float) -> None:
+        if self.scheduler is None:
+            super().set_lr(lr)
+
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        return base_optimizer(self.engine.optimizer)
+
+    def model_checksum(self) -> str:
+        if self.engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+                return state_dict_checksum(self.model.state_dict())
+        return state_dict_checksum(self.model.state_dict())
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name)
+        if path is None:
+            raise LaunchError(f"DeepSpeed found no checkpoint in {directory}")
