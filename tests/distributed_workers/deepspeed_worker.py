@@ -25,6 +25,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 from torch import nn
 
 import dist8bit  # registers with DeepSpeed (already imported: at once)
+import dist8bit.deepspeed
 from dist8bit.integrations.deepspeed import get_full_optimizer_state
 from dist8bit.nn import StableEmbedding
 
@@ -303,12 +304,14 @@ def world_size_mismatch(workdir: str) -> tuple[str, str]:
 
 
 def client_optimizer_pieces() -> list:
-    """A dist8bit optimizer passed to deepspeed.initialize (as HF Trainer does with its own optimizer)."""
+    """A dist8bit optimizer passed to deepspeed.initialize (as HF Trainer does with its own optimizer),
+    through dist8bit.deepspeed.initialize."""
     torch.manual_seed(0)
     model = TinyLM()
     cfg = config(2, False, {}, {}, "AdamW8bit")
     del cfg["optimizer"]
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=dist8bit.optim.AdamW8bit(model.parameters(), lr=LR), config=cfg)
+    optimizer = dist8bit.optim.AdamW8bit(model.parameters(), lr=LR)
+    engine, _, _, _ = dist8bit.deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)  # the drop-in
     train(engine, batches(), range(1))
     return pieces(engine, model, 2)
 
