@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..quant.layout import check_blocksize
-from . import bnb_format, loading, optimizers, torch_format
+from . import bnb_format, deepspeed_format, loading, optimizers, torch_format
 from .atomic import atomic_output, check_destination
 from .canonical import OptimizerState
 from .errors import CheckpointError
 from .plan import Plan, Target, passthrough, plan_optimizer
 from .progress import Report, bar
-from .verify import Agreement, compare_carried, compare_optimizer
+from .verify import Agreement, compare_buffer, compare_carried, compare_optimizer
 from .writer import save_streaming
 
 TARGETS = ("fp32", "8bit")
@@ -54,13 +57,23 @@ def convert(
         raise CheckpointError(f"{src}: the source and the destination are the same; write to a new path")
     check_destination(dst, overwrite)
     if src.is_dir():
-        raise CheckpointError(
-            f"{src} is a directory: converting DeepSpeed and torch.distributed.checkpoint (DCP) directories is not "
-            "supported yet; convert a single torch.save file (consolidate first, e.g. with torch.distributed.checkpoint's "
-            "dcp_to_torch_save or DeepSpeed's zero_to_fp32 for the weights)"
-        )
+        return _convert_directory(src, dst, target, kind, world_size, verify, overwrite, progress, started)
     if world_size is not None:
         raise CheckpointError("--world-size applies to DeepSpeed and DCP checkpoint directories, not to a single file")
+    if deepspeed_format.OPTIM_PATTERN.fullmatch(src.name):
+        raise CheckpointError(
+            f"{src} is one rank's file of a DeepSpeed checkpoint; its states are flat ZeRO partitions. Convert the "
+            f"checkpoint directory instead: dist8bit convert {src.parent} DST --to ..."
+        )
+    # DeepSpeed without ZeRO keeps the optimizer state dict in its model states file (with DeepSpeed's classes)
+    allowed = deepspeed_format.safe_globals() if deepspeed_format.MODEL_PATTERN.fullmatch(src.name) else []
+    with torch.serialization.safe_globals(allowed):
+        return _convert_file(src, dst, target, kind, verify, overwrite, progress, started)
+
+
+def _convert_file(
+    src: Path, dst: Path, target: Target, kind: str | None, verify: bool, overwrite: bool, progress: bool, started: float
+) -> Report:
     source = loading.load(src)
     read = loading.FileReader()
     try:
@@ -127,8 +140,8 @@ def find_optimizer_state_dicts(tree: Any, path: tuple = ()) -> list[tuple]:
 def _read_optimizers(source: Any, kind: str | None, where: str) -> dict[tuple, OptimizerState]:
     if isinstance(source, dict) and any(key in source for key in DEEPSPEED_RANK_KEYS) and "optimizer_state_dict" in source:
         raise CheckpointError(
-            f"{where} is one rank's file of a DeepSpeed checkpoint; its states are flat ZeRO partitions. Converting "
-            "DeepSpeed checkpoint directories is not supported yet"
+            f"{where} is one rank's file of a DeepSpeed checkpoint; its states are flat ZeRO partitions. Convert the "
+            "checkpoint directory instead"
         )
     paths = find_optimizer_state_dicts(source)
     if not paths:
@@ -183,4 +196,137 @@ def _verify(
             result = compare_optimizer(state, converted, _where(src, path), meter.update, read)
             agreement.add(result.max_error, result.bound_ratio)
         compare_carried(source, output, set(states), meter.update, read)
+    return agreement
+
+
+# ------------------------------------------------------------ directories
+def _convert_directory(
+    src: Path,
+    dst: Path,
+    target: Target,
+    kind: str | None,
+    world_size: int | None,
+    verify: bool,
+    overwrite: bool,
+    progress: bool,
+    started: float,
+) -> Report:
+    if (src / ".metadata").is_file():
+        raise CheckpointError(
+            f"{src} is a torch.distributed.checkpoint (DCP) directory: converting DCP checkpoints is not supported yet. "
+            "FSDP2 runs reshard DCP checkpoints themselves; to change precision, load the DCP checkpoint into the "
+            "optimizer you train with, or consolidate it (torch.distributed.checkpoint.format_utils.dcp_to_torch_save)"
+        )
+    found = deepspeed_format.find_tag_dir(src)
+    if found is None:
+        raise CheckpointError(
+            f"{src} is a directory but neither a DeepSpeed checkpoint (zero_pp_rank_*_optim_states.pt, latest) nor DCP"
+        )
+    if world_size is not None and (not isinstance(world_size, int) or world_size < 1):
+        raise CheckpointError(f"--world-size must be a positive integer, got {world_size!r}")
+    tag_dir, tag = found
+    if deepspeed_format.is_zero0(tag_dir):
+        return _convert_zero0(src, dst, tag_dir, tag, target, kind, verify, overwrite, progress, started)
+    read = loading.FileReader()
+    try:
+        checkpoint = deepspeed_format.read(tag_dir, tag, kind, read)
+        world = world_size or checkpoint.world
+        agreement = None
+        with atomic_output(dst, overwrite, directory=True) as tmp:
+            out_tag = tmp / tag if tag is not None else tmp
+            out_tag.mkdir(exist_ok=True)
+            outputs = deepspeed_format.plan_output(checkpoint, target, world, out_tag, read, str(src))
+            files = [(out.path, out.tree, out.jobs) for out in outputs]
+            model = deepspeed_format.model_states(checkpoint, world)
+            if model is not None:
+                files.append((out_tag / deepspeed_format.MODEL_FILE, model, []))
+            else:
+                shutil.copy2(tag_dir / deepspeed_format.MODEL_FILE, out_tag / deepspeed_format.MODEL_FILE)
+            planned = []
+            for path, tree, file_jobs in files:  # tensors carried over (e.g. the weights) get copy jobs per file
+                carried = Plan(tree=None, read=read)
+                planned.append((path, passthrough(carried, tree, path.name), file_jobs + carried.jobs))
+            jobs = [job for _, _, file_jobs in planned for job in file_jobs]
+            total_in = sum(job.bytes_in for job in jobs)
+            bytes_out = 0
+            # the reserved files hold DeepSpeed's classes too: allow them when the writer reads them back
+            with (
+                bar(total_in, f"convert {src.name}", progress) as meter,
+                torch.serialization.safe_globals(deepspeed_format.safe_globals()),
+            ):
+                for path, tree, file_jobs in planned:
+                    bytes_out += save_streaming(
+                        path, tree, lambda sink, todo=file_jobs: [job.run(sink) for job in todo], meter.update
+                    )
+            deepspeed_format.copy_side_files(checkpoint, tmp, out_tag)
+            if verify:
+                agreement = _verify_deepspeed(checkpoint, out_tag, tag, kind, read, progress, total_in, str(src))
+    finally:
+        read.close()
+    return Report(
+        source=src,
+        destination=dst,
+        source_format=f"{checkpoint.state.source_format}, {checkpoint.world} ranks",
+        target=("dist8bit-8bit" if target.precision == "8bit" else "fp32") + f" DeepSpeed ZeRO, {world} ranks",
+        optimizer=checkpoint.state.optimizer,
+        params=len(checkpoint.state.params),
+        tensors=len(jobs),
+        bytes_in=total_in,
+        bytes_out=bytes_out,
+        seconds=time.perf_counter() - started,
+        max_error=None if agreement is None else agreement.max_error,
+        bound_ratio=None if agreement is None else agreement.bound_ratio,
+    )
+
+
+def _convert_zero0(
+    src: Path,
+    dst: Path,
+    tag_dir: Path,
+    tag: str | None,
+    target: Target,
+    kind: str | None,
+    verify: bool,
+    overwrite: bool,
+    progress: bool,
+    started: float,
+) -> Report:
+    """DeepSpeed without ZeRO: every rank loads the one model states file, whose optimizer state dict is whole."""
+    model_file = tag_dir / deepspeed_format.MODEL_FILE
+    with atomic_output(dst, overwrite, directory=True) as tmp:
+        out_tag = tmp / tag if tag is not None else tmp
+        out_tag.mkdir(exist_ok=True)
+        with torch.serialization.safe_globals(deepspeed_format.safe_globals()):
+            report = _convert_file(model_file, out_tag / model_file.name, target, kind, verify, False, progress, started)
+        if tag is not None:
+            for path in tag_dir.parent.iterdir():
+                if path.is_file():
+                    shutil.copy2(path, tmp / path.name)
+        for path in tag_dir.iterdir():
+            if path.is_file() and path.name != model_file.name:
+                shutil.copy2(path, out_tag / path.name)
+    report.source, report.destination = src, dst
+    report.source_format += ", DeepSpeed without ZeRO"
+    return report
+
+
+def _verify_deepspeed(
+    checkpoint: deepspeed_format.ZeroCheckpoint,
+    out_tag: Path,
+    tag: str | None,
+    kind: str | None,
+    read,
+    progress: bool,
+    total: int,
+    where: str,
+) -> Agreement:
+    written = deepspeed_format.read(out_tag, None, checkpoint.state.optimizer or kind, read)
+    agreement = Agreement()
+    with bar(total, "verify", progress) as meter:
+        result = compare_optimizer(checkpoint.state, written.state, where, meter.update, read)
+        agreement.add(result.max_error, result.bound_ratio)
+        for name, weights in checkpoint.master.items():
+            error, ratio = compare_buffer(weights, written.master[name], f"{where} {name} fp32 weights", meter.update, read)
+            if ratio > 0:
+                raise CheckpointError(f"verify: the fp32 master weights of {name} changed (max error {error:.3g})")
     return agreement

@@ -8,6 +8,7 @@ next to nothing.
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,9 +29,10 @@ def load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f"it pickles {found.group(1)}" if found else (str(error).splitlines() or [type(error).__name__])[0]
         raise CheckpointError(
-            f"{path} holds objects that torch.load(weights_only=True) refuses ({first}). dist8bit never runs code from a "
+            f"{path} holds objects that torch.load(weights_only=True) refuses ({what}). dist8bit never runs code from a "
             "checkpoint; re-save it from the training script with plain tensors, dicts and numbers"
         ) from error
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
