@@ -7,7 +7,9 @@ import sys
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="checkpoint to read: a torch.save file with an optimizer state dict")
+    parser.add_argument(
+        "src", help="checkpoint to read: a torch.save file with an optimizer state dict, or a DeepSpeed checkpoint directory"
+    )
     parser.add_argument("dst", help="where to write the converted checkpoint (refused if it exists, unless --overwrite)")
     parser.add_argument("--to", required=True, choices=("fp32", "8bit"), help="target state precision")
     parser.add_argument(
@@ -34,11 +36,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError, convert
 
-    try:
-        keep = [int(k) for k in args.keep_fp32.split(",") if k.strip()]
-    except ValueError:
-        print(f"error: --keep-fp32 takes comma-separated integers, got {args.keep_fp32!r}", file=sys.stderr)
-        return 2
+    # parameter indices (torch state dicts) or names (DeepSpeed checkpoints)
+    keep = [int(k) if k.strip().isdigit() else k.strip() for k in args.keep_fp32.split(",") if k.strip()]
     try:
         report = convert(
             args.src,

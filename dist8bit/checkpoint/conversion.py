@@ -41,12 +41,13 @@ def convert(
     """Convert an optimizer checkpoint between 8-bit and fp32 states.
 
     src: a torch.save file holding an optimizer state dict (torch.optim, dist8bit 8/32-bit,
-         bitsandbytes 8-bit), alone or inside a training checkpoint (everything else is carried over).
+         bitsandbytes 8-bit), alone or inside a training checkpoint (everything else is carried over);
+         or a DeepSpeed checkpoint directory (ZeRO 0/1/2), written back for `world_size` ranks.
     to: "fp32" (torch names; loads into torch.optim and dist8bit 32-bit optimizers) or "8bit"
         (dist8bit's 8-bit layout; loads into dist8bit 8-bit optimizers).
     optimizer: the optimizer kind (adamw, sgd, ...); needed for bitsandbytes sources, checked otherwise.
     blocksize: 8-bit block size (default: the source's, else 256); min_8bit_size: smaller parameters
-        stay fp32 (default: the source's setting, else 4096); keep_fp32: parameter indices that stay fp32.
+        stay fp32 (default: the source's setting, else 4096); keep_fp32: parameter indices (names for DeepSpeed) that stay fp32.
     verify: re-read the output and check it against the source before moving it into place.
     """
     started = time.perf_counter()
