@@ -237,12 +237,8 @@ def _convert_directory(
             out_tag = tmp / tag if tag is not None else tmp
             out_tag.mkdir(exist_ok=True)
             outputs = deepspeed_format.plan_output(checkpoint, target, world, out_tag, read, str(src))
+            deepspeed_format.copy_unchanged(checkpoint, world, tmp, out_tag)
             files = [(out.path, out.tree, out.jobs) for out in outputs]
-            model = deepspeed_format.model_states(checkpoint, world)
-            if model is not None:
-                files.append((out_tag / deepspeed_format.MODEL_FILE, model, []))
-            else:
-                shutil.copy2(tag_dir / deepspeed_format.MODEL_FILE, out_tag / deepspeed_format.MODEL_FILE)
             planned = []
             for path, tree, file_jobs in files:  # tensors carried over (e.g. the weights) get copy jobs per file
                 carried = Plan(tree=None, read=read)
@@ -259,7 +255,6 @@ def _convert_directory(
                     bytes_out += save_streaming(
                         path, tree, lambda sink, todo=file_jobs: [job.run(sink) for job in todo], meter.update
                     )
-            deepspeed_format.copy_side_files(checkpoint, tmp, out_tag)
             if verify:
                 agreement = _verify_deepspeed(checkpoint, out_tag, tag, kind, read, progress, total_in, str(src))
     finally:

@@ -53,11 +53,11 @@ class Slot:
 
 
 def walk(tree: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
-    """(path, leaf) for every leaf of nested dicts, lists and tuples, in order."""
+    """(path, leaf) for every leaf of nested dicts, lists and tuples (namedtuples too; a torch.Size is a leaf), in order."""
     if isinstance(tree, dict):
         for key, value in tree.items():
             yield from walk(value, (*path, key))
-    elif isinstance(tree, (list, tuple)):
+    elif isinstance(tree, (list, tuple)) and not isinstance(tree, torch.Size):
         for index, value in enumerate(tree):
             yield from walk(value, (*path, index))
     else:
@@ -69,9 +69,11 @@ def map_leaves(tree: Any, fn: Callable[[tuple, Any], Any], path: tuple = ()) -> 
     if isinstance(tree, dict):
         items = [(k, map_leaves(v, fn, (*path, k))) for k, v in tree.items()]
         return OrderedDict(items) if isinstance(tree, OrderedDict) else dict(items)
-    if isinstance(tree, (list, tuple)):
+    if isinstance(tree, (list, tuple)) and not isinstance(tree, torch.Size):
         values = [map_leaves(v, fn, (*path, i)) for i, v in enumerate(tree)]
-        return values if isinstance(tree, list) else tuple(values)
+        if isinstance(tree, list):
+            return values
+        return type(tree)(*values) if hasattr(tree, "_fields") else tuple(values)  # namedtuples keep their type
     return fn(path, tree)
 
 

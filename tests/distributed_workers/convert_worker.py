@@ -3,10 +3,13 @@
 Started WORLD_SIZE times (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in the
 environment, DS_ACCELERATOR=cpu, gloo), like tests/distributed_workers/deepspeed_worker.py.
 
-    python convert_worker.py train  OUT WORKDIR   for each optimizer: ZeRO-2, 6 steps, checkpoint after 3
-                                                  (WORKDIR/<optimizer>), losses of steps 4-6
-    python convert_worker.py resume OUT WORKDIR   for each optimizer: load WORKDIR/resume-<optimizer> (a converted
+    python convert_worker.py train  OUT WORKDIR   for each ZeRO stage (2, 3) and optimizer: 6 steps, checkpoint after 3
+                                                  (WORKDIR/z<stage>-<optimizer>), losses of steps 4-6
+    python convert_worker.py resume OUT WORKDIR   for each: load WORKDIR/resume-z<stage>-<optimizer> (a converted
                                                   checkpoint), losses of steps 4-6; also from a fresh optimizer state
+
+ZeRO-3 runs with sub_group_size 8000, so the 1-rank layout has two sub-groups
+where the 2-rank one has one.
 
 The optimizers are dist8bit's AdamW8bit and DeepSpeed's own AdamW ("AdamW" with
 torch_adam: DeepSpeed's config path with torch's implementation, which needs no
@@ -32,6 +35,7 @@ deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip DeepSpeed
 VOCAB, DIM, HIDDEN, SEQ, GLOBAL_BATCH = 100, 48, 111, 8, 8
 STEPS, SAVE_AFTER, LR = 6, 3, 3e-3
 OPTIMIZERS = ("AdamW8bit", "AdamW")
+STAGES = (2, 3)
 
 
 class TinyLM(nn.Module):
@@ -47,14 +51,14 @@ class TinyLM(nn.Module):
         return self.fc2(F.gelu(self.fc1(self.emb(tokens))))
 
 
-def build(optimizer: str):
+def build(stage: int, optimizer: str):
     world = int(os.environ["WORLD_SIZE"])
     params = {"lr": LR, "betas": [0.9, 0.99], "weight_decay": 0.01, **({"torch_adam": True} if optimizer == "AdamW" else {})}
     config = {
         "train_batch_size": GLOBAL_BATCH,
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
         "optimizer": {"type": optimizer, "params": params},
-        "zero_optimization": {"stage": 2},
+        "zero_optimization": {"stage": stage, **({"sub_group_size": 8000} if stage == 3 else {})},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
@@ -90,19 +94,21 @@ def main() -> None:
     phase, out, workdir = sys.argv[1], sys.argv[2], sys.argv[3]
     deepspeed.init_distributed(dist_backend="gloo")
     result = {}
-    for optimizer in OPTIMIZERS:
-        engine = build(optimizer)
-        if phase == "train":
-            train(engine, range(SAVE_AFTER))
-            engine.save_checkpoint(os.path.join(workdir, optimizer), tag="step3")
-            result[optimizer] = train(engine, range(SAVE_AFTER, STEPS))
-        else:
-            engine.load_checkpoint(os.path.join(workdir, f"resume-{optimizer}"))
-            result[optimizer] = train(engine, range(SAVE_AFTER, STEPS))
-            result[f"{optimizer} steps"] = [float(s["step"]) for s in engine.basic_optimizer.state.values()]
-            fresh = build(optimizer)
-            fresh.load_checkpoint(os.path.join(workdir, f"resume-{optimizer}"), load_optimizer_states=False)
-            result[f"{optimizer} fresh"] = train(fresh, range(SAVE_AFTER, STEPS))
+    for stage in STAGES:
+        for optimizer in OPTIMIZERS:
+            name = f"z{stage}-{optimizer}"
+            engine = build(stage, optimizer)
+            if phase == "train":
+                train(engine, range(SAVE_AFTER))
+                engine.save_checkpoint(os.path.join(workdir, name), tag="step3")
+                result[name] = train(engine, range(SAVE_AFTER, STEPS))
+            else:
+                engine.load_checkpoint(os.path.join(workdir, f"resume-{name}"))
+                result[name] = train(engine, range(SAVE_AFTER, STEPS))
+                result[f"{name} steps"] = sorted({float(s["step"]) for s in engine.basic_optimizer.state.values()})
+                fresh = build(stage, optimizer)
+                fresh.load_checkpoint(os.path.join(workdir, f"resume-{name}"), load_optimizer_states=False)
+                result[f"{name} fresh"] = train(fresh, range(SAVE_AFTER, STEPS))
     if int(os.environ["RANK"]) == 0:
         torch.save(result, out)
 
