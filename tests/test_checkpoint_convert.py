@@ -500,12 +500,14 @@ def zero(tmp_path_factory):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_two_ranks_to_one_rank_resumes_in_the_other_precision(zero, stage):
     """8-bit (2 ranks) -> fp32 (1 rank) resumed by DeepSpeed's AdamW, and fp32 -> 8-bit resumed by AdamW8bit:
-    the loss continues the original run's curve. Tolerance: the gap between the 8-bit and the 32-bit run
-    over the same steps (the 8-bit tolerance of this model; measured ~1.4e-4); the resumed runs measured
-    <= 3.2e-5 from their originals, a resume from a fresh optimizer state 3e-3 (it must exceed 5x the tolerance)."""
+    the loss continues the original run's curve. Tolerance: the largest gap between the 8-bit and the 32-bit
+    run over the same steps, ZeRO-2 or ZeRO-3 (the 8-bit tolerance of this model; measured 1.4e-4); the
+    resumed runs measured <= 3.2e-5 from their originals, a resume from a fresh optimizer state 3.1e-3
+    (it must exceed 5x the tolerance, so the test can tell a lost state)."""
     trained, resumed = zero.trained, zero.resumed
     eight, fp32 = f"z{stage}-AdamW8bit", f"z{stage}-AdamW"
-    tolerance = max(max(abs(a - b) for a, b in zip(trained[eight], trained[fp32], strict=True)), 1e-5)
+    gaps = [abs(a - b) for s in (2, 3) for a, b in zip(trained[f"z{s}-AdamW8bit"], trained[f"z{s}-AdamW"], strict=True)]
+    tolerance = max(*gaps, 1e-5)
     for resumed_with, trained_with in ((fp32, eight), (eight, fp32)):
         assert resumed[f"{resumed_with} steps"] == [6.0]  # 3 saved + 3 resumed steps, in every flat buffer
         gap = max(abs(a - b) for a, b in zip(resumed[resumed_with], trained[trained_with], strict=True))
