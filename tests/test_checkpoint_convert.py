@@ -564,6 +564,23 @@ def test_deepspeed_reshard_to_three_ranks_and_back(zero, tmp_path, stage):
     read.close()
 
 
+def test_deepspeed_universal_checkpoint_tooling_accepts_the_fp32_output(zero, tmp_path):
+    """ds_to_universal reads only fp32 exp_avg/exp_avg_sq (it fails on packed 8-bit state): the fp32 output
+    of an 8-bit ZeRO-2 checkpoint converts, and its exp_avg is the dequantized 8-bit state."""
+    from dist8bit.checkpoint import deepspeed_format, loading
+
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
+    command += ["--input_folder", str(zero.folder / "resume-z2-AdamW" / "step3"), "--output_folder", str(tmp_path / "universal")]
+    done = subprocess.run(command, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    universal = torch.load(tmp_path / "universal" / "zero" / "fc1.weight" / "exp_avg.pt", weights_only=True)["param"]
+    read = loading.FileReader()
+    source = deepspeed_format.read(zero.folder / "z2-AdamW8bit" / "step3", None, None, read)
+    buffer = source.state.params["fc1.weight"].buffers["exp_avg"]
+    assert torch.equal(universal.reshape(-1).float(), plan.read_values(buffer, 0, buffer.numel, read))
+    read.close()
+
+
 def test_deepspeed_errors(zero, tmp_path):
     import shutil
 

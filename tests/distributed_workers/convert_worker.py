@@ -100,7 +100,8 @@ def main() -> None:
             engine = build(stage, optimizer)
             if phase == "train":
                 train(engine, range(SAVE_AFTER))
-                engine.save_checkpoint(os.path.join(workdir, name), tag="step3")
+                # universal_checkpoint_info: what DeepSpeed's ds_to_universal requires from a client
+                engine.save_checkpoint(os.path.join(workdir, name), tag="step3", client_state={"universal_checkpoint_info": {}})
                 result[name] = train(engine, range(SAVE_AFTER, STEPS))
             else:
                 engine.load_checkpoint(os.path.join(workdir, f"resume-{name}"))
