@@ -286,8 +286,9 @@ def train(args: argparse.Namespace, env: distributed.DistEnv, explicit: set[str]
         )
 
     torch.manual_seed(args.seed)  # the same initial model on every rank
-    strategy.setup(GPT(config).to(device))
-    model = strategy.model
+    model = GPT(config).to(device)
+    parameters = model.num_parameters()  # before wrapping: ZeRO-3 empties the parameters it partitions
+    strategy.setup(model)
     eight_bit_optimizer = isinstance(strategy.base_optimizer(), dist8bit.optim.Optimizer8bit)
     if eight_bit_optimizer:
         backend_for(device)  # build or load the kernels now, not inside the first timed step
@@ -335,7 +336,7 @@ def train(args: argparse.Namespace, env: distributed.DistEnv, explicit: set[str]
             "val_tokens": corpus.val.numel(),
         },
         "model": config.to_dict(),
-        "parameters": sum(p.numel() for p in model.parameters()),  # DTensor numel is the full size
+        "parameters": parameters,
         "tokens_per_step": tokens_per_step,
         **strategy.info(),
         **resumed,

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -47,8 +48,12 @@ class FSDPStrategy(Strategy):
         }
 
     def model_checksum(self) -> str:
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        return state_dict_checksum(full)
+        """Rank 0 hashes the gathered full model (on the CPU, so a large model does not need a full
+        copy per GPU) and every rank reports that digest: under FSDP no rank holds a replica to compare."""
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        digest = [state_dict_checksum(full) if self.env.is_main else None]
+        dist.broadcast_object_list(digest, src=0)
+        return digest[0]
 
     def save(self, directory: Path) -> None:
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
