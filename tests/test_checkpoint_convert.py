@@ -520,17 +520,13 @@ def test_deepspeed_two_ranks_to_one_rank_resumes_in_the_other_precision(zero, st
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_8bit_to_fp32_to_8bit_same_world_size_is_bit_exact(zero, tmp_path, stage):
-    from dist8bit.checkpoint import deepspeed_format
+    from dist8bit.checkpoint import deepspeed_format, loading
 
     source = zero.folder / f"z{stage}-AdamW8bit"
     run(source, tmp_path / "fp32", to="fp32", verify=True)
     run(tmp_path / "fp32", tmp_path / "back", to="8bit", verify=True)
     assert (tmp_path / "back" / "latest").read_text() == "step3"
-    base, weights = (
-        ("optimizer_state_dict", "fp32_flat_groups")
-        if stage == 3
-        else ("base_optimizer_state", "single_partition_of_fp32_groups")
-    )
+    base = "optimizer_state_dict" if stage == 3 else "base_optimizer_state"
     with torch.serialization.safe_globals(deepspeed_format.safe_globals()):
         for rank in range(2):
             name = f"step3/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
@@ -539,9 +535,16 @@ def test_deepspeed_8bit_to_fp32_to_8bit_same_world_size_is_bit_exact(zero, tmp_p
             )
             assert_same_state_dicts(original[base], back[base])
             assert original[base]["param_groups"] == back[base]["param_groups"]
-            for a, b in zip(original[weights], back[weights], strict=True):
-                assert torch.equal(a, b)
             assert original.get("param_slice_mappings") == back.get("param_slice_mappings")
+    # fp32 master weights: identical wherever they belong to a parameter (padding inside a ZeRO-3
+    # flat buffer is whatever DeepSpeed left there; the output writes zeros)
+    read = loading.FileReader()
+    original, back = (deepspeed_format.read(d / "step3", None, None, read) for d in (source, tmp_path / "back"))
+    for name, weights in original.master.items():
+        assert torch.equal(
+            plan.read_values(weights, 0, weights.numel, read), plan.read_values(back.master[name], 0, weights.numel, read)
+        )
+    read.close()
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -27,6 +27,7 @@ CANDIDATE_ULPS = (0, 1, -1, 2, -2)
 # larger means the block is not a dequantization and is left as quantized.
 NEAR_EXACT = 2.0**-20
 PROBE = 32  # candidate blocks tried before deciding a chunk is genuine data
+PROBE_BLOCKS = 512  # where the probe looks for them
 
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -57,40 +58,51 @@ def _recover_scales(blocks: torch.Tensor, code: torch.Tensor, lowest: float, cod
 
     Such a block's extreme decodes to lowest * scale, so its minimum equals -absmax and a plain
     requantization can never reproduce it. A tensor is either a dequantization throughout or
-    genuine data throughout (one fp32 step changes every value), so a probe of the first PROBE
-    candidates decides whether the rest are worth the candidate search.
+    genuine data throughout (one fp32 step changes every value), so the candidates among the
+    first PROBE_BLOCKS blocks decide whether the rest are worth looking at.
     """
-    rows = ((blocks.amin(1) == -absmax) & (absmax > 0) & torch.isfinite(absmax)).nonzero().squeeze(1)
-    if rows.numel() and _recover(rows[:PROBE], blocks, code, lowest, codes, absmax):
-        _recover(rows[PROBE:], blocks, code, lowest, codes, absmax)
+    head = min(PROBE_BLOCKS, blocks.shape[0])
+    rows = _candidates(blocks[:head], absmax[:head])
+    if rows.numel() and not _recover(rows[:PROBE], blocks, code, lowest, codes, absmax):
+        return  # genuine data: quantized exactly as the optimizer would
+    rows = torch.cat([rows[PROBE:], _candidates(blocks[head:], absmax[head:]) + head])
+    _recover(rows, blocks, code, lowest, codes, absmax)
+
+
+def _candidates(blocks: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    return ((blocks.amin(1) == -absmax) & (absmax > 0) & torch.isfinite(absmax)).nonzero().squeeze(1)
 
 
 def _recover(
     rows: torch.Tensor, blocks: torch.Tensor, code: torch.Tensor, lowest: float, codes: torch.Tensor, absmax: torch.Tensor
 ) -> int:
-    """Try the candidate scales on these blocks; returns how many came back bit-exact."""
+    """Try the candidate scales on these blocks; returns how many came back bit-exact.
+
+    Rows are gathered with index_select/index_copy_ (advanced indexing spins up a parallel
+    region per call, which costs milliseconds on a busy machine)."""
     blocksize = blocks.shape[1]
-    scale = (absmax[rows].double() / -lowest).float()
+    scale = (absmax.index_select(0, rows).double() / -lowest).float()
     recovered = 0
     for attempt, ulps in enumerate(CANDIDATE_ULPS):
         if rows.numel() == 0:
             break
-        target = blocks[rows]
+        target = blocks.index_select(0, rows)
         trial_scale = scale
         for _ in range(abs(ulps)):
             trial_scale = torch.nextafter(trial_scale, torch.full_like(trial_scale, float("inf") if ulps > 0 else 0.0))
-        trial = target.clone()
-        trial[torch.arange(rows.numel()), trial.argmin(1)] = -trial_scale
+        trial = target.clone().scatter_(1, target.argmin(1, keepdim=True), -trial_scale.unsqueeze(1))
         trial_codes, trial_state = F.quantize_blockwise(trial.reshape(-1), code=code, blocksize=blocksize)
         trial_decoded = dequantize(trial_codes, trial_state.absmax, code, blocksize).view(-1, blocksize)
         exact = (_bits(trial_decoded) == _bits(target)).all(1)
-        codes[rows[exact]] = trial_codes.view(-1, blocksize)[exact]
-        absmax[rows[exact]] = trial_state.absmax[exact]
-        recovered += int(exact.sum())
+        hits = exact.nonzero().squeeze(1)
+        codes.index_copy_(0, rows.index_select(0, hits), trial_codes.view(-1, blocksize).index_select(0, hits))
+        absmax.index_copy_(0, rows.index_select(0, hits), trial_state.absmax.index_select(0, hits))
+        recovered += hits.numel()
         keep = ~exact
         if attempt == 0:
             keep &= (trial_decoded - target).abs().amax(1) <= trial_scale * NEAR_EXACT
-        rows, scale = rows[keep], scale[keep]
+        kept = keep.nonzero().squeeze(1)
+        rows, scale = rows.index_select(0, kept), scale.index_select(0, kept)
     return recovered
 
 

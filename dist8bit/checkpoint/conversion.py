@@ -1,4 +1,4 @@
-"""convert(): detect the source format, plan, stream the output atomically, optionally verify."""
+"""convert(): detect the source format (a torch.save file or a DeepSpeed directory), plan, stream the output atomically, optionally verify."""
 
 from __future__ import annotations
 
