@@ -469,6 +469,11 @@ def test_deepspeed_zero2_runs_and_resumes_exactly(tmp_path, data_dir, run_env, s
     _run(straight, data_dir, run_env, *flags, "--steps", "10", nproc=2)
     assert _metrics(out)["summary"]["param_sha256"] == _metrics(straight)["summary"]["param_sha256"]
 
+    # one plain process (no launcher variables) runs DeepSpeed too
+    single = tmp_path / "single"
+    _run(single, data_dir, run_env, *flags, "--steps", "2", "--no-checkpoint")
+    assert _metrics(single)["world_size"] == 1 and _metrics(single)["deepspeed"]["zero_stage"] == 2
+
     # ZeRO partitions are per rank: another world size is refused before DeepSpeed starts
     result = _pretrain([*TINY, *flags, "--data-dir", str(data_dir), "--out-dir", str(out), "--steps", "12", "--resume"], run_env)
     assert result.returncode == 1

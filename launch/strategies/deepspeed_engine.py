@@ -152,6 +152,9 @@ class DeepSpeedStrategy(Strategy):
     def setup(self, model: GPT) -> None:
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed asserts these exist even when the process group is already up (a plain 1-process run has none).
+        for name, value in (("RANK", self.env.rank), ("WORLD_SIZE", self.env.world_size), ("LOCAL_RANK", self.env.local_rank)):
+            os.environ.setdefault(name, str(value))
         import deepspeed  # optional and slow to import: only when this strategy runs
 
         deepspeed.utils.logger.setLevel(logging.WARNING)
