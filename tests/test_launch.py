@@ -277,6 +277,11 @@ def test_deepspeed_config_precedence_flag_then_json_then_default():
     assert config["optimizer"]["type"] == "AdamW32bit" and config["optimizer"]["params"]["lr"] == 5e-4
     assert args.batch_size == 2 and config["zero_optimization"]["stage"] == 3
 
+    # one beta given: the other stays the config's
+    args, explicit = _ds_args("--beta2", "0.95")
+    config = effective_config({"optimizer": {"type": "AdamW8bit", "params": {"betas": [0.8, 0.9]}}}, args, explicit, world_size=1)
+    assert config["optimizer"]["params"]["betas"] == [0.8, 0.95] and (args.beta1, args.beta2) == (0.8, 0.95)
+
     # an empty config: everything from the launcher's defaults
     args, explicit = _ds_args()
     config = effective_config({}, args, explicit, world_size=2)

@@ -77,22 +77,11 @@ def effective_config(raw: dict[str, Any], args: argparse.Namespace, explicit: se
             f"the DeepSpeed config sets gradient_accumulation_steps={config['gradient_accumulation_steps']}; "
             "this launcher runs one micro-batch per step: set it to 1 and raise --batch-size instead"
         )
-    if "batch_size" in explicit or "train_micro_batch_size_per_gpu" not in config:
-        config["train_micro_batch_size_per_gpu"] = args.batch_size
-    else:
-        args.batch_size = int(config["train_micro_batch_size_per_gpu"])
+    _resolve(args, explicit, "batch_size", config, "train_micro_batch_size_per_gpu")
     config["gradient_accumulation_steps"] = 1
     config["train_batch_size"] = args.batch_size * world_size
-
-    if "grad_clip" in explicit or "gradient_clipping" not in config:
-        config["gradient_clipping"] = args.grad_clip
-    else:
-        args.grad_clip = float(config["gradient_clipping"])
-    zero = config.setdefault("zero_optimization", {})
-    if "zero_stage" in explicit or "stage" not in zero:
-        zero["stage"] = args.zero_stage
-    else:
-        args.zero_stage = int(zero["stage"])
+    _resolve(args, explicit, "grad_clip", config, "gradient_clipping")
+    _resolve(args, explicit, "zero_stage", config.setdefault("zero_optimization", {}), "stage")
 
     optimizer = config.setdefault("optimizer", {})
     if "optim" in explicit or "type" not in optimizer:
@@ -116,10 +105,12 @@ def effective_config(raw: dict[str, Any], args: argparse.Namespace, explicit: se
                 f"the DeepSpeed config's optimizer {optimizer['type']} has no params.{key}; set it there or pass --{flag}"
             )
         _resolve(args, explicit, flag, params, key)
-    if {"beta1", "beta2"} & explicit or "betas" not in params:
-        params["betas"] = [args.beta1, args.beta2]
-    else:
-        args.beta1, args.beta2 = (float(b) for b in params["betas"])
+    betas = [float(b) for b in params.get("betas", (args.beta1, args.beta2))]
+    for index, flag in enumerate(("beta1", "beta2")):
+        if flag in explicit:
+            betas[index] = getattr(args, flag)
+    params["betas"] = betas
+    args.beta1, args.beta2 = betas
 
     scheduler = config.get("scheduler")
     if scheduler and scheduler.get("type") in SCHEDULERS_WITH_TOTAL_STEPS:
