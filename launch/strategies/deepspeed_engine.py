@@ -64,10 +64,11 @@ def effective_config(raw: dict[str, Any], args: argparse.Namespace, explicit: se
     """The config DeepSpeed gets, and `args` updated to match it.
 
     Precedence: a flag given on the command line, then the JSON, then the
-    launcher's default. The launcher owns the batch (one micro-batch of
-    --batch-size sequences per rank per step, so gradient_accumulation_steps
-    must be 1 and train_batch_size is derived); the optimizer type, its
-    params, the scheduler and the ZeRO/precision sections come from the JSON.
+    launcher's default, key by key (batch size, clipping, ZeRO stage,
+    optimizer type, lr, weight decay, betas). The launcher runs one
+    micro-batch per rank per step, so gradient_accumulation_steps must be 1
+    and train_batch_size is derived; the scheduler and the other sections
+    (precision, ZeRO options) pass through as written.
     Without a "scheduler" section the launcher's own warm-up + cosine schedule
     sets the learning rate; with one, DeepSpeed's scheduler does.
     """
