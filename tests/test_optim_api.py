@@ -358,3 +358,19 @@ def test_bad_parameters_and_gradients():
     embedding(torch.tensor([1])).sum().backward()
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         optimizer.step()
+
+
+def test_deepspeed_adam_groups_load_when_bias_correction_is_on():
+    """DeepSpeed's Adam groups carry bias_correction; dist8bit's Adam always corrects, so True loads and False is refused."""
+    param = torch.nn.Parameter(torch.randn(10))
+    reference = torch.optim.AdamW([param])
+    param.grad = torch.randn(10)
+    reference.step()
+    saved = reference.state_dict()
+    saved["param_groups"][0]["bias_correction"] = True
+    optimizer = dist8bit.optim.AdamW32bit([param])
+    optimizer.load_state_dict(saved)
+    assert "bias_correction" not in optimizer.param_groups[0]
+    saved["param_groups"][0]["bias_correction"] = False
+    with pytest.raises(ValueError, match="bias_correction=False"):
+        optimizer.load_state_dict(saved)

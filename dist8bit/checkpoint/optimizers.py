@@ -135,7 +135,7 @@ def check_torch_flags(kind: str | None, groups: list[dict[str, Any]], where: str
     for index, group in enumerate(groups):
         for flag in TORCH_ONLY_FLAGS:
             value = group.get(flag)
-            if flag in open_flags:
+            if flag in open_flags or (kind and flag in _hyper_defaults(kind)):  # the optimizer's own setting (LAMB)
                 continue
             if flag in implied:
                 if value is not None and value != implied[flag]:

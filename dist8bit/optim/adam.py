@@ -50,7 +50,7 @@ class Adam(Optimizer8bit):
         return WeightDecay.DECOUPLED if self.decoupled else WeightDecay.L2
 
     def implied_torch_flags(self) -> dict[str, Any]:
-        return {"decoupled_weight_decay": self.decoupled}
+        return {"decoupled_weight_decay": self.decoupled, "bias_correction": True}
 
     def step_constants(self, config: dict[str, Any], step: int) -> StepConstants:
         beta1, beta2 = config["betas"]

@@ -36,7 +36,17 @@ HISTORY = 100  # steps of gradient norms kept for percentile clipping
 SEGMENT_STRIDE = 1 << 40  # random-number counter range reserved per parameter
 # Flags torch.optim groups carry that dist8bit optimizers do not implement; a
 # torch state dict loads only when they are off.
-TORCH_ONLY_FLAGS = ("foreach", "maximize", "capturable", "differentiable", "fused", "amsgrad", "decoupled_weight_decay")
+# (bias_correction: DeepSpeed's FusedAdam / DeepSpeedCPUAdam groups carry it.)
+TORCH_ONLY_FLAGS = (
+    "foreach",
+    "maximize",
+    "capturable",
+    "differentiable",
+    "fused",
+    "amsgrad",
+    "decoupled_weight_decay",
+    "bias_correction",
+)
 # Group keys that are this optimizer's choice, never the checkpoint's (a
 # paged checkpoint loads into an unpaged optimizer and vice versa).
 PRECISION_KEYS = ("optim_bits", "min_8bit_size", "blocksize", "is_paged")
