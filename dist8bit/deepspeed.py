@@ -12,14 +12,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from .integrations.consistency import check_same_parameters
 from .integrations.deepspeed import get_full_optimizer_state, register
 
 __all__ = ["get_full_optimizer_state", "initialize"]
 
 
 def initialize(*args: Any, **kwargs: Any) -> Any:
-    """`register()`, then `deepspeed.initialize(*args, **kwargs)` (same arguments and return value)."""
+    """`register()`, then `deepspeed.initialize(*args, **kwargs)` (same arguments and return value).
+
+    When torch.distributed is already initialized, ranks whose models differ get
+    one clear error first (DeepSpeed would fail inside its parameter broadcast).
+    """
     import deepspeed
 
     register()
+    model = kwargs.get("model")
+    if isinstance(model, torch.nn.Module):
+        check_same_parameters(model.named_parameters())
     return deepspeed.initialize(*args, **kwargs)

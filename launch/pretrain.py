@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import dist8bit
 from dist8bit.backends import backend_for
+from dist8bit.integrations.consistency import check_same_parameters
 from launch import checkpoint, distributed, strategies
 from launch.data import CORPORA, BatchSampler, default_data_dir, load_corpus
 from launch.model import GPT, GPTConfig
@@ -288,6 +289,10 @@ def train(args: argparse.Namespace, env: distributed.DistEnv, explicit: set[str]
     torch.manual_seed(args.seed)  # the same initial model on every rank
     model = GPT(config).to(device)
     parameters = model.num_parameters()  # before wrapping: ZeRO-3 empties the parameters it partitions
+    try:  # ranks built from different configs would otherwise fail (or hang) inside a collective
+        check_same_parameters(model.named_parameters())
+    except ValueError as error:
+        raise LaunchError(str(error)) from error
     strategy.setup(model)
     eight_bit_optimizer = isinstance(strategy.base_optimizer(), dist8bit.optim.Optimizer8bit)
     if eight_bit_optimizer:

@@ -503,6 +503,38 @@ def test_mpirun_two_ranks(tmp_path, data_dir, run_env):
     assert metrics["rank_source"] == "mpi" and metrics["world_size"] == 2 and metrics["summary"]["ranks_in_sync"]
 
 
+@pytest.mark.skipif(
+    shutil.which("mpirun") is None or importlib.util.find_spec("mpi4py") is None,
+    reason="no MPI runtime (pip install mpich mpi4py)",
+)
+def test_ranks_with_different_models_are_a_clear_error(tmp_path, data_dir, run_env):
+    """MPMD mpirun: rank 1 builds a wider model; both ranks stop with one message naming the difference."""
+    env = dict(run_env)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(probe.getsockname()[1])
+    env["MASTER_ADDR"] = "127.0.0.1"
+    common = [*TINY, "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--strategy", "ddp", "--steps", "2"]
+    rank_args = [[*common, "--no-checkpoint"], [*common, "--no-checkpoint", "--n-embd", "32"]]
+    command = [
+        "mpirun",
+        "-np",
+        "1",
+        sys.executable,
+        PRETRAIN,
+        *rank_args[0],
+        ":",
+        "-np",
+        "1",
+        sys.executable,
+        PRETRAIN,
+        *rank_args[1],
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode != 0
+    assert "build different models" in result.stderr and "same model" in result.stderr, result.stderr[-2000:]
+
+
 def test_compare_plots_and_summarises(tmp_path, capsys):
     from launch import compare
 
