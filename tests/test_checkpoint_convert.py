@@ -605,10 +605,5 @@ def test_unsupported_directories_say_so(tmp_path):
     (bf16 / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="BF16_Optimizer: converting it is not supported yet"):
         run(bf16, tmp_path / "out", to="fp32")
-    dcp = tmp_path / "dcp"
-    dcp.mkdir()
-    (dcp / ".metadata").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="DCP checkpoints is not supported yet"):
-        run(dcp, tmp_path / "out", to="fp32")
     with pytest.raises(CheckpointError, match="neither a DeepSpeed checkpoint"):
         run(tmp_path, tmp_path / "out", to="fp32")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..quant.layout import check_blocksize
-from . import bnb_format, deepspeed_format, loading, optimizers, torch_format
+from . import bnb_format, dcp_format, deepspeed_format, loading, optimizers, torch_format
 from .atomic import atomic_output, check_destination
 from .canonical import OptimizerState
 from .errors import CheckpointError
@@ -42,7 +42,8 @@ def convert(
 
     src: a torch.save file holding an optimizer state dict (torch.optim, dist8bit 8/32-bit,
          bitsandbytes 8-bit), alone or inside a training checkpoint (everything else is carried over);
-         or a DeepSpeed checkpoint directory (ZeRO 0/1/2), written back for `world_size` ranks.
+         or a DeepSpeed checkpoint directory (ZeRO 0/1/2/3), written back for `world_size` ranks;
+         or a torch.distributed.checkpoint (DCP) directory from FSDP2 (any world size: DCP reshards on load).
     to: "fp32" (torch names; loads into torch.optim and dist8bit 32-bit optimizers) or "8bit"
         (dist8bit's 8-bit layout; loads into dist8bit 8-bit optimizers).
     optimizer: the optimizer kind (adamw, sgd, ...); needed for bitsandbytes sources, checked otherwise.
@@ -212,19 +213,15 @@ def _convert_directory(
     progress: bool,
     started: float,
 ) -> Report:
-    if (src / ".metadata").is_file():
-        raise CheckpointError(
-            f"{src} is a torch.distributed.checkpoint (DCP) directory: converting DCP checkpoints is not supported yet. "
-            "FSDP2 runs reshard DCP checkpoints themselves; to change precision, load the DCP checkpoint into the "
-            "optimizer you train with, or consolidate it (torch.distributed.checkpoint.format_utils.dcp_to_torch_save)"
-        )
+    if world_size is not None and (not isinstance(world_size, int) or world_size < 1):
+        raise CheckpointError(f"--world-size must be a positive integer, got {world_size!r}")
+    if dcp_format.find_checkpoint(src) is not None:
+        return dcp_format.convert(src, dst, target, kind, world_size, verify, overwrite, progress, started)
     found = deepspeed_format.find_tag_dir(src)
     if found is None:
         raise CheckpointError(
             f"{src} is a directory but neither a DeepSpeed checkpoint (zero_pp_rank_*_optim_states.pt, latest) nor DCP"
         )
-    if world_size is not None and (not isinstance(world_size, int) or world_size < 1):
-        raise CheckpointError(f"--world-size must be a positive integer, got {world_size!r}")
     tag_dir, tag = found
     if deepspeed_format.is_zero0(tag_dir):
         return _convert_zero0(src, dst, tag_dir, tag, target, kind, verify, overwrite, progress, started)
