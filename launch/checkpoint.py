@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from launch.data import atomic_torch_save, stream_seed
-from launch.optimizers import LaunchError
+from launch.optimizers import LaunchError, optimizer_family
 
 FORMAT = "dist8bit-launch-checkpoint"
 VERSION = 2  # 2: one directory per checkpoint for every strategy (1 was a single ckpt.pt for none/ddp)
@@ -139,8 +139,10 @@ def check_resumable(
             f"{world_size} process(es); --strategy {strategy} partitions the optimizer state by rank, so resume it with "
             f"{meta['world_size']} processes (--strategy fsdp checkpoints reshard to any number of processes)"
         )
-    if meta["optim"] != optim:
+    if optimizer_family(meta["optim"]) != optimizer_family(optim):
         raise LaunchError(f"{directory} was trained with optimizer {meta['optim']}; resume with the same --optim")
+    # The same optimizer at another state precision resumes once the checkpoint was
+    # converted (dist8bit convert --to 8bit|fp32); the optimizer refuses unconverted state.
     saved_config = meta["model_config"]
     if saved_config != model_config:
         differences = {k: (saved_config.get(k), v) for k, v in model_config.items() if saved_config.get(k) != v}

@@ -42,6 +42,11 @@ DEEPSPEED_TYPES: dict[str, str] = {
 }
 
 
+def optimizer_family(name: str) -> str:
+    """adamw8bit, adamw32bit and torch-adamw are one algorithm at different state precisions."""
+    return name.removeprefix("torch-").removesuffix("8bit").removesuffix("32bit")
+
+
 def build_optimizer(name: str, groups: list[dict], args: argparse.Namespace) -> torch.optim.Optimizer:
     """The optimizer `name` over `groups` (which carry their own weight decay), with the run's lr and betas."""
     if name not in OPTIMIZERS:

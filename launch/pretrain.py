@@ -302,7 +302,10 @@ def train(args: argparse.Namespace, env: distributed.DistEnv, explicit: set[str]
     step = 0
     resumed: dict[str, Any] = {}
     if resume_from is not None:
-        strategy.load(resume_from)
+        try:
+            strategy.load(resume_from)
+        except ValueError as error:  # the optimizer's own check of the saved state (precision, layout)
+            raise LaunchError(f"cannot resume from {resume_from}: {error}") from error
         same_rng = checkpoint.restore_rng(meta, env.rank, env.world_size, args, device)
         step, metrics = meta["step"], meta["metrics"]
         resumed["resumed_from"] = {

@@ -348,6 +348,22 @@ def test_single_process_run_writes_metrics_and_resumes(tmp_path, data_dir, run_e
     assert _metrics(single_run)["summary"]["param_sha256"] == metrics["summary"]["param_sha256"]
 
 
+def test_a_32bit_run_continues_in_8bit_after_conversion(tmp_path, data_dir, run_env):
+    """Switching precision mid-training: resume refuses unconverted state, then continues once converted."""
+    from dist8bit.checkpoint import convert
+
+    _run(tmp_path, data_dir, run_env, "--steps", "6", "--optim", "adamw32bit")
+    refused = _pretrain([*TINY, "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--steps", "10", "--resume"], run_env)
+    assert refused.returncode != 0 and "dist8bit convert --to 8bit" in refused.stderr
+    state = tmp_path / "checkpoints" / "step_000006" / "state.pt"
+    convert(state, tmp_path / "state8.pt", to="8bit", optimizer="adamw", progress=False)
+    (tmp_path / "state8.pt").replace(state)
+    _run(tmp_path, data_dir, run_env, "--steps", "10", "--resume")
+    metrics = _metrics(tmp_path)
+    assert metrics["summary"]["steps"] == 10 and math.isfinite(metrics["summary"]["final_val_loss"])
+    assert metrics["optimizer"] == "AdamW8bit" and metrics["resumed_from"]["step"] == 6
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data_dir, run_env):
     result = _pretrain([*TINY, "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--steps", "2", "--resume"], run_env)
     assert result.returncode == 1 and "no checkpoint under" in result.stderr
