@@ -123,6 +123,10 @@ def test_cut_parameters_match_within_8bit_tolerance_and_keep_precision(world_siz
         for segment, eight_bit, values in optimizer.segment_states(flat):
             assert eight_bit == (segment.logical_numel >= 4096)
             assert values["exp_avg"].shape == (segment.length,)
+        everything = optimizer.segment_states(flat)
+        for source in {id(s.source): s.source for s, _, _ in everything}.values():
+            mine = optimizer.segment_states(flat, source=source)
+            assert [s for s, _, _ in mine] == [s for s, _, _ in everything if s.source is source]
 
 
 def test_state_bytes_split_across_ranks():

@@ -218,9 +218,8 @@ def full_optimizer_state(param: torch.Tensor, key: str, device: torch.device) ->
         if link.flat:
             full = torch.zeros(numel, dtype=torch.float32, device=device)
             for holder in holders:
-                for segment, _, values in optimizer.segment_states(holder):
-                    if segment.source is param:
-                        full.narrow(0, segment.param_offset, segment.length).copy_(values[key])
+                for segment, _, values in optimizer.segment_states(holder, source=param):
+                    full.narrow(0, segment.param_offset, segment.length).copy_(values[key])
         else:
             full = _whole_state(optimizer, holders[0], group, key).to(device)
     if link.process_group is not None and dist.get_world_size(link.process_group) > 1:

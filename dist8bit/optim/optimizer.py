@@ -259,11 +259,15 @@ class Optimizer8bit(torch.optim.Optimizer):
             self._param_uid.setdefault(segment.source, len(self._param_uid))
         self._segments[flat] = ordered
 
-    def segment_states(self, flat: torch.Tensor) -> list[tuple[Segment, bool, dict[str, torch.Tensor]]]:
-        """Each segment of a flat buffer, whether its state is 8-bit, and its state as float32 values.
+    def segment_states(
+        self, flat: torch.Tensor, source: torch.Tensor | None = None
+    ) -> list[tuple[Segment, bool, dict[str, torch.Tensor]]]:
+        """Each segment of a flat buffer (only `source`'s, when given), whether its
+        state is 8-bit, and its state as float32 values.
 
         The equivalent of DeepSpeed's per-parameter state fragments for packed
-        8-bit state (which DeepSpeed's own fragment API cannot read).
+        8-bit state (which DeepSpeed's own fragment API cannot read); `source`
+        keeps gathering every parameter's state linear in the partition size.
         """
         segments = self._segments.get(flat)
         if segments is None:
@@ -275,6 +279,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         overrides = GlobalOptimManager.get_instance().overrides()
         result = []
         for segment, eight_bit, views in self._segment_views(flat, segments, state, group, overrides):
+            if source is not None and segment.source is not source:
+                continue
             config = self.resolved_config(segment.source, group, overrides)
             values = {}
             for spec in self.state_specs(config):
