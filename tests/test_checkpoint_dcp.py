@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from dist8bit.checkpoint import CheckpointError, convert
 from dist8bit.checkpoint.codec import error_bound
-from dist8bit.checkpoint.dcp_format import open_source
+from dist8bit.checkpoint.dcp_io import open_source
 from dist8bit.optim import AdamW8bit
 from dist8bit.quant.maps import create_dynamic_map
 
