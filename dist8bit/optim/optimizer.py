@@ -278,7 +278,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         group = self._group_of(flat)
         overrides = GlobalOptimManager.get_instance().overrides()
         result = []
-        for segment, eight_bit, views in self._segment_views(flat, segments, state, group, overrides):
+        for segment, eight_bit, views in self._segment_views(flat, segments, state, group):
             if source is not None and segment.source is not source:
                 continue
             config = self.resolved_config(segment.source, group, overrides)
@@ -288,7 +288,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                     values[spec.name] = dequantize_blockwise(
                         views[spec.name + state_layout.CODES_SUFFIX],
                         absmax=views[spec.name + state_layout.ABSMAX_SUFFIX],
-                        code=create_dynamic_map(signed=spec.signed).to(flat.device),
+                        code=_state_codebook(spec.signed, flat.device).code,
                         blocksize=config["blocksize"],
                     )
                 else:
@@ -306,7 +306,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         return config["optim_bits"] == 8 and segment.logical_numel >= config["min_8bit_size"]
 
     def _segment_views(
-        self, flat: torch.Tensor, segments: list[Segment], state: dict[str, Any], group: dict[str, Any], overrides
+        self, flat: torch.Tensor, segments: list[Segment], state: dict[str, Any], group: dict[str, Any]
     ) -> list[tuple[Segment, bool, dict[str, torch.Tensor]]]:
         """Per-segment views into a flat buffer's packed state (see segments.py)."""
         table = state["segment_table"]
@@ -443,7 +443,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         step = int(state["step"].item())
         grad = flat.grad
         units = []
-        views = self._segment_views(flat, segments, state, group, overrides)
+        views = self._segment_views(flat, segments, state, group)
         for (segment, eight_bit, entry), config in zip(views, configs, strict=True):
             units.append(
                 _Unit(

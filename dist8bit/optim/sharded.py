@@ -74,7 +74,7 @@ def _local_rows(param: DTensor) -> tuple[int, int]:
 
 def state_to_dtensor(param: DTensor, value: torch.Tensor, blocksize: int | None) -> DTensor:
     """A local state tensor as a DTensor laid out like `param` (scales: [rows, row_elems / blocksize])."""
-    if value.numel() == param.to_local().numel() and blocksize is None:
+    if blocksize is None:  # shaped like the parameter (codes, 32-bit values)
         shape, stride = param.shape, param.stride()
         local_value = value.view(param.to_local().shape)
     else:
