@@ -10,7 +10,6 @@ import copy
 import importlib.util
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import warnings
@@ -20,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from distributed_ranks import run_worker_ranks
 
 import dist8bit.functional as F
 import dist8bit.optim as d8
@@ -443,38 +443,8 @@ CONVERT_WORKER = ROOT / "tests" / "distributed_workers" / "convert_worker.py"
 
 def launch_workers(world: int, phase: str, folder: Path) -> dict:
     """Run tests/distributed_workers/convert_worker.py on `world` CPU ranks (gloo); rank 0's results."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out, procs, logs = folder / f"{phase}.pt", [], []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "DS_ACCELERATOR": "cpu",
-            "DIST8BIT_BACKEND": "reference",
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        logs.append(folder / f"{phase}_rank{rank}.log")
-        with open(logs[-1], "w") as handle:
-            command = [sys.executable, str(CONVERT_WORKER), phase, str(out), str(folder)]
-            procs.append(subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT))
-    try:
-        codes = [proc.wait(timeout=600) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    if any(codes):
-        tails = "\n".join(f"--- {log.name} ---\n{log.read_text()[-3000:]}" for log in logs)
-        raise AssertionError(f"{world}-rank {phase} run failed (exit codes {codes}):\n{tails}")
-    return torch.load(out, weights_only=True)
+    out = folder / f"{phase}.pt"
+    return run_worker_ranks(world, CONVERT_WORKER, [phase, str(out), str(folder)], folder, phase, out)
 
 
 @pytest.fixture(scope="module")

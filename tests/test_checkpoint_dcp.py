@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from distributed_ranks import free_port
 
 from dist8bit.checkpoint import CheckpointError, convert
 from dist8bit.checkpoint.codec import error_bound
@@ -42,12 +42,6 @@ class TinyModel(torch.nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         hidden = torch.relu(self.up(self.embed(tokens)))
         return self.down(hidden * self.scale[:256])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build(optimizer: str):

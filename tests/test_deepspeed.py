@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -32,6 +31,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from distributed_ranks import run_worker_ranks
 
 from dist8bit import optim
 from dist8bit.integrations import deepspeed as integration
@@ -175,46 +175,10 @@ def test_import_dist8bit_does_not_import_deepspeed_and_registers_after():
 
 
 # ------------------------------------------------------------ distributed
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(world: int, phase: str, folder: Path) -> dict:
     """Run the worker on `world` processes and return rank 0's results."""
     out = folder / f"{phase}_{world}.pt"
-    port = free_port()
-    procs, logs = [], []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "DS_ACCELERATOR": "cpu",
-            "DIST8BIT_BACKEND": "reference",
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        log = folder / f"{phase}_{world}_rank{rank}.log"
-        logs.append(log)
-        with open(log, "w") as handle:
-            command = [sys.executable, str(WORKER), phase, str(out), str(folder / "checkpoints")]
-            procs.append(subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT))
-    try:
-        codes = [proc.wait(timeout=600) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    if any(codes):
-        tails = "\n".join(f"--- {log.name} ---\n{log.read_text()[-4000:]}" for log in logs)
-        raise AssertionError(f"{world}-rank {phase} run failed (exit codes {codes}):\n{tails}")
-    return torch.load(out, weights_only=True)
+    return run_worker_ranks(world, WORKER, [phase, str(out), str(folder / "checkpoints")], folder, f"{phase}_{world}", out)
 
 
 @pytest.fixture(scope="module")

@@ -9,24 +9,18 @@ checkpoints carry each rank's own scales as DTensors and reshard 2 -> 1 and
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from distributed_ranks import free_port
 
 from dist8bit.optim import AdamW8bit
 
 STEPS = 20
 SAVE_AT = 10
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class TinyModel(torch.nn.Module):

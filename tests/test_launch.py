@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import types
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from distributed_ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -507,9 +507,7 @@ def test_deepspeed_zero2_runs_and_resumes_exactly(tmp_path, data_dir, run_env, s
 )
 def test_mpirun_two_ranks(tmp_path, data_dir, run_env):
     env = dict(run_env)
-    with socket.socket() as probe:  # a free port for the env:// rendezvous (29500 may be taken)
-        probe.bind(("127.0.0.1", 0))
-        env["MASTER_PORT"] = str(probe.getsockname()[1])
+    env["MASTER_PORT"] = str(free_port())  # for the env:// rendezvous (29500 may be taken)
     env["MASTER_ADDR"] = "127.0.0.1"
     command = ["mpirun", "-np", "2", sys.executable, PRETRAIN, *TINY, "--data-dir", str(data_dir)]
     command += ["--out-dir", str(tmp_path), "--strategy", "ddp", "--steps", "3", "--no-checkpoint"]
@@ -526,9 +524,7 @@ def test_mpirun_two_ranks(tmp_path, data_dir, run_env):
 def test_ranks_with_different_models_are_a_clear_error(tmp_path, data_dir, run_env):
     """MPMD mpirun: rank 1 builds a wider model; both ranks stop with one message naming the difference."""
     env = dict(run_env)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        env["MASTER_PORT"] = str(probe.getsockname()[1])
+    env["MASTER_PORT"] = str(free_port())
     env["MASTER_ADDR"] = "127.0.0.1"
     common = [*TINY, "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--strategy", "ddp", "--steps", "2"]
     rank_args = [[*common, "--no-checkpoint"], [*common, "--no-checkpoint", "--n-embd", "32"]]
