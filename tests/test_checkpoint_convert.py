@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from distributed_ranks import run_worker_ranks
+from test_segments import awkward_segments, flat_optimizer, step_flat, unpadded_state
 
 import dist8bit.functional as F
 import dist8bit.optim as d8
@@ -515,6 +516,81 @@ def test_deepspeed_8bit_to_fp32_to_8bit_same_world_size_is_bit_exact(zero, tmp_p
             plan.read_values(weights, 0, weights.numel, read), plan.read_values(back.master[name], 0, weights.numel, read)
         )
     read.close()
+
+
+def test_deepspeed_reader_reads_padded_and_state_format_1_packed_state():
+    """The canonical pieces of a flat buffer's packed state are the same whether it was saved
+    padded (state format 2) or back to back (format 1): the group's version picks the offsets."""
+    from dist8bit.checkpoint import deepspeed_format
+    from dist8bit.checkpoint.canonical import Quantized
+    from dist8bit.checkpoint.deepspeed_layout import Flat, Piece
+
+    flat, segments, params = awkward_segments()
+    optimizer = flat_optimizer(params, flat, segments)
+    step_flat(optimizer, flat, segments, 3)
+    saved = optimizer.state_dict()
+    state, group = saved["state"][0], saved["param_groups"][0]
+    pieces = tuple(Piece(f"p{i}", s.start, s.length, s.param_offset) for i, s in enumerate(segments))
+    layout = Flat(0, flat.numel(), pieces)
+    old_state = unpadded_state(state, ["exp_avg", "exp_avg_sq"], group["blocksize"])
+    old_group = {**group, "dist8bit_state_version": 1}
+    new = list(deepspeed_format._state_pieces(state, layout, group, "padded"))
+    old = list(deepspeed_format._state_pieces(old_state, layout, old_group, "format 1"))
+    assert len(new) == len(old) == 2 * len(segments)
+    assert sum(isinstance(b, Quantized) for _, _, b in new) == 2 * sum(p.numel() >= 16 for p in params)
+    for (piece, name, a), (old_piece, old_name, b) in zip(new, old, strict=True):
+        assert (piece, name, type(a)) == (old_piece, old_name, type(b))
+        if isinstance(a, Quantized):
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.absmax, b.absmax), (piece, name)
+        else:
+            assert torch.equal(a.values, b.values), (piece, name)
+    values = {(s.start, n): v for s, _, vs in optimizer.segment_states(flat) for n, v in vs.items()}
+    for piece, name, buffer in new:  # and they are the optimizer's own state
+        if isinstance(buffer, Quantized):
+            got = F.dequantize_blockwise(buffer.codes, absmax=buffer.absmax, code=buffer.code, blocksize=buffer.blocksize)
+        else:
+            got = buffer.values
+        torch.testing.assert_close(got, values[(piece.start, name)], rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="segment_table and state version imply"):
+        list(deepspeed_format._state_pieces(state, layout, old_group, "padded read as format 1"))
+    with pytest.raises(CheckpointError, match="newer than this dist8bit reads"):
+        list(deepspeed_format._state_pieces(state, layout, {**group, "dist8bit_state_version": 99}, "future"))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_state_format_1_checkpoint_converts_to_the_padded_layout(zero, tmp_path, stage):
+    """A ZeRO checkpoint saved by state format 1 (unpadded packed state) converts, bit for bit,
+    to what the current dist8bit saves for the same run."""
+    import shutil
+
+    from dist8bit.checkpoint import deepspeed_format
+
+    source, old = zero.folder / f"z{stage}-AdamW8bit", tmp_path / "old"
+    shutil.copytree(source, old)
+    base = "optimizer_state_dict" if stage == 3 else "base_optimizer_state"
+    padded = 0
+    with torch.serialization.safe_globals(deepspeed_format.safe_globals()):
+        for rank in range(2):
+            path = old / f"step3/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+            tree = torch.load(path, weights_only=True)
+            optimizer = tree["optimizer_state_dict"][base]
+            blocksize = optimizer["param_groups"][0]["blocksize"]
+            for key, state in optimizer["state"].items():
+                optimizer["state"][key] = unpadded_state(state, ["exp_avg", "exp_avg_sq"], blocksize)
+                padded += sum(v.numel() - optimizer["state"][key][k].numel() for k, v in state.items() if k != "step")
+            for group in optimizer["param_groups"]:
+                group["dist8bit_state_version"] = 1
+            torch.save(tree, path)
+    assert padded > 0  # the current layout really pads this model's pieces
+    run(old, tmp_path / "new", to="8bit", verify=True)
+    with torch.serialization.safe_globals(deepspeed_format.safe_globals()):
+        for rank in range(2):
+            name = f"step3/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+            original, converted = (
+                torch.load(d / name, weights_only=True)["optimizer_state_dict"] for d in (source, tmp_path / "new")
+            )
+            assert_same_state_dicts(original[base], converted[base])
+            assert original[base]["param_groups"] == converted[base]["param_groups"]
 
 
 @pytest.mark.parametrize("stage", [2, 3])

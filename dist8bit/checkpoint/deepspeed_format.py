@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..optim.segments import Segment, packed_layout, segment_table
+from ..optim.segments import PackedLayout, Segment, packed_entries, packed_layout, segment_table
 from ..optim.state import ABSMAX_SUFFIX, CODES_SUFFIX, STATE_FORMAT_VERSION
 from ..quant.layout import num_blocks
 from ..quant.maps import create_dynamic_map
@@ -278,13 +278,14 @@ def _state_pieces(state: dict[str, Any], flat: Flat, group: dict[str, Any], labe
     flags = [bool(row[4]) for row in rows]
     blocksize = int(group.get("blocksize", 256))
     segments = [Segment(torch.empty(0), p.start, p.length, p.param_offset, rows[i][3]) for i, p in enumerate(flat.pieces)]
-    layout = packed_layout(segments, flags, blocksize)
+    layout = packed_layout(segments, flags, blocksize, version=_state_version(group, label))
     names = {k[: -len(CODES_SUFFIX)] for k in state if k.endswith(CODES_SUFFIX)}
     names |= {
         k
         for k, v in state.items()
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 1 and not k.endswith(ABSMAX_SUFFIX)
     }
+    _check_packed_sizes(state, names, layout, label)
     for name in sorted(names):
         spec = optimizers.spec_of(name, label)
         for index, piece in enumerate(flat.pieces):
@@ -295,6 +296,29 @@ def _state_pieces(state: dict[str, Any], flat: Flat, group: dict[str, Any], labe
                 yield piece, name, Quantized(codes, absmax, blocksize, create_dynamic_map(spec.signed))
             else:
                 yield piece, name, Dense(state[name].narrow(0, offset, piece.length))
+
+
+def _state_version(group: dict[str, Any], label: str) -> int:
+    """The group's dist8bit state format: it says how the packed layout was padded (see optim/segments.py)."""
+    version = int(group.get("dist8bit_state_version", STATE_FORMAT_VERSION))
+    if version > STATE_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{label}: dist8bit state format version {version} is newer than this dist8bit reads ({STATE_FORMAT_VERSION}); "
+            "upgrade dist8bit"
+        )
+    return version
+
+
+def _check_packed_sizes(state: dict[str, Any], names: set[str], layout: PackedLayout, label: str) -> None:
+    """Every packed tensor must have the size its layout (segment table and state version) implies:
+    a state saved with another layout is refused, never read at the wrong offsets."""
+    for key, part in packed_entries(names).items():
+        value = state.get(key)
+        if isinstance(value, torch.Tensor) and value.numel() != layout.numel(part):
+            raise CheckpointError(
+                f"{label}: packed state {key} has {value.numel()} elements, its segment_table and state version "
+                f"imply {layout.numel(part)}"
+            )
 
 
 # ------------------------------------------------------------------ writing
@@ -430,7 +454,7 @@ def _packed_entry(ckpt, flat: Flat, names, eight_bit, blocksize, step, label, jo
             codes = Slot((layout.codes_numel,), torch.uint8, f"{label} {name}{CODES_SUFFIX}")
             absmax = Slot((layout.blocks,), torch.float32, f"{label} {name}{ABSMAX_SUFFIX}")
             entry[name + CODES_SUFFIX], entry[name + ABSMAX_SUFFIX] = codes, absmax
-            quantized = [s for s, f in zip(sources, flags, strict=True) if f]
+            quantized = [(b, p, layout.value_offsets[i], layout.block_offsets[i]) for i, (b, p) in enumerate(sources) if flags[i]]
             jobs.append(_quantize_job(codes.label, quantized, codes, absmax, blocksize, code, read))
         if layout.values_numel:
             values = Slot((layout.values_numel,), torch.float32, f"{label} {name}")
@@ -477,11 +501,18 @@ def _fill_job(label: str, sources: list[tuple[Pieced, Piece, int]], slot: Slot, 
     return Job(label, sum(b.nbytes() * p.length // max(b.numel, 1) for b, p, _ in sources), run)
 
 
-def _quantize_job(label: str, sources: list[tuple[Pieced, Piece]], codes: Slot, absmax: Slot, blocksize: int, code, read) -> Job:
-    """8-bit pieces back to back; a source piece already in this exact place and layout is copied bit for bit."""
+def _quantize_job(
+    label: str, sources: list[tuple[Pieced, Piece, int, int]], codes: Slot, absmax: Slot, blocksize: int, code, read
+) -> Job:
+    """8-bit pieces at their (code, scale) offsets, zeros in the padding between them;
+    a source piece already in this exact place and layout is copied bit for bit."""
 
     def run(sink: Sink) -> None:
-        for buffer, piece in sources:
+        written = [0, 0]  # codes, scales
+        for buffer, piece, code_offset, block_offset in sources:
+            _pad(sink, codes, code_offset - written[0])
+            _pad(sink, absmax, block_offset - written[1])
+            written = [code_offset + piece.length, block_offset + num_blocks(piece.length, blocksize)]
             same = _same_piece(buffer, piece, blocksize, code)
             if same is not None:
                 sink.write(codes, read(same.codes, 0, same.numel))
@@ -496,7 +527,13 @@ def _quantize_job(label: str, sources: list[tuple[Pieced, Piece]], codes: Slot, 
                 sink.write(absmax, chunk_absmax)
                 sink.progress(buffer.nbytes() * (stop - start) // max(buffer.numel, 1))
 
-    return Job(label, sum(b.nbytes() * p.length // max(b.numel, 1) for b, p in sources), run)
+    return Job(label, sum(b.nbytes() * p.length // max(b.numel, 1) for b, p, _, _ in sources), run)
+
+
+def _pad(sink: Sink, slot: Slot, count: int) -> None:
+    """`count` zeros of the slot's dtype: the unused bytes that align the next segment."""
+    if count > 0:
+        sink.write(slot, torch.zeros(count, dtype=slot.dtype))
 
 
 def _same_piece(buffer: Pieced, piece: Piece, blocksize: int, code: torch.Tensor) -> Quantized | None:

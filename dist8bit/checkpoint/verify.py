@@ -92,6 +92,11 @@ def _compare_chunk(
     return error, _largest(difference / allowed.clamp_min(torch.finfo(torch.float32).tiny))
 
 
+# Group keys a conversion may rewrite: the target precision and block layout, and the
+# state format version (an old checkpoint is written in the current format).
+CONVERTED_GROUP_KEYS = ("optim_bits", "blocksize", "min_8bit_size", "dist8bit_state_version")
+
+
 def compare_optimizer(
     source: OptimizerState, output: OptimizerState, where: str, on_bytes: Callable[[int], None], read: Read
 ) -> Agreement:
@@ -101,7 +106,7 @@ def compare_optimizer(
             f"verify: {where} has {len(output.param_groups)} param groups, the source {len(source.param_groups)}"
         )
     for index, (a, b) in enumerate(zip(source.param_groups, output.param_groups, strict=True)):
-        changed = [k for k in a if k in b and k not in ("optim_bits", "blocksize", "min_8bit_size") and a[k] != b[k]]
+        changed = [k for k in a if k in b and k not in CONVERTED_GROUP_KEYS and a[k] != b[k]]
         if changed:
             raise CheckpointError(f"verify: {where} param group {index} changed {changed}")
     for key, param in source.params.items():

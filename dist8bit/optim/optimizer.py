@@ -29,7 +29,7 @@ from ..quant.maps import create_dynamic_map
 from . import sharded
 from . import state as state_layout
 from .overrides import GlobalOptimManager
-from .segments import Segment, check_segments, packed_layout, segment_table
+from .segments import PADDED_VERSION, Segment, check_segments, packed_layout, repack, segment_table
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HISTORY = 100  # steps of gradient norms kept for percentile clipping
@@ -371,6 +371,7 @@ class Optimizer8bit(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        paging.refuse_graph_capture(self)  # a replay would read stale segment tables
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -549,7 +550,9 @@ class Optimizer8bit(torch.optim.Optimizer):
             return norms
 
         update_scale = self.update_scale(config, params, grads, direction_norms)
-        counter = self.nonfinite_counts.setdefault(device, torch.zeros(1, dtype=torch.int64, device=device))
+        counter = self.nonfinite_counts.get(device)
+        if counter is None:  # allocated once per device, not per step
+            counter = self.nonfinite_counts[device] = torch.zeros(1, dtype=torch.int64, device=device)
         run(grad_scale, update_scale, nonfinite=counter)
         for unit in units:
             if unit.write_back is not None:
@@ -610,12 +613,21 @@ class Optimizer8bit(torch.optim.Optimizer):
             id_to_param.update(zip(saved["params"], current["params"], strict=True))
         overrides = GlobalOptimManager.get_instance().overrides()
         group_of = {id(p): merged for merged, g in zip(merged_groups, self.param_groups, strict=True) for p in g["params"]}
-        for saved_id, saved_state in state_dict["state"].items():
+        version_of = {
+            id(p): saved.get("dist8bit_state_version", state_layout.STATE_FORMAT_VERSION)
+            for saved, g in zip(saved_groups, self.param_groups, strict=True)
+            for p in g["params"]
+        }
+        saved_states = dict(state_dict["state"])
+        for saved_id, saved_state in saved_states.items():
             param = id_to_param.get(saved_id)
             if param is None:
                 raise ValueError(f"the state dict holds state for parameter id {saved_id}, which no param group lists")
-            self._check_saved_state(param, saved_state, self.resolved_config(param, group_of[id(param)], overrides))
-        state_dict = {**state_dict, "param_groups": merged_groups}
+            config = self.resolved_config(param, group_of[id(param)], overrides)
+            if param in self._segments and saved_state:
+                saved_state = saved_states[saved_id] = self._upgrade_flat_state(param, saved_state, config, version_of[id(param)])
+            self._check_saved_state(param, saved_state, config)
+        state_dict = {**state_dict, "state": saved_states, "param_groups": merged_groups}
         originals = {key: dict(value) for key, value in state_dict["state"].items()}
         for saved_id, entries in originals.items():
             param = id_to_param[saved_id]
@@ -713,12 +725,30 @@ class Optimizer8bit(torch.optim.Optimizer):
                         f"{where}: {spec.name} must be a float tensor of shape {tuple(param.shape)}, got {value.dtype} {tuple(value.shape)}"
                     )
 
+    def _flat_eight_bits(self, segments: list[Segment], group: dict[str, Any]) -> list[bool]:
+        overrides = GlobalOptimManager.get_instance().overrides()
+        configs = [self.resolved_config(s.source, group, overrides) for s in segments]
+        return [self._segment_eight_bit(s, c) for s, c in zip(segments, configs, strict=True)]
+
+    def _upgrade_flat_state(self, flat: torch.Tensor, saved: dict[str, Any], group: dict[str, Any], version: int) -> dict:
+        """A flat buffer's saved state moved to the current packed layout: state
+        format 1 packed segments back to back, the current one pads each to 16
+        bytes (see segments.py). A table for other segments is left for the check."""
+        if version >= PADDED_VERSION:
+            return saved
+        segments = self._segments[flat]
+        eight_bits = self._flat_eight_bits(segments, group)
+        table, expected = saved.get("segment_table"), segment_table(segments, eight_bits)
+        if not isinstance(table, torch.Tensor) or table.shape != expected.shape or not torch.equal(table.cpu(), expected):
+            return saved
+        names = [spec.name for spec in self.state_specs(group)]
+        old = packed_layout(segments, eight_bits, group["blocksize"], version=version)
+        return repack(saved, names, old, packed_layout(segments, eight_bits, group["blocksize"]))
+
     def _check_saved_flat_state(self, flat: torch.Tensor, saved: dict[str, Any], group: dict[str, Any]) -> None:
         """A flat buffer's saved state must have been laid out for exactly these segments."""
         segments = self._segments[flat]
-        overrides = GlobalOptimManager.get_instance().overrides()
-        configs = [self.resolved_config(s.source, group, overrides) for s in segments]
-        eight_bits = [self._segment_eight_bit(s, c) for s, c in zip(segments, configs, strict=True)]
+        eight_bits = self._flat_eight_bits(segments, group)
         expected = segment_table(segments, eight_bits)
         table = saved.get("segment_table")
         if (

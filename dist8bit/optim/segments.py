@@ -19,16 +19,31 @@ in `<name>_codes` (absmax in `<name>_absmax`), the 32-bit segments' values in
 `<name>`, and the table below in `segment_table`, so a checkpoint describes
 itself and a mismatched layout (another world size, other parameters) is
 refused on load instead of silently misread.
+
+Each segment's run in every packed tensor starts on a 16-byte boundary
+(PACKED_ALIGNMENT): the kernels take their vector path only for aligned state
+pointers, and one odd-sized piece would otherwise misalign every segment after
+it. The unused bytes in between belong to no block and are never read.
+State format version 1 packed the runs back to back; `packed_layout(...,
+version=1)` still describes it, and `repack` moves such state to the current
+layout, so old checkpoints load and convert.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..quant.layout import num_blocks
+from .state import ABSMAX_SUFFIX, CODES_SUFFIX, STATE_FORMAT_VERSION
+
+# Byte boundary of every segment's run in the packed tensors (state format >= 2).
+PACKED_ALIGNMENT = 16
+# The first state format version whose packed layout is padded.
+PADDED_VERSION = 2
 
 # Columns of the int64 `segment_table` state entry, one row per segment.
 TABLE_COLUMNS = ("start", "length", "param_offset", "logical_numel", "eight_bit")
@@ -80,22 +95,96 @@ class PackedLayout:
     codes_numel: int
     values_numel: int
     blocks: int
+    lengths: tuple[int, ...]  # elements per segment
+    block_counts: tuple[int, ...]  # scales per segment (0 for 32-bit segments)
+
+    def runs(self, part: str) -> list[tuple[int, int]]:
+        """(offset, numel) of each segment's run in one packed tensor, segment order, for
+        part "codes", "absmax" or "values": what `repack` moves from one layout to another."""
+        if part == "values":
+            return [(o, n) for o, n, q in zip(self.value_offsets, self.lengths, self.eight_bit, strict=True) if not q]
+        if part == "codes":
+            return [(o, n) for o, n, q in zip(self.value_offsets, self.lengths, self.eight_bit, strict=True) if q]
+        if part == "absmax":
+            return [(o, n) for o, n, q in zip(self.block_offsets, self.block_counts, self.eight_bit, strict=True) if q]
+        raise ValueError(f"a packed layout has parts 'codes', 'absmax' and 'values', not {part!r}")
+
+    def numel(self, part: str) -> int:
+        """Elements of one packed tensor (no padding after the last run)."""
+        return {"codes": self.codes_numel, "absmax": self.blocks, "values": self.values_numel}[part]
 
 
-def packed_layout(segments: Sequence[Segment], eight_bit: Sequence[bool], blocksize: int) -> PackedLayout:
+def alignment_for(version: int) -> int:
+    """Byte boundary of the segments' runs in packed state of format `version`:
+    version 1 packed them back to back, later versions pad to PACKED_ALIGNMENT."""
+    return 1 if version < PADDED_VERSION else PACKED_ALIGNMENT
+
+
+def _aligned(offset: int, element_size: int, alignment: int) -> int:
+    """`offset` (in elements) rounded up to the next `alignment`-byte boundary."""
+    step = max(alignment // element_size, 1)
+    return -(-offset // step) * step
+
+
+def packed_layout(
+    segments: Sequence[Segment], eight_bit: Sequence[bool], blocksize: int, *, version: int = STATE_FORMAT_VERSION
+) -> PackedLayout:
+    """Offsets of every segment's codes, scales or values in the packed tensors of
+    state format `version` (the current, padded one unless reading an old checkpoint)."""
+    alignment = alignment_for(version)
     codes = values = blocks = 0
-    value_offsets, block_offsets = [], []
+    value_offsets, block_offsets, block_counts = [], [], []
     for segment, quantized in zip(segments, eight_bit, strict=True):
         if quantized:
+            codes = _aligned(codes, 1, alignment)
+            blocks = _aligned(blocks, 4, alignment)
             value_offsets.append(codes)
             block_offsets.append(blocks)
+            block_counts.append(num_blocks(segment.length, blocksize))
             codes += segment.length
-            blocks += num_blocks(segment.length, blocksize)
+            blocks += block_counts[-1]
         else:
+            values = _aligned(values, 4, alignment)
             value_offsets.append(values)
             block_offsets.append(0)
+            block_counts.append(0)
             values += segment.length
-    return PackedLayout(tuple(eight_bit), tuple(value_offsets), tuple(block_offsets), codes, values, blocks)
+    lengths = tuple(s.length for s in segments)
+    return PackedLayout(
+        tuple(eight_bit), tuple(value_offsets), tuple(block_offsets), codes, values, blocks, lengths, tuple(block_counts)
+    )
+
+
+def packed_entries(names: Iterable[str]) -> dict[str, str]:
+    """Packed state key -> layout part, for state slots `names` (exp_avg, ...)."""
+    parts = {}
+    for name in names:
+        parts |= {name + CODES_SUFFIX: "codes", name + ABSMAX_SUFFIX: "absmax", name: "values"}
+    return parts
+
+
+def repack(state: Mapping[str, Any], names: Iterable[str], source: PackedLayout, target: PackedLayout) -> dict[str, Any]:
+    """A flat buffer's packed state moved from layout `source` to `target` (e.g. an
+    unpadded version-1 checkpoint to the current padded layout), bit for bit.
+
+    Other entries (step, segment_table) are kept as they are; padding is zeros.
+    Raises ValueError when a tensor does not have the size `source` implies, so a
+    state of another layout is refused rather than misread.
+    """
+    moved = dict(state)
+    for key, part in packed_entries(names).items():
+        value = state.get(key)
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.dim() != 1 or value.numel() != source.numel(part):
+            raise ValueError(
+                f"packed state {key!r} has shape {tuple(value.shape)}, but its layout needs {source.numel(part)} elements"
+            )
+        out = value.new_zeros(target.numel(part))
+        for (old, count), (new, _) in zip(source.runs(part), target.runs(part), strict=True):
+            out.narrow(0, new, count).copy_(value.narrow(0, old, count))
+        moved[key] = out
+    return moved
 
 
 def segment_table(segments: Sequence[Segment], eight_bit: Sequence[bool]) -> torch.Tensor:

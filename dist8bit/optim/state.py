@@ -19,7 +19,10 @@ from ..backends.rules import StateSpec
 from ..paging.allocation import new_state_tensor
 from ..quant.layout import num_blocks
 
-STATE_FORMAT_VERSION = 1
+# Saved in every param group as `dist8bit_state_version`. 1: the first format;
+# 2: flat (ZeRO) buffers' packed state pads each segment's run to 16 bytes
+# (see segments.py). Per-parameter state is the same in both.
+STATE_FORMAT_VERSION = 2
 CODES_SUFFIX = "_codes"
 ABSMAX_SUFFIX = "_absmax"
 
@@ -64,8 +67,8 @@ def allocate_packed(
     paged: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Fresh packed state of a flat buffer (see segments.py): 8-bit segments'
-    codes and scales, and 32-bit segments' values, each run back to back;
-    in managed memory when `paged`."""
+    codes and scales, and 32-bit segments' values, each run at the offset
+    segments.packed_layout gives it; in managed memory when `paged`."""
     state: dict[str, torch.Tensor] = {}
     codes_fill = 255 if initial != 0.0 else 0
     for spec in specs:
