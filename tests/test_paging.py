@@ -8,10 +8,14 @@ Three layers of tests:
     it was told to place each allocation and simulates device memory: the
     allocation entry point, the step hook, load_state_dict adoption, the
     budget/threshold policy and residency are all exercised without a GPU;
+  * failures and stream safety on the CPU: a fake native layer whose driver
+    calls fail (ordinary memory, one warning, no exception out of step()),
+    graph capture refused, no per-step allocation;
   * CUDA tests (skipped without a GPU) for what only a GPU can show: managed
     memory really allocated, really evicted (free device memory grows), really
-    released on deletion. They stay far below the card's free memory and
-    simulate pressure with a budget, never by oversubscribing the GPU.
+    released on deletion, without the deleter waiting for the device. They stay
+    far below the card's free memory and simulate pressure with a budget, never
+    by oversubscribing the GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import io
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 import weakref
 from pathlib import Path
@@ -30,7 +35,7 @@ import torch
 
 import dist8bit.optim as d8
 from dist8bit import paging
-from dist8bit.paging import fallback, manager, policy
+from dist8bit.paging import fallback, manager, native, policy
 from dist8bit.paging.policy import Candidate, Limits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +95,11 @@ def _roundtrip(state_dict: dict) -> dict:
 def fresh_warning(monkeypatch):
     """Forget that this process already warned, so the test sees the warning."""
     monkeypatch.setattr(fallback, "_warned", False)
+    monkeypatch.setattr(fallback, "_warned_failure", False)
+
+
+def _failure_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "paged-memory call failed" in str(w.message)]
 
 
 class FakePaging:
@@ -146,6 +156,9 @@ class FakePaging:
 
     def live(self):
         return self.live_count, self.live_bytes
+
+    def reclaim(self, wait):
+        self.calls.append("reclaim")
 
 
 @pytest.fixture
@@ -397,6 +410,174 @@ def test_memory_is_released_when_the_optimizer_is_deleted(fake):
     assert paging.residency().allocations == 0
 
 
+# ------------------------------------------- failures, streams, capture (CPU)
+MALLOC_FAILED = "cudaMallocManaged failed: out of memory"
+ADVISE_FAILED = "cudaMemAdvise (prefer host) failed: invalid argument"
+PREFETCH_FAILED = "cudaMemPrefetchAsync failed: invalid device ordinal"
+STREAM = 7  # the handle the fake "current stream" has
+
+
+class FailingOperators:
+    """torch.ops.dist8bit_paging as the binding answers when the driver refuses: statuses, never exceptions."""
+
+    def __init__(self, alloc_fails: bool) -> None:
+        self.alloc_fails = alloc_fails
+        self.calls: list[tuple] = []
+
+    def alloc(self, nbytes, device, location, stream):
+        self.calls.append(("alloc", location, stream))
+        if self.alloc_fails:
+            return None, MALLOC_FAILED
+        return torch.empty(nbytes, dtype=torch.uint8), PREFETCH_FAILED
+
+    def advise(self, ptrs, sizes, device, to_host):
+        self.calls.append(("advise", to_host))
+        return ADVISE_FAILED
+
+    def prefetch(self, ptrs, sizes, location, stream):
+        self.calls.append(("prefetch", location, stream))
+        return PREFETCH_FAILED
+
+
+class CpuCudaPaging(native.CudaPaging):
+    """The CUDA backend's Python layer over CPU tensors: only the device queries are faked."""
+
+    def unavailable_reason(self, device):
+        return None
+
+    def memory(self, device):
+        return 64 << 20, 64 << 20
+
+    def on_host(self, ranges):
+        return [False] * len(ranges)
+
+
+@pytest.fixture
+def failing_native(monkeypatch, fresh_warning):
+    """The process-wide manager over CpuCudaPaging, with failing operators; returns a setter for the failure kind."""
+
+    def install(alloc_fails: bool) -> FailingOperators:
+        ops = FailingOperators(alloc_fails)
+        monkeypatch.setattr(native, "operators", lambda: ops)
+        monkeypatch.setattr(native, "_index", lambda device: 0)
+        monkeypatch.setattr(native, "_current_stream", lambda index: STREAM)
+        monkeypatch.setattr(manager, "_manager", manager.PageManager(CpuCudaPaging()))
+        return ops
+
+    yield install
+    paging.set_budget(None)
+
+
+def test_native_layer_turns_a_failed_allocation_into_paging_failure(failing_native):
+    failing_native(alloc_fails=True)
+    with pytest.raises(paging.PagingFailure, match="cudaMallocManaged failed"):
+        CpuCudaPaging().allocate(1 << 16, torch.device("cpu"), on_device=True)
+
+
+def test_failed_managed_allocation_falls_back_to_ordinary_memory_with_one_warning(failing_native):
+    ops = failing_native(alloc_fails=True)
+    pa, pb = _params(PAGED_SHAPES), _params(PAGED_SHAPES)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a, b = d8.PagedAdamW8bit(pa, lr=1e-3), d8.AdamW8bit(pb, lr=1e-3)
+        _train(a, pa, 5)  # never raises out of step()
+    _train(b, pb, 5)
+    assert _failure_warnings(caught) == [_failure_warnings(caught)[0]] and MALLOC_FAILED in _failure_warnings(caught)[0]
+    assert sum(call[0] == "alloc" for call in ops.calls) == 6  # each state tried managed memory once
+    assert paging.residency(a).allocations == 0 and paging.residency(a).unpaged_bytes == a.state_bytes()
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
+    assert _states_equal(a, pa, b, pb)
+
+
+def test_failed_advice_and_prefetch_warn_once_and_moves_go_on_in_stream_order(failing_native):
+    ops = failing_native(alloc_fails=False)
+    pa, pb = _params(PAGED_SHAPES), _params(PAGED_SHAPES)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a, b = d8.PagedAdamW8bit(pa, lr=1e-3), d8.AdamW8bit(pb, lr=1e-3)
+        _train(a, pa, 2)
+        paging.set_budget(0)  # every step now evicts or restores: advice and prefetch fail each time
+        _train(a, pa, 2, first=2)
+        paging.set_budget(None)
+        paging.evict_all()
+        paging.prefetch_all()
+        _train(a, pa, 2, first=4)
+    _train(b, pb, 6)
+    failures = _failure_warnings(caught)
+    assert len(failures) == 1 and PREFETCH_FAILED in failures[0], failures
+    assert paging.residency(a).allocations == 6  # the memory stayed managed
+    moves = [call for call in ops.calls if call[0] == "prefetch"]
+    assert moves and all(stream == STREAM for _, _, stream in moves)  # on the current stream, no side stream
+    assert any(call[0] == "advise" for call in ops.calls)
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
+    assert _states_equal(a, pa, b, pb)
+
+
+def test_failure_warning_is_issued_once_per_process_apart_from_unavailability(fresh_warning):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallback.warn_failed(MALLOC_FAILED)
+        fallback.warn_failed(PREFETCH_FAILED)
+        fallback.warn_unavailable("no CUDA device is available")
+        fallback.warn_unavailable("no CUDA device is available")
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2
+    assert MALLOC_FAILED in messages[0] and "once per process" in messages[0]
+    assert "unavailable" in messages[1]
+
+
+@pytest.fixture
+def capturing(monkeypatch):
+    """Make the current stream look as if it were capturing a CUDA graph."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+@pytest.mark.parametrize("optimizer_class", [d8.PagedAdamW8bit, d8.AdamW8bit, d8.Lion32bit])
+def test_graph_capture_of_a_step_is_refused_with_the_reason_and_the_fix(optimizer_class, fake, request):
+    params = _params(PAGED_SHAPES)
+    optimizer = optimizer_class(params, lr=1e-3)
+    _train(optimizer, params, 1)
+    paging.set_budget(0)  # a paged step would place states first: it must not get that far
+    before = [p.detach().clone() for p in params]
+    fake.calls.clear()
+    request.getfixturevalue("capturing")
+    _set_grads(params, 1)
+    try:
+        with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph") as refused:
+            optimizer.step()
+    finally:
+        paging.set_budget(None)
+    assert "stale" in str(refused.value) and "outside torch.cuda.graph" in str(refused.value)
+    assert fake.calls == []
+    assert all(torch.equal(x, y) for x, y in zip(params, before, strict=True))
+
+
+def test_no_per_step_allocation_of_the_nonfinite_counter():
+    """The counter is allocated at the first step and reused: no torch.zeros per step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CounterAllocations(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten.zeros.default and list(args[0]) == [1] and kwargs.get("dtype") == torch.int64:
+                self.count += 1
+            return func(*args, **kwargs)
+
+    params = _params([(64, 80), (80,)])
+    optimizer = d8.AdamW8bit(params, lr=1e-3)
+    _train(optimizer, params, 1)
+    counter = optimizer.nonfinite_counts[params[0].device]
+    with CounterAllocations() as allocations:
+        _train(optimizer, params, 3, first=1)
+    assert allocations.count == 0
+    assert optimizer.nonfinite_counts[params[0].device] is counter
+
+
 # ------------------------------------------------------------ CUDA sources
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 def test_paging_header_compiles_as_host_cpp(tmp_path):
@@ -406,13 +587,16 @@ def test_paging_header_compiles_as_host_cpp(tmp_path):
         '#include "paging.cuh"\n'
         "cudaError_t probe(void* p, cudaStream_t s) {\n"
         "  using namespace dist8bit::cuda::paging;\n"
-        "  int a = 0, b = 0; bool ok = false;\n"
-        "  cudaError_t e = prefetch(p, 4096, kHost, s);\n"
+        "  int a = 0, b = 0; bool ok = false; long long n = 0, bytes = 0;\n"
+        "  cudaError_t e = managed_alloc(&p, 4096, 0, s);\n"
+        "  if (e == cudaSuccess) e = prefetch(p, 4096, kHost, s);\n"
         "  if (e == cudaSuccess) e = prefer_host(p, 4096, 0);\n"
         "  if (e == cudaSuccess) e = prefer_device(p, 4096, 0);\n"
         "  if (e == cudaSuccess) e = range_locations(p, 4096, &a, &b);\n"
         "  if (e == cudaSuccess) e = concurrent_managed_access(0, &ok);\n"
-        "  return e == cudaSuccess ? managed_free(p, 0) : e;\n"
+        "  live(&n, &bytes);\n"
+        "  if (e == cudaSuccess) e = managed_release(p, 4096, 0, s);\n"
+        "  return e == cudaSuccess ? reclaim(0, s, true) : e;\n"
         "}\n"
     )
     command = [NVCC, "-c", "-std=c++17", "-I", str(REPO / "csrc" / "cuda"), str(probe), "-o", str(tmp_path / "probe.o")]
@@ -424,7 +608,8 @@ def test_paging_header_compiles_as_host_cpp(tmp_path):
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 def test_paging_binding_builds_against_torch_and_registers_its_operators(tmp_path):
     """Without a GPU: the binding compiles against torch, links with paging.cu, registers
-    dist8bit_paging, and turns CUDA errors into errors that name the failing call."""
+    dist8bit_paging, returns CUDA failures of allocation and placement as statuses that name the
+    failing call, and still raises for bad arguments."""
     from torch.utils import cpp_extension
 
     cuda = REPO / "csrc" / "cuda"
@@ -449,13 +634,14 @@ def test_paging_binding_builds_against_torch_and_registers_its_operators(tmp_pat
         "        assert match in str(error), error\n"
         "    else:\n"
         "        raise AssertionError(match)\n"
+        "assert str(ops.alloc.default._schema).endswith('-> (Tensor?, str)')\n"
         "if not torch.cuda.is_available():\n"
-        "    try:\n"
-        "        ops.alloc(4096, 0, 0, 0)\n"
-        "    except RuntimeError as error:\n"
-        "        assert 'cudaMallocManaged failed' in str(error), error\n"
-        "    else:\n"
-        "        raise AssertionError('alloc without a GPU must fail')\n"
+        "    tensor, status = ops.alloc(4096, 0, 0, 0)\n"
+        "    assert tensor is None and status.startswith('cudaMallocManaged failed: '), status\n"
+        "    assert ops.prefetch([4096], [4096], 0, 0).startswith('cudaMemPrefetchAsync failed: ')\n"
+        "    assert ops.advise([4096], [4096], 0, True).startswith('cudaMemAdvise (prefer host) failed: ')\n"
+        "    assert ops.reclaim(0, 0, True) != ''\n"
+        "    assert ops.live() == [0, 0]\n"
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -545,6 +731,65 @@ def test_cuda_memory_is_released_when_the_optimizer_is_deleted():
     assert paging.managed_memory() == (live_before[0] + 2, live_before[1] + 2 * numel * 4)
     del optimizer
     gc.collect()
+    paging.free_pending()  # the release is stream-ordered: freed once its last kernels have run
     assert paging.managed_memory() == live_before
     free_without, _ = torch.cuda.mem_get_info()
     assert free_without - free_with >= 0.9 * 2 * numel * 4, (free_with, free_without)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_deleting_paged_states_does_not_wait_for_the_device():
+    """The deleter records an event and returns; the memory is freed after the kernels queued before it."""
+    if not paging.available("cuda"):
+        pytest.skip("this GPU cannot page (no concurrent managed access)")
+    params = _params([(_safe_elements(),)], "cuda")
+    optimizer = d8.PagedAdamW32bit(params, lr=1e-3)
+    _train(optimizer, params, 1)
+    torch.cuda.synchronize()
+    gc.collect()
+    paging.free_pending()
+    live_with = paging.managed_memory()
+    torch.cuda._sleep(4_000_000_000)  # about two seconds of GPU work queued before the deletion
+    start = time.perf_counter()
+    del optimizer
+    gc.collect()
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.5, f"deleting the optimizer waited {elapsed:.2f} s for the device"
+    assert paging.managed_memory() == live_with  # still pending: the sleep has not finished
+    paging.free_pending()  # waits for the sleep, then frees
+    assert paging.managed_memory() == (live_with[0] - 2, live_with[1] - 2 * params[0].numel() * 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_capture_of_a_step_is_refused():
+    params = _params([(256, 256)], "cuda")
+    optimizer = d8.AdamW8bit(params, lr=1e-3)
+    _train(optimizer, params, 1)  # warm-up outside the capture, as torch.cuda.graph asks
+    torch.cuda.synchronize()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the CUDA graph is empty"
+        graph.capture_begin()
+        try:
+            with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+                optimizer.step()
+        finally:
+            graph.capture_end()
+    _train(optimizer, params, 1, first=1)  # and eager steps still work afterwards
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_failed_advice_is_a_status_and_leaves_no_cuda_error_behind():
+    if not paging.available("cuda"):
+        pytest.skip("this GPU cannot page (no concurrent managed access)")
+    ops = native.operators()
+    status = ops.advise([4096], [4096], torch.cuda.current_device(), True)  # an address nothing is mapped at
+    if not status:
+        pytest.skip("the driver accepted advice for an unmapped range on this system")
+    assert status.startswith("cudaMemAdvise (prefer host) failed: ")
+    x = torch.ones(1 << 20, device="cuda")
+    assert float((x * 2).sum()) == 2 * (1 << 20)  # no stale error surfaces in torch's launch checks

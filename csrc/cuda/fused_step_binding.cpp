@@ -6,12 +6,16 @@
 // launcher of fused_step_kernels.cuh. The table (unit prefix sums and one
 // record of pointers per segment) is written into pinned host memory and
 // copied to the device with a non-blocking copy on the current stream, so a
-// call never synchronises with the GPU; torch's caching host allocator keeps
-// the pinned block alive until the copy has run. Like quantize_blockwise,
+// call never synchronises with the GPU (see upload_table for why the pinned
+// buffer is not reused before that copy has run). A launch on a stream that
+// is capturing a CUDA graph is refused: the captured copy would read the
+// pinned buffer again at every replay, long after it was reused. Like
+// quantize_blockwise,
 // the codebooks' lookup tables and lut_params are accepted and ignored: the
 // CUDA kernel binary-searches the thresholds. The current stream comes from
 // c10/cuda/CUDAStream.h, which keeps this file free of ATen/cuda/CUDAContext.h.
 
+#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -68,6 +72,41 @@ const at::Tensor* check_optional(const std::optional<at::Tensor>& t, const char*
 }
 
 int64_t num_blocks(int64_t n, int64_t blocksize) { return n / blocksize + (n % blocksize != 0 ? 1 : 0); }
+
+// A graph capture would record the table's host-to-device copy with the
+// address of a pinned buffer that is handed out again after this call, so
+// every replay would launch with a stale table: refuse it, naming the fix.
+void refuse_capture(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t error = cudaStreamIsCapturing(stream, &status);
+  if (error != cudaSuccess) (void)cudaGetLastError();
+  TORCH_CHECK(error == cudaSuccess && status == cudaStreamCaptureStatusNone, kOp,
+              "cannot run while the current stream is capturing a CUDA graph: the launch uploads its segment table "
+              "from a pinned host buffer that is reused afterwards, so a replay would read stale pointers. Call "
+              "optimizer.step() outside graph capture (capture forward and backward only).");
+}
+
+// The segment table on `device`, uploaded from pinned host memory by a copy
+// queued on `stream`. The pinned buffer comes from torch's caching host
+// allocator, which hands a block out again only once every stream recorded on
+// it has passed the point where it was recorded (it records an event at free
+// time and queries it before reuse). The non-blocking copy records `stream`
+// itself; recording it here as well, after the copy is queued, makes that
+// guarantee this function's own rather than a detail of Tensor::to. So the
+// buffer is never rewritten before the copy that reads it has finished, and
+// the host never waits for it.
+at::Tensor upload_table(const FusedStepConfig& config, const std::vector<FusedSegment>& segments,
+                        int64_t num_segments, const at::Device& device, const c10::cuda::CUDAStream& stream,
+                        int64_t* total_units) {
+  const auto table_bytes = static_cast<int64_t>(fused_step_table_bytes(num_segments));
+  at::Tensor host_table = at::empty({table_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  *total_units = fill_fused_step_table(config, segments.data(), num_segments, host_table.mutable_data_ptr());
+  at::Tensor device_table = host_table.to(device, at::kByte, /*non_blocking=*/true);
+  // false only for a block the caching allocator does not know, which the copy would not have recorded either.
+  (void)at::getHostAllocator(at::kCUDA)->record_event(host_table.mutable_data_ptr(),
+                                                      host_table.storage().data_ptr().get_context(), stream.unwrap());
+  return device_table;
+}
 
 void fused_step_cuda(int64_t rule, int64_t wd_mode, c10::ArrayRef<double> hyper, at::TensorList params,
                      at::TensorList grads, at::TensorList state1, at::TensorList absmax1, at::TensorList state2,
@@ -192,12 +231,11 @@ void fused_step_cuda(int64_t rule, int64_t wd_mode, c10::ArrayRef<double> hyper,
   }
 
   const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  const auto table_bytes = static_cast<int64_t>(fused_step_table_bytes(num_segments));
-  at::Tensor host_table = at::empty({table_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  const int64_t total_units = fill_fused_step_table(config, segments.data(), num_segments,
-                                                    host_table.mutable_data_ptr());
-  const at::Tensor device_table = host_table.to(device, at::kByte, /*non_blocking=*/true);
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device.index());
+  const cudaStream_t stream = current.stream();
+  refuse_capture(stream);
+  int64_t total_units = 0;
+  const at::Tensor device_table = upload_table(config, segments, num_segments, device, current, &total_units);
   const cudaError_t error =
       launch_fused_step(config, device_table.const_data_ptr(), num_segments, total_units, stream);
   TORCH_CHECK(error == cudaSuccess, kOp, "launch failed: ", cudaGetErrorString(error));

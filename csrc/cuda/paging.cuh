@@ -7,8 +7,10 @@
 //
 // Policy (what to prefetch or evict, and when) lives in Python
 // (dist8bit/paging/manager.py); these functions only carry it out. Every one
-// returns the CUDA error instead of throwing, so the binding can name the
-// call that failed.
+// returns the CUDA error instead of throwing, and leaves the runtime's
+// last-error state clear (cudaGetLastError) when it fails: the binding reports
+// the failure as a status, and a later, unrelated torch kernel-launch check
+// must not pick it up again and raise from the middle of an optimizer step.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -24,17 +26,32 @@ namespace paging {
 constexpr int kHost = -1;
 
 // cudaMallocManaged(ptr, nbytes, cudaMemAttachGlobal): memory every stream and
-// the host can reach; pages are populated where they are first placed.
-cudaError_t managed_alloc(void** ptr, size_t nbytes);
+// the host can reach; pages are populated where they are first placed. First
+// frees whatever earlier releases left pending and is now safe to free
+// (reclaim(device, stream, false)), so dead states make room for new ones.
+cudaError_t managed_alloc(void** ptr, size_t nbytes, int device, cudaStream_t stream);
 
-// Waits for `device`'s outstanding work, then frees `ptr`. cudaFree only *may*
-// synchronise for managed memory, and a state tensor can die while a kernel
-// that updates it is still queued; the explicit wait makes that safe. Called
-// from a tensor deleter, so it restores the caller's current device.
-cudaError_t managed_free(void* ptr, int device);
+// Releases managed memory in stream order, without waiting: records an event on
+// `stream` (a stream of `device`: the one current where the memory dies) and
+// queues the memory; it is cudaFree'd by a later reclaim once that event has
+// completed, i.e. once every kernel queued before the release is done. Called
+// from a tensor deleter, so it never throws and restores the current device.
+// A release while `stream` is capturing a CUDA graph records no event then;
+// the event is recorded by the first reclaim after the capture has ended.
+cudaError_t managed_release(void* ptr, size_t nbytes, int device, cudaStream_t stream);
+
+// cudaFree's the pending releases whose events have completed; with `wait`, it
+// first waits for those events on the host (only for them, never for the whole
+// device). Skipped while `stream` (a stream of `device`) is capturing, since
+// freeing memory is not allowed in a capture.
+cudaError_t reclaim(int device, cudaStream_t stream, bool wait);
+
+// Managed allocations not yet cudaFree'd (pending releases included), and their bytes.
+void live(long long* count, long long* nbytes);
 
 // Enqueues a migration of [ptr, ptr + nbytes) to `location` (a device ordinal
-// or kHost) on `stream`; asynchronous with respect to the host.
+// or kHost) on `stream`: it runs after the work already queued there and
+// before what is queued later; asynchronous with respect to the host.
 cudaError_t prefetch(const void* ptr, size_t nbytes, int location, cudaStream_t stream);
 
 // Evicted placement: the range prefers host memory and stays mapped in

@@ -12,6 +12,9 @@ after one warning. See docs/paging.md.
     dist8bit.paging.set_budget(8 << 30)      # or: at most 8 GiB of paged state on each GPU
     print(dist8bit.paging.residency(opt))    # bytes on the GPU / in host memory
     dist8bit.paging.evict_all(); dist8bit.paging.prefetch_all()
+
+Managed memory of dead states is freed in stream order, without waiting for
+the device; free_pending() frees what is still waiting for its last kernels.
 """
 
 from __future__ import annotations
@@ -19,18 +22,23 @@ from __future__ import annotations
 import torch
 
 from .allocation import new_state_tensor
+from .capture import refuse_graph_capture
+from .fallback import PagingFailure
 from .manager import MIN_PAGED_BYTES, PageManager, Residency, get_manager
 
 __all__ = [
     "MIN_PAGED_BYTES",
     "PageManager",
+    "PagingFailure",
     "Residency",
     "available",
     "evict_all",
+    "free_pending",
     "get_manager",
     "managed_memory",
     "new_state_tensor",
     "prefetch_all",
+    "refuse_graph_capture",
     "residency",
     "set_budget",
     "set_threshold",
@@ -86,3 +94,14 @@ def residency(optimizer: torch.optim.Optimizer | None = None) -> Residency:
 def managed_memory() -> tuple[int, int]:
     """(allocations, bytes) of managed memory alive in this process, counted by the allocator itself."""
     return get_manager().backend.live()
+
+
+def free_pending(wait: bool = True) -> None:
+    """Free the managed memory of dead states now, waiting (with `wait`) only for the kernels queued before each died.
+
+    Deleting a paged state never waits: its memory is freed once the work
+    queued before its deletion has run, checked at the next managed allocation
+    or deletion. Call this to return that memory at a point of your choosing
+    (before measuring free memory, say); managed_memory() counts it until then.
+    """
+    get_manager().backend.reclaim(wait)

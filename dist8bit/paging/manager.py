@@ -13,12 +13,18 @@ is_paged=True, before any of their kernels are queued:
   2. with a budget or threshold set: the step's parameters are marked used,
      and under pressure the coldest resident states move to host memory, or,
      when pressure has ended, the hottest evicted states that fit come back.
-Moves are advice plus a prefetch on a side stream that the current stream
-waits on (dist8bit.paging.native): no host synchronisation, per parameter or
-otherwise. An evicted state prefers host memory and stays mapped for its
+Moves are advice plus a prefetch queued on the current stream, after the work
+already there (dist8bit.paging.native): no host synchronisation, per parameter
+or otherwise. An evicted state prefers host memory and stays mapped for its
 GPU, so its kernel updates it in place over the interconnect rather than
 faulting its pages back. With no limits set nothing runs after step 1 and
 paged states cost nothing per step.
+
+A paging call that fails never raises out of optimizer.step(): a state whose
+managed allocation fails gets ordinary device memory, a move that fails
+leaves the state where the driver keeps it, and the process gets one warning
+(dist8bit.paging.fallback). A step being captured into a CUDA graph is
+refused before anything is placed (dist8bit.paging.capture).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .fallback import warn_unavailable
+from .capture import refuse_graph_capture
+from .fallback import PagingFailure, warn_failed, warn_unavailable
 from .native import CudaPaging
 from .policy import Candidate, Limits, check_budget, check_threshold, coldest_first, deficit, headroom, hottest_that_fit
 
@@ -47,7 +54,9 @@ class PagingBackend(Protocol):
 
     def unavailable_reason(self, device: torch.device) -> str | None: ...
 
-    def allocate(self, nbytes: int, device: torch.device, on_device: bool) -> torch.Tensor: ...
+    def allocate(self, nbytes: int, device: torch.device, on_device: bool) -> torch.Tensor:
+        """Managed memory; raises PagingFailure when the device refuses it (the caller falls back)."""
+        ...
 
     def place(self, ranges: Sequence[tuple[int, int]], device: torch.device, to_host: bool) -> None: ...
 
@@ -56,6 +65,8 @@ class PagingBackend(Protocol):
     def memory(self, device: torch.device) -> tuple[int, int]: ...
 
     def live(self) -> tuple[int, int]: ...
+
+    def reclaim(self, wait: bool) -> None: ...
 
 
 @dataclass
@@ -123,7 +134,11 @@ class PageManager:
         # A state is born on the device only if it fits; else it starts evicted,
         # so allocating never oversubscribes the GPU.
         on_device = nbytes <= self._room(device)
-        raw = self.backend.allocate(nbytes, device, on_device)
+        try:
+            raw = self.backend.allocate(nbytes, device, on_device)
+        except PagingFailure as failure:
+            warn_failed(str(failure))
+            return None  # the caller allocates ordinary memory on the device
         self._track(raw, device, on_host=not on_device)
         _install_step_hook()
         return raw.view(dtype).view(tuple(shape))
@@ -155,6 +170,7 @@ class PageManager:
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not getattr(optimizer, "defaults", {}).get("is_paged"):
             return
+        refuse_graph_capture(optimizer)  # before any driver call that would break the capture
         view = self._optimizers.get(optimizer)
         if view is None:
             view = self._optimizers[optimizer] = _OptimizerView()
