@@ -5,6 +5,16 @@ project's own headers on the include path: a .cu file must not include torch
 headers (the CPU torch wheel lacks torch's CUDA headers; the torch binding
 lives in a .cpp file). The launcher header of the CUDA kernels must also be
 usable from host C++ (bindings.cpp includes it).
+
+The torch bindings csrc/cuda/*.cpp are compiled too (to an object, with the
+host flags the JIT build uses, torch's include paths and the CUDA include
+dir). They include c10/cuda headers, and the CPU torch wheel lacks the one
+header torch's CMake generates for CUDA builds (c10/cuda/impl/cuda_cmake_macros.h):
+a stub with the same content is written to a temporary include dir, only
+when the real one is missing.
+
+Under CI (CI=true / CI=1) a missing nvcc fails test_ci_has_nvcc instead of
+leaving every compile test silently skipped.
 """
 
 from __future__ import annotations
@@ -16,11 +26,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import running_in_ci
+
+from dist8bit.backends import build
 
 REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "csrc"
 NVCC = shutil.which("nvcc")
 CUDA_SOURCES = sorted(CSRC.rglob("*.cu"))
+BINDING_SOURCES = sorted((CSRC / "cuda").glob("*.cpp"))
 TORCH_INCLUDE = re.compile(r"^\s*#\s*include\s*[<\"](torch|ATen|c10)/", re.MULTILINE)
 
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA sources cannot be compiled here")
@@ -28,7 +42,7 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the C
 
 def test_ci_has_nvcc():
     """CI must compile the CUDA sources (nvcc is installed there); a skip would hide that."""
-    if os.environ.get("CI") and NVCC is None:
+    if running_in_ci() and NVCC is None:
         pytest.fail("CI=true but nvcc is not on PATH: the CUDA sources would go uncompiled")
 
 
@@ -91,3 +105,89 @@ def test_launcher_header_compiles_as_host_cpp(tmp_path):
     command = ["-c", "-std=c++17", "-I", str(CSRC), "-I", str(CSRC / "cuda"), str(probe), "-o", str(tmp_path / "probe.o")]
     result = _nvcc(command, REPO)
     assert result.returncode == 0, f"nvcc {' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+
+
+# What torch's CMake writes for a CUDA build (c10/cuda/impl/cuda_cmake_macros.h.in):
+# c10/cuda/CUDAMacros.h includes it for the export macros of libc10_cuda.
+CUDA_CMAKE_MACROS = "c10/cuda/impl/cuda_cmake_macros.h"
+CUDA_CMAKE_MACROS_STUB = """#pragma once
+// Stub written by tests/test_cuda_sources_compile.py: the CPU torch wheel ships
+// c10/cuda headers but not this CMake-generated one.
+#define C10_CUDA_BUILD_SHARED_LIBS
+"""
+
+
+def _torch_include_dirs() -> list[Path]:
+    from torch.utils import cpp_extension
+
+    return [Path(path) for path in cpp_extension.include_paths()]
+
+
+def _cuda_include_dir() -> Path | None:
+    """The toolkit's include dir (nvcc adds it for .cu files; torch's build passes it for .cpp)."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if NVCC is not None:
+        homes.insert(2, str(Path(NVCC).resolve().parents[1]))
+    for home in filter(None, homes):
+        if (Path(home) / "include" / "cuda_runtime.h").is_file():
+            return Path(home) / "include"
+    return None
+
+
+def missing_header_stub(include_dirs: list[Path], folder: Path) -> Path | None:
+    """An include dir with a stub cuda_cmake_macros.h, or None when torch ships the real one."""
+    if any((directory / CUDA_CMAKE_MACROS).is_file() for directory in include_dirs):
+        return None
+    header = folder / CUDA_CMAKE_MACROS
+    header.parent.mkdir(parents=True, exist_ok=True)
+    header.write_text(CUDA_CMAKE_MACROS_STUB)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def binding_include_flags(tmp_path_factory) -> list[str]:
+    """-isystem flags for torch's headers, the stub (if needed) and CUDA's, in the JIT build's order."""
+    torch_dirs = _torch_include_dirs()
+    stub = missing_header_stub(torch_dirs, tmp_path_factory.mktemp("cuda_stub_include"))
+    cuda = _cuda_include_dir()
+    dirs = [*torch_dirs, *([stub] if stub else []), *([cuda] if cuda else [])]
+    return [flag for directory in dirs for flag in ("-isystem", str(directory))]
+
+
+def test_stub_header_only_when_missing(tmp_path):
+    real = tmp_path / "real"
+    (real / CUDA_CMAKE_MACROS).parent.mkdir(parents=True)
+    (real / CUDA_CMAKE_MACROS).write_text("#pragma once\n")
+    assert missing_header_stub([real], tmp_path / "stub") is None
+    stub = missing_header_stub([tmp_path / "empty"], tmp_path / "stub")
+    assert stub is not None and "C10_CUDA_BUILD_SHARED_LIBS" in (stub / CUDA_CMAKE_MACROS).read_text()
+
+
+def test_binding_sources_exist():
+    assert BINDING_SOURCES, "no csrc/cuda/*.cpp found"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source", BINDING_SOURCES, ids=_source_id)
+def test_binding_source_compiles(source, tmp_path, binding_include_flags):
+    """The host-compiled torch bindings build against torch's headers, as the JIT build compiles them."""
+    output = tmp_path / (source.name + ".o")
+    command = [
+        "-c",
+        *build.CUDA_HOST_FLAGS,
+        "-Xcompiler",
+        "-fPIC",
+        "-DTORCH_EXTENSION_NAME=dist8bit_cuda",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-I",
+        str(CSRC),
+        "-I",
+        str(source.parent),
+        *binding_include_flags,
+        str(source),
+        "-o",
+        str(output),
+    ]
+    result = _nvcc(command, REPO)
+    assert result.returncode == 0, f"nvcc {' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    assert output.stat().st_size > 0

@@ -1,8 +1,9 @@
 """Backend selection: which implementation of the kernel contract runs a call.
 
 Order of preference per device: the compiled extension for that device, else
-the plain-PyTorch reference (with one warning saying why). DIST8BIT_BACKEND
-(reference | cpu | cuda) forces one for debugging.
+the plain-PyTorch reference (with one warning naming the build step that
+failed and why). DIST8BIT_BACKEND (reference | cpu | cuda) forces one; a
+forced compiled backend that cannot be built is an error, not a fallback.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from types import SimpleNamespace
 
 import torch
 
-from . import ops, reference, reference_optim
+from . import build, ops, reference, reference_optim
+from .build import BuildError
 from .compiled import compiled_backend
 
 # The plain-PyTorch backend, with the same interface as the compiled ones.
@@ -38,27 +40,32 @@ def _forced_backend() -> str | None:
     return forced
 
 
+# Why each compiled backend that failed is missing, for load_backend's error.
+_BUILD_FAILURES: dict[str, BuildError] = {}
+
+
 @cache
 def _load_compiled(kind: str) -> SimpleNamespace | None:
     """Build and load one extension once per process; None (and one warning) on failure."""
-    from . import build
-
     loader = build.load_cpu_extension if kind == "cpu" else build.load_cuda_extension
     try:
         loader()
-    except Exception as error:  # any build failure: compiler, ninja, headers
+        return compiled_backend(kind)
+    except Exception as error:  # any build failure: compiler, nvcc, ninja, headers, loading
+        failure = build.as_build_error(kind, error)
+        _BUILD_FAILURES[kind] = failure
         if _forced_backend() == kind:
-            raise RuntimeError(f"{BACKEND_ENV}={kind} but the {kind} extension failed to build: {error}") from error
-        warnings.warn(
-            f"dist8bit: the {kind.upper()} kernels could not be built ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); falling back to the slow "
-            f"plain-PyTorch reference backend. Install a C++ compiler and ninja (pip install ninja) "
-            f"and set DIST8BIT_VERBOSE_BUILD=1 to see the build log.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+            raise RuntimeError(f"{BACKEND_ENV}={kind} but {failure}") from error
+        warnings.warn(fallback_warning(failure), RuntimeWarning, stacklevel=3)
         return None
-    return compiled_backend(kind)
+
+
+def fallback_warning(failure: BuildError) -> str:
+    """The one warning a silent fallback gets: what failed, at which step, and how to choose instead."""
+    return (
+        f"dist8bit: {failure.summary}\nFalling back to the slow plain-PyTorch reference backend for "
+        f"{failure.kind} tensors. {build.backend_hint()}"
+    )
 
 
 def load_backend(name: str) -> SimpleNamespace:
@@ -69,7 +76,8 @@ def load_backend(name: str) -> SimpleNamespace:
         raise RuntimeError("the cuda backend needs a CUDA GPU, but torch.cuda.is_available() is False")
     backend = _load_compiled(name)
     if backend is None:
-        raise RuntimeError(f"the {name} backend is unavailable on this machine (see the warning above)")
+        failure = _BUILD_FAILURES.get(name)
+        raise RuntimeError(f"the {name} backend is unavailable on this machine: {failure}") from failure
     return backend
 
 

@@ -9,12 +9,22 @@ import torch
 
 from ..quant.codebook import Codebook
 from . import ops
+from .build import BuildError
 
 
 def compiled_backend(kind: str) -> SimpleNamespace:
-    """A backend object whose calls go to the extension registered for `kind`."""
+    """A backend object whose calls go to the extension registered for `kind`.
+
+    Raises BuildError at the load step when the library registered no kernel
+    (a stale or foreign binary), so the fallback warning says so.
+    """
     if not ops.has_kernel("quantize_blockwise", kind):
-        raise RuntimeError(f"the {kind} extension loaded but registered no dist8bit::quantize_blockwise kernel")
+        raise BuildError(
+            kind,
+            "load",
+            f"the library loaded but registered no dist8bit::quantize_blockwise kernel for {kind}; "
+            "delete the dist8bit cache folder to force a clean rebuild",
+        )
 
     def quantize_blockwise(
         x: torch.Tensor,
