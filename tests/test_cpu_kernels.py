@@ -198,7 +198,7 @@ def test_values_on_thresholds(cpu, ref, name):
 def test_maps(cpu, ref, name, seed):
     book = codebook(name)
     if name == "packed":
-        assert book.lut.numel() == 0, "this map must force the binary-search fallback"
+        assert book.encoder.numel() == 0, "this map must force the binary-search fallback"
     x = wide_range(65537, seed=1)
     x[::7] = x[::7].abs() * 1e-3  # more values near zero and positive (unsigned maps)
     x[::11] = 0.0
@@ -305,7 +305,7 @@ def test_input_checks(cpu):
     codes = torch.empty(300, dtype=torch.uint8)
     absmax = torch.empty(2)
     op = torch.ops.dist8bit.quantize_blockwise
-    args = (book.code, book.thresholds, book.lut, book.lut_mantissa_bits, book.lut_min_exponent, book.refine_steps)
+    args = (book.code, book.thresholds, book.encoder)
 
     def run(x=x, codes=codes, absmax=absmax, args=args, blocksize=256, seed=None):
         op(x, *args, blocksize, seed, codes, absmax)
@@ -320,7 +320,8 @@ def test_input_checks(cpu):
         "absmax dtype": dict(absmax=absmax.double()),
         "blocksize": dict(blocksize=0),
         "seed": dict(seed=-1),
-        "lut size": dict(args=(book.code, book.thresholds, book.lut[:-1], *args[3:])),
+        "encoder size": dict(args=(book.code, book.thresholds, book.encoder[:-1])),
+        "encoder dtype": dict(args=(book.code, book.thresholds, book.encoder.double())),
         "thresholds end": dict(args=(book.code, book.thresholds.clamp(max=1.0), *args[2:])),
         "code size": dict(args=(book.code[:-1], *args[1:])),
     }

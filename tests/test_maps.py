@@ -7,6 +7,7 @@ import torch
 
 from dist8bit.functional import create_dynamic_map, create_linear_map, create_quantile_map
 from dist8bit.quant.codebook import build_codebook, midpoint_thresholds, nearest_code_index
+from dist8bit.quant.encoder_table import SLOTS, TABLE_SIZE, build_encoder_table
 from dist8bit.quant.maps import validate_map
 
 
@@ -93,28 +94,18 @@ def test_thresholds_give_exactly_the_nearest_code(code):
     [create_dynamic_map(True), create_dynamic_map(False), create_linear_map(True)],
     ids=["dynamic-signed", "dynamic-unsigned", "linear-signed"],
 )
-def test_lookup_table_reproduces_the_rule(code):
-    """The CPU accelerator (bucket table + refine steps) must agree with searchsorted."""
+def test_encoder_table_serves_every_slot_of_the_standard_maps(code):
+    """The optimizer-state maps and the linear map get a line for every binade of |s|."""
     book = build_codebook(code)
-    assert 1 <= book.refine_steps <= 4 and book.lut.numel() > 0
-    torch.manual_seed(2)
-    s = torch.cat([torch.rand(50000) * 2 - 1, book.thresholds[:-1], torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30])])
-    bits = s.view(torch.int32).long() & 0xFFFFFFFF
-    m = book.lut_mantissa_bits
-    rows = 127 - book.lut_min_exponent + 2
-    exponent = (bits >> 23) & 0xFF
-    row = (exponent - book.lut_min_exponent + 1).clamp(0, rows - 1)
-    key = (bits >> 31) * rows * (1 << m) + row * (1 << m) + ((bits >> (23 - m)) & ((1 << m) - 1))
-    index = book.lut[key].long()
-    for _ in range(book.refine_steps):
-        index = index + (s > book.thresholds[index]).long()
-    assert torch.equal(index, nearest_code_index(s, book.thresholds))
+    assert book.encoder.numel() == TABLE_SIZE
+    _, stats = build_encoder_table(book.thresholds)
+    assert stats.fast_slots == SLOTS
 
 
 def test_pathological_map_falls_back_to_binary_search():
     crowded = torch.sort(torch.cat([torch.linspace(0.5, 0.5001, 200), torch.linspace(-1, 1, 56)])).values
     book = build_codebook(crowded)
-    assert book.lut.numel() == 0 and book.refine_steps == 0
+    assert book.encoder.numel() == 0
 
 
 @pytest.mark.parametrize(

@@ -5,13 +5,13 @@
 //
 // Two ways to find that count, which agree for every s that is not NaN:
 //   * binary search: 8 branch-free steps over the 256 thresholds;
-//   * lookup table (codebook.build_lookup_table): the float32 bits of s pick a
-//     bucket whose entry is the count at the bucket's bottom, then at most
-//     `refine_steps` comparisons `idx += s > thresholds[idx]` finish the count.
-//     An empty table means "binary search".
+//   * the encoder table (dist8bit/quant/encoder_table.py): a straight line per
+//     piece of |s| gives the count unless it lands near a jump, where the
+//     binary search decides. A map without a table (nullptr) always searches.
 // Stochastic rounding then picks the code below or above s (reference.round_stochastically).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "host_device.h"
@@ -28,37 +28,6 @@ D8_HD float scaled_value(float x, float inv) {
   return s != s ? 0.0f : s;
 }
 
-// Lookup-table geometry: rows of 2^mantissa_bits buckets per sign. Row 0 holds
-// every |s| below 2^(min_exponent - 127); the last row holds exponent 128 and
-// above (only +-inf reaches it, since |s| <= 1 otherwise).
-D8_HD int lut_rows(int min_exponent) { return kFloat32ExponentOne - min_exponent + 2; }
-
-D8_HD int64_t lut_entries(int mantissa_bits, int min_exponent) {
-  return (static_cast<int64_t>(2 * lut_rows(min_exponent))) << mantissa_bits;
-}
-
-// The bucket of s, in the key order of codebook._bucket_bounds:
-//   key = sign * rows * 2^M + row * 2^M + top M mantissa bits,
-//   row = clamp(exponent - min_exponent + 1, 0, rows - 1).
-D8_HD uint32_t lut_key(float s, int mantissa_bits, int min_exponent) {
-  const uint32_t bits = float_to_bits(s);
-  const uint32_t sign = bits >> 31;
-  const int exponent = static_cast<int>((bits >> 23) & 0xFFu);
-  const int rows = lut_rows(min_exponent);
-  int row = exponent - min_exponent + 1;
-  row = row < 0 ? 0 : row;
-  row = row > rows - 1 ? rows - 1 : row;
-  const uint32_t mantissa_top = (bits & 0x7FFFFFu) >> (23 - mantissa_bits);
-  return ((sign * static_cast<uint32_t>(rows) + static_cast<uint32_t>(row)) << mantissa_bits) + mantissa_top;
-}
-
-// Finish a lookup-table count: `steps` comparisons against the next threshold.
-// thresholds[255] = +inf stops the count at 255.
-D8_HD int refine_count(int idx, float s, const float* thresholds, int steps) {
-  for (int step = 0; step < steps; ++step) idx += s > thresholds[idx] ? 1 : 0;
-  return idx;
-}
-
 // #{ j : thresholds[j] < s } by an 8-step branch-free binary search. Only the
 // first 255 thresholds are ever read (the last one is +inf), so the result is
 // in [0, 255]. Equals torch.searchsorted(thresholds, s, side="left").
@@ -71,22 +40,63 @@ D8_HD int nearest_code_index(const float* thresholds, float s) {
   return idx;
 }
 
-// The same count through the lookup table (lut must not be empty). Table
-// entries are clamped to [0, 255] so that a damaged table cannot index past
-// the thresholds.
-D8_HD int nearest_code_index_lut(const float* thresholds, const int32_t* lut, int mantissa_bits, int min_exponent,
-                                 int refine_steps, float s) {
-  uint32_t idx = static_cast<uint32_t>(lut[lut_key(s, mantissa_bits, min_exponent)]);
-  idx = idx > static_cast<uint32_t>(kLastCode) ? static_cast<uint32_t>(kLastCode) : idx;
-  return refine_count(static_cast<int>(idx), s, thresholds, refine_steps);
+// The encoder table of dist8bit/quant/encoder_table.py (kEncoderTableSize
+// floats; see that module for how it is built and why it is exact):
+//   [0, 32)   split1 per slot; its low 5 bits (or NaN payload) = the slot's first piece
+//   [32, 64)  split2 per slot (NaN: unused)
+//   [64, 96)  slope per piece, [96, 128) offset per piece
+//   [128]     mirror: negative s gets code mirror - 1 - floor(h)
+//   [129]     guard: h within `guard` of an integer takes the binary search
+constexpr int kEncoderSlots = 32;
+constexpr int kEncoderSlotBase = 96;  // slot = max(biased exponent of |s|, 96) - 96
+constexpr int kEncoderSplit1 = 0;
+constexpr int kEncoderSplit2 = 32;
+constexpr int kEncoderSlope = 64;
+constexpr int kEncoderOffset = 96;
+constexpr int kEncoderMirror = 128;
+constexpr int kEncoderGuard = 129;
+constexpr int kEncoderTableSize = 130;
+constexpr uint32_t kEncoderPieceMask = 31u;
+
+// The fast path's candidate: h = fma(|s|, slope, offset) on s's piece. Returns
+// false when h is within the guard of an integer (or not finite), where the
+// candidate may be wrong and the binary search must decide.
+D8_HD bool encoder_table_candidate(const float* table, float s, int* code) {
+  const uint32_t bits = float_to_bits(s);
+  const uint32_t magnitude_bits = bits & 0x7FFFFFFFu;
+  const float a = bits_to_float(magnitude_bits);
+  uint32_t exponent = magnitude_bits >> 23;
+  if (exponent > static_cast<uint32_t>(kFloat32ExponentOne)) return false;  // |s| >= 2, Inf, NaN
+  exponent = exponent < static_cast<uint32_t>(kEncoderSlotBase) ? static_cast<uint32_t>(kEncoderSlotBase) : exponent;
+  const uint32_t slot = exponent & 31u;  // exponents 96..127 -> slots 0..31
+  const float split1 = table[kEncoderSplit1 + slot];
+  uint32_t piece = float_to_bits(split1) & kEncoderPieceMask;
+  piece += a > split1 ? 1u : 0u;
+  piece += a > table[kEncoderSplit2 + slot] ? 1u : 0u;
+  piece &= kEncoderPieceMask;
+#ifdef __CUDA_ARCH__
+  const float h = __fmaf_rn(a, table[kEncoderSlope + piece], table[kEncoderOffset + piece]);
+  const float nearest_integer = rintf(h);
+#else
+  const float h = std::fma(a, table[kEncoderSlope + piece], table[kEncoderOffset + piece]);
+  const float nearest_integer = std::nearbyint(h);
+#endif
+  const float distance = h - nearest_integer;
+  if (!(distance >= table[kEncoderGuard] || -distance >= table[kEncoderGuard])) return false;  // NaN fails too
+  const float y = (bits >> 31) != 0u ? table[kEncoderMirror] - h : h;
+  int candidate = static_cast<int>(y);  // |y| < 2^9: truncation is defined
+  candidate = candidate < 0 ? 0 : candidate;
+  *code = candidate > kLastCode ? kLastCode : candidate;
+  return true;
 }
 
-// The rounding rule as a codebook hands it over: the table when it has one,
-// else the binary search (lut == nullptr).
-D8_HD int nearest_code_index(const float* thresholds, const int32_t* lut, int mantissa_bits, int min_exponent,
-                             int refine_steps, float s) {
-  return lut == nullptr ? nearest_code_index(thresholds, s)
-                        : nearest_code_index_lut(thresholds, lut, mantissa_bits, min_exponent, refine_steps, s);
+// The rounding rule as a codebook hands it over: the encoder table's line
+// when it is clear of every jump, else the binary search (also when the map
+// has no table, table == nullptr).
+D8_HD int nearest_code_index(const float* thresholds, const float* table, float s) {
+  int code;
+  if (table != nullptr && encoder_table_candidate(table, s, &code)) return code;
+  return nearest_code_index(thresholds, s);
 }
 
 // Stochastic rounding (reference.round_stochastically): between the codes

@@ -31,8 +31,8 @@
 // p, decode the states (VBMI byte-plane lookups), run the rule on four 16-lane
 // vectors, store p, keep the new 8-bit states in a local buffer (at most 4096
 // floats per slot, in L1) while taking their absmax, and at the end of the
-// unit encode the buffer with quantize.cpp's permute-based binary search
-// (quant_simd.h). The inner loops are templated on the rule, the weight-decay
+// unit encode the buffer as quantize.cpp does (quant_simd.h: the encoder
+// table's lines, the permute-based binary search near jumps). The inner loops are templated on the rule, the weight-decay
 // mode, the state count, the state precision and the parameter and gradient
 // dtypes (norm passes look the gradient dtype up at run time), so the rule's
 // switch folds away at compile time. Norm mode (norm_out
@@ -105,7 +105,7 @@ struct SlotCode {
   Codebook book;
   uint8_t zero_code;  // the code of s = 0 (blocks whose absmax is 0, Inf or NaN)
 #if D8_AVX512
-  const SearchTables* search;
+  const EncodeTables* encode;
 #endif
 #if D8_AVX512_VBMI
   const DecodeTables* decode;
@@ -130,7 +130,7 @@ void encode_state(const SlotCode& slot, const float* x, int64_t len, float absma
   const float inv = 1.0f / absmax;
   if (std::isfinite(absmax) && std::isfinite(inv)) {
 #if D8_AVX512
-    encode_avx512_impl<false, false>(*slot.search, x, len, &inv, kOneScale, out);
+    encode_avx512_impl<false, false>(*slot.encode, x, len, &inv, kOneScale, out);
 #else
     encode_portable(slot.book, x, len, inv, out);
 #endif
@@ -614,7 +614,7 @@ const at::Tensor* check_optional(const std::optional<at::Tensor>& t, const char*
 void fused_step_cpu(int64_t rule, int64_t wd_mode, c10::ArrayRef<double> hyper, at::TensorList params,
                     at::TensorList grads, at::TensorList state1, at::TensorList absmax1, at::TensorList state2,
                     at::TensorList absmax2, at::TensorList state3, at::TensorList absmax3, at::TensorList codebooks,
-                    c10::ArrayRef<int64_t> lut_params, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& update_scale, const std::optional<at::Tensor>& norm_out,
                     const std::optional<at::Tensor>& nonfinite_count, c10::ArrayRef<int64_t> segment_offsets,
                     int64_t blocksize, std::optional<int64_t> seed) {
@@ -653,8 +653,8 @@ void fused_step_cpu(int64_t rule, int64_t wd_mode, c10::ArrayRef<double> hyper, 
     TORCH_CHECK(blocksize >= kMinBlock && blocksize <= kMaxBlock && (blocksize & (blocksize - 1)) == 0,
                 "dist8bit CPU kernel: 8-bit states need a blocksize that is a power of two in [64, 4096], got ",
                 blocksize);
-    TORCH_CHECK(codebooks.size() == 3 * kMaxStates && lut_params.size() == 3 * kMaxStates,
-                "dist8bit CPU kernel: 8-bit states need [code, thresholds, lut] and 3 lookup-table parameters per slot");
+    TORCH_CHECK(codebooks.size() == 3 * kMaxStates,
+                "dist8bit CPU kernel: 8-bit states need [code, thresholds, encoder] for each of the 3 slots");
   }
 
   const at::Tensor* grad_scale_t = check_optional(grad_scale, "grad_scale", at::kFloat, num_segments);
@@ -679,8 +679,8 @@ void fused_step_cpu(int64_t rule, int64_t wd_mode, c10::ArrayRef<double> hyper, 
 
   // Codebooks of the used 8-bit slots (tables built once per call).
 #if D8_AVX512
-  std::vector<SearchTables> search_tables;
-  search_tables.reserve(kMaxStates);
+  std::vector<EncodeTables> encode_tables;
+  encode_tables.reserve(kMaxStates);
 #endif
 #if D8_AVX512_VBMI
   std::vector<DecodeTables> decode_tables;
@@ -691,19 +691,15 @@ void fused_step_cpu(int64_t rule, int64_t wd_mode, c10::ArrayRef<double> hyper, 
       const int slot = used[k];
       const at::Tensor& code = codebooks[3 * slot];
       const at::Tensor& thresholds = codebooks[3 * slot + 1];
-      const at::Tensor& lut = codebooks[3 * slot + 2];
-      check_codebook(code, thresholds, lut, lut_params[3 * slot], lut_params[3 * slot + 1], lut_params[3 * slot + 2]);
+      const at::Tensor& encoder = codebooks[3 * slot + 2];
+      check_codebook(code, thresholds, encoder);
       SlotCode& s = call.slot[k];
-      s.book = Codebook{code.const_data_ptr<float>(),
-                        thresholds.const_data_ptr<float>(),
-                        lut.numel() == 0 ? nullptr : lut.const_data_ptr<int32_t>(),
-                        static_cast<int>(lut_params[3 * slot]),
-                        static_cast<int>(lut_params[3 * slot + 1]),
-                        lut.numel() == 0 ? 0 : static_cast<int>(lut_params[3 * slot + 2])};
+      s.book = Codebook{code.const_data_ptr<float>(), thresholds.const_data_ptr<float>(),
+                        encoder.numel() == 0 ? nullptr : encoder.const_data_ptr<float>()};
       s.zero_code = static_cast<uint8_t>(s.book.nearest(0.0f));
 #if D8_AVX512
-      search_tables.emplace_back(s.book.thresholds);
-      s.search = &search_tables.back();
+      encode_tables.emplace_back(s.book.thresholds, s.book.encoder);
+      s.encode = &encode_tables.back();
 #endif
 #if D8_AVX512_VBMI
       decode_tables.emplace_back(s.book.code);

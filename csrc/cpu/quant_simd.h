@@ -73,14 +73,9 @@ inline float absmax_from_bits(uint32_t bits) { return bits_to_float(bits > kInfB
 struct Codebook {
   const float* code;
   const float* thresholds;
-  const int32_t* lut;  // nullptr: binary search
-  int mantissa_bits;
-  int min_exponent;
-  int refine_steps;
+  const float* encoder;  // the encoder table (common/code_search.h); nullptr: binary search only
 
-  int nearest(float s) const {
-    return nearest_code_index(thresholds, lut, mantissa_bits, min_exponent, refine_steps, s);
-  }
+  int nearest(float s) const { return nearest_code_index(thresholds, encoder, s); }
 };
 
 // ---------------------------------------------------------------------------
@@ -142,7 +137,58 @@ void decode_portable(const uint8_t* codes, int64_t len, const float* code, float
 // The chain is 8 lookups long, so the loop runs kLanes independent vectors in
 // lock step to keep the vector units busy.
 
-struct SearchTables {
+// The encoder table's fast path (common/code_search.h, encoder_table_candidate)
+// on 16 lanes: every table has 32 entries, so each lookup is one vpermt2ps.
+// The guard test is folded into a running minimum of |h - rint(h)| (vreduceps,
+// vrangeps); a group whose minimum falls below the guard (or is NaN) is
+// encoded again by the binary search, so the result never depends on the lines.
+struct LineTables {
+  __m512 split1[2], split2[2], slope[2], offset[2];
+  __m512 mirror, guard;
+
+  explicit LineTables(const float* table) {
+    if (table == nullptr) return;
+    for (int q = 0; q < 2; ++q) {
+      split1[q] = _mm512_loadu_ps(table + kEncoderSplit1 + 16 * q);
+      split2[q] = _mm512_loadu_ps(table + kEncoderSplit2 + 16 * q);
+      slope[q] = _mm512_loadu_ps(table + kEncoderSlope + 16 * q);
+      offset[q] = _mm512_loadu_ps(table + kEncoderOffset + 16 * q);
+    }
+    mirror = _mm512_set1_ps(table[kEncoderMirror]);
+    guard = _mm512_set1_ps(table[kEncoderGuard]);
+  }
+};
+
+// Candidate codes (int32, unclamped) of 16 finite lanes with |s| < 2; `near`
+// gets h - rint(h), whose magnitude the guard checks.
+__attribute__((always_inline)) inline __m512i line_codes(const LineTables& t, __m512 s, __m512& near) {
+  const __m512i bits = _mm512_castps_si512(s);
+  const __m512i magnitude_bits = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512 a = _mm512_castsi512_ps(magnitude_bits);
+  // Exponents below 96 share slot 0; 96..127 index the 32 slots by their low 5 bits.
+  const __m512i slot = _mm512_max_epu32(_mm512_srli_epi32(magnitude_bits, 23), _mm512_set1_epi32(kEncoderSlotBase));
+  const __m512 split1 = _mm512_permutex2var_ps(t.split1[0], slot, t.split1[1]);
+  const __m512 split2 = _mm512_permutex2var_ps(t.split2[0], slot, t.split2[1]);
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i piece = _mm512_and_si512(_mm512_castps_si512(split1), _mm512_set1_epi32(kEncoderPieceMask));
+  piece = _mm512_mask_add_epi32(piece, _mm512_cmp_ps_mask(a, split1, _CMP_GT_OQ), piece, one);
+  piece = _mm512_mask_add_epi32(piece, _mm512_cmp_ps_mask(a, split2, _CMP_GT_OQ), piece, one);
+  const __m512 h = _mm512_fmadd_ps(a, _mm512_permutex2var_ps(t.slope[0], piece, t.slope[1]),
+                                   _mm512_permutex2var_ps(t.offset[0], piece, t.offset[1]));
+  near = _mm512_reduce_ps(h, 0);  // h - rint(h); NaN for NaN
+  const __m512 y = _mm512_mask_sub_ps(h, _mm512_movepi32_mask(bits), t.mirror, h);
+  return _mm512_cvttps_epi32(y);
+}
+
+// Whether every lane of four `near` vectors is clear of the guard band: the
+// smallest magnitude (vrangeps imm 0x0A: smaller magnitude, sign cleared; a
+// NaN propagates) is compared once, as a tree to keep the chain short.
+__attribute__((always_inline)) inline bool lines_hold(const LineTables& t, const __m512 near[4]) {
+  const __m512 low = _mm512_range_ps(_mm512_range_ps(near[0], near[1], 0x0A), _mm512_range_ps(near[2], near[3], 0x0A), 0x0A);
+  return _mm512_cmp_ps_mask(low, t.guard, _CMP_NGE_UQ) == 0;
+}
+
+struct EncodeTables {
   __m512 first;          // step 1: thresholds[127], broadcast
   __m512 small[4];       // steps 2..5
   __m512 step6[2];       // 32 entries
@@ -152,7 +198,10 @@ struct SearchTables {
   __m512i step8_planes[4][2];  // the step-8 table as four byte planes of 128 bytes (vpermi2b)
 #endif
 
-  explicit SearchTables(const float* thresholds) {
+  LineTables line;
+  bool has_line;
+
+  EncodeTables(const float* thresholds, const float* encoder) : line(encoder), has_line(encoder != nullptr) {
     alignas(64) float table[128];
     auto fill = [&](int k) {
       const int entries = 1 << (k - 1);
@@ -197,7 +246,7 @@ __attribute__((always_inline)) inline __m512i search_step(__m512i p, __m512 s, _
 
 // Steps 1..7 for V vectors (s finite): codes[v] = the first 7 decisions, in [0, 127].
 template <int V>
-__attribute__((always_inline)) inline void search7(const __m512* s, __m512i* codes, const SearchTables& t) {
+__attribute__((always_inline)) inline void search7(const __m512* s, __m512i* codes, const EncodeTables& t) {
   const __m512i bit5 = _mm512_set1_epi32(32);
   for (int v = 0; v < V; ++v) codes[v] = _mm512_srli_epi32(_mm512_castps_si512(_mm512_sub_ps(t.first, s[v])), 31);
   for (int k = 0; k < 4; ++k)
@@ -215,7 +264,7 @@ __attribute__((always_inline)) inline void search7(const __m512* s, __m512i* cod
 // codes[v] = #{ j : thresholds[j] < s[v] } for V vectors (s finite): steps 1..7, then
 // step 8 with the 128-entry table in 16 registers.
 template <int V>
-__attribute__((always_inline)) inline void search(const __m512* s, __m512i* codes, const SearchTables& t) {
+__attribute__((always_inline)) inline void search(const __m512* s, __m512i* codes, const EncodeTables& t) {
   search7<V>(s, codes, t);
   const __m512i bit5 = _mm512_set1_epi32(32);
   const __m512i bit6 = _mm512_set1_epi32(64);
@@ -251,7 +300,7 @@ __attribute__((always_inline)) inline void planes_to_floats(const __m512i b[4], 
 // expects, so t8[p] costs 4 vpermi2b (128-entry byte tables) and 8 unpacks
 // instead of 16 float permutes and 12 blends; the decision s > t is t < s, the
 // same comparison as search_step's sign bit for finite s and t.
-__attribute__((always_inline)) inline __m512i search8_bytes(const __m512i p[4], const __m512 s[4], const SearchTables& t) {
+__attribute__((always_inline)) inline __m512i search8_bytes(const __m512i p[4], const __m512 s[4], const EncodeTables& t) {
   const __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(p[0], p[1]), _mm512_packus_epi32(p[2], p[3]));
   __m512i planes[4];
   for (int k = 0; k < 4; ++k) planes[k] = _mm512_permutex2var_epi8(t.step8_planes[k][0], packed, t.step8_planes[k][1]);
@@ -340,13 +389,52 @@ inline uint32_t absmax_bits(const c10::BFloat16* x, int64_t n) {
   return absmax_bits16(reinterpret_cast<const uint16_t*>(x), n) << 16;
 }
 
+// The binary search for one group of 64 lanes (4 vectors), as bytes in element
+// order: the lines' rare fallback, kept out of line (its arguments travel in
+// registers) so the hot loop stays small and spills nothing.
+__attribute__((noinline)) inline __m512i search_group(const EncodeTables& tables, __m512 s0, __m512 s1, __m512 s2,
+                                                      __m512 s3) {
+  const __m512 s[4] = {s0, s1, s2, s3};
+  __m512i c[4];
+#if D8_AVX512_VBMI
+  search7<4>(s, c, tables);
+  return search8_bytes(c, s, tables);
+#else
+  search<4>(s, c, tables);
+  return pack_bytes(c[0], c[1], c[2], c[3]);
+#endif
+}
+
+// Round-to-nearest codes of 64 finite lanes with |s| < 2 (4 vectors) by the
+// encoder table's lines, as bytes in element order; the binary search when a
+// lane is near a jump.
+__attribute__((always_inline)) inline __m512i encode_group_lines(const EncodeTables& tables, const __m512* s) {
+  __m512 near[4];
+  __m512i c[4];
+  for (int v = 0; v < 4; ++v) c[v] = line_codes(tables.line, s[v], near[v]);
+  if (__builtin_expect(lines_hold(tables.line, near), 1)) return pack_bytes(c[0], c[1], c[2], c[3]);
+  return search_group(tables, s[0], s[1], s[2], s[3]);
+}
+
 // Round-to-nearest codes of `len` elements whose scales are finite (so s is
 // never NaN). Vector k (elements 16k .. 16k+15) is scaled by inv[k >> shift]:
 // one scale per block when blocks are 16 << shift elements long.
 constexpr int kLanes = 16;  // vectors in flight in the main loop (256 elements)
 
+// 64 codes of group g (of `count` in all) to out + 64 g.
+template <bool kFull, bool kStream>
+__attribute__((always_inline)) inline void store_codes(__m512i bytes, int64_t count, int g, uint8_t* out) {
+  if (kStream) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(out + 64 * g), bytes);
+  } else if (kFull) {
+    _mm512_storeu_si512(out + 64 * g, bytes);
+  } else if (count > 64 * g) {
+    _mm512_mask_storeu_epi8(out + 64 * g, first_bits(count - 64 * g), bytes);
+  }
+}
+
 template <int V, bool kFull, bool kStream = false, typename T>
-__attribute__((always_inline)) inline void encode_vectors(const SearchTables& tables, const T* x, int64_t count,
+__attribute__((always_inline)) inline void encode_vectors(const EncodeTables& tables, const T* x, int64_t count,
                                                           const float* inv, int64_t first_vector, int shift,
                                                           uint8_t* out) {
   static_assert(V % 4 == 0, "whole 64-byte groups");
@@ -362,6 +450,10 @@ __attribute__((always_inline)) inline void encode_vectors(const SearchTables& ta
       s[v] = _mm512_mul_ps(load16(x + 16 * v, lanes), scale);
     }
   }
+  if (tables.has_line) {
+    for (int g = 0; g < V / 4; ++g) store_codes<kFull, kStream>(encode_group_lines(tables, s + 4 * g), count, g, out);
+    return;
+  }
 #if D8_AVX512_VBMI
   search7<V>(s, c, tables);
 #else
@@ -373,24 +465,29 @@ __attribute__((always_inline)) inline void encode_vectors(const SearchTables& ta
 #else
     const __m512i bytes = pack_bytes(c[4 * g], c[4 * g + 1], c[4 * g + 2], c[4 * g + 3]);
 #endif
-    if (kStream) {
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(out + 64 * g), bytes);
-    } else if (kFull) {
-      _mm512_storeu_si512(out + 64 * g, bytes);
-    } else if (count > 64 * g) {
-      _mm512_mask_storeu_epi8(out + 64 * g, first_bits(count - 64 * g), bytes);
-    }
+    store_codes<kFull, kStream>(bytes, count, g, out);
   }
+}
+
+__attribute__((always_inline)) inline void prefetch_ahead(const void* p, size_t bytes) {
+  for (size_t line = 0; line < bytes; line += 64) _mm_prefetch(static_cast<const char*>(p) + line, _MM_HINT_T0);
 }
 
 // kPrefetch = false: x is already in L1 (a kernel's local buffer).
 template <bool kStream, bool kPrefetch = true, typename T>
-void encode_avx512_impl(const SearchTables& tables, const T* x, int64_t len, const float* inv, int shift, uint8_t* out) {
+void encode_avx512_impl(const EncodeTables& tables, const T* x, int64_t len, const float* inv, int shift, uint8_t* out) {
   // The loop is compute-heavy, so the hardware prefetcher falls behind: fetch
   // the data one window or block ahead (the next absmax pass reads it), at
   // most kMaxAhead elements so that it still lands in L1.
   const int64_t distance = std::min(std::max(len, kWindow), kMaxAhead);
   int64_t i = 0;
+  if (tables.has_line) {
+    // Short dependency chains: one group of 64 at a time keeps everything in registers.
+    for (; i + 64 <= len; i += 64) {
+      if (kPrefetch) prefetch_ahead(x + i + distance, 64 * sizeof(T));
+      encode_vectors<4, true, kStream>(tables, x + i, 64, inv, i / 16, shift, out + i);
+    }
+  }
   for (; i + 16 * kLanes <= len; i += 16 * kLanes) {
     if (kPrefetch) {
       const char* ahead = reinterpret_cast<const char*>(x + i + distance);
@@ -398,13 +495,13 @@ void encode_avx512_impl(const SearchTables& tables, const T* x, int64_t len, con
     }
     encode_vectors<kLanes, true, kStream>(tables, x + i, 16 * kLanes, inv, i / 16, shift, out + i);
   }
-  for (; i + 64 <= len; i += 64) encode_vectors<4, true>(tables, x + i, 64, inv, i / 16, shift, out + i);
+  for (; i + 64 <= len; i += 64) encode_vectors<4, true, kStream>(tables, x + i, 64, inv, i / 16, shift, out + i);
   if (i < len) encode_vectors<4, false>(tables, x + i, len - i, inv, i / 16, shift, out + i);
 }
 
 // Non-temporal stores when asked and `out` is 64-byte aligned (the caller fences).
 template <typename T>
-void encode_avx512(const SearchTables& tables, const T* x, int64_t len, const float* inv, int shift, uint8_t* out,
+void encode_avx512(const EncodeTables& tables, const T* x, int64_t len, const float* inv, int shift, uint8_t* out,
                    bool stream) {
   if (stream && (reinterpret_cast<uintptr_t>(out) & 63) == 0) {
     encode_avx512_impl<true>(tables, x, len, inv, shift, out);
@@ -460,7 +557,7 @@ __attribute__((always_inline)) inline __m512 uniform16(uint32_t key, int64_t ind
 
 // Stochastic codes of a block whose absmax and 1/absmax are finite.
 template <typename T>
-void encode_stochastic_avx512(const SearchTables& tables, const FloatTable256& code, const T* x, int64_t len, float inv,
+void encode_stochastic_avx512(const EncodeTables& tables, const FloatTable256& code, const T* x, int64_t len, float inv,
                               uint8_t* out, uint32_t key, int64_t index0) {
   const __m512 vinv = _mm512_set1_ps(inv);
   const __m512i one = _mm512_set1_epi32(1);

@@ -23,12 +23,14 @@
 // element-parallel. Outputs of kStreamBytes and more are written with
 // non-temporal stores (no read-for-ownership of lines nobody reads soon).
 //
-// With AVX-512 the count of thresholds below s is an 8-step binary search
-// whose lookups are register permutes (no gathers: they are slow on AMD
-// cores), 16 vectors in lock step; decoding looks up the 4 bytes of code[c]
-// with byte permutes (VBMI). Without AVX-512 (or built with -DD8_PORTABLE)
-// the same entry points run plain loops over the shared scalar helpers (the
-// codebook's lookup table, or the binary search when it has none). Blocks
+// With AVX-512 the count of thresholds below s comes from the encoder table
+// (dist8bit/quant/encoder_table.py): per 16 lanes five 32-entry register
+// permutes and one fma give the code, and a group of 64 with a lane near a
+// jump is encoded again by an 8-step binary search whose lookups are register
+// permutes too (no gathers: they are slow on AMD cores). Decoding looks up
+// the 4 bytes of code[c] with byte permutes (VBMI). Without AVX-512 (or built
+// with -DD8_PORTABLE) the same entry points run plain loops over the shared
+// scalar rule of common/code_search.h. Blocks
 // whose absmax is 0, Inf, NaN or so small that 1 / absmax overflows take the
 // scalar helpers on every path. All paths give identical results.
 
@@ -75,7 +77,7 @@ struct Quantizer {
   uint8_t zero_code;  // the code of s = 0 (blocks whose every s is 0)
   bool stream;        // write codes with non-temporal stores (large outputs)
 #if D8_AVX512
-  SearchTables tables;
+  EncodeTables tables;
   FloatTable256 code_table;
 #endif
 
@@ -93,7 +95,7 @@ struct Quantizer {
         stream(n_ >= kStreamBytes)
 #if D8_AVX512
         ,
-        tables(book_.thresholds),
+        tables(book_.thresholds, book_.encoder),
         code_table(book_.code)
 #endif
   {
@@ -317,13 +319,12 @@ void dequantize_impl(const uint8_t* codes, int64_t n, const float* code, const f
 // Operators.
 
 void quantize_blockwise_cpu(const at::Tensor& x, const at::Tensor& code, const at::Tensor& thresholds,
-                            const at::Tensor& lut, int64_t lut_mantissa_bits, int64_t lut_min_exponent,
-                            int64_t refine_steps, int64_t blocksize, std::optional<int64_t> seed,
+                            const at::Tensor& encoder, int64_t blocksize, std::optional<int64_t> seed,
                             const at::Tensor& codes, const at::Tensor& absmax) {
   check_cpu(x, "x");
   TORCH_CHECK(is_float_type(x.scalar_type()), "dist8bit CPU kernel: x must be float32, float16 or bfloat16, got ",
               x.scalar_type());
-  check_codebook(code, thresholds, lut, lut_mantissa_bits, lut_min_exponent, refine_steps);
+  check_codebook(code, thresholds, encoder);
   TORCH_CHECK(blocksize >= 1, "dist8bit CPU kernel: blocksize must be positive, got ", blocksize);
   TORCH_CHECK(!seed.has_value() || *seed >= 0, "dist8bit CPU kernel: seed must be non-negative, got ", seed.value_or(0));
   check_cpu(codes, "codes");
@@ -338,12 +339,8 @@ void quantize_blockwise_cpu(const at::Tensor& x, const at::Tensor& code, const a
               absmax.numel());
   if (n == 0) return;
 
-  const Codebook book{code.const_data_ptr<float>(),
-                      thresholds.const_data_ptr<float>(),
-                      lut.numel() == 0 ? nullptr : lut.const_data_ptr<int32_t>(),
-                      static_cast<int>(lut_mantissa_bits),
-                      static_cast<int>(lut_min_exponent),
-                      lut.numel() == 0 ? 0 : static_cast<int>(refine_steps)};
+  const Codebook book{code.const_data_ptr<float>(), thresholds.const_data_ptr<float>(),
+                      encoder.numel() == 0 ? nullptr : encoder.const_data_ptr<float>()};
   const int64_t bs = effective_blocksize(n, blocksize);
   const bool stochastic = seed.has_value();
   const uint32_t key = stochastic ? seed_key(static_cast<uint64_t>(*seed)) : 0u;

@@ -38,10 +38,7 @@ def compiled_backend(kind: str) -> SimpleNamespace:
             x,
             codebook.code,
             codebook.thresholds,
-            codebook.lut,
-            codebook.lut_mantissa_bits,
-            codebook.lut_min_exponent,
-            codebook.refine_steps,
+            codebook.encoder,
             blocksize,
             seed,
             codes,
@@ -70,7 +67,7 @@ def compiled_backend(kind: str) -> SimpleNamespace:
         blocksize: int,
         seed: int | None,
     ) -> None:
-        books, lut_params = _flatten_codebooks(codebooks)
+        books = _flatten_codebooks(codebooks)
         torch.ops.dist8bit.fused_step(
             rule,
             wd_mode,
@@ -79,7 +76,6 @@ def compiled_backend(kind: str) -> SimpleNamespace:
             list(grads),
             *(list(slot) for pair in zip(states, absmaxes, strict=True) for slot in pair),
             books,
-            lut_params,
             grad_scale,
             update_scale,
             norm_out,
@@ -97,15 +93,13 @@ def compiled_backend(kind: str) -> SimpleNamespace:
     )
 
 
-def _flatten_codebooks(codebooks: Sequence[Codebook | None]) -> tuple[list[torch.Tensor], list[int]]:
-    """[code, thresholds, lut] and [mantissa_bits, min_exponent, refine_steps] per slot; empty for 32-bit."""
+def _flatten_codebooks(codebooks: Sequence[Codebook | None]) -> list[torch.Tensor]:
+    """[code, thresholds, encoder] per slot (unused slots repeat a used one); empty for 32-bit."""
     if all(book is None for book in codebooks):
-        return [], []
+        return []
     first = next(book for book in codebooks if book is not None)
     tensors: list[torch.Tensor] = []
-    params: list[int] = []
     for book in codebooks:
         book = book or first
-        tensors += [book.code, book.thresholds, book.lut]
-        params += [book.lut_mantissa_bits, book.lut_min_exponent, book.refine_steps]
-    return tensors, params
+        tensors += [book.code, book.thresholds, book.encoder]
+    return tensors

@@ -5,11 +5,11 @@ only register implementations for them (TORCH_LIBRARY_IMPL). Arguments are
 already validated by dist8bit.functional; the kernels re-check cheap
 invariants with TORCH_CHECK as a second line of defence.
 
-quantize_blockwise(x, code, thresholds, lut, lut_mantissa_bits, lut_min_exponent,
-                   refine_steps, blocksize, seed, codes!, absmax!)
+quantize_blockwise(x, code, thresholds, encoder, blocksize, seed, codes!, absmax!)
     x: contiguous float32/float16/bfloat16, n elements (flat view).
     codes: uint8, n elements; absmax: float32, ceil(n / blocksize) elements.
-    Rounding rule and lookup table: dist8bit.quant.codebook. Stochastic
+    Rounding rule: dist8bit.quant.codebook; encoder table (empty: binary
+    search only): dist8bit.quant.encoder_table. Stochastic
     rounding (seed given): dist8bit.quant.stochastic.
 
 dequantize_blockwise(codes, code, absmax, blocksize, out!)
@@ -17,7 +17,7 @@ dequantize_blockwise(codes, code, absmax, blocksize, out!)
     rounded to out's dtype (float32/float16/bfloat16, round-to-nearest-even).
 
 fused_step(rule, wd_mode, hyper, params!, grads, state1!, absmax1!, state2!, absmax2!,
-           state3!, absmax3!, codebooks, lut_params, grad_scale, update_scale, norm_out!,
+           state3!, absmax3!, codebooks, grad_scale, update_scale, norm_out!,
            nonfinite_count!, segment_offsets, blocksize, seed)
     One optimizer step over a list of segments (contiguous runs of one parameter
     each), in one launch. Per segment k: params[k] (float32/float16/bfloat16,
@@ -26,9 +26,8 @@ fused_step(rule, wd_mode, hyper, params!, grads, state1!, absmax1!, state2!, abs
     uint8 codes with absmaxS[k] = float32 scales, one per block of `blocksize`
     starting at the segment's first element, or float32 values with absmaxS
     empty. All segments share one precision. `codebooks` is empty (32-bit) or
-    [code, thresholds, lut] for each of the 3 slots (unused slots repeat slot
-    1's), `lut_params` [lut_mantissa_bits, lut_min_exponent, refine_steps] per
-    slot. Math: dist8bit.backends.rules + csrc/common/update_rules.h, with
+    [code, thresholds, encoder] for each of the 3 slots (unused slots repeat
+    slot 1's). Math: dist8bit.backends.rules + csrc/common/update_rules.h, with
         g = grads[k] * grad_scale[k]          (grad_scale: float32 per segment, optional)
         lr_eff = hyper[LR] * update_scale[k]  (update_scale: float32 per segment, optional)
         p <- p * hyper[DECAY] - lr_eff * d
@@ -49,14 +48,14 @@ NAMESPACE = "dist8bit"
 
 _library = torch.library.Library(NAMESPACE, "DEF")
 _library.define(
-    "quantize_blockwise(Tensor x, Tensor code, Tensor thresholds, Tensor lut, int lut_mantissa_bits, "
-    "int lut_min_exponent, int refine_steps, int blocksize, int? seed, Tensor(a!) codes, Tensor(b!) absmax) -> ()"
+    "quantize_blockwise(Tensor x, Tensor code, Tensor thresholds, Tensor encoder, int blocksize, int? seed, "
+    "Tensor(a!) codes, Tensor(b!) absmax) -> ()"
 )
 _library.define("dequantize_blockwise(Tensor codes, Tensor code, Tensor absmax, int blocksize, Tensor(a!) out) -> ()")
 _library.define(
     "fused_step(int rule, int wd_mode, float[] hyper, Tensor(a!)[] params, Tensor[] grads, "
     "Tensor(b!)[] state1, Tensor(c!)[] absmax1, Tensor(d!)[] state2, Tensor(e!)[] absmax2, "
-    "Tensor(f!)[] state3, Tensor(g!)[] absmax3, Tensor[] codebooks, int[] lut_params, "
+    "Tensor(f!)[] state3, Tensor(g!)[] absmax3, Tensor[] codebooks, "
     "Tensor? grad_scale, Tensor? update_scale, Tensor(h!)? norm_out, Tensor(i!)? nonfinite_count, "
     "int[] segment_offsets, int blocksize, int? seed) -> ()"
 )
