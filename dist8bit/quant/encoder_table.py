@@ -135,7 +135,6 @@ class _Rule:
         return np.array([p for p, _ in points], dtype=np.float64), np.array([v for _, v in points], dtype=np.float64)
 
 
-
 def _fit_line(points: np.ndarray, targets: np.ndarray, gap: float) -> tuple[_Line, float]:
     """Minimax line through (point, target) in float64, and its largest error.
 
