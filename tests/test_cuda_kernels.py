@@ -7,6 +7,8 @@ part of the contract). Skipped without a CUDA GPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -373,6 +375,31 @@ def test_argument_checks(cuda_backend, codebooks):
         cuda_backend.dequantize_blockwise(codes, book.code[:255], absmax, 256, out)
     with pytest.raises(RuntimeError):
         cuda_backend.dequantize_blockwise(codes, book.code, absmax[:3], 256, out)
+
+
+def test_encoder_table_is_only_a_shortcut(cuda_backend, codebooks):
+    """Without the encoder table (binary search only) every code is the same."""
+    for name, book in codebooks.items():
+        searching = dataclasses.replace(book, encoder=book.encoder[:0])
+        for dtype in DTYPES:
+            x = torch.cat([spread_values(50_000, dtype, seed=4), special_blocks(dtype, 256)])
+            for blocksize in (64, 4096, 1000):
+                for seed in (None, 5):
+                    codes, absmax = quantize(cuda_backend, x, book, blocksize, seed)
+                    ref_codes, ref_absmax = quantize(cuda_backend, x, searching, blocksize, seed)
+                    what = f"{name} {dtype} blocksize={blocksize} seed={seed}"
+                    assert_same_bits(codes, ref_codes, "codes " + what)
+                    assert_same_bits(absmax, ref_absmax, "absmax " + what)
+
+
+def test_encoder_argument_checks(cuda_backend, codebooks):
+    book = codebooks["dynamic-signed"]
+    x = torch.randn(1000, device="cuda")
+    codes = torch.empty(1000, dtype=torch.uint8, device="cuda")
+    absmax = torch.empty(4, device="cuda")
+    for bad in (book.encoder[:129], book.encoder.double(), book.encoder.cpu()):
+        with pytest.raises(RuntimeError, match="encoder"):
+            cuda_backend.quantize_blockwise(x, dataclasses.replace(book, encoder=bad), 256, None, codes, absmax)
 
 
 # ---------------------------------------------------------------------------

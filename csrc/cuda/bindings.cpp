@@ -3,10 +3,11 @@
 //
 // Only argument checks, device and stream selection and dtype dispatch live
 // here; the kernels are in quantize_kernels.cu behind the torch-free
-// launchers of quantize_kernels.cuh. The codebook's lookup table is a CPU
-// accelerator: the CUDA kernels binary-search the thresholds instead, so
-// lut, lut_mantissa_bits, lut_min_exponent and refine_steps are accepted and
-// ignored. The current stream comes from c10/cuda/CUDAStream.h (what
+// launchers of quantize_kernels.cuh. The codebook's encoder table (130
+// float32 values, dist8bit/quant/encoder_table.py; empty: binary search only)
+// is handed to the kernels, which use it for every value it serves and
+// binary-search the thresholds for the rest. The current stream comes from
+// c10/cuda/CUDAStream.h (what
 // at::cuda::getCurrentCUDAStream forwards to), which keeps this file free of
 // the cuBLAS/cuSPARSE headers that ATen/cuda/CUDAContext.h pulls in.
 
@@ -25,6 +26,7 @@ namespace cuda {
 namespace {
 
 constexpr int64_t kMapSize = 256;
+constexpr int64_t kEncoderSize = 130;  // kEncoderTableSize of common/code_search.h
 
 bool float_type_of(at::ScalarType type, FloatType* out) {
   switch (type) {
@@ -57,6 +59,18 @@ void check_table(const at::Tensor& t, const char* name, const at::Device& device
               t.numel());
 }
 
+// The encoder table: float32 with 0 values (binary search only) or kEncoderSize.
+// Returns its device pointer, or nullptr when it is empty.
+const float* checked_encoder(const at::Tensor& encoder, const at::Device& device) {
+  TORCH_CHECK(encoder.scalar_type() == at::kFloat, "dist8bit CUDA kernel: encoder must be float32, got ",
+              encoder.scalar_type());
+  TORCH_CHECK(encoder.numel() == 0 || encoder.numel() == kEncoderSize, "dist8bit CUDA kernel: encoder must hold ",
+              kEncoderSize, " values (dist8bit.quant.encoder_table.TABLE_SIZE) or none, got ", encoder.numel());
+  if (encoder.numel() == 0) return nullptr;
+  check_cuda(encoder, "encoder", device);
+  return encoder.const_data_ptr<float>();
+}
+
 int64_t num_blocks(int64_t n, int64_t blocksize) { return n / blocksize + (n % blocksize != 0 ? 1 : 0); }
 
 void check_launch(cudaError_t error, const char* op) {
@@ -64,13 +78,8 @@ void check_launch(cudaError_t error, const char* op) {
 }
 
 void quantize_blockwise_cuda(const at::Tensor& x, const at::Tensor& code, const at::Tensor& thresholds,
-                             const at::Tensor& lut, int64_t lut_mantissa_bits, int64_t lut_min_exponent,
-                             int64_t refine_steps, int64_t blocksize, std::optional<int64_t> seed,
+                             const at::Tensor& encoder, int64_t blocksize, std::optional<int64_t> seed,
                              const at::Tensor& codes, const at::Tensor& absmax) {
-  (void)lut;
-  (void)lut_mantissa_bits;
-  (void)lut_min_exponent;
-  (void)refine_steps;
   TORCH_CHECK(x.is_cuda(), "dist8bit CUDA kernel: x must be a CUDA tensor, got ", x.device());
   const at::Device device = x.device();
   check_cuda(x, "x", device);
@@ -79,6 +88,7 @@ void quantize_blockwise_cuda(const at::Tensor& x, const at::Tensor& code, const 
               "dist8bit CUDA kernel: x must be float32, float16 or bfloat16, got ", x.scalar_type());
   check_table(code, "code", device);
   check_table(thresholds, "thresholds", device);
+  const float* const encoder_table = checked_encoder(encoder, device);
   TORCH_CHECK(blocksize >= 1, "dist8bit CUDA kernel: blocksize must be positive, got ", blocksize);
   TORCH_CHECK(!seed.has_value() || *seed >= 0, "dist8bit CUDA kernel: seed must be non-negative, got ",
               seed.value_or(0));
@@ -97,7 +107,8 @@ void quantize_blockwise_cuda(const at::Tensor& x, const at::Tensor& code, const 
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   check_launch(launch_quantize_blockwise(x_type, x.const_data_ptr(), n, code.const_data_ptr<float>(),
-                                         thresholds.const_data_ptr<float>(), blocksize, seed.has_value(),
+                                         thresholds.const_data_ptr<float>(), encoder_table, blocksize,
+                                         seed.has_value(),
                                          static_cast<uint64_t>(seed.value_or(0)), codes.mutable_data_ptr<uint8_t>(),
                                          absmax.mutable_data_ptr<float>(), stream),
                "quantize_blockwise");

@@ -5,7 +5,8 @@
 // storage bits, 4-to-16-byte vector loads, code stores, and the rounding rule
 // of dist8bit/quant/codebook.py (absmax as an unsigned max over the bits of
 // |x| with NaN propagated and stored canonical, the IEEE reciprocal, and the
-// threshold count of common/code_search.h over a table in shared memory).
+// threshold count of common/code_search.h over tables in shared memory),
+// and the conflict-free table layouts of the encode and decode paths.
 // CUDA runtime headers and the project's torch-free headers only; nvcc only.
 #pragma once
 
@@ -191,6 +192,113 @@ __device__ __forceinline__ int count_thresholds_below(const float* s_thresholds,
 // Shared-memory address of a __shared__ table, for count_thresholds_below.
 __device__ __forceinline__ unsigned shared_address(const float* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// ---------------------------------------------------------------------------
+// Conflict-free table reads.
+//
+// Shared memory has 32 banks of 4-byte words; word w is in bank w % 32. A
+// warp's load takes one wavefront per distinct bank *row* it touches in the
+// busiest bank: lanes reading the same word share it (broadcast), lanes
+// reading different words of one bank serialise. So a table read is free of
+// conflicts by construction exactly when no two lanes can read different
+// words of one bank, whatever the data.
+//
+// Encode: the encoder table (common/code_search.h) is read per element at
+//   split1[slot], split2[slot], slope[piece], offset[piece]: four arrays of
+//   32 consecutive words each. 32 consecutive words lie in 32 distinct banks
+//   (at any alignment), so two lanes meet in a bank only when they read the
+//   same index of the same array, i.e. the same word: one wavefront per load,
+//   always. mirror and guard are one word each (a broadcast). Only values
+//   within the guard of a jump (about 2 * guard = 0.05% of them) and
+//   non-finite ones take the binary search over the 256 thresholds, whose
+//   steps at strides of 128/64/32 words do conflict.
+//
+// Decode: code[c] for a data-dependent c in [0, 256) cannot be conflict-free
+//   from one 256-word copy (codes c and c + 32 share a bank). Lane-private
+//   copies can: word c * 32 + lane holds code[c], so lane l only ever reads
+//   bank l, and a warp's 32 reads hit 32 distinct banks in one wavefront,
+//   whatever the codes (all warps of a CUDA block share the copies: the
+//   layout depends on the lane only). 8192 words = 32 KB per codebook.
+//   Registers and shuffles would cost 8 SHFL + 8 selects per element (the
+//   register holding code[c] differs from lane to lane), 8 times the MIO
+//   traffic of one LDS; 32 KB of shared memory per map fits every kernel at
+//   its intended occupancy (see fused_step_kernels.cu and dequantize).
+
+// Words of the encoder table as staged in shared memory (kEncoderTableSize
+// rounded up to 16 bytes, so that consecutive tables stay 16-byte aligned).
+constexpr int kEncoderWords = (kEncoderTableSize + 3) / 4 * 4;
+// Words of one lane-private code table.
+constexpr int kPrivateCodeWords = kCodeSize * kWarpSize;
+
+// Copy the encoder table to shared memory, by `threads` threads (tid = thread
+// index in [0, threads)). Without a table (encoder == nullptr: binary search
+// only) the staged table has every line 0 and guard +inf: each value then
+// fails the guard (|h - rint(h)| >= inf never holds) and takes the search,
+// so one code path serves both cases with the same results.
+__device__ __forceinline__ void stage_encoder(const float* __restrict__ encoder, float* s_encoder, int tid,
+                                              int threads) {
+  for (int i = tid; i < kEncoderWords; i += threads) {
+    float v = 0.0f;
+    if (i < kEncoderTableSize) {
+      if (encoder != nullptr) {
+        v = encoder[i];
+      } else if (i == kEncoderGuard) {
+        v = __uint_as_float(kInfBits);
+      }
+    }
+    s_encoder[i] = v;
+  }
+}
+
+// Copy the 256 code values to the lane-private layout (word c * 32 + lane =
+// code[c]) by the warps of a CUDA block of `threads` threads (a multiple of
+// 32, called by all of them). A warp takes 32 codes at a time: lane r loads
+// code[c0 + r] and 32 shuffles hand each value to every lane, whose store
+// goes to bank `lane`, so no store conflicts either.
+__device__ __forceinline__ void stage_private_code(const float* __restrict__ code, float* s_private, int threads) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int warps = threads / kWarpSize;
+  for (int chunk = threadIdx.x / kWarpSize; chunk < kCodeSize / kWarpSize; chunk += warps) {
+    const int c0 = chunk * kWarpSize;
+    const float mine = code[c0 + lane];
+#pragma unroll 8
+    for (int r = 0; r < kWarpSize; ++r) s_private[(c0 + r) * kWarpSize + lane] = __shfl_sync(kFullMask, mine, r);
+  }
+}
+
+// code[c] from the lane-private table; lane_code = s_private + lane.
+__device__ __forceinline__ float private_code(const float* lane_code, uint32_t c) { return lane_code[c * kWarpSize]; }
+
+// The nearest code of kCount scaled values (scaled_value of code_search.h):
+// exactly nearest_code_index(thresholds, encoder, s) of common/code_search.h.
+// Every candidate first (encoder_table_candidate of code_search.h on the
+// staged table, plain shared loads with nothing in between, so the guard and
+// mirror words are loaded once for all kCount), then the binary search
+// (count_thresholds_below) for the values whose candidate failed the guard.
+template <int kCount>
+__device__ __forceinline__ void nearest_codes(const float* s_encoder, const float* s_thresholds,
+                                              unsigned thresholds_address, const float (&s)[kCount],
+                                              uint32_t (&code)[kCount]) {
+  bool found[kCount];
+#pragma unroll
+  for (int k = 0; k < kCount; ++k) {
+    int c = 0;
+    found[k] = encoder_table_candidate(s_encoder, s[k], &c);
+    code[k] = static_cast<uint32_t>(c);
+  }
+#pragma unroll
+  for (int k = 0; k < kCount; ++k) {
+    if (!found[k]) code[k] = static_cast<uint32_t>(count_thresholds_below(s_thresholds, thresholds_address, s[k]));
+  }
+}
+
+// One value: the same rule.
+__device__ __forceinline__ int nearest_code(const float* s_encoder, const float* s_thresholds,
+                                            unsigned thresholds_address, float s) {
+  int c = 0;
+  if (encoder_table_candidate(s_encoder, s, &c)) return c;
+  return count_thresholds_below(s_thresholds, thresholds_address, s);
 }
 
 }  // namespace cuda

@@ -11,8 +11,8 @@
 // is capturing a CUDA graph is refused: the captured copy would read the
 // pinned buffer again at every replay, long after it was reused. Like
 // quantize_blockwise,
-// the codebooks' lookup tables and lut_params are accepted and ignored: the
-// CUDA kernel binary-searches the thresholds. The current stream comes from
+// each codebook's encoder table (130 float32 values, or empty: binary search
+// only) goes to the kernel with its code and thresholds. The current stream comes from
 // c10/cuda/CUDAStream.h, which keeps this file free of ATen/cuda/CUDAContext.h.
 
 #include <ATen/core/CachingHostAllocator.h>
@@ -34,7 +34,8 @@ namespace cuda {
 namespace {
 
 constexpr int64_t kCodeValues = 256;  // entries of a map and of its threshold table
-constexpr size_t kTensorsPerCodebook = 3;  // code, thresholds, lut
+constexpr int64_t kEncoderValues = 130;  // kEncoderTableSize of common/code_search.h
+constexpr size_t kTensorsPerCodebook = 3;  // code, thresholds, encoder
 
 const char* const kOp = "dist8bit CUDA fused_step: ";
 
@@ -111,11 +112,9 @@ at::Tensor upload_table(const FusedStepConfig& config, const std::vector<FusedSe
 void fused_step_cuda(int64_t rule, int64_t wd_mode, c10::ArrayRef<double> hyper, at::TensorList params,
                      at::TensorList grads, at::TensorList state1, at::TensorList absmax1, at::TensorList state2,
                      at::TensorList absmax2, at::TensorList state3, at::TensorList absmax3, at::TensorList codebooks,
-                     c10::ArrayRef<int64_t> lut_params, const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& update_scale, const std::optional<at::Tensor>& norm_out,
-                     const std::optional<at::Tensor>& nonfinite_count, c10::ArrayRef<int64_t> segment_offsets,
-                     int64_t blocksize, std::optional<int64_t> seed) {
-  (void)lut_params;
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& update_scale,
+                     const std::optional<at::Tensor>& norm_out, const std::optional<at::Tensor>& nonfinite_count,
+                     c10::ArrayRef<int64_t> segment_offsets, int64_t blocksize, std::optional<int64_t> seed) {
   TORCH_CHECK(rule >= static_cast<int64_t>(Rule::kAdam) && rule <= static_cast<int64_t>(Rule::kAdemamix), kOp,
               "unknown rule ", rule);
   TORCH_CHECK(wd_mode >= static_cast<int64_t>(WeightDecayMode::kL2) &&
@@ -183,10 +182,20 @@ void fused_step_cuda(int64_t rule, int64_t wd_mode, c10::ArrayRef<double> hyper,
       const size_t book = kTensorsPerCodebook * static_cast<size_t>(used[i]);
       const at::Tensor& code = codebooks[book];
       const at::Tensor& thresholds = codebooks[book + 1];
+      const at::Tensor& encoder = codebooks[book + 2];
       check_tensor(code, "codebooks", static_cast<int64_t>(book), device, at::kFloat, kCodeValues);
       check_tensor(thresholds, "codebooks", static_cast<int64_t>(book + 1), device, at::kFloat, kCodeValues);
+      // The encoder table: float32, kEncoderValues values, or none (binary search only).
+      TORCH_CHECK(encoder.scalar_type() == at::kFloat, kOp, "codebooks[", book + 2,
+                  "] (encoder table) must be float32, got ", encoder.scalar_type());
+      TORCH_CHECK(encoder.numel() == 0 || encoder.numel() == kEncoderValues, kOp, "codebooks[", book + 2,
+                  "] (encoder table) must hold ", kEncoderValues, " values or none, got ", encoder.numel());
+      if (encoder.numel() != 0) {
+        check_tensor(encoder, "codebooks", static_cast<int64_t>(book + 2), device, at::kFloat, kEncoderValues);
+      }
       config.code[i] = code.const_data_ptr<float>();
       config.thresholds[i] = thresholds.const_data_ptr<float>();
+      config.encoder[i] = encoder.numel() != 0 ? encoder.const_data_ptr<float>() : nullptr;
     }
   }
   if (const at::Tensor* t = check_optional(grad_scale, "grad_scale", device, at::kFloat, num_segments)) {

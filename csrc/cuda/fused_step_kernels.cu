@@ -28,8 +28,8 @@
 // Work layout. The segments are cut into work units: with 8-bit states a unit
 // is max(blocksize, 256) elements starting at a block boundary of its segment,
 // with 32-bit states 256 elements. A group of warps owns one unit at a time
-// (one warp for blocksize <= 256, blocksize / 256 warps for 512..2048, eight
-// warps holding 512 elements each for 4096); each lane holds 2 (4 for 4096)
+// (one warp for blocksize <= 256, blocksize / 256 warps for 512..4096; for
+// 4096 the group is the whole 512-thread CUDA block); each lane holds 2
 // rows of 4 consecutive elements, rows strided by 128 elements, so every
 // load and store instruction of a warp covers one contiguous span. The unit
 // list of all segments is walked grid-stride by the groups of a persistent
@@ -45,9 +45,12 @@
 //   group and step).
 //   The new states stay in registers between the reduction and the encoding,
 //   so every byte is read once and written once: 16 bytes per element for
-//   AdamW8bit with float32 parameters and gradients. The code values and the
-//   thresholds of every used slot live in shared memory; the threshold search
-//   is count_thresholds_below of device_quant.cuh.
+//   AdamW8bit with float32 parameters and gradients. The tables of every used
+//   slot live in shared memory, laid out so that the common case reads them
+//   without bank conflicts (device_quant.cuh): decoding reads lane-private
+//   copies of the code, encoding the encoder table's 32-entry arrays
+//   (nearest_codes), and only values near a jump of the rounding rule take
+//   the threshold search (count_thresholds_below).
 //   Vector accesses (16 bytes of float32, 8 of 16-bit, 4 codes) need aligned
 //   pointers (checked per segment on the host) and a whole row; the last row
 //   of a segment and unaligned segments take per-element accesses.
@@ -55,10 +58,11 @@
 // atomics); the norm is summed per lane, reduced per warp and added once per
 // warp and segment. No host synchronisation anywhere.
 //
-// Registers (ptxas, sm_90, -O3 --fmad=false): about 108 for Adam and at most
-// 128 for AdEMAMix with blocksizes 64..2048 and with float32 states, so two
-// CUDA blocks (16 warps) are resident per SM; blocksize 4096 holds 16
-// elements per lane and needs 128..180 (one block per SM).
+// Registers (ptxas, sm_90, -O3 --fmad=false), capped at 128 by
+// __launch_bounds__, no spills: Adam 104..108, SGD/RMSprop/Adagrad/Lion
+// with one slot 88..95, RMSprop with two 105..108, AdEMAMix 118..128 (4096:
+// Adam 106, AdEMAMix 118, down from 154 / 179 with 4 rows per lane). So 16
+// warps are resident per SM for every variant.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -77,14 +81,14 @@ namespace dist8bit {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;  // threads per CUDA block
-constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kVec = 4;                     // consecutive elements per lane and row
 constexpr int kRow = kWarpSize * kVec;      // elements per warp row
-constexpr int kUnit32 = 2 * kRow;           // elements per work unit with float32 states
+constexpr int kRows = 2;                    // rows per lane
+constexpr int kWarpElems = kRows * kRow;    // elements per warp and unit
+constexpr int kUnit32 = kWarpElems;         // elements per work unit with float32 states
 constexpr int64_t kMinBlocksize = 64;
 constexpr int64_t kMaxBlocksize = 4096;
-static_assert(kThreads == kCodeSize, "staging loads one table entry per thread");
+constexpr int kMaxBlockThreads = 512;
 
 constexpr int log2_of(int v) { return v <= 1 ? 0 : 1 + log2_of(v / 2); }
 
@@ -94,11 +98,21 @@ constexpr int64_t unit_elements(bool eight_bit, int64_t blocksize) {
 }
 
 // The layout of a work unit for blocksize BS (0: float32 states).
+//
+// Threads and occupancy: every lane holds kRows = 2 rows of 4 elements, so
+// every variant needs the same registers per thread (at most 128: see
+// __launch_bounds__ below) and runs 16 warps per SM:
+//   BS <= 2048 and float32 states: 256 threads per CUDA block, 2 blocks/SM;
+//   BS == 4096: a block of 4096 elements is 16 warps' worth, so the CUDA
+//   block has 512 threads (one group of 16 warps), 1 block/SM.
+// (Holding 4 rows per lane in 256-thread blocks instead needed up to 180
+// registers for AdEMAMix: 8 warps per SM.)
 template <int BS>
 struct Layout {
   static constexpr bool kQuant = BS > 0;
-  static constexpr int kRows = BS == 4096 ? 4 : 2;  // rows per lane
-  static constexpr int kWarpElems = kRows * kRow;
+  static constexpr int kThreads = BS == 4096 ? 512 : 256;  // threads per CUDA block
+  static constexpr int kWarps = kThreads / kWarpSize;
+  static constexpr int kBlocksPerSM = BS == 4096 ? 1 : 2;  // intended residency (__launch_bounds__)
   static constexpr int kGroupWarps = BS > kWarpElems ? BS / kWarpElems : 1;  // warps sharing a unit
   static constexpr int kUnit = kGroupWarps * kWarpElems;
   static constexpr int kGroups = kWarps / kGroupWarps;  // units per CUDA block and step
@@ -111,6 +125,8 @@ struct Layout {
   static_assert(!kQuant || (BS >= kMinBlocksize && BS <= kMaxBlocksize && (BS & (BS - 1)) == 0),
                 "blocksize must be a power of two in [64, 4096]");
   static_assert(kGroups * kGroupWarps == kWarps, "the groups must fill the CUDA block");
+  static_assert(kThreads <= kMaxBlockThreads && kThreads >= kCodeSize, "staging covers the tables");
+  static_assert(kThreads * kBlocksPerSM * 128 <= 65536, "at most 128 registers per thread at this residency");
   static_assert(kUnit == unit_elements(kQuant, BS), "host and device must cut the same units");
   static_assert(kUnit % (kQuant ? BS : 1) == 0, "a unit holds whole blocks");
   static_assert(kLanesPerBlock * kVec * kRowsPerBlock * kGroupWarps == (kQuant ? BS : kRow),
@@ -133,6 +149,7 @@ struct KernelArgs {
   int64_t total_units;
   const float* code[kMaxStates];
   const float* thresholds[kMaxStates];
+  const float* encoder[kMaxStates];  // nullptr: binary search only
   const float* grad_scale;
   const float* update_scale;
   double* norm_out;
@@ -344,11 +361,11 @@ __device__ __forceinline__ void named_barrier() {
   asm volatile("bar.sync %0, %1;" : : "n"(kId), "n"(kThreadCount) : "memory");
 }
 
-template <int kGroupWarps>
+template <int kGroupWarps, int kBlockWarps>
 __device__ __forceinline__ void group_barrier(int group) {
-  static_assert(kWarps % kGroupWarps == 0 && kWarps / kGroupWarps <= 4, "at most four groups per block");
+  static_assert(kBlockWarps % kGroupWarps == 0 && kBlockWarps / kGroupWarps <= 4, "at most four groups per block");
   constexpr int kCount = kGroupWarps * kWarpSize;
-  if constexpr (kGroupWarps == kWarps) {
+  if constexpr (kGroupWarps == kBlockWarps) {
     __syncthreads();
   } else {
     switch (group) {
@@ -397,33 +414,66 @@ __device__ __forceinline__ int64_t find_segment(const int64_t* __restrict__ pref
 }
 
 // ---------------------------------------------------------------------------
+// The tables of the 8-bit states, per used slot, in dynamic shared memory
+// (device_quant.cuh explains why each read is conflict-free):
+//   [0, NS * kPrivateCodeWords)   the code, lane-private (word c * 32 + lane), for decoding
+//   then NS * kCodeSize           the thresholds, for the values the encoder table leaves to the search
+//   then NS * kEncoderWords       the encoder table
+// 34,320 bytes per slot: Adam 68.6 KB, AdEMAMix 103 KB per CUDA block. Two
+// blocks per SM (BS <= 2048) take at most 2 x (103 + 1) KB of the 228 KB of an
+// SM of sm_90 (1 KB per block is reserved by the runtime), one 512-thread
+// block (BS = 4096) half of that, so the tables never limit the 16 warps per
+// SM that the registers allow; the kernels ask for the maximum shared-memory
+// carveout (they stream every tensor once with evict-first hints, so L1 has
+// little to cache). Registers and shuffles instead of the lane-private code
+// would cost 8 SHFL + 8 selects per decoded element (MIO-bound at 3 slots).
+constexpr int kSlotTableWords = kPrivateCodeWords + kCodeSize + kEncoderWords;
+
+constexpr size_t quant_table_bytes(int num_states) {
+  return static_cast<size_t>(num_states) * kSlotTableWords * sizeof(float);
+}
+
+// ---------------------------------------------------------------------------
 // The kernel: rule R with NS state slots, blocksize BS (0: float32 states).
+//
+// __launch_bounds__(threads, blocks/SM) caps the registers at 128 per thread
+// (65536 / (256 x 2) or 65536 / (512 x 1)): 16 warps per SM for every
+// blocksize, 4096 included.
 
 template <Rule R, int NS, int BS>
-__global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_constant__ KernelArgs args) {
+__global__ void __launch_bounds__(Layout<BS>::kThreads, Layout<BS>::kBlocksPerSM)
+    fused_step_kernel(const __grid_constant__ KernelArgs args) {
   using L = Layout<BS>;
   constexpr bool kQuant = L::kQuant;
-  constexpr int kRows = L::kRows;
   constexpr int kSlots = NS > 0 ? NS : 1;  // array extents
   constexpr bool kCrossWarp = kQuant && L::kGroupWarps > 1;
   static_assert(!kQuant || NS > 0, "8-bit states need a slot");
 
-  __shared__ float s_code[kQuant ? kSlots : 1][kCodeSize];
-  __shared__ float s_thresholds[kQuant ? kSlots : 1][kCodeSize];
-  __shared__ unsigned s_partial[kCrossWarp ? 2 : 1][kCrossWarp ? kWarps : 1][kSlots];
-  unsigned table_address[kSlots];
+  extern __shared__ __align__(16) float s_tables[];
+  __shared__ unsigned s_partial[kCrossWarp ? 2 : 1][kCrossWarp ? L::kWarps : 1][kSlots];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const float* lane_code[kSlots];     // this lane's column of the lane-private code
+  const float* s_thresholds[kSlots];
+  const float* s_encoder[kSlots];
+  unsigned table_address[kSlots];     // shared address of s_thresholds, for count_thresholds_below
   if constexpr (kQuant) {
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
-      s_code[s][threadIdx.x] = args.code[s][threadIdx.x];
-      s_thresholds[s][threadIdx.x] = args.thresholds[s][threadIdx.x];
-      table_address[s] = shared_address(s_thresholds[s]);
+      float* const s_private = s_tables + s * kPrivateCodeWords;
+      float* const thresholds = s_tables + NS * kPrivateCodeWords + s * kCodeSize;
+      float* const encoder = s_tables + NS * (kPrivateCodeWords + kCodeSize) + s * kEncoderWords;
+      stage_private_code(args.code[s], s_private, L::kThreads);
+      for (int i = threadIdx.x; i < kCodeSize; i += L::kThreads) thresholds[i] = args.thresholds[s][i];
+      stage_encoder(args.encoder[s], encoder, static_cast<int>(threadIdx.x), L::kThreads);
+      lane_code[s] = s_private + lane;
+      s_thresholds[s] = thresholds;
+      s_encoder[s] = encoder;
+      table_address[s] = shared_address(thresholds);
     }
     __syncthreads();
   }
 
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
   const int part = warp % L::kGroupWarps;  // this warp's share of the unit
   const int group = warp / L::kGroupWarps;
   const bool norm_mode = args.norm_out != nullptr;
@@ -453,7 +503,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_const
       seg = find_segment(args.prefix, args.num_segments, unit, seg, lane);
       const FusedSegment& record = args.segments[seg];
       const int64_t n = record.numel;
-      const int64_t base = (unit - args.prefix[seg]) * L::kUnit + part * L::kWarpElems;
+      const int64_t base = (unit - args.prefix[seg]) * L::kUnit + part * kWarpElems;
       void* const param = record.param;
       const void* const grad = record.grad;
       vector_ok = record.vector_ok != 0;
@@ -511,7 +561,8 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_const
 #pragma unroll
           for (int s = 0; s < NS; ++s) {
             if constexpr (kQuant) {
-              old_value[s][j][k] = __fmul_rn(s_code[s][(codes[s][j] >> (8 * k)) & 0xffu], old_scale[s][j]);
+              old_value[s][j][k] =
+                  __fmul_rn(private_code(lane_code[s], (codes[s][j] >> (8 * k)) & 0xffu), old_scale[s][j]);
             }
             state[s] = old_value[s][j][k];
           }
@@ -568,7 +619,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_const
 #pragma unroll
           for (int s = 0; s < NS; ++s) s_partial[parity][warp][s] = block_max[s][0];
         }
-        group_barrier<L::kGroupWarps>(group);
+        group_barrier<L::kGroupWarps, L::kWarps>(group);
         if (active) {
 #pragma unroll
           for (int s = 0; s < NS; ++s) {
@@ -596,12 +647,14 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const __grid_const
           for (int j = 0; j < kRows; ++j) {
             const float scale = __uint_as_float(canonical_bits(block_max[s][j]));
             const float inv = reciprocal(scale);
+            float x[kVec];
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) x[k] = scaled_value(kept[s][j][k], inv);
+            uint32_t c[kVec];
+            nearest_codes<kVec>(s_encoder[s], s_thresholds[s], table_address[s], x, c);
             uint32_t word = 0;
 #pragma unroll
-            for (int k = 0; k < kVec; ++k) {
-              const float x = scaled_value(kept[s][j][k], inv);
-              word |= static_cast<uint32_t>(count_thresholds_below(s_thresholds[s], table_address[s], x)) << (8 * k);
-            }
+            for (int k = 0; k < kVec; ++k) word |= c[k] << (8 * k);
             store_code_word(codes, first[j], count[j], vector_ok, word);
             // The lane holding a block's first element writes its scale.
             if (part == 0 && lane % L::kLanesPerBlock == 0 && j % L::kRowsPerBlock == 0 && count[j] > 0) {
@@ -636,11 +689,23 @@ template <Rule R, int NS, int BS>
 cudaError_t launch_kernel(const KernelArgs& args, cudaStream_t stream) {
   using L = Layout<BS>;
   const auto kernel = fused_step_kernel<R, NS, BS>;
+  const size_t table_bytes = L::kQuant ? quant_table_bytes(NS) : 0;
+  if (L::kQuant) {
+    // More than the default 48 KB of dynamic shared memory, and the largest
+    // carveout: function attributes of the current device's module, so they
+    // are set on every launch (cheap host calls, no synchronisation).
+    cudaError_t error =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(table_bytes));
+    if (error != cudaSuccess) return error;
+    error = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    if (error != cudaSuccess) return error;
+  }
   // Resident CUDA blocks per multiprocessor: a property of the compiled kernel
   // (registers, shared memory), asked once per kernel and process.
-  static const int per_multiprocessor = [kernel] {
+  static const int per_multiprocessor = [kernel, table_bytes] {
     int blocks = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0) != cudaSuccess || blocks < 1) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, L::kThreads, table_bytes) != cudaSuccess ||
+        blocks < 1) {
       (void)cudaGetLastError();  // clear a failed query; the launch reports real errors
       blocks = 1;
     }
@@ -651,7 +716,7 @@ cudaError_t launch_kernel(const KernelArgs& args, cudaStream_t stream) {
   const int64_t steps = (args.total_units + L::kGroups - 1) / L::kGroups;
   const int64_t resident = int64_t{multiprocessor_count()} * per_multiprocessor;
   const int64_t grid = steps < resident ? steps : resident;
-  kernel<<<static_cast<unsigned>(grid < 1 ? 1 : grid), kThreads, 0, stream>>>(args);
+  kernel<<<static_cast<unsigned>(grid < 1 ? 1 : grid), L::kThreads, table_bytes, stream>>>(args);
   return cudaGetLastError();
 }
 
@@ -792,6 +857,7 @@ cudaError_t launch_fused_step(const FusedStepConfig& config, const void* device_
     const bool used = config.eight_bit && s < config.num_states;
     args.code[s] = used ? config.code[s] : nullptr;
     args.thresholds[s] = used ? config.thresholds[s] : nullptr;
+    args.encoder[s] = used ? config.encoder[s] : nullptr;
   }
   args.grad_scale = config.grad_scale;
   args.update_scale = config.update_scale;

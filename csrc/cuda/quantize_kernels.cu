@@ -9,10 +9,13 @@
 //   s       x * (1 / absmax) in float32: the reciprocal is __fdiv_rn (IEEE
 //           round-to-nearest whatever -prec-div says), the product and the
 //           NaN -> 0 rule are scaled_value() of common/code_search.h.
-//   code    the number of thresholds below s: the 8-step binary search of
-//           nearest_code_index() in common/code_search.h, comparison for
-//           comparison, over the thresholds in shared memory (in PTX, see
-//           count_thresholds_below); with stochastic rounding then
+//   code    the number of thresholds below s, as nearest_code_index(thresholds,
+//           encoder, s) of common/code_search.h finds it: the encoder
+//           table's candidate (encoder_table_candidate, on the table staged
+//           in shared memory) when it clears the guard, else the 8-step
+//           binary search, comparison for comparison, over the thresholds in
+//           shared memory (in PTX, see count_thresholds_below); without an
+//           encoder table every value searches. With stochastic rounding then
 //           stochastic_code_index() with u = uniform_for_index(seed_key(seed),
 //           i) of common/stochastic_rounding.h, i the element's flat index.
 //   out     code[c] * absmax in float32 (__fmul_rn, never contracted), then
@@ -39,8 +42,21 @@
 //     atomicMax on the bits; the second quantizes element-parallel.
 //   dequantize: element-parallel, 16 codes per thread per step (one 16-byte
 //     load, 32 or 64 bytes stored), scalar tail.
-// All loops are grid-stride with 64-bit indices; thresholds and the code live
-// in shared memory.
+// All loops are grid-stride with 64-bit indices; the tables live in shared
+// memory, laid out so that the common case reads them without bank
+// conflicts (device_quant.cuh): the encoder table (4 x 32 words, one
+// wavefront per read) for encoding, lane-private copies of the code (word
+// c * 32 + lane, 32 KB) for decoding. Stochastic rounding reads the code
+// values around the nearest one from a plain 256-word copy (conflicts
+// possible, as before: it is not the common case).
+//
+// Occupancy: every kernel declares __launch_bounds__(kThreads, blocks per SM)
+// and the grids are capped at the resident blocks (occupancy query, once per
+// kernel), so a persistent grid is one wave:
+//   quantize fast path       3 blocks/SM (24 warps, <= 80 registers), each
+//                            lane with 64..128 bytes of input in flight
+//   generic, large paths     4 blocks/SM (<= 64 registers)
+//   dequantize               6 blocks/SM (48 warps; 6 x 33 KB of shared memory)
 // The element types, vector accesses and rounding helpers are in
 // device_quant.cuh, shared with the fused optimizer step (fused_step_kernels.cu).
 
@@ -73,24 +89,40 @@ static_assert(kLargeTile <= kLargeBlock, "a large-path tile must meet at most tw
 // Codes per thread per step when dequantizing.
 constexpr int kDequantItems = 16;
 
+// Intended resident CUDA blocks per SM (__launch_bounds__ minimum blocks).
+constexpr int kFastBlocksPerSM = 3;
+constexpr int kScalarBlocksPerSM = 4;
+constexpr int kDequantBlocksPerSM = 6;
+
 // The code of one element: x scaled by inv, NaN to 0, nearest code, and with
 // SR the stochastic choice between the neighbours of s. `index` is the
 // element's flat index in the tensor (the stochastic stream position).
+// The tables of the encode path in shared memory: the encoder table, the
+// thresholds (for the values that take the binary search) and, for
+// stochastic rounding, the code.
 template <bool SR>
-__device__ __forceinline__ uint32_t quantize_value(float x, float inv, const float* s_thresholds, const float* s_code,
-                                                   uint32_t key, int64_t index) {
+struct EncodeTables {
+  float encoder[kEncoderWords];
+  float thresholds[kCodeSize];
+  float code[SR ? kCodeSize : 1];
+};
+
+template <bool SR>
+__device__ __forceinline__ uint32_t quantize_value(float x, float inv, const EncodeTables<SR>& t, uint32_t key,
+                                                   int64_t index) {
   const float s = scaled_value(x, inv);
-  int c = count_thresholds_below(s_thresholds, shared_address(s_thresholds), s);
-  if constexpr (SR) c = stochastic_code_index(s_code, c, s, uniform_for_index(key, static_cast<uint64_t>(index)));
+  int c = nearest_code(t.encoder, t.thresholds, shared_address(t.thresholds), s);
+  if constexpr (SR) c = stochastic_code_index(t.code, c, s, uniform_for_index(key, static_cast<uint64_t>(index)));
   return static_cast<uint32_t>(c);
 }
 
-// Copy the threshold table (and the code, for stochastic rounding) to shared memory.
-template <bool kNeedCode>
-__device__ __forceinline__ void stage_tables(const float* thresholds, const float* code, float* s_thresholds,
-                                             float* s_code) {
-  s_thresholds[threadIdx.x] = thresholds[threadIdx.x];
-  if (kNeedCode) s_code[threadIdx.x] = code[threadIdx.x];
+// Copy the tables to shared memory.
+template <bool SR>
+__device__ __forceinline__ void stage_tables(const float* code, const float* thresholds, const float* encoder,
+                                             EncodeTables<SR>& t) {
+  t.thresholds[threadIdx.x] = thresholds[threadIdx.x];
+  if constexpr (SR) t.code[threadIdx.x] = code[threadIdx.x];
+  stage_encoder(encoder, t.encoder, static_cast<int>(threadIdx.x), kThreads);
   __syncthreads();
 }
 
@@ -98,9 +130,8 @@ __device__ __forceinline__ void stage_tables(const float* thresholds, const floa
 // a first pass, codes in a second. Any len >= 1.
 template <typename E, bool SR>
 __device__ __forceinline__ void quantize_block_scalar(const typename E::Storage* __restrict__ x, int64_t start,
-                                                      int64_t len, int lane, const float* s_thresholds,
-                                                      const float* s_code, uint32_t key, uint8_t* __restrict__ codes,
-                                                      float* __restrict__ absmax_slot) {
+                                                      int64_t len, int lane, const EncodeTables<SR>& t, uint32_t key,
+                                                      uint8_t* __restrict__ codes, float* __restrict__ absmax_slot) {
   unsigned m = 0;
 #pragma unroll 4
   for (int64_t j = lane; j < len; j += kWarpSize) m = max(m, abs_bits(E::to_float(x[start + j])));
@@ -111,7 +142,7 @@ __device__ __forceinline__ void quantize_block_scalar(const typename E::Storage*
 #pragma unroll 4
   for (int64_t j = lane; j < len; j += kWarpSize) {
     const int64_t i = start + j;
-    codes[i] = static_cast<uint8_t>(quantize_value<SR>(E::to_float(x[i]), inv, s_thresholds, s_code, key, i));
+    codes[i] = static_cast<uint8_t>(quantize_value<SR>(E::to_float(x[i]), inv, t, key, i));
   }
 }
 
@@ -154,16 +185,17 @@ struct FastLayout {
 };
 
 template <typename E, int BS, bool SR>
-__global__ void quantize_fast_kernel(const typename E::Storage* __restrict__ x, int64_t n,
-                                     const float* __restrict__ code, const float* __restrict__ thresholds, uint32_t key,
-                                     uint8_t* __restrict__ codes, float* __restrict__ absmax) {
+__global__ void __launch_bounds__(kThreads, kFastBlocksPerSM)
+    quantize_fast_kernel(const typename E::Storage* __restrict__ x, int64_t n, const float* __restrict__ code,
+                         const float* __restrict__ thresholds, const float* __restrict__ encoder, uint32_t key,
+                         uint8_t* __restrict__ codes, float* __restrict__ absmax) {
   using L = FastLayout<E, BS>;
   constexpr int G = L::kWarpsPerBlock;
   constexpr int B = L::kBlocksPerWarp;
-  __shared__ float s_thresholds[kCodeSize];
-  __shared__ float s_code[SR ? kCodeSize : 1];
+  __shared__ EncodeTables<SR> tables;
   __shared__ unsigned s_partial[G > 1 ? 2 : 1][G > 1 ? kWarps : 1];
-  stage_tables<SR>(thresholds, code, s_thresholds, s_code);
+  stage_tables<SR>(code, thresholds, encoder, tables);
+  const unsigned thresholds_address = shared_address(tables.thresholds);
 
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
@@ -223,10 +255,17 @@ __global__ void quantize_fast_kernel(const typename E::Storage* __restrict__ x, 
 #pragma unroll
         for (int it = 0; it < L::kIters; ++it) {
           const int64_t first = base + b * BS + (it * kWarpSize + lane) * L::kVec;
-          uint32_t c[L::kVec];
+          float s[L::kVec];
 #pragma unroll
-          for (int k = 0; k < L::kVec; ++k) {
-            c[k] = quantize_value<SR>(element<E>(v[b][it], k), inv, s_thresholds, s_code, key, first + k);
+          for (int k = 0; k < L::kVec; ++k) s[k] = scaled_value(element<E>(v[b][it], k), inv);
+          uint32_t c[L::kVec];
+          nearest_codes<L::kVec>(tables.encoder, tables.thresholds, thresholds_address, s, c);
+          if constexpr (SR) {
+#pragma unroll
+            for (int k = 0; k < L::kVec; ++k) {
+              const float u = uniform_for_index(key, static_cast<uint64_t>(first + k));
+              c[k] = static_cast<uint32_t>(stochastic_code_index(tables.code, static_cast<int>(c[k]), s[k], u));
+            }
           }
           store_codes<L::kVec>(codes + first, c);
         }
@@ -238,7 +277,7 @@ __global__ void quantize_fast_kernel(const typename E::Storage* __restrict__ x, 
         if (block >= num_blocks) break;
         const int64_t start = block * BS;
         const int64_t len = n - start < BS ? n - start : BS;
-        quantize_block_scalar<E, SR>(x, start, len, lane, s_thresholds, s_code, key, codes, absmax + block);
+        quantize_block_scalar<E, SR>(x, start, len, lane, tables, key, codes, absmax + block);
       }
     }
   }
@@ -248,12 +287,13 @@ __global__ void quantize_fast_kernel(const typename E::Storage* __restrict__ x, 
 // Quantize, generic path: any blocksize in [1, kLargeBlock], any alignment.
 
 template <typename E, bool SR>
-__global__ void quantize_generic_kernel(const typename E::Storage* __restrict__ x, int64_t n, int64_t blocksize,
-                                        const float* __restrict__ code, const float* __restrict__ thresholds,
-                                        uint32_t key, uint8_t* __restrict__ codes, float* __restrict__ absmax) {
-  __shared__ float s_thresholds[kCodeSize];
-  __shared__ float s_code[SR ? kCodeSize : 1];
-  stage_tables<SR>(thresholds, code, s_thresholds, s_code);
+__global__ void __launch_bounds__(kThreads, kScalarBlocksPerSM)
+    quantize_generic_kernel(const typename E::Storage* __restrict__ x, int64_t n, int64_t blocksize,
+                            const float* __restrict__ code, const float* __restrict__ thresholds,
+                            const float* __restrict__ encoder, uint32_t key, uint8_t* __restrict__ codes,
+                            float* __restrict__ absmax) {
+  __shared__ EncodeTables<SR> tables;
+  stage_tables<SR>(code, thresholds, encoder, tables);
 
   const int lane = threadIdx.x % kWarpSize;
   const int64_t num_blocks = (n + blocksize - 1) / blocksize;
@@ -262,7 +302,7 @@ __global__ void quantize_generic_kernel(const typename E::Storage* __restrict__ 
        block += warp_stride) {
     const int64_t start = block * blocksize;
     const int64_t len = n - start < blocksize ? n - start : blocksize;
-    quantize_block_scalar<E, SR>(x, start, len, lane, s_thresholds, s_code, key, codes, absmax + block);
+    quantize_block_scalar<E, SR>(x, start, len, lane, tables, key, codes, absmax + block);
   }
 }
 
@@ -273,7 +313,7 @@ __global__ void quantize_generic_kernel(const typename E::Storage* __restrict__ 
 
 // absmax_bits must hold zeros on entry; receives the bits of every block's absmax.
 template <typename E>
-__global__ void absmax_large_kernel(const typename E::Storage* __restrict__ x, int64_t n, int64_t blocksize,
+__global__ void __launch_bounds__(kThreads, kScalarBlocksPerSM) absmax_large_kernel(const typename E::Storage* __restrict__ x, int64_t n, int64_t blocksize,
                                     unsigned* __restrict__ absmax_bits) {
   __shared__ unsigned s_partial[2][kWarps];
   const int lane = threadIdx.x % kWarpSize;
@@ -322,12 +362,13 @@ __global__ void absmax_large_kernel(const typename E::Storage* __restrict__ x, i
 }
 
 template <typename E, bool SR>
-__global__ void quantize_large_kernel(const typename E::Storage* __restrict__ x, int64_t n, int64_t blocksize,
-                                      const float* __restrict__ code, const float* __restrict__ thresholds,
-                                      uint32_t key, const float* __restrict__ absmax, uint8_t* __restrict__ codes) {
-  __shared__ float s_thresholds[kCodeSize];
-  __shared__ float s_code[SR ? kCodeSize : 1];
-  stage_tables<SR>(thresholds, code, s_thresholds, s_code);
+__global__ void __launch_bounds__(kThreads, kScalarBlocksPerSM)
+    quantize_large_kernel(const typename E::Storage* __restrict__ x, int64_t n, int64_t blocksize,
+                          const float* __restrict__ code, const float* __restrict__ thresholds,
+                          const float* __restrict__ encoder, uint32_t key, const float* __restrict__ absmax,
+                          uint8_t* __restrict__ codes) {
+  __shared__ EncodeTables<SR> tables;
+  stage_tables<SR>(code, thresholds, encoder, tables);
 
   const int64_t num_tiles = (n + kLargeTile - 1) / kLargeTile;
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
@@ -341,7 +382,7 @@ __global__ void quantize_large_kernel(const typename E::Storage* __restrict__ x,
       const int64_t i = base + k * kThreads + threadIdx.x;
       if (i < n) {
         const float inv = i < boundary ? inv0 : inv1;
-        codes[i] = static_cast<uint8_t>(quantize_value<SR>(E::to_float(x[i]), inv, s_thresholds, s_code, key, i));
+        codes[i] = static_cast<uint8_t>(quantize_value<SR>(E::to_float(x[i]), inv, tables, key, i));
       }
     }
   }
@@ -374,13 +415,17 @@ __device__ __forceinline__ void store_outputs(typename E::Storage* p, const floa
   for (int j = 0; j < kWords / 4; ++j) dst[j] = make_uint4(w[4 * j], w[4 * j + 1], w[4 * j + 2], w[4 * j + 3]);
 }
 
+// The code values are read from lane-private copies (device_quant.cuh):
+// every read of a warp is one wavefront, whatever the codes.
 template <typename E, bool kVectorized, bool kUniformScale>
-__global__ void dequantize_kernel(const uint8_t* __restrict__ codes, int64_t n, const float* __restrict__ code,
-                                  const float* __restrict__ absmax, int64_t blocksize, int shift,
-                                  typename E::Storage* __restrict__ out) {
-  __shared__ float s_code[kCodeSize];
-  s_code[threadIdx.x] = code[threadIdx.x];
+__global__ void __launch_bounds__(kThreads, kDequantBlocksPerSM)
+    dequantize_kernel(const uint8_t* __restrict__ codes, int64_t n, const float* __restrict__ code,
+                      const float* __restrict__ absmax, int64_t blocksize, int shift,
+                      typename E::Storage* __restrict__ out) {
+  __shared__ float s_private[kPrivateCodeWords];
+  stage_private_code(code, s_private, kThreads);
   __syncthreads();
+  const float* const lane_code = s_private + threadIdx.x % kWarpSize;
 
   const int64_t thread = int64_t{blockIdx.x} * kThreads + threadIdx.x;
   const int64_t stride = int64_t{gridDim.x} * kThreads;
@@ -406,14 +451,14 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ codes, int64_t n, 
           --left;
         }
         const uint32_t c = (raw.w[k / 4] >> (8 * (k % 4))) & 0xffu;
-        v[k] = __fmul_rn(s_code[c], scale);
+        v[k] = __fmul_rn(private_code(lane_code, c), scale);
       }
       store_outputs<E>(out + i0, v);
     }
     scalar_begin = num_chunks * kDequantItems;
   }
   for (int64_t i = scalar_begin + thread; i < n; i += stride) {
-    out[i] = E::from_float(__fmul_rn(s_code[codes[i]], absmax[block_of(i, blocksize, shift)]));
+    out[i] = E::from_float(__fmul_rn(private_code(lane_code, codes[i]), absmax[block_of(i, blocksize, shift)]));
   }
 }
 
@@ -428,14 +473,34 @@ int multiprocessor_count() {
   return count;
 }
 
+// Resident CUDA blocks per SM of a compiled kernel (registers, shared memory),
+// or `intended` (its __launch_bounds__ minimum) when the query fails. Callers
+// keep the answer in a static: it is a property of the kernel.
+int resident_blocks_per_sm(const void* kernel, int intended) {
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0) != cudaSuccess || blocks < 1) {
+    (void)cudaGetLastError();  // clear a failed query; the launch reports real errors
+    return intended;
+  }
+  return blocks;
+}
+
 // Enough CUDA blocks to cover `units` work items of `per_block` each, at most
-// a few waves of the whole GPU (the kernels loop grid-stride over the rest).
-unsigned grid_for(int64_t units, int64_t per_block) {
+// one wave of resident blocks (`per_sm` per SM; the kernels loop grid-stride
+// over the rest, so a second, partial wave would only idle SMs at the end).
+unsigned grid_for(int64_t units, int64_t per_block, int per_sm) {
   const int64_t wanted = (units + per_block - 1) / per_block;
-  const int64_t cap = int64_t{multiprocessor_count()} * (2048 / kThreads);
+  const int64_t cap = int64_t{multiprocessor_count()} * per_sm;
   const int64_t blocks = wanted < cap ? wanted : cap;
   return static_cast<unsigned>(blocks < 1 ? 1 : blocks);
 }
+
+// The resident blocks per SM of kernel `k`, asked once per call site and template instance.
+#define D8_RESIDENT(k, intended)                                                                  \
+  ([] {                                                                                           \
+    static const int blocks = resident_blocks_per_sm(reinterpret_cast<const void*>(k), intended); \
+    return blocks;                                                                                \
+  }())
 
 bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
@@ -447,39 +512,42 @@ int log2_if_power_of_two(int64_t v) {
 }
 
 template <typename E, int BS, bool SR>
-void launch_fast(const typename E::Storage* x, int64_t n, const float* code, const float* thresholds, uint32_t key,
-                 uint8_t* codes, float* absmax, cudaStream_t stream) {
+void launch_fast(const typename E::Storage* x, int64_t n, const float* code, const float* thresholds,
+                 const float* encoder, uint32_t key, uint8_t* codes, float* absmax, cudaStream_t stream) {
   const int64_t num_blocks = (n + BS - 1) / BS;
-  quantize_fast_kernel<E, BS, SR><<<grid_for(num_blocks, FastLayout<E, BS>::kStepBlocks), kThreads, 0, stream>>>(
-      x, n, code, thresholds, key, codes, absmax);
+  const int per_sm = D8_RESIDENT((quantize_fast_kernel<E, BS, SR>), kFastBlocksPerSM);
+  quantize_fast_kernel<E, BS, SR>
+      <<<grid_for(num_blocks, FastLayout<E, BS>::kStepBlocks, per_sm), kThreads, 0, stream>>>(
+          x, n, code, thresholds, encoder, key, codes, absmax);
 }
 
 template <typename E, bool SR>
 cudaError_t quantize_typed(const typename E::Storage* x, int64_t n, const float* code, const float* thresholds,
-                           int64_t blocksize, uint32_t key, uint8_t* codes, float* absmax, cudaStream_t stream) {
+                           const float* encoder, int64_t blocksize, uint32_t key, uint8_t* codes, float* absmax,
+                           cudaStream_t stream) {
   const bool vector_ok = aligned(x, 16) && aligned(codes, 8);
   if (vector_ok) {
     switch (blocksize) {
       case 64:
-        launch_fast<E, 64, SR>(x, n, code, thresholds, key, codes, absmax, stream);
+        launch_fast<E, 64, SR>(x, n, code, thresholds, encoder, key, codes, absmax, stream);
         return cudaGetLastError();
       case 128:
-        launch_fast<E, 128, SR>(x, n, code, thresholds, key, codes, absmax, stream);
+        launch_fast<E, 128, SR>(x, n, code, thresholds, encoder, key, codes, absmax, stream);
         return cudaGetLastError();
       case 256:
-        launch_fast<E, 256, SR>(x, n, code, thresholds, key, codes, absmax, stream);
+        launch_fast<E, 256, SR>(x, n, code, thresholds, encoder, key, codes, absmax, stream);
         return cudaGetLastError();
       case 512:
-        launch_fast<E, 512, SR>(x, n, code, thresholds, key, codes, absmax, stream);
+        launch_fast<E, 512, SR>(x, n, code, thresholds, encoder, key, codes, absmax, stream);
         return cudaGetLastError();
       case 1024:
-        launch_fast<E, 1024, SR>(x, n, code, thresholds, key, codes, absmax, stream);
+        launch_fast<E, 1024, SR>(x, n, code, thresholds, encoder, key, codes, absmax, stream);
         return cudaGetLastError();
       case 2048:
-        launch_fast<E, 2048, SR>(x, n, code, thresholds, key, codes, absmax, stream);
+        launch_fast<E, 2048, SR>(x, n, code, thresholds, encoder, key, codes, absmax, stream);
         return cudaGetLastError();
       case 4096:
-        launch_fast<E, 4096, SR>(x, n, code, thresholds, key, codes, absmax, stream);
+        launch_fast<E, 4096, SR>(x, n, code, thresholds, encoder, key, codes, absmax, stream);
         return cudaGetLastError();
       default:
         break;
@@ -487,32 +555,36 @@ cudaError_t quantize_typed(const typename E::Storage* x, int64_t n, const float*
   }
   if (blocksize <= kLargeBlock) {
     const int64_t num_blocks = (n + blocksize - 1) / blocksize;
-    quantize_generic_kernel<E, SR>
-        <<<grid_for(num_blocks, kWarps), kThreads, 0, stream>>>(x, n, blocksize, code, thresholds, key, codes, absmax);
+    const int per_sm = D8_RESIDENT((quantize_generic_kernel<E, SR>), kScalarBlocksPerSM);
+    quantize_generic_kernel<E, SR><<<grid_for(num_blocks, kWarps, per_sm), kThreads, 0, stream>>>(
+        x, n, blocksize, code, thresholds, encoder, key, codes, absmax);
     return cudaGetLastError();
   }
   const int64_t num_blocks = (n + blocksize - 1) / blocksize;
   const int64_t num_tiles = (n + kLargeTile - 1) / kLargeTile;
   const cudaError_t cleared = cudaMemsetAsync(absmax, 0, static_cast<size_t>(num_blocks) * sizeof(float), stream);
   if (cleared != cudaSuccess) return cleared;
-  const unsigned grid = grid_for(num_tiles, 1);
-  absmax_large_kernel<E><<<grid, kThreads, 0, stream>>>(x, n, blocksize, reinterpret_cast<unsigned*>(absmax));
+  const int absmax_per_sm = D8_RESIDENT((absmax_large_kernel<E>), kScalarBlocksPerSM);
+  absmax_large_kernel<E><<<grid_for(num_tiles, 1, absmax_per_sm), kThreads, 0, stream>>>(
+      x, n, blocksize, reinterpret_cast<unsigned*>(absmax));
   const cudaError_t first = cudaGetLastError();
   if (first != cudaSuccess) return first;
-  quantize_large_kernel<E, SR><<<grid, kThreads, 0, stream>>>(x, n, blocksize, code, thresholds, key, absmax, codes);
+  const int quantize_per_sm = D8_RESIDENT((quantize_large_kernel<E, SR>), kScalarBlocksPerSM);
+  quantize_large_kernel<E, SR><<<grid_for(num_tiles, 1, quantize_per_sm), kThreads, 0, stream>>>(
+      x, n, blocksize, code, thresholds, encoder, key, absmax, codes);
   return cudaGetLastError();
 }
 
 template <typename E>
 cudaError_t quantize_dispatch_rounding(const void* x, int64_t n, const float* code, const float* thresholds,
-                                       int64_t blocksize, bool stochastic, uint64_t seed, uint8_t* codes, float* absmax,
-                                       cudaStream_t stream) {
+                                       const float* encoder, int64_t blocksize, bool stochastic, uint64_t seed,
+                                       uint8_t* codes, float* absmax, cudaStream_t stream) {
   const auto* typed = static_cast<const typename E::Storage*>(x);
   if (stochastic) {
     const uint32_t key = seed_key(seed);
-    return quantize_typed<E, true>(typed, n, code, thresholds, blocksize, key, codes, absmax, stream);
+    return quantize_typed<E, true>(typed, n, code, thresholds, encoder, blocksize, key, codes, absmax, stream);
   }
-  return quantize_typed<E, false>(typed, n, code, thresholds, blocksize, 0u, codes, absmax, stream);
+  return quantize_typed<E, false>(typed, n, code, thresholds, encoder, blocksize, 0u, codes, absmax, stream);
 }
 
 template <typename E>
@@ -521,36 +593,45 @@ cudaError_t dequantize_typed(const uint8_t* codes, int64_t n, const float* code,
   auto* typed = static_cast<typename E::Storage*>(out);
   const int shift = log2_if_power_of_two(blocksize);
   const bool vectorized = aligned(codes, 16) && aligned(out, 16) && n >= kDequantItems;
+  // A block stages 8192 words of lane-private code (32 per thread): grids
+  // give each thread at least kDequantRuns runs of 16 codes to amortise that.
+  constexpr int64_t kDequantRuns = 2;
   if (!vectorized) {
-    dequantize_kernel<E, false, false>
-        <<<grid_for(n, kThreads), kThreads, 0, stream>>>(codes, n, code, absmax, blocksize, shift, typed);
+    const int per_sm = D8_RESIDENT((dequantize_kernel<E, false, false>), kDequantBlocksPerSM);
+    dequantize_kernel<E, false, false><<<grid_for(n, kThreads * kDequantRuns * kDequantItems, per_sm), kThreads, 0,
+                                         stream>>>(codes, n, code, absmax, blocksize, shift, typed);
   } else if (blocksize % kDequantItems == 0) {
-    dequantize_kernel<E, true, true><<<grid_for(n / kDequantItems, kThreads), kThreads, 0, stream>>>(
-        codes, n, code, absmax, blocksize, shift, typed);
+    const int per_sm = D8_RESIDENT((dequantize_kernel<E, true, true>), kDequantBlocksPerSM);
+    dequantize_kernel<E, true, true><<<grid_for(n / kDequantItems, kThreads * kDequantRuns, per_sm), kThreads, 0,
+                                       stream>>>(codes, n, code, absmax, blocksize, shift, typed);
   } else {
-    dequantize_kernel<E, true, false><<<grid_for(n / kDequantItems, kThreads), kThreads, 0, stream>>>(
-        codes, n, code, absmax, blocksize, shift, typed);
+    const int per_sm = D8_RESIDENT((dequantize_kernel<E, true, false>), kDequantBlocksPerSM);
+    dequantize_kernel<E, true, false><<<grid_for(n / kDequantItems, kThreads * kDequantRuns, per_sm), kThreads, 0,
+                                        stream>>>(codes, n, code, absmax, blocksize, shift, typed);
   }
   return cudaGetLastError();
 }
 
+#undef D8_RESIDENT
+
 }  // namespace
 
 cudaError_t launch_quantize_blockwise(FloatType x_type, const void* x, int64_t n, const float* code,
-                                      const float* thresholds, int64_t blocksize, bool stochastic, uint64_t seed,
-                                      uint8_t* codes, float* absmax, cudaStream_t stream) {
+                                      const float* thresholds, const float* encoder, int64_t blocksize,
+                                      bool stochastic, uint64_t seed, uint8_t* codes, float* absmax,
+                                      cudaStream_t stream) {
   if (n < 0 || blocksize < 1) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   switch (x_type) {
     case FloatType::kFloat32:
-      return quantize_dispatch_rounding<F32>(x, n, code, thresholds, blocksize, stochastic, seed, codes, absmax,
-                                             stream);
+      return quantize_dispatch_rounding<F32>(x, n, code, thresholds, encoder, blocksize, stochastic, seed, codes,
+                                         absmax, stream);
     case FloatType::kFloat16:
-      return quantize_dispatch_rounding<F16>(x, n, code, thresholds, blocksize, stochastic, seed, codes, absmax,
-                                             stream);
+      return quantize_dispatch_rounding<F16>(x, n, code, thresholds, encoder, blocksize, stochastic, seed, codes,
+                                         absmax, stream);
     case FloatType::kBFloat16:
-      return quantize_dispatch_rounding<BF16>(x, n, code, thresholds, blocksize, stochastic, seed, codes, absmax,
-                                              stream);
+      return quantize_dispatch_rounding<BF16>(x, n, code, thresholds, encoder, blocksize, stochastic, seed, codes,
+                                          absmax, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -35,6 +35,9 @@ enum class FloatType : int {
 //   x           n elements of type `x_type`
 //   code        256 float32 values, sorted (read only when stochastic)
 //   thresholds  256 float32 midpoints, thresholds[255] = +inf
+//   encoder     the codebook's encoder table (dist8bit/quant/encoder_table.py,
+//               kEncoderTableSize = 130 float32 values), or nullptr: then
+//               every value takes the binary search (same codes, slower)
 //   blocksize   >= 1; powers of two in [64, 4096] take the fast path, any
 //               other value (functional.quantize passes blocksize = n) a
 //               generic one
@@ -45,8 +48,17 @@ enum class FloatType : int {
 //
 // n == 0 launches nothing.
 cudaError_t launch_quantize_blockwise(FloatType x_type, const void* x, int64_t n, const float* code,
-                                      const float* thresholds, int64_t blocksize, bool stochastic, uint64_t seed,
-                                      uint8_t* codes, float* absmax, cudaStream_t stream);
+                                      const float* thresholds, const float* encoder, int64_t blocksize,
+                                      bool stochastic, uint64_t seed, uint8_t* codes, float* absmax,
+                                      cudaStream_t stream);
+
+// The same without an encoder table (binary search only).
+inline cudaError_t launch_quantize_blockwise(FloatType x_type, const void* x, int64_t n, const float* code,
+                                             const float* thresholds, int64_t blocksize, bool stochastic,
+                                             uint64_t seed, uint8_t* codes, float* absmax, cudaStream_t stream) {
+  return launch_quantize_blockwise(x_type, x, n, code, thresholds, nullptr, blocksize, stochastic, seed, codes,
+                                   absmax, stream);
+}
 
 // out[i] = code[codes[i]] * absmax[i / blocksize], computed in float32 and
 // rounded to `out_type` (round to nearest even).
