@@ -6,12 +6,9 @@ parameters, codes, absmax, float32 states and the non-finite count to the last
 bit (NaN only has to meet NaN: its payload is not part of the contract), and
 norm_out to float64 rounding (the kernel sums in another order).
 
-The oracle runs on the CPU on purpose. On CUDA tensors ATen divides by a
-Python scalar as a multiplication by the scalar's float32 reciprocal
-(div_true_kernel_cuda), so reference_optim's sqrt(v) / h[BIAS_CORRECTION2_SQRT]
-(Adam, AdEMAMix) rounds differently from the division in
-csrc/common/update_rules.h there; on the CPU every reference operation rounds
-like the kernels' (IEEE division, sqrt, no contraction).
+The oracle runs on the CPU, where every reference operation rounds like the
+kernels' (IEEE division, sqrt, no contraction); on CUDA tensors ATen may
+rewrite a division by a Python scalar as a multiplication by its reciprocal.
 
 Skipped without a CUDA GPU, except the host-compiler probe of the launcher
 header, which needs nvcc only.

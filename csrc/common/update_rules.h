@@ -27,7 +27,7 @@ enum Hyper : int {
   kWeightDecay = 8,
   kDecay = 9,
   kInvBiasCorrection1 = 10,
-  kBiasCorrection2Sqrt = 11,
+  kInvBiasCorrection2Sqrt = 11,
   kAlpha = 12,
   kMomentum = 13,
   kOneMinusDampening = 14,
@@ -66,7 +66,7 @@ D8_HD F update_value(Rule rule, WeightDecayMode wd_mode, const StepConstants& c,
       const F v = c.v[kBeta2] * state[1] + c.v[kOneMinusBeta2] * (g * g);
       state[0] = m;
       state[1] = v;
-      const F denom = sqrt_value(v) / c.v[kBiasCorrection2Sqrt] + c.v[kEps];
+      const F denom = sqrt_value(v) * c.v[kInvBiasCorrection2Sqrt] + c.v[kEps];
       F d = (m / denom) * c.v[kInvBiasCorrection1];
       if (wd_mode == WeightDecayMode::kInDirection) d = d + c.v[kWeightDecay] * p;
       return d;
@@ -107,7 +107,7 @@ D8_HD F update_value(Rule rule, WeightDecayMode wd_mode, const StepConstants& c,
       state[0] = fast;
       state[1] = slow;
       state[2] = v;
-      const F denom = sqrt_value(v) / c.v[kBiasCorrection2Sqrt] + c.v[kEps];
+      const F denom = sqrt_value(v) * c.v[kInvBiasCorrection2Sqrt] + c.v[kEps];
       return (fast * c.v[kInvBiasCorrection1] + c.v[kAlpha] * slow) / denom;
     }
   }

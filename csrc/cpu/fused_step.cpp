@@ -439,13 +439,10 @@ class UnitAvx512 {
     __m512 g = kFull ? load_grad<G>(grad_, seg_.grad_kind, e) : load_grad<G>(grad_, seg_.grad_kind, e, lanes);
     if (call_.has_grad_scale) g = _mm512_mul_ps(g, grad_scale_);
     const __mmask16 not_finite = _mm512_fpclass_ps_mask(g, 0x99);  // QNaN | +Inf | -Inf | SNaN
-    const __mmask16 finite = static_cast<__mmask16>(lanes & ~not_finite);
     const __m512 p = kFull ? load16(param_ + e) : load16(param_ + e, lanes);
-    Vec16 state[kSlots];
-    for (int k = 0; k < NS; ++k) state[k] = Vec16(old[k][q]);
-    const Vec16 d = update_value<Vec16>(R, W, call_.c, Vec16(_mm512_maskz_mov_ps(static_cast<__mmask16>(~not_finite), g)),
-                                        Vec16(p), state, NS);
     if (kNorm) {
+      const Vec16 d = direction(_mm512_maskz_mov_ps(static_cast<__mmask16>(~not_finite), g), p, old, q, nullptr);
+      const __mmask16 finite = static_cast<__mmask16>(lanes & ~not_finite);
       const __m512d low = _mm512_cvtps_pd(_mm512_castps512_ps256(d.v));
       const __m512d high = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d.v), 1)));
       norm_ = _mm512_mask_add_pd(norm_, static_cast<__mmask8>(finite), norm_, _mm512_mul_pd(low, low));
@@ -453,11 +450,36 @@ class UnitAvx512 {
       return;
     }
     const __mmask16 skipped = static_cast<__mmask16>(lanes & not_finite);
-    if (skipped != 0) bad_ += __builtin_popcount(static_cast<unsigned>(skipped));
+    if (__builtin_expect(skipped == 0, 1)) {
+      // The common case: every gradient finite, so nothing to mask or keep.
+      write<kFull, false>(e, lanes, g, p, old, q);
+    } else {
+      bad_ += __builtin_popcount(static_cast<unsigned>(skipped));
+      write<kFull, true>(e, lanes, _mm512_maskz_mov_ps(static_cast<__mmask16>(~not_finite), g), p, old, q,
+                         static_cast<__mmask16>(lanes & ~not_finite));
+    }
+  }
+
+  // The rule's direction for 16 lanes; the new states go to `state` (when not null).
+  __attribute__((always_inline)) Vec16 direction(__m512 g, __m512 p, const __m512 (*old)[4], int q, Vec16* state) {
+    Vec16 scratch[kSlots];
+    Vec16* out = state != nullptr ? state : scratch;
+    for (int k = 0; k < NS; ++k) out[k] = Vec16(old[k][q]);
+    return update_value<Vec16>(R, W, call_.c, Vec16(g), Vec16(p), out, NS);
+  }
+
+  // Step 16 lanes and write the parameter and the states. kMasked: some lanes have a
+  // non-finite gradient (g is 0 there) and keep their parameter and old states.
+  template <bool kFull, bool kMasked>
+  __attribute__((always_inline)) void write(int64_t e, __mmask16 lanes, __m512 g, __m512 p, const __m512 (*old)[4],
+                                            int q, __mmask16 finite = 0) {
+    Vec16 state[kSlots];
+    const Vec16 d = direction(g, p, old, q, state);
     const Vec16 stepped = apply_direction_value<Vec16>(Vec16(p), call_.decay, seg_.lr, d);
-    store_param(param_ + e, _mm512_mask_blend_ps(finite, p, stepped.v), lanes, call_, seg_.first_index + start_ + e);
+    store_param(param_ + e, kMasked ? _mm512_mask_blend_ps(finite, p, stepped.v) : stepped.v, lanes, call_,
+                seg_.first_index + start_ + e);
     for (int k = 0; k < NS; ++k) {
-      const __m512 value = _mm512_mask_blend_ps(finite, old[k][q], state[k].v);
+      const __m512 value = kMasked ? _mm512_mask_blend_ps(finite, old[k][q], state[k].v) : state[k].v;
       if (kQuant) {
         _mm512_store_ps(kept_[k] + e, value);
         const __m512i magnitude = _mm512_and_si512(_mm512_castps_si512(value), _mm512_set1_epi32(static_cast<int>(kAbsMask)));

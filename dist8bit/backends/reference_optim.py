@@ -38,19 +38,13 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.double()).float()
 
 
-def _divide(numerator: torch.Tensor, denominator: float) -> torch.Tensor:
-    """A true float32 division: CUDA turns `tensor / python_number` into a multiply
-    by the reciprocal, which rounds differently from the kernels' division."""
-    return numerator / torch.tensor(denominator, dtype=torch.float32, device=numerator.device)
-
-
 def _adam(h, wd_mode, g, p, states):
     m, v = states
     if wd_mode == WeightDecay.L2:
         g = g + h[Hyper.WEIGHT_DECAY] * p
     m = h[Hyper.BETA1] * m + h[Hyper.ONE_MINUS_BETA1] * g
     v = h[Hyper.BETA2] * v + h[Hyper.ONE_MINUS_BETA2] * (g * g)
-    denom = _divide(_sqrt(v), h[Hyper.BIAS_CORRECTION2_SQRT]) + h[Hyper.EPS]
+    denom = _sqrt(v) * h[Hyper.INV_BIAS_CORRECTION2_SQRT] + h[Hyper.EPS]
     direction = (m / denom) * h[Hyper.INV_BIAS_CORRECTION1]
     if wd_mode == WeightDecay.IN_DIRECTION:
         direction = direction + h[Hyper.WEIGHT_DECAY] * p
@@ -101,7 +95,7 @@ def _ademamix(h, wd_mode, g, p, states):
     fast = h[Hyper.BETA1] * fast + h[Hyper.ONE_MINUS_BETA1] * g
     slow = h[Hyper.BETA3] * slow + h[Hyper.ONE_MINUS_BETA3] * g
     v = h[Hyper.BETA2] * v + h[Hyper.ONE_MINUS_BETA2] * (g * g)
-    denom = _divide(_sqrt(v), h[Hyper.BIAS_CORRECTION2_SQRT]) + h[Hyper.EPS]
+    denom = _sqrt(v) * h[Hyper.INV_BIAS_CORRECTION2_SQRT] + h[Hyper.EPS]
     direction = (fast * h[Hyper.INV_BIAS_CORRECTION1] + h[Hyper.ALPHA] * slow) / denom
     return [fast, slow, v], direction
 

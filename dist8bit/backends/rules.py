@@ -52,7 +52,7 @@ class Hyper(IntEnum):
     WEIGHT_DECAY = 8
     DECAY = 9  # 1 - lr * weight_decay when decoupled, else 1
     INV_BIAS_CORRECTION1 = 10
-    BIAS_CORRECTION2_SQRT = 11
+    INV_BIAS_CORRECTION2_SQRT = 11
     ALPHA = 12  # AdEMAMix mixing weight
     MOMENTUM = 13
     ONE_MINUS_DAMPENING = 14
@@ -114,7 +114,7 @@ def constants(c: StepConstants) -> list[float]:
     values[Hyper.WEIGHT_DECAY] = c.weight_decay
     values[Hyper.DECAY] = 1.0 - c.lr * c.weight_decay if c.decoupled else 1.0
     values[Hyper.INV_BIAS_CORRECTION1] = 1.0 / bias_correction1 if bias_correction1 > 0 else 1.0
-    values[Hyper.BIAS_CORRECTION2_SQRT] = math.sqrt(bias_correction2) if bias_correction2 > 0 else 1.0
+    values[Hyper.INV_BIAS_CORRECTION2_SQRT] = 1.0 / math.sqrt(bias_correction2) if bias_correction2 > 0 else 1.0
     values[Hyper.ALPHA] = c.alpha
     values[Hyper.MOMENTUM] = c.momentum
     values[Hyper.ONE_MINUS_DAMPENING] = 1.0 - c.dampening

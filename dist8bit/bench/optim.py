@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .. import optim as d8
 from .report import format_table, machine_description, pyplot, write_json
-from .timing import copy_bandwidth_gbs, time_call
+from .timing import busy_cores, copy_bandwidth_gbs, rmw_bandwidth_gbs, time_call
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter and gradient dtype")
     parser.add_argument("--budget", type=float, default=5.0, help="seconds of timing per optimizer")
     parser.add_argument("--only", default="", help="comma-separated subset of implementation names")
+    parser.add_argument(
+        "--busy-cores", type=int, default=0, help="keep this many other processes spinning while timing (a loaded machine)"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
 
 
@@ -95,12 +98,25 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype]
     shapes = PRESETS[args.preset]()
-    numel = sum(torch.Size(s).numel() for s in shapes)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype) * 0.02) for s in shapes]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
+    with busy_cores(args.busy_cores):
+        return _measure(args, device, dtype, shapes, params)
+
+
+def _measure(
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    shapes: list[tuple[int, ...]],
+    params: list[torch.nn.Parameter],
+) -> dict:
+    """Bandwidths and every optimizer's step, all under the same load, so the ratios compare like with like."""
+    numel = sum(p.numel() for p in params)
     bandwidth = copy_bandwidth_gbs(device)
+    rmw_bandwidth = rmw_bandwidth_gbs(device)
     candidates = _candidates(dtype, device)
     if args.only:
         wanted = [n.strip() for n in args.only.split(",")]
@@ -121,6 +137,7 @@ def run(args: argparse.Namespace) -> dict:
                 "state_bytes_per_param": state_bytes(optimizer) / numel,
                 "GB/s": moved / (timing.median_ms * 1e-3) / 1e9,
                 "of_copy_bw": moved / (timing.median_ms * 1e-3) / 1e9 / bandwidth,
+                "of_rmw_bw": moved / (timing.median_ms * 1e-3) / 1e9 / rmw_bandwidth,
             }
         )
         del optimizer
@@ -139,19 +156,26 @@ def run(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "device": device.type,
         "copy_bandwidth_GBps": bandwidth,
+        "rmw_bandwidth_GBps": rmw_bandwidth,
+        "busy_cores": args.busy_cores,
         "machine": machine_description(),
         "rows": rows,
     }
-    write_json(args.out / f"optim-{args.preset}-{args.dtype}.json", result)
+    suffix = f"-busy{args.busy_cores}" if args.busy_cores else ""
+    write_json(args.out / f"optim-{args.preset}-{args.dtype}{suffix}.json", result)
     _plot(
         rows,
-        args.out / f"optim-{args.preset}-{args.dtype}.png",
+        args.out / f"optim-{args.preset}-{args.dtype}{suffix}.png",
         f"{args.preset} ({numel / 1e6:.0f}M params, {args.dtype}, {device.type})",
     )
+    machine = result["machine"]
     print(
-        f"\nAdamW step over {len(shapes)} tensors, {numel / 1e6:.1f}M params, {args.dtype} on {device.type}; copy bandwidth {bandwidth:.1f} GB/s"
+        f"\nAdamW step over {len(shapes)} tensors, {numel / 1e6:.1f}M params, {args.dtype} on {device.type}"
+        f" ({machine.get('gpu') or machine['cpu']}, {machine['threads']} threads, {args.busy_cores} busy cores);"
+        f" copy bandwidth {bandwidth:.1f} GB/s, read-modify-write bandwidth {rmw_bandwidth:.1f} GB/s"
     )
-    print(format_table(rows, ["impl", "ms", "state_bytes_per_param", "GB/s", "of_copy_bw", "vs_torch_fused", "vs_bnb", "error"]))
+    columns = ["impl", "ms", "state_bytes_per_param", "GB/s", "of_copy_bw", "of_rmw_bw", "vs_torch_fused", "vs_bnb"]
+    print(format_table(rows, [*columns, "error"]))
     return result
 
 

@@ -18,17 +18,38 @@ def machine_description() -> dict[str, object]:
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
     }
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    info.update(_cpu_identity())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def _cpu_identity() -> dict[str, object]:
+    """CPU model name plus family/model/stepping and the AVX-512 features the kernels use.
+
+    Virtual machines often report a bare "AMD EPYC" or "Intel Xeon"; the
+    family and model numbers still tell the generation (e.g. AMD family 25
+    model 17 is Zen 4 Genoa, Intel family 6 model 143 is Sapphire Rapids).
+    """
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return {}
+    if "model name" not in fields:
+        return {}
+    flags = set(fields.get("flags", "").split())
+    isa = [f for f in ("avx512f", "avx512bw", "avx512vbmi", "avx512_vbmi2", "avx512_bf16", "avx512_fp16") if f in flags]
+    family, model, stepping = (fields.get(k, "?") for k in ("cpu family", "model", "stepping"))
+    return {
+        "cpu": f"{fields['model name']} (family {family} model {model} stepping {stepping})",
+        "cpu_isa": " ".join(isa),
+    }
 
 
 def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,11 +43,44 @@ def time_call(fn: Callable[[], object], device: torch.device, min_repeats: int =
 
 
 def copy_bandwidth_gbs(device: torch.device, numel: int = 1 << 24) -> float:
-    """Measured memory-copy bandwidth: dst.copy_(src) of float32, read + write bytes."""
+    """Measured memory-copy bandwidth: dst.copy_(src) of float32, read + write bytes.
+
+    On CPUs the store to dst also reads each line first (read for ownership),
+    which this count leaves out, so it understates what an in-place kernel can
+    reach; rmw_bandwidth_gbs measures that case.
+    """
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
     timing = time_call(lambda: dst.copy_(src), device, min_repeats=20, budget_s=1.0)
     return 2 * 4 * numel / (timing.median_ms * 1e-3) / 1e9
+
+
+def rmw_bandwidth_gbs(device: torch.device, numel: int = 1 << 24) -> float:
+    """Measured read-modify-write bandwidth: a.add_(b) of float32, 2 reads + 1 write per element.
+
+    An optimizer step updates its tensors in place, like this: no line is
+    written without having been read, so this is the traffic pattern its
+    bytes bound refers to.
+    """
+    a = torch.randn(numel, device=device)
+    b = torch.randn(numel, device=device)
+    timing = time_call(lambda: a.add_(b), device, min_repeats=20, budget_s=1.0)
+    return 3 * 4 * numel / (timing.median_ms * 1e-3) / 1e9
+
+
+@contextlib.contextmanager
+def busy_cores(count: int) -> Iterator[None]:
+    """Keep `count` other processes spinning (a machine whose other cores are busy)."""
+    spinners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(count)
+    ]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
 
 
 @contextlib.contextmanager

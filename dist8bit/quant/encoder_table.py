@@ -9,31 +9,37 @@ thresholds are evenly spaced up to float32 rounding. The fast encoder is:
 
     slot   = max(biased_exponent(|s|), 96) - 96        (32 slots, one per binade)
     piece  = slot_piece[slot] + (|s| > split1[slot]) + (|s| > split2[slot])
-    h      = fma(s, slope[piece, sign], offset[piece, sign])     (float32)
+    h      = fma(|s|, slope[piece], offset[piece])     (float32)
     r      = h - round_to_nearest_integer(h)
-    code   = trunc(h)                          if |r| >= guard
-             the binary search                 otherwise (h is near a jump)
+    code   = clamp(trunc(s < 0 ? mirror - h : h), 0, 255)   if |r| >= guard
+             the binary search                               otherwise (h is near a jump)
 
 Every table read has at most 32 entries (one vpermt2ps on CPU; 32 words, so no
 shared-memory bank conflict on CUDA). The guard keeps the result exact
 without needing the lines to hit each threshold to the last ulp: `build` checks,
 with exact float32 arithmetic at every point where the count or the piece
-changes, that whenever |r| >= guard the truncated h *is* the count. Because
+changes, that whenever |r| >= guard the code it gives *is* the count. Because
 fma rounding is monotone in s, checking the ends of each interval of constant
-count proves the whole interval. Slots where no such lines exist read a NaN
-line, which always fails the guard: those values take the binary search, so the
-table is only ever a shortcut, never a second rule.
+count proves the whole interval. Slots where no such lines exist read the
+search line, h = 0 exactly, which never clears the guard: those values take
+the binary search, so the table is only ever a shortcut, never a second rule.
+Non-finite s never reaches the table (such blocks take the scalar path).
+
+Negative s: with floor(h) = f the code is mirror - 1 - f, computed as
+trunc(mirror - h), which is the same integer whenever h clears the guard
+(the float32 subtraction errs by far less than the guard).
 
 Table layout (float32, `TABLE_SIZE` entries; the CPU and CUDA kernels and the
 scalar C++ path in csrc/common/code_search.h read it the same way):
 
-    [0, 32)    split1: |s| above it moves one piece up. Its low 4 mantissa bits
-               (or a NaN's payload, when the slot has one piece) hold the
-               slot's first piece, slot_piece.
-    [32, 64)   split2: |s| above it moves one more piece up (NaN: never)
-    [64, 96)   slope:  entry piece + 16 * sign(s)
-    [96, 128)  offset: same indexing
-    [128]      guard
+    [0, 32)    split1 per slot: |s| above it moves one piece up. Its low 5
+               mantissa bits (or a NaN's payload, when the slot has one
+               piece) hold the slot's first piece, slot_piece.
+    [32, 64)   split2 per slot: |s| above it moves one more piece up (NaN: never)
+    [64, 96)   slope per piece
+    [96, 128)  offset per piece
+    [128]      mirror (negative s: code = trunc(mirror - h))
+    [129]      guard
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ import torch
 SLOTS = 32
 SLOT_BASE_EXPONENT = 96  # slot 0 gathers every |s| below 2^(97 - 127); |s| < 2 fills the rest
 LINES = 32
-NAN_LINE = LINES - 1  # reserved: a NaN line, whose values always take the binary search
+SEARCH_LINE = LINES - 1  # reserved: h = 0 exactly, which never clears the guard: the binary search decides
 TABLE_SIZE = 4 * SLOTS + 2
 GUARD = 2.0**-12
 MAP_LAST = 255
@@ -96,7 +102,7 @@ class _Line:
     offset: float
 
 
-_NAN_LINE = _Line(math.nan, math.nan)
+_SEARCH_LINE = _Line(0.0, 0.0)  # not NaN: vrangeps, which folds the guard test, drops NaNs
 _MAX_MAGNITUDE = _next_down(2.0)
 
 
@@ -196,8 +202,8 @@ def _is_exact(rule: _Rule, line: _Line, low: float, high: float, guard: float) -
     h = fma(|s|, slope, offset) is monotone in |s|, so checking the two ends
     of every interval of constant count covers the interval.
     """
-    if math.isnan(line.slope) or low > high:
-        return True  # a NaN line never passes the guard
+    if line == _SEARCH_LINE or low > high:
+        return True  # h = 0 never passes the guard
     for sign in (0, 1):
         s_low, s_high = (low, high) if sign == 0 else (-high, -low)
         edges = [s_low]
@@ -242,9 +248,9 @@ def _boundary(rule: _Rule, span: tuple[float, float], lines: tuple[_Line, _Line]
 
 
 def _constant_or_nan(rule: _Rule, low: float, high: float, guard: float) -> _Line:
-    """A line holding the count of a gap on both sides, or the NaN line where the sides disagree."""
+    """A line holding the count of a gap on both sides, or the search line where the sides disagree."""
     line = _Line(0.0, rule.count(_next_up(low)) + 0.5)
-    return line if _is_exact(rule, line, _next_up(low), high, guard) else _NAN_LINE
+    return line if _is_exact(rule, line, _next_up(low), high, guard) else _SEARCH_LINE
 
 
 def _pieces(rule: _Rule, guard: float) -> tuple[list[_Line], list[float]] | None:
@@ -253,7 +259,7 @@ def _pieces(rule: _Rule, guard: float) -> tuple[list[_Line], list[float]] | None
     Piece p serves magnitudes (boundaries[p-1], boundaries[p]]. Where two runs'
     lines cannot meet (the gap of constant count between them is wider than
     either stays valid), a constant line bridges the gap; where even that is
-    not exact on both sides, the NaN line does (those values take the search).
+    not exact on both sides, the search line does (those values take the search).
     """
     points, targets = rule.targets()
     runs = _runs(points, targets, tolerance=guard / 4)
@@ -285,13 +291,13 @@ def _pieces(rule: _Rule, guard: float) -> tuple[list[_Line], list[float]] | None
 def _slot_splits(rule: _Rule, lines: list[_Line], boundaries: list[float], slot: int, guard: float) -> tuple[float, float]:
     """split1 (carrying the slot's first piece) and split2 of one slot, checked exactly.
 
-    A slot that cannot be served exactly reads the NaN line.
+    A slot that cannot be served exactly reads the search line.
     """
     low, high = _slot_range(slot)
     first = sum(1 for b in boundaries if low > b)
     inside = [b for b in boundaries if low <= b < high]
-    if len(inside) > 2 or first + len(inside) >= NAN_LINE:
-        return _nan_with(NAN_LINE), _nan_with(0)
+    if len(inside) > 2 or first + len(inside) >= SEARCH_LINE:
+        return _nan_with(SEARCH_LINE), _nan_with(0)
     split1 = _with_payload(inside[0], first) if inside else _nan_with(first)
     split2 = inside[1] if len(inside) > 1 else _nan_with(0)
     piece, start = first, low
@@ -299,10 +305,10 @@ def _slot_splits(rule: _Rule, lines: list[_Line], boundaries: list[float], slot:
         if math.isnan(b):
             break
         if not (start <= b <= high and _is_exact(rule, lines[piece], start, b, guard)):
-            return _nan_with(NAN_LINE), _nan_with(0)
+            return _nan_with(SEARCH_LINE), _nan_with(0)
         start, piece = _next_up(b), piece + 1
     if not _is_exact(rule, lines[piece], start, high, guard):
-        return _nan_with(NAN_LINE), _nan_with(0)
+        return _nan_with(SEARCH_LINE), _nan_with(0)
     return split1, split2
 
 
@@ -337,16 +343,16 @@ def build_encoder_table(thresholds: torch.Tensor, guard: float = GUARD) -> tuple
     values = [0.0 if float(t) == 0.0 else float(t) for t in thresholds.float().cpu()[:-1]]
     rule = _best_rule(values, guard)
     built = _pieces(rule, guard)
-    lines, boundaries = built if built is not None and len(built[0]) <= NAN_LINE else ([], [])
-    lines = lines + [_NAN_LINE] * (LINES - len(lines))
+    lines, boundaries = built if built is not None and len(built[0]) <= SEARCH_LINE else ([], [])
+    lines = lines + [_SEARCH_LINE] * (LINES - len(lines))
     splits = [
-        _slot_splits(rule, lines, boundaries, slot, guard) if boundaries else (_nan_with(NAN_LINE), _nan_with(0))
+        _slot_splits(rule, lines, boundaries, slot, guard) if boundaries else (_nan_with(SEARCH_LINE), _nan_with(0))
         for slot in range(SLOTS)
     ]
     words = [_bits(s1) for s1, _ in splits] + [_bits(s2) for _, s2 in splits]
     words += [_bits(line.slope) for line in lines] + [_bits(line.offset) for line in lines]
     words += [_bits(float(rule.mirror)), _bits(guard)]
     table = torch.tensor(np.array(words, dtype=np.uint32).view(np.int32)).view(torch.float32)
-    fast = sum(1 for s1, _ in splits if (_bits(s1) & _PIECE_BITS) != NAN_LINE)
+    fast = sum(1 for s1, _ in splits if (_bits(s1) & _PIECE_BITS) != SEARCH_LINE)
     pieces = max((1 + sum(1 for s in pair if not math.isnan(s)) for pair in splits), default=1)
-    return table, EncoderTableStats(sum(1 for line in lines if not math.isnan(line.slope)), fast, pieces)
+    return table, EncoderTableStats(sum(1 for line in lines if line != _SEARCH_LINE), fast, pieces)
