@@ -95,8 +95,8 @@ def test_launcher_header_compiles_as_host_cpp(tmp_path):
         '#include "quantize_kernels.cuh"\n'
         "cudaError_t probe(cudaStream_t stream) {\n"
         "  using namespace dist8bit::cuda;\n"
-        "  cudaError_t a = launch_quantize_blockwise(FloatType::kBFloat16, nullptr, 0, nullptr, nullptr, 64, true,\n"
-        "                                            7u, nullptr, nullptr, stream);\n"
+        "  cudaError_t a = launch_quantize_blockwise(FloatType::kBFloat16, nullptr, 0, nullptr, nullptr, nullptr, 64,\n"
+        "                                            true, 7u, nullptr, nullptr, stream);\n"
         "  cudaError_t b = launch_dequantize_blockwise(FloatType::kFloat16, nullptr, 0, nullptr, nullptr, 64,\n"
         "                                              nullptr, stream);\n"
         "  return a != cudaSuccess ? a : b;\n"

@@ -52,14 +52,6 @@ cudaError_t launch_quantize_blockwise(FloatType x_type, const void* x, int64_t n
                                       bool stochastic, uint64_t seed, uint8_t* codes, float* absmax,
                                       cudaStream_t stream);
 
-// The same without an encoder table (binary search only).
-inline cudaError_t launch_quantize_blockwise(FloatType x_type, const void* x, int64_t n, const float* code,
-                                             const float* thresholds, int64_t blocksize, bool stochastic,
-                                             uint64_t seed, uint8_t* codes, float* absmax, cudaStream_t stream) {
-  return launch_quantize_blockwise(x_type, x, n, code, thresholds, nullptr, blocksize, stochastic, seed, codes,
-                                   absmax, stream);
-}
-
 // out[i] = code[codes[i]] * absmax[i / blocksize], computed in float32 and
 // rounded to `out_type` (round to nearest even).
 //
