@@ -175,7 +175,8 @@ __attribute__((always_inline)) inline __m512i line_codes(const LineTables& t, __
   piece = _mm512_mask_add_epi32(piece, _mm512_cmp_ps_mask(a, split2, _CMP_GT_OQ), piece, one);
   const __m512 h = _mm512_fmadd_ps(a, _mm512_permutex2var_ps(t.slope[0], piece, t.slope[1]),
                                    _mm512_permutex2var_ps(t.offset[0], piece, t.offset[1]));
-  near = _mm512_reduce_ps(h, 0);  // h - rint(h); NaN for NaN
+  // h - rint(h), exact; vrndscaleps + vsubps is twice the throughput of vreduceps on Zen 4.
+  near = _mm512_sub_ps(h, _mm512_roundscale_ps(h, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   const __m512 y = _mm512_mask_sub_ps(h, _mm512_movepi32_mask(bits), t.mirror, h);
   return _mm512_cvttps_epi32(y);
 }
@@ -440,8 +441,10 @@ __attribute__((always_inline)) inline void encode_vectors(const EncodeTables& ta
   static_assert(V % 4 == 0, "whole 64-byte groups");
   __m512 s[V];
   __m512i c[V];
+  // Blocks of 64 elements or more (shift >= 2) give every group of 4 vectors one scale.
+  const __m512 group_scale = _mm512_set1_ps(inv[first_vector >> shift]);
   for (int v = 0; v < V; ++v) {
-    const __m512 scale = _mm512_set1_ps(inv[(first_vector + v) >> shift]);
+    const __m512 scale = V == 4 && shift >= 2 ? group_scale : _mm512_set1_ps(inv[(first_vector + v) >> shift]);
     if (kFull) {
       s[v] = _mm512_mul_ps(load16(x + 16 * v), scale);
     } else {
