@@ -1,10 +1,10 @@
-"""python -m dist8bit.bench {quantize,optim,quantiles,paged,convert} [--out DIR] ..."""
+"""python -m dist8bit.bench {quantize,optim,quantiles,paged,convert,gpu-check} [--out DIR] ..."""
 
 from __future__ import annotations
 
 import argparse
 
-from . import convert, optim, paged, quantiles, quantize
+from . import convert, gpu_check, optim, paged, quantiles, quantize
 
 BENCHMARKS = {
     "quantize": (quantize, "quantize/dequantize throughput per backend vs bitsandbytes and copy bandwidth"),
@@ -12,6 +12,7 @@ BENCHMARKS = {
     "quantiles": (quantiles, "estimate_quantiles vs torch.quantile and a full sort"),
     "paged": (paged, "paged optimizer states: overhead when everything fits, step time with a fraction evicted"),
     "convert": (convert, "checkpoint conversion throughput and peak memory on a synthetic AdamW checkpoint"),
+    "gpu-check": (gpu_check, "build, GPU tests, benchmarks, paging and one-GPU launcher runs in one bounded run"),
 }
 
 
