@@ -45,17 +45,20 @@ D8_HD int nearest_code_index(const float* thresholds, float s) {
 //   [0, 32)   split1 per slot; its low 5 bits (or NaN payload) = the slot's first piece
 //   [32, 64)  split2 per slot (NaN: unused)
 //   [64, 96)  slope per piece, [96, 128) offset per piece
-//   [128]     mirror: negative s gets code mirror - 1 - floor(h)
+//   [128]     mirror: negative s gets code trunc(mirror - h) (= mirror - 1 - floor(h)
+//             whenever h clears the guard)
 //   [129]     guard: h within `guard` of an integer takes the binary search
+//   [130]     slot scale c in [0.5, 1): slots are binades of float32(|s| * c)
 constexpr int kEncoderSlots = 32;
-constexpr int kEncoderSlotBase = 96;  // slot = max(biased exponent of |s|, 96) - 96
+constexpr int kEncoderSlotBase = 96;  // slot = max(biased exponent of |s| * c, 96) - 96
 constexpr int kEncoderSplit1 = 0;
 constexpr int kEncoderSplit2 = 32;
 constexpr int kEncoderSlope = 64;
 constexpr int kEncoderOffset = 96;
 constexpr int kEncoderMirror = 128;
 constexpr int kEncoderGuard = 129;
-constexpr int kEncoderTableSize = 130;
+constexpr int kEncoderSlotScale = 130;
+constexpr int kEncoderTableSize = 131;
 constexpr uint32_t kEncoderPieceMask = 31u;
 
 // The fast path's candidate: h = fma(|s|, slope, offset) on s's piece. Returns
@@ -65,10 +68,11 @@ D8_HD bool encoder_table_candidate(const float* table, float s, int* code) {
   const uint32_t bits = float_to_bits(s);
   const uint32_t magnitude_bits = bits & 0x7FFFFFFFu;
   const float a = bits_to_float(magnitude_bits);
-  uint32_t exponent = magnitude_bits >> 23;
-  if (exponent > static_cast<uint32_t>(kFloat32ExponentOne)) return false;  // |s| >= 2, Inf, NaN
+  if ((magnitude_bits >> 23) > static_cast<uint32_t>(kFloat32ExponentOne)) return false;  // |s| >= 2, Inf, NaN
+  // |s| * c < 2 (c < 1), so its exponent is at most 127: exponents 96..127 -> slots 0..31.
+  uint32_t exponent = float_to_bits(a * table[kEncoderSlotScale]) >> 23;
   exponent = exponent < static_cast<uint32_t>(kEncoderSlotBase) ? static_cast<uint32_t>(kEncoderSlotBase) : exponent;
-  const uint32_t slot = exponent & 31u;  // exponents 96..127 -> slots 0..31
+  const uint32_t slot = exponent & 31u;
   const float split1 = table[kEncoderSplit1 + slot];
   uint32_t piece = float_to_bits(split1) & kEncoderPieceMask;
   piece += a > split1 ? 1u : 0u;

@@ -144,10 +144,13 @@ void decode_portable(const uint8_t* codes, int64_t len, const float* code, float
 // encoded again by the binary search, so the result never depends on the lines.
 struct LineTables {
   __m512 split1[2], split2[2], slope[2], offset[2];
-  __m512 mirror, guard;
+  __m512 mirror, guard, slot_scale;
+  bool two_splits = false;  // some slot has a second split point (else its lookup is skipped)
 
   explicit LineTables(const float* table) {
     if (table == nullptr) return;
+    for (int slot = 0; slot < kEncoderSlots; ++slot) two_splits = two_splits || !std::isnan(table[kEncoderSplit2 + slot]);
+    slot_scale = _mm512_set1_ps(table[kEncoderSlotScale]);
     for (int q = 0; q < 2; ++q) {
       split1[q] = _mm512_loadu_ps(table + kEncoderSplit1 + 16 * q);
       split2[q] = _mm512_loadu_ps(table + kEncoderSplit2 + 16 * q);
@@ -160,19 +163,25 @@ struct LineTables {
 };
 
 // Candidate codes (int32, unclamped) of 16 finite lanes with |s| < 2; `near`
-// gets h - rint(h), whose magnitude the guard checks.
+// gets h - rint(h), whose magnitude the guard checks. kTwoSplits: some slot
+// of the table has a second split point.
+template <bool kTwoSplits>
 __attribute__((always_inline)) inline __m512i line_codes(const LineTables& t, __m512 s, __m512& near) {
   const __m512i bits = _mm512_castps_si512(s);
   const __m512i magnitude_bits = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
   const __m512 a = _mm512_castsi512_ps(magnitude_bits);
-  // Exponents below 96 share slot 0; 96..127 index the 32 slots by their low 5 bits.
-  const __m512i slot = _mm512_max_epu32(_mm512_srli_epi32(magnitude_bits, 23), _mm512_set1_epi32(kEncoderSlotBase));
+  // Binades of |s| * c (c < 1, so exponents stay <= 127): exponents below 96
+  // share slot 0; 96..127 index the 32 slots by their low 5 bits.
+  const __m512i scaled_bits = _mm512_castps_si512(_mm512_mul_ps(a, t.slot_scale));
+  const __m512i slot = _mm512_max_epu32(_mm512_srli_epi32(scaled_bits, 23), _mm512_set1_epi32(kEncoderSlotBase));
   const __m512 split1 = _mm512_permutex2var_ps(t.split1[0], slot, t.split1[1]);
-  const __m512 split2 = _mm512_permutex2var_ps(t.split2[0], slot, t.split2[1]);
   const __m512i one = _mm512_set1_epi32(1);
   __m512i piece = _mm512_and_si512(_mm512_castps_si512(split1), _mm512_set1_epi32(kEncoderPieceMask));
   piece = _mm512_mask_add_epi32(piece, _mm512_cmp_ps_mask(a, split1, _CMP_GT_OQ), piece, one);
-  piece = _mm512_mask_add_epi32(piece, _mm512_cmp_ps_mask(a, split2, _CMP_GT_OQ), piece, one);
+  if (kTwoSplits) {
+    const __m512 split2 = _mm512_permutex2var_ps(t.split2[0], slot, t.split2[1]);
+    piece = _mm512_mask_add_epi32(piece, _mm512_cmp_ps_mask(a, split2, _CMP_GT_OQ), piece, one);
+  }
   const __m512 h = _mm512_fmadd_ps(a, _mm512_permutex2var_ps(t.slope[0], piece, t.slope[1]),
                                    _mm512_permutex2var_ps(t.offset[0], piece, t.offset[1]));
   // h - rint(h), exact; vrndscaleps + vsubps is twice the throughput of vreduceps on Zen 4.
@@ -409,10 +418,11 @@ __attribute__((noinline)) inline __m512i search_group(const EncodeTables& tables
 // Round-to-nearest codes of 64 finite lanes with |s| < 2 (4 vectors) by the
 // encoder table's lines, as bytes in element order; the binary search when a
 // lane is near a jump.
+template <bool kTwoSplits>
 __attribute__((always_inline)) inline __m512i encode_group_lines(const EncodeTables& tables, const __m512* s) {
   __m512 near[4];
   __m512i c[4];
-  for (int v = 0; v < 4; ++v) c[v] = line_codes(tables.line, s[v], near[v]);
+  for (int v = 0; v < 4; ++v) c[v] = line_codes<kTwoSplits>(tables.line, s[v], near[v]);
   if (__builtin_expect(lines_hold(tables.line, near), 1)) return pack_bytes(c[0], c[1], c[2], c[3]);
   return search_group(tables, s[0], s[1], s[2], s[3]);
 }
@@ -454,7 +464,11 @@ __attribute__((always_inline)) inline void encode_vectors(const EncodeTables& ta
     }
   }
   if (tables.has_line) {
-    for (int g = 0; g < V / 4; ++g) store_codes<kFull, kStream>(encode_group_lines(tables, s + 4 * g), count, g, out);
+    for (int g = 0; g < V / 4; ++g) {
+      const __m512i bytes = tables.line.two_splits ? encode_group_lines<true>(tables, s + 4 * g)
+                                                   : encode_group_lines<false>(tables, s + 4 * g);
+      store_codes<kFull, kStream>(bytes, count, g, out);
+    }
     return;
   }
 #if D8_AVX512_VBMI

@@ -3,7 +3,7 @@
 //
 // Only argument checks, device and stream selection and dtype dispatch live
 // here; the kernels are in quantize_kernels.cu behind the torch-free
-// launchers of quantize_kernels.cuh. The codebook's encoder table (130
+// launchers of quantize_kernels.cuh. The codebook's encoder table (131
 // float32 values, dist8bit/quant/encoder_table.py; empty: binary search only)
 // is handed to the kernels, which use it for every value it serves and
 // binary-search the thresholds for the rest. The current stream comes from
@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "common/code_search.h"
 #include "quantize_kernels.cuh"
 
 namespace dist8bit {
@@ -26,7 +27,7 @@ namespace cuda {
 namespace {
 
 constexpr int64_t kMapSize = 256;
-constexpr int64_t kEncoderSize = 130;  // kEncoderTableSize of common/code_search.h
+constexpr int64_t kEncoderSize = kEncoderTableSize;
 
 bool float_type_of(at::ScalarType type, FloatType* out) {
   switch (type) {

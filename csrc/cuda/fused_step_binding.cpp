@@ -11,7 +11,7 @@
 // is capturing a CUDA graph is refused: the captured copy would read the
 // pinned buffer again at every replay, long after it was reused. Like
 // quantize_blockwise,
-// each codebook's encoder table (130 float32 values, or empty: binary search
+// each codebook's encoder table (131 float32 values, or empty: binary search
 // only) goes to the kernel with its code and thresholds. The current stream comes from
 // c10/cuda/CUDAStream.h, which keeps this file free of ATen/cuda/CUDAContext.h.
 
@@ -27,6 +27,7 @@
 #include <optional>
 #include <vector>
 
+#include "common/code_search.h"
 #include "fused_step_kernels.cuh"
 
 namespace dist8bit {
@@ -34,7 +35,7 @@ namespace cuda {
 namespace {
 
 constexpr int64_t kCodeValues = 256;  // entries of a map and of its threshold table
-constexpr int64_t kEncoderValues = 130;  // kEncoderTableSize of common/code_search.h
+constexpr int64_t kEncoderValues = kEncoderTableSize;
 constexpr size_t kTensorsPerCodebook = 3;  // code, thresholds, encoder
 
 const char* const kOp = "dist8bit CUDA fused_step: ";

@@ -60,7 +60,7 @@ struct FusedStepConfig {
   int64_t blocksize;                       // 8-bit: a power of two in [64, 4096]; ignored for 32-bit states
   const float* code[kMaxStates];           // 8-bit: 256 sorted code values per used slot
   const float* thresholds[kMaxStates];     // 8-bit: 256 midpoints per used slot, thresholds[255] = +inf
-  const float* encoder[kMaxStates];        // 8-bit: encoder table per used slot (130 float32 values,
+  const float* encoder[kMaxStates];        // 8-bit: encoder table per used slot (131 float32 values,
                                            // dist8bit/quant/encoder_table.py), or nullptr: binary search only
   const float* grad_scale;                 // float32 per segment, or nullptr
   const float* update_scale;               // float32 per segment, or nullptr

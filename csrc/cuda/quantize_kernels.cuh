@@ -36,7 +36,7 @@ enum class FloatType : int {
 //   code        256 float32 values, sorted (read only when stochastic)
 //   thresholds  256 float32 midpoints, thresholds[255] = +inf
 //   encoder     the codebook's encoder table (dist8bit/quant/encoder_table.py,
-//               kEncoderTableSize = 130 float32 values), or nullptr: then
+//               kEncoderTableSize = 131 float32 values), or nullptr: then
 //               every value takes the binary search (same codes, slower)
 //   blocksize   >= 1; powers of two in [64, 4096] take the fast path, any
 //               other value (functional.quantize passes blocksize = n) a

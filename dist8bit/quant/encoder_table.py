@@ -7,7 +7,7 @@ are made of runs of evenly spaced codes (one run per decade), so over each run
 the count is a straight line in s: it jumps by one at each threshold, and the
 thresholds are evenly spaced up to float32 rounding. The fast encoder is:
 
-    slot   = max(biased_exponent(|s|), 96) - 96        (32 slots, one per binade)
+    slot   = max(biased_exponent(|s| * c), 96) - 96    (32 slots: binades of |s| * c)
     piece  = slot_piece[slot] + (|s| > split1[slot]) + (|s| > split2[slot])
     h      = fma(|s|, slope[piece], offset[piece])     (float32)
     r      = h - round_to_nearest_integer(h)
@@ -40,6 +40,7 @@ scalar C++ path in csrc/common/code_search.h read it the same way):
     [96, 128)  offset per piece
     [128]      mirror (negative s: code = trunc(mirror - h))
     [129]      guard
+    [130]      slot scale: slots are binades of float32(|s| * scale)
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ SLOTS = 32
 SLOT_BASE_EXPONENT = 96  # slot 0 gathers every |s| below 2^(97 - 127); |s| < 2 fills the rest
 LINES = 32
 SEARCH_LINE = LINES - 1  # reserved: h = 0 exactly, which never clears the guard: the binary search decides
-TABLE_SIZE = 4 * SLOTS + 2
+TABLE_SIZE = 4 * SLOTS + 3
+# Candidate slot scales c = 2^(k/16 - 1), in [0.5, 1): slots are binades of |s| * c.
+SLOT_SCALES = tuple(float(np.float32(2.0 ** (k / 16 - 1))) for k in range(16))
 GUARD = 2.0**-12
 MAP_LAST = 255
 _PIECE_BITS = 0x1F
@@ -106,10 +109,31 @@ _SEARCH_LINE = _Line(0.0, 0.0)  # not NaN: vrangeps, which folds the guard test,
 _MAX_MAGNITUDE = _next_down(2.0)
 
 
-def _slot_range(slot: int) -> tuple[float, float]:
-    """Smallest and largest magnitude of a slot (slot 0 starts at 0; slot 31 ends below 2)."""
-    low = 0.0 if slot == 0 else 2.0 ** (slot + SLOT_BASE_EXPONENT - 127)
-    return low, _next_down(2.0 ** (slot + SLOT_BASE_EXPONENT + 1 - 127))
+def _reaches(a: float, scale: float, exponent: int) -> bool:
+    """Whether float32(a * scale) >= 2^exponent (the kernels' multiply, rounded once)."""
+    return _round_float32(Fraction(a) * Fraction(scale)) >= Fraction(2) ** exponent
+
+
+def _slot_edge(exponent: int, scale: float) -> float:
+    """The smallest float32 a >= 0 with float32(a * scale) >= 2^exponent."""
+    a = float(np.float32(2.0**exponent / scale))
+    while a > 0.0 and _reaches(_next_down(a), scale, exponent):
+        a = _next_down(a)
+    while not _reaches(a, scale, exponent):
+        a = _next_up(a)
+    return a
+
+
+def _slot_range(slot: int, scale: float) -> tuple[float, float]:
+    """Smallest and largest |s| of a slot: slot = max(exponent(float32(|s| * scale)), 96) - 96.
+
+    Slot 0 starts at 0; slot 31 ends at the largest |s| below 2 (scale < 1, so
+    |s| * scale stays below 2 and its exponent at most 127).
+    """
+    low = 0.0 if slot == 0 else _slot_edge(slot + SLOT_BASE_EXPONENT - 127, scale)
+    if slot == SLOTS - 1:
+        return low, _MAX_MAGNITUDE
+    return low, _next_down(_slot_edge(slot + SLOT_BASE_EXPONENT + 1 - 127, scale))
 
 
 class _Rule:
@@ -173,7 +197,9 @@ def _runs(points: np.ndarray, targets: np.ndarray, tolerance: float) -> list[tup
     def gap_around(start: int, end: int) -> float:
         where = int(np.searchsorted(distinct, points[start]))
         around = gaps[max(where - 1, 0) : where + 1]
-        return float(around.max()) if around.size else 1.0
+        gap = float(around.max()) if around.size else 1.0
+        # The last crossing: a line gentle enough to stay valid up to |s| = 2.
+        return max(gap, _MAX_MAGNITUDE - float(points[start])) if where == len(distinct) - 1 else gap
 
     runs = []
     start = 0
@@ -263,8 +289,10 @@ def _pieces(rule: _Rule, guard: float) -> tuple[list[_Line], list[float]] | None
     """
     points, targets = rule.targets()
     runs = _runs(points, targets, tolerance=guard / 4)
-    tail = _Line(0.0, rule.count(_MAX_MAGNITUDE) + 0.5)
-    runs.append((_MAX_MAGNITUDE, _MAX_MAGNITUDE, tail))
+    if not (runs and _is_exact(rule, runs[-1][2], runs[-1][1], _MAX_MAGNITUDE, guard)):
+        # A constant line serves the magnitudes above the last crossing.
+        tail = _Line(0.0, rule.count(_MAX_MAGNITUDE) + 0.5)
+        runs.append((_MAX_MAGNITUDE, _MAX_MAGNITUDE, tail))
     first_line = runs[0][2]
     lines = [
         first_line if _is_exact(rule, first_line, 0.0, runs[0][0], guard) else _constant_or_nan(rule, -0.0, runs[0][0], guard)
@@ -288,12 +316,14 @@ def _pieces(rule: _Rule, guard: float) -> tuple[list[_Line], list[float]] | None
     return lines, boundaries
 
 
-def _slot_splits(rule: _Rule, lines: list[_Line], boundaries: list[float], slot: int, guard: float) -> tuple[float, float]:
+def _slot_splits(
+    rule: _Rule, lines: list[_Line], boundaries: list[float], slot: int, scale: float, guard: float
+) -> tuple[float, float]:
     """split1 (carrying the slot's first piece) and split2 of one slot, checked exactly.
 
     A slot that cannot be served exactly reads the search line.
     """
-    low, high = _slot_range(slot)
+    low, high = _slot_range(slot, scale)
     first = sum(1 for b in boundaries if low > b)
     inside = [b for b in boundaries if low <= b < high]
     if len(inside) > 2 or first + len(inside) >= SEARCH_LINE:
@@ -329,6 +359,25 @@ def _best_rule(values: list[float], guard: float) -> _Rule:
     return best[1]
 
 
+def _best_slot_scale(boundaries: list[float]) -> float:
+    """The slot scale that leaves the fewest slots with two split points.
+
+    A slot with at most one split point needs one lookup and one comparison
+    fewer (the CPU kernel skips split2 when no slot uses it). Decade
+    boundaries put two piece boundaries a factor 1.1-1.8 apart, so where the
+    binade edges fall decides; the scale moves them.
+    """
+
+    def crowded(scale: float) -> tuple[int, int]:
+        edges = [_slot_range(slot, scale)[0] for slot in range(1, SLOTS)]
+        per_slot = [0] * SLOTS
+        for b in boundaries:
+            per_slot[bisect.bisect_right(edges, b)] += 1
+        return sum(1 for n in per_slot if n > 2), sum(1 for n in per_slot if n > 1)
+
+    return min(SLOT_SCALES, key=crowded)
+
+
 @dataclass(frozen=True)
 class EncoderTableStats:
     """How much of the magnitude range the table serves without the binary search."""
@@ -343,15 +392,17 @@ def build_encoder_table(thresholds: torch.Tensor, guard: float = GUARD) -> tuple
     values = [0.0 if float(t) == 0.0 else float(t) for t in thresholds.float().cpu()[:-1]]
     rule = _best_rule(values, guard)
     built = _pieces(rule, guard)
-    lines, boundaries = built if built is not None and len(built[0]) <= SEARCH_LINE else ([], [])
+    usable = built is not None and len(built[0]) <= SEARCH_LINE
+    lines, boundaries = built if usable else ([], [])
     lines = lines + [_SEARCH_LINE] * (LINES - len(lines))
+    scale = _best_slot_scale(boundaries)
     splits = [
-        _slot_splits(rule, lines, boundaries, slot, guard) if boundaries else (_nan_with(SEARCH_LINE), _nan_with(0))
+        _slot_splits(rule, lines, boundaries, slot, scale, guard) if usable else (_nan_with(SEARCH_LINE), _nan_with(0))
         for slot in range(SLOTS)
     ]
     words = [_bits(s1) for s1, _ in splits] + [_bits(s2) for _, s2 in splits]
     words += [_bits(line.slope) for line in lines] + [_bits(line.offset) for line in lines]
-    words += [_bits(float(rule.mirror)), _bits(guard)]
+    words += [_bits(float(rule.mirror)), _bits(guard), _bits(scale)]
     table = torch.tensor(np.array(words, dtype=np.uint32).view(np.int32)).view(torch.float32)
     fast = sum(1 for s1, _ in splits if (_bits(s1) & _PIECE_BITS) != SEARCH_LINE)
     pieces = max((1 + sum(1 for s in pair if not math.isnan(s)) for pair in splits), default=1)
