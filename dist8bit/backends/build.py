@@ -412,7 +412,7 @@ class _exclusive_lock:
         # else can be building, so any baton left here is stale.
         (self._path.parent / "lock").unlink(missing_ok=True)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *_exc_info: object) -> None:
         assert self._handle is not None
         fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
         self._handle.close()

@@ -8,10 +8,7 @@ block's scale never mixes two parameters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 MIN_BLOCKSIZE = 64
-MAX_BLOCKSIZE = 4096
 DEFAULT_BLOCKSIZE = 256
 SUPPORTED_BLOCKSIZES = tuple(2**k for k in range(6, 13))
 
@@ -26,11 +23,3 @@ def check_blocksize(blocksize: int, name: str = "blocksize") -> int:
 def num_blocks(numel: int, blocksize: int) -> int:
     """Number of blocks (and absmax scales) a segment of `numel` elements needs."""
     return -(-numel // blocksize)
-
-
-def segment_block_offsets(lengths: Sequence[int], blocksize: int) -> list[int]:
-    """Index of each segment's first block in a shared absmax buffer (plus the total)."""
-    offsets = [0]
-    for length in lengths:
-        offsets.append(offsets[-1] + num_blocks(length, blocksize))
-    return offsets
