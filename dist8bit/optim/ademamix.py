@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
 from .optimizer import Optimizer8bit, check_betas, check_non_negative
-from .variants import with_fixed
+from .variants import FixedSettings
 
 ADEMAMIX_STATES = (
     StateSpec("exp_avg", signed=True),
@@ -92,5 +92,13 @@ class AdEMAMix(Optimizer8bit):
         )
 
 
-AdEMAMix8bit = with_fixed(AdEMAMix, "AdEMAMix8bit", "AdEMAMix with 8-bit block-wise states.", optim_bits=8)
-AdEMAMix32bit = with_fixed(AdEMAMix, "AdEMAMix32bit", "AdEMAMix with 32-bit states.", optim_bits=32)
+class AdEMAMix8bit(FixedSettings, AdEMAMix):
+    """AdEMAMix with 8-bit block-wise states. Rule and arguments: AdEMAMix."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
+
+
+class AdEMAMix32bit(FixedSettings, AdEMAMix):
+    """AdEMAMix with 32-bit states. Rule and arguments: AdEMAMix."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}
