@@ -7,6 +7,7 @@ the CI rule that a failed build fails the suite: all without a GPU.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -379,3 +380,35 @@ def test_concurrent_builds_share_one_cache_and_sources_changes_rebuild(tmp_path)
 
 def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "DIST8BIT_BACKEND"}
+
+
+BATON_HOLDER = """
+import sys, time
+from pathlib import Path
+from dist8bit.backends import build
+directory = Path(sys.argv[1])
+build._exclusive_lock(directory).__enter__()
+(directory / "lock").touch()  # torch's build baton, as cpp_extension.load creates it
+print("building", flush=True)
+time.sleep(600)
+"""
+
+
+def test_killed_build_leaves_no_stale_lock(tmp_path):
+    """A rank killed mid-build leaves torch's baton file; the next build removes it instead of waiting forever."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(BATON_HOLDER), str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "building"
+        assert (tmp_path / "lock").exists()
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, as for a rank killed by the launcher
+        holder.wait(timeout=60)
+        holder.stdout.close()
+    assert (tmp_path / "lock").exists()  # the stale baton torch would wait on
+    with open(tmp_path / ".dist8bit-build.lock", "a") as handle:  # fail, not hang, if the flock outlived the process
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with build._exclusive_lock(tmp_path):  # the flock died with the process: no wait
+        assert not (tmp_path / "lock").exists()

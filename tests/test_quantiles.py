@@ -17,7 +17,13 @@ def exact_quantiles(A: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
 
 
-@pytest.mark.parametrize("n", [1, 100, 4096, 50_000, 1 << 20])
+# Largest error on quantiles 8..247 of randn(n) (seed 0): exact up to one chunk of 4,096;
+# measured 0.0050 at n = 50,000 (13 chunks), 0.0020 at 2^20 and 2^22 (the case
+# docs/benchmarks.md reports, `python -m dist8bit.bench quantiles --log2-numel 22`).
+INNER_BOUNDS = {1: 1e-6, 100: 1e-6, 4096: 1e-6, 50_000: 0.006, 1 << 20: 0.0025, 1 << 22: 0.0025}
+
+
+@pytest.mark.parametrize("n", sorted(INNER_BOUNDS))
 def test_estimates_track_exact_quantiles(n):
     torch.manual_seed(0)
     A = torch.randn(n)
@@ -26,9 +32,9 @@ def test_estimates_track_exact_quantiles(n):
     assert estimate.shape == (256,) and estimate.dtype == torch.float32
     assert torch.all(estimate[1:] >= estimate[:-1])
     inner = slice(8, -8)  # tails of a Gaussian are noisy for any estimator
-    bound = 1e-6 if n <= 4096 else 0.02
+    bound = INNER_BOUNDS[n]
     assert (estimate - exact)[inner].abs().max() <= bound
-    assert (estimate - exact).abs().max() <= max(bound, 0.06)
+    assert (estimate - exact).abs().max() <= max(bound, 0.03)
 
 
 def test_uniform_data_and_custom_levels():

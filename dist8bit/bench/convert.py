@@ -39,16 +39,19 @@ WIDTH, VOCAB, CONTEXT = 768, 32000, 1024
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", type=float, default=100e6, help="approximate parameter count of the checkpoint")
+    parser.add_argument("--width", type=int, default=WIDTH, help="model width of the GPT-2-style shapes")
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size (the embedding is vocab x width)")
+    parser.add_argument("--context", type=int, default=CONTEXT, help="context length (the position embedding)")
     parser.add_argument("--data", type=Path, default=Path("results/bench/convert-data"), help="where the checkpoints go")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
 
 
-def shapes_for(params: float) -> list[tuple[int, ...]]:
-    """GPT-2-style shapes (width 768, vocab 32000) with the fewest layers reaching `params`."""
+def shapes_for(params: float, width: int = WIDTH, vocab: int = VOCAB, context: int = CONTEXT) -> list[tuple[int, ...]]:
+    """GPT-2-style shapes (default width 768, vocab 32000) with the fewest layers reaching `params`."""
     layers = 1
-    while sum(torch.Size(s).numel() for s in gpt_shapes(layers, WIDTH, VOCAB, CONTEXT)) < params:
+    while sum(torch.Size(s).numel() for s in gpt_shapes(layers, width, vocab, context)) < params:
         layers += 1
-    return gpt_shapes(layers, WIDTH, VOCAB, CONTEXT)
+    return gpt_shapes(layers, width, vocab, context)
 
 
 def write_adamw_checkpoint(path: Path, shapes: list[tuple[int, ...]]) -> int:
@@ -84,7 +87,7 @@ def _measure(command: dict) -> dict:
 def run(args: argparse.Namespace) -> None:
     args.data.mkdir(parents=True, exist_ok=True)
     src = args.data / "adamw-fp32.pt"
-    shapes = shapes_for(args.params)
+    shapes = shapes_for(args.params, args.width, args.vocab, args.context)
     print(f"writing a synthetic AdamW checkpoint ({len(shapes)} tensors) to {src} ...", flush=True)
     numel = write_adamw_checkpoint(src, shapes)
     eight, back, verified = args.data / "adamw-8bit.pt", args.data / "adamw-back.pt", args.data / "adamw-8bit-verified.pt"

@@ -1,0 +1,93 @@
+"""Every `python -m dist8bit.bench` benchmark runs end to end at its smallest size and writes its JSON.
+
+In-process through dist8bit.bench.__main__.main (the convert benchmark starts
+its own subprocesses, one per conversion, as it always does). Timings are
+meaningless at these sizes; what is checked is that each benchmark runs on
+this machine (CPU only included) and reports what docs/benchmarks.md reads
+from it. gpu-check has its own tests (tests/test_gpu_check.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dist8bit.bench.__main__ import BENCHMARKS, main
+
+# benchmark -> (tiny options, JSON file, top-level keys, keys of every row, row label key, expected labels)
+CASES = {
+    "quantize": (
+        ["--log2-numel", "12", "--dtypes", "fp32,bf16", "--budget", "0"],
+        "quantize.json",
+        {"benchmark", "numel", "blocksize", "copy_bandwidth_GBps", "machine", "rows"},
+        {"impl", "device", "dtype", "op", "ms", "GB/s", "of_copy_bw", "vs_bnb"},
+        "impl",
+        {"cpu", "reference"},
+    ),
+    "optim": (
+        ["--preset", "gpt-small-test", "--budget", "0"],
+        "optim-gpt-small-test-fp32.json",
+        {"benchmark", "preset", "numel", "tensors", "dtype", "device", "copy_bandwidth_GBps", "rmw_bandwidth_GBps", "rows"},
+        {"impl"},
+        "impl",
+        {"dist8bit AdamW8bit", "dist8bit AdamW32bit", "torch AdamW fused", "torch AdamW foreach"},
+    ),
+    "quantiles": (
+        ["--log2-numel", "14", "--budget", "0"],
+        "quantiles.json",
+        {"benchmark", "numel", "machine", "rows"},
+        {"impl", "device", "ms", "max_abs_err_inner"},
+        "impl",
+        {"dist8bit.estimate_quantiles", "full sort", "torch.quantile"},
+    ),
+    "paged": (
+        ["--preset", "gpt-small-test", "--evict", "0.5", "--budget", "0"],
+        "paged-gpt-small-test-AdamW8bit.json",
+        {"benchmark", "preset", "optimizer", "numel", "device", "paging", "paged_bytes", "overhead_bar", "rows"},
+        {"config", "ms"},
+        "config",
+        {"unpaged"},
+    ),
+    "convert": (
+        ["--params", "1e5", "--width", "64", "--vocab", "256", "--context", "64"],
+        "convert.json",
+        {"machine", "params", "tensors", "rows"},
+        {"conversion", "input MB", "output MB", "seconds", "peak RSS MB", "peak private MB", "max error / bound"},
+        "conversion",
+        {"tiny checkpoint (fixed cost)", "fp32 -> 8bit", "8bit -> fp32", "fp32 -> 8bit --verify"},
+    ),
+}
+
+
+def test_every_benchmark_but_gpu_check_is_covered():
+    assert set(BENCHMARKS) - {"gpu-check"} == set(CASES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.filterwarnings("ignore:dist8bit. is_paged=True:RuntimeWarning")  # the paged bench's CPU fallback
+def test_benchmark_writes_its_json(name, tmp_path):
+    options, filename, top_keys, row_keys, label, labels = CASES[name]
+    argv = [name, *options, "--out", str(tmp_path / "out")]
+    if name == "convert":
+        argv += ["--data", str(tmp_path / "data")]
+    main(argv)
+    result = json.loads((tmp_path / "out" / filename).read_text())
+    assert top_keys <= set(result), top_keys - set(result)
+    rows = result["rows"]
+    assert rows and all(row_keys <= set(row) for row in rows), rows
+    assert labels <= {row[label] for row in rows}
+    for row in rows:
+        assert "error" in row or row.get("ms", 1.0) > 0 or row.get("seconds", 1.0) > 0, row
+    if name == "optim":  # ours must run (a peer that cannot is reported in its row)
+        ours = [row for row in rows if row["impl"].startswith("dist8bit")]
+        assert all(row["ms"] > 0 and row["state_bytes_per_param"] > 0 for row in ours), ours
+    if name == "quantiles":
+        assert result["numel"] == 1 << 14
+        exact = {row["impl"]: row["max_abs_err_inner"] for row in rows}
+        assert exact["full sort"] == 0.0 and exact["dist8bit.estimate_quantiles"] < 0.05
+    if name == "convert":
+        by_name = {row["conversion"]: row for row in rows}
+        assert by_name["fp32 -> 8bit --verify"]["max error / bound"] <= 1.0
+        assert by_name["fp32 -> 8bit"]["output MB"] < by_name["fp32 -> 8bit"]["input MB"] / 2
+        assert not list((tmp_path / "data").glob("*.pt"))  # the benchmark removes its checkpoints
