@@ -13,14 +13,7 @@ SUM = (StateSpec("sum", signed=False),)
 
 
 class Adagrad(Optimizer8bit):
-    """Adagrad; the squared-gradient sum goes 8-bit (unsigned map).
-
-        g <- g + weight_decay * p
-        sum <- sum + g * g
-        p <- p - lr_t * g / (sqrt(sum) + eps)      (lr_t = lr / (1 + (t - 1) * lr_decay))
-
-    Reference: dist8bit/backends/reference_optim.py (_adagrad), csrc/common/update_rules.h.
-    """
+    """Adagrad; the squared-gradient sum goes 8-bit (unsigned map)."""
 
     rule = Rule.ADAGRAD
 

@@ -13,21 +13,11 @@ ADAM_STATES = (StateSpec("exp_avg", signed=True), StateSpec("exp_avg_sq", signed
 
 
 class Adam(Optimizer8bit):
-    """Adam (torch.optim.Adam semantics); 8-bit states with optim_bits=8.
+    """Adam with L2 weight decay; 8-bit states with optim_bits=8.
 
-    Per element, at step t (bc1 = 1 - b1^t, bc2 = 1 - b2^t):
-
-        g <- g + weight_decay * p                        (Adam: L2; AdamW: see below)
-        m <- b1 * m + (1 - b1) * g
-        v <- b2 * v + (1 - b2) * g * g
-        d <- (m / (sqrt(v) * (1 / sqrt(bc2)) + eps)) * (1 / bc1)
-        p <- p * decay - lr * d                          (decay = 1; AdamW: 1 - lr * weight_decay)
-
-    Every backend rounds these float32 operations the same way:
-    csrc/common/update_rules.h, and in plain PyTorch
-    dist8bit/backends/reference_optim.py (_adam). First moment: signed dynamic
-    map; second moment: unsigned dynamic map; both block-wise (blocksize 256).
-    Parameters smaller than min_8bit_size elements keep 32-bit state.
+    First moment: signed dynamic map; second moment: unsigned dynamic map; both
+    block-wise (blocksize 256). Parameters smaller than min_8bit_size elements
+    keep 32-bit state.
     """
 
     rule = Rule.ADAM
@@ -76,10 +66,7 @@ class Adam(Optimizer8bit):
 
 
 class AdamW(Adam):
-    """Adam with decoupled weight decay (torch.optim.AdamW semantics).
-
-    The rule of Adam without the L2 term, and p <- p * (1 - lr * weight_decay) - lr * d.
-    """
+    """Adam with decoupled weight decay (torch.optim.AdamW semantics)."""
 
     decoupled = True
 

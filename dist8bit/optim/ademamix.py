@@ -37,14 +37,7 @@ def beta3_at(step: int, beta1: float, beta3: float, t_beta3: int | None) -> floa
 
 
 class AdEMAMix(Optimizer8bit):
-    """AdEMAMix (Pagliardini et al. 2024); all three states go 8-bit with optim_bits=8.
-
-        m1 <- b1 * m1 + (1 - b1) * g;  m2 <- b3 * m2 + (1 - b3) * g;  v <- b2 * v + (1 - b2) * g * g
-        p <- p * (1 - lr * weight_decay) - lr * (m1 / bc1 + alpha * m2) / (sqrt(v) / sqrt(bc2) + eps)
-
-    alpha and b3 may warm up (see the module doc). Reference:
-    dist8bit/backends/reference_optim.py (_ademamix), csrc/common/update_rules.h.
-    """
+    """AdEMAMix; all three states go 8-bit with optim_bits=8."""
 
     rule = Rule.ADEMAMIX
 

@@ -28,14 +28,7 @@ def trust_ratio(param_norms: torch.Tensor, update_norms: torch.Tensor) -> torch.
 
 
 class LAMB(Optimizer8bit):
-    """LAMB (You et al. 2019) with a real per-parameter trust ratio; 8-bit states with optim_bits=8.
-
-        d <- Adam's direction (bias-corrected m / (sqrt(v) + eps)) + weight_decay * p
-        p <- p - lr * (||p|| / ||d||) * d         (ratio 1 where either norm is 0)
-
-    ||d|| comes from a first kernel pass that writes nothing (see the module
-    doc). Reference: dist8bit/backends/reference_optim.py (_adam) for d.
-    """
+    """LAMB with a real per-parameter trust ratio; 8-bit states with optim_bits=8."""
 
     rule = Rule.ADAM
     uses_parameter_norms = True

@@ -22,14 +22,7 @@ from .variants import FixedSettings
 
 
 class LARS(SGD):
-    """LARS (You et al. 2017) with a per-parameter trust ratio; 8-bit momentum with optim_bits=8.
-
-        buffer <- momentum * buffer + (g + weight_decay * p)
-        p <- p - lr * trust * buffer,
-        trust = trust_coefficient * ||p|| / (||g|| + weight_decay * ||p||)   (1 where a norm is 0)
-
-    Reference: dist8bit/backends/reference_optim.py (_sgd) for the buffer.
-    """
+    """LARS with a real per-parameter trust ratio; 8-bit momentum with optim_bits=8."""
 
     uses_parameter_norms = True
 

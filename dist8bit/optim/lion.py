@@ -13,14 +13,7 @@ LION_STATE = (StateSpec("exp_avg", signed=True),)
 
 
 class Lion(Optimizer8bit):
-    """Lion (Chen et al. 2023); its single momentum goes 8-bit (signed map).
-
-        d <- sign(b1 * m + (1 - b1) * g)
-        m <- b2 * m + (1 - b2) * g
-        p <- p * (1 - lr * weight_decay) - lr * d
-
-    Reference: dist8bit/backends/reference_optim.py (_lion), csrc/common/update_rules.h.
-    """
+    """Lion; its single momentum goes 8-bit (signed map)."""
 
     rule = Rule.LION
 

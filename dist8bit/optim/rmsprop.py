@@ -14,16 +14,7 @@ MOMENTUM = StateSpec("momentum_buffer", signed=True)
 
 
 class RMSprop(Optimizer8bit):
-    """RMSprop; square_avg (unsigned map) and the optional momentum buffer go 8-bit.
-
-        g <- g + weight_decay * p
-        square_avg <- alpha * square_avg + (1 - alpha) * g * g
-        d <- g / (sqrt(square_avg) + eps), or with momentum:
-             buffer <- momentum * buffer + g / (sqrt(square_avg) + eps);  d <- buffer
-        p <- p - lr * d
-
-    Reference: dist8bit/backends/reference_optim.py (_rmsprop), csrc/common/update_rules.h.
-    """
+    """RMSprop; square_avg (unsigned map) and the optional momentum buffer go 8-bit."""
 
     rule = Rule.RMSPROP
 

@@ -13,15 +13,7 @@ MOMENTUM_STATE = (StateSpec("momentum_buffer", signed=True),)
 
 
 class SGD(Optimizer8bit):
-    """SGD; with momentum > 0 the momentum buffer is 8-bit under optim_bits=8.
-
-        g <- g + weight_decay * p
-        buffer <- g on the first step, else momentum * buffer + (1 - dampening) * g
-        d <- g + momentum * buffer  (nesterov)  or  buffer
-        p <- p - lr * d
-
-    Reference: dist8bit/backends/reference_optim.py (_sgd), csrc/common/update_rules.h.
-    """
+    """SGD; with momentum > 0 the momentum buffer is 8-bit under optim_bits=8."""
 
     rule = Rule.SGD
 
