@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 from ..backends.rules import Rule, StateSpec, StepConstants
 from .optimizer import Optimizer8bit, check_non_negative
-from .variants import FixedSettings
+from .variants import with_fixed
 
 SUM = (StateSpec("sum", signed=False),)
 
@@ -53,13 +53,5 @@ class Adagrad(Optimizer8bit):
         return StepConstants(lr=decayed_lr, step=step, eps=config["eps"], weight_decay=config["weight_decay"])
 
 
-class Adagrad8bit(FixedSettings, Adagrad):
-    """Adagrad with an 8-bit block-wise accumulator. Rule and arguments: Adagrad."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
-
-
-class Adagrad32bit(FixedSettings, Adagrad):
-    """Adagrad with a 32-bit accumulator. Rule and arguments: Adagrad."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}
+Adagrad8bit = with_fixed(Adagrad, "Adagrad8bit", "Adagrad with an 8-bit block-wise accumulator.", optim_bits=8)
+Adagrad32bit = with_fixed(Adagrad, "Adagrad32bit", "Adagrad with a 32-bit accumulator.", optim_bits=32)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
 from .optimizer import Optimizer8bit, check_betas, check_non_negative
-from .variants import FixedSettings
+from .variants import with_fixed
 
 ADAM_STATES = (StateSpec("exp_avg", signed=True), StateSpec("exp_avg_sq", signed=False))
 
@@ -74,25 +74,7 @@ class AdamW(Adam):
         super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
 
 
-class Adam8bit(FixedSettings, Adam):
-    """Adam with 8-bit block-wise states. Rule and arguments: Adam."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
-
-
-class Adam32bit(FixedSettings, Adam):
-    """Adam with 32-bit states. Rule and arguments: Adam."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}
-
-
-class AdamW8bit(FixedSettings, AdamW):
-    """AdamW with 8-bit block-wise states. Rule and arguments: AdamW."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
-
-
-class AdamW32bit(FixedSettings, AdamW):
-    """AdamW with 32-bit states. Rule and arguments: AdamW."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}
+Adam8bit = with_fixed(Adam, "Adam8bit", "Adam with 8-bit block-wise states.", optim_bits=8)
+Adam32bit = with_fixed(Adam, "Adam32bit", "Adam with 32-bit states.", optim_bits=32)
+AdamW8bit = with_fixed(AdamW, "AdamW8bit", "AdamW with 8-bit block-wise states.", optim_bits=8)
+AdamW32bit = with_fixed(AdamW, "AdamW32bit", "AdamW with 32-bit states.", optim_bits=32)

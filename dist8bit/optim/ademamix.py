@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
 from .optimizer import Optimizer8bit, check_betas, check_non_negative
-from .variants import FixedSettings
+from .variants import with_fixed
 
 ADEMAMIX_STATES = (
     StateSpec("exp_avg", signed=True),
@@ -92,13 +92,5 @@ class AdEMAMix(Optimizer8bit):
         )
 
 
-class AdEMAMix8bit(FixedSettings, AdEMAMix):
-    """AdEMAMix with 8-bit block-wise states. Rule and arguments: AdEMAMix."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
-
-
-class AdEMAMix32bit(FixedSettings, AdEMAMix):
-    """AdEMAMix with 32-bit states. Rule and arguments: AdEMAMix."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}
+AdEMAMix8bit = with_fixed(AdEMAMix, "AdEMAMix8bit", "AdEMAMix with 8-bit block-wise states.", optim_bits=8)
+AdEMAMix32bit = with_fixed(AdEMAMix, "AdEMAMix32bit", "AdEMAMix with 32-bit states.", optim_bits=32)

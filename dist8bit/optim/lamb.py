@@ -12,14 +12,14 @@ once to apply. Both passes compute d identically, on the 8-bit path too
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
 from .adam import ADAM_STATES
 from .optimizer import Optimizer8bit, check_betas, check_non_negative, clip_update_norm, parameter_norms
-from .variants import FixedSettings
+from .variants import with_fixed
 
 
 def trust_ratio(param_norms: torch.Tensor, update_norms: torch.Tensor) -> torch.Tensor:
@@ -95,13 +95,5 @@ class LAMB(Optimizer8bit):
         return scale
 
 
-class LAMB8bit(FixedSettings, LAMB):
-    """LAMB with 8-bit block-wise states. Rule and arguments: LAMB."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
-
-
-class LAMB32bit(FixedSettings, LAMB):
-    """LAMB with 32-bit states. Rule and arguments: LAMB."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}
+LAMB8bit = with_fixed(LAMB, "LAMB8bit", "LAMB with 8-bit block-wise states.", optim_bits=8)
+LAMB32bit = with_fixed(LAMB, "LAMB32bit", "LAMB with 32-bit states.", optim_bits=32)

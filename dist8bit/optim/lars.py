@@ -12,13 +12,13 @@ that converts to and from torch.optim.SGD checkpoints.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from .optimizer import clip_update_norm, parameter_norms
 from .sgd import SGD
-from .variants import FixedSettings
+from .variants import with_fixed
 
 
 class LARS(SGD):
@@ -61,13 +61,5 @@ class LARS(SGD):
         return scale
 
 
-class LARS8bit(FixedSettings, LARS):
-    """LARS with an 8-bit block-wise momentum. Rule and arguments: LARS."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
-
-
-class LARS32bit(FixedSettings, LARS):
-    """LARS with a 32-bit momentum. Rule and arguments: LARS."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}
+LARS8bit = with_fixed(LARS, "LARS8bit", "LARS with an 8-bit block-wise momentum.", optim_bits=8)
+LARS32bit = with_fixed(LARS, "LARS32bit", "LARS with a 32-bit momentum.", optim_bits=32)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
 from .optimizer import Optimizer8bit, check_betas, check_non_negative
-from .variants import FixedSettings
+from .variants import with_fixed
 
 LION_STATE = (StateSpec("exp_avg", signed=True),)
 
@@ -46,13 +46,5 @@ class Lion(Optimizer8bit):
         )
 
 
-class Lion8bit(FixedSettings, Lion):
-    """Lion with an 8-bit block-wise momentum. Rule and arguments: Lion."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
-
-
-class Lion32bit(FixedSettings, Lion):
-    """Lion with a 32-bit momentum. Rule and arguments: Lion."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}
+Lion8bit = with_fixed(Lion, "Lion8bit", "Lion with an 8-bit block-wise momentum.", optim_bits=8)
+Lion32bit = with_fixed(Lion, "Lion32bit", "Lion with a 32-bit momentum.", optim_bits=32)

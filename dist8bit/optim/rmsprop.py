@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 from ..backends.rules import Rule, StateSpec, StepConstants
 from .optimizer import Optimizer8bit, check_non_negative
-from .variants import FixedSettings
+from .variants import with_fixed
 
 SQUARE_AVG = StateSpec("square_avg", signed=False)
 MOMENTUM = StateSpec("momentum_buffer", signed=True)
@@ -55,13 +55,5 @@ class RMSprop(Optimizer8bit):
         )
 
 
-class RMSprop8bit(FixedSettings, RMSprop):
-    """RMSprop with 8-bit block-wise states. Rule and arguments: RMSprop."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
-
-
-class RMSprop32bit(FixedSettings, RMSprop):
-    """RMSprop with 32-bit states. Rule and arguments: RMSprop."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}
+RMSprop8bit = with_fixed(RMSprop, "RMSprop8bit", "RMSprop with 8-bit block-wise states.", optim_bits=8)
+RMSprop32bit = with_fixed(RMSprop, "RMSprop32bit", "RMSprop with 32-bit states.", optim_bits=32)

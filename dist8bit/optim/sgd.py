@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 from ..backends.rules import Rule, StateSpec, StepConstants
 from .optimizer import Optimizer8bit, check_non_negative
-from .variants import FixedSettings
+from .variants import with_fixed
 
 MOMENTUM_STATE = (StateSpec("momentum_buffer", signed=True),)
 
@@ -50,13 +50,5 @@ class SGD(Optimizer8bit):
         )
 
 
-class SGD8bit(FixedSettings, SGD):
-    """SGD with an 8-bit block-wise momentum buffer. Rule and arguments: SGD."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
-
-
-class SGD32bit(FixedSettings, SGD):
-    """SGD with a 32-bit momentum buffer. Rule and arguments: SGD."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}
+SGD8bit = with_fixed(SGD, "SGD8bit", "SGD with an 8-bit block-wise momentum buffer.", optim_bits=8)
+SGD32bit = with_fixed(SGD, "SGD32bit", "SGD with a 32-bit momentum buffer.", optim_bits=32)
