@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from ..backends.rules import Rule, StateSpec, StepConstants
 from .optimizer import Optimizer8bit, check_non_negative
-from .variants import with_fixed
+from .variants import FixedSettings
 
 SUM = (StateSpec("sum", signed=False),)
 
 
 class Adagrad(Optimizer8bit):
-    """Adagrad; the squared-gradient sum goes 8-bit (unsigned map)."""
+    """Adagrad; the squared-gradient sum goes 8-bit (unsigned map).
+
+        g <- g + weight_decay * p
+        sum <- sum + g * g
+        p <- p - lr_t * g / (sqrt(sum) + eps)      (lr_t = lr / (1 + (t - 1) * lr_decay))
+
+    Reference: dist8bit/backends/reference_optim.py (_adagrad), csrc/common/update_rules.h.
+    """
 
     rule = Rule.ADAGRAD
 
@@ -53,5 +60,13 @@ class Adagrad(Optimizer8bit):
         return StepConstants(lr=decayed_lr, step=step, eps=config["eps"], weight_decay=config["weight_decay"])
 
 
-Adagrad8bit = with_fixed(Adagrad, "Adagrad8bit", "Adagrad with an 8-bit block-wise accumulator.", optim_bits=8)
-Adagrad32bit = with_fixed(Adagrad, "Adagrad32bit", "Adagrad with a 32-bit accumulator.", optim_bits=32)
+class Adagrad8bit(FixedSettings, Adagrad):
+    """Adagrad with an 8-bit block-wise accumulator. Rule and arguments: Adagrad."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
+
+
+class Adagrad32bit(FixedSettings, Adagrad):
+    """Adagrad with a 32-bit accumulator. Rule and arguments: Adagrad."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}

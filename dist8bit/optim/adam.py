@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
 from .optimizer import Optimizer8bit, check_betas, check_non_negative
-from .variants import with_fixed
+from .variants import FixedSettings
 
 ADAM_STATES = (StateSpec("exp_avg", signed=True), StateSpec("exp_avg_sq", signed=False))
 
 
 class Adam(Optimizer8bit):
-    """Adam with L2 weight decay; 8-bit states with optim_bits=8.
+    """Adam (torch.optim.Adam semantics); 8-bit states with optim_bits=8.
 
-    First moment: signed dynamic map; second moment: unsigned dynamic map; both
-    block-wise (blocksize 256). Parameters smaller than min_8bit_size elements
-    keep 32-bit state.
+    Per element, at step t (bc1 = 1 - b1^t, bc2 = 1 - b2^t):
+
+        g <- g + weight_decay * p                        (Adam: L2; AdamW: see below)
+        m <- b1 * m + (1 - b1) * g
+        v <- b2 * v + (1 - b2) * g * g
+        d <- (m / (sqrt(v) * (1 / sqrt(bc2)) + eps)) * (1 / bc1)
+        p <- p * decay - lr * d                          (decay = 1; AdamW: 1 - lr * weight_decay)
+
+    Every backend rounds these float32 operations the same way:
+    csrc/common/update_rules.h, and in plain PyTorch
+    dist8bit/backends/reference_optim.py (_adam). First moment: signed dynamic
+    map; second moment: unsigned dynamic map; both block-wise (blocksize 256).
+    Parameters smaller than min_8bit_size elements keep 32-bit state.
     """
 
     rule = Rule.ADAM
@@ -66,7 +76,10 @@ class Adam(Optimizer8bit):
 
 
 class AdamW(Adam):
-    """Adam with decoupled weight decay (torch.optim.AdamW semantics)."""
+    """Adam with decoupled weight decay (torch.optim.AdamW semantics).
+
+    The rule of Adam without the L2 term, and p <- p * (1 - lr * weight_decay) - lr * d.
+    """
 
     decoupled = True
 
@@ -74,7 +87,25 @@ class AdamW(Adam):
         super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
 
 
-Adam8bit = with_fixed(Adam, "Adam8bit", "Adam with 8-bit block-wise states.", optim_bits=8)
-Adam32bit = with_fixed(Adam, "Adam32bit", "Adam with 32-bit states.", optim_bits=32)
-AdamW8bit = with_fixed(AdamW, "AdamW8bit", "AdamW with 8-bit block-wise states.", optim_bits=8)
-AdamW32bit = with_fixed(AdamW, "AdamW32bit", "AdamW with 32-bit states.", optim_bits=32)
+class Adam8bit(FixedSettings, Adam):
+    """Adam with 8-bit block-wise states. Rule and arguments: Adam."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
+
+
+class Adam32bit(FixedSettings, Adam):
+    """Adam with 32-bit states. Rule and arguments: Adam."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}
+
+
+class AdamW8bit(FixedSettings, AdamW):
+    """AdamW with 8-bit block-wise states. Rule and arguments: AdamW."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
+
+
+class AdamW32bit(FixedSettings, AdamW):
+    """AdamW with 32-bit states. Rule and arguments: AdamW."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}

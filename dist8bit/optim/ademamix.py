@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
 from .optimizer import Optimizer8bit, check_betas, check_non_negative
-from .variants import with_fixed
+from .variants import FixedSettings
 
 ADEMAMIX_STATES = (
     StateSpec("exp_avg", signed=True),
@@ -37,7 +37,14 @@ def beta3_at(step: int, beta1: float, beta3: float, t_beta3: int | None) -> floa
 
 
 class AdEMAMix(Optimizer8bit):
-    """AdEMAMix; all three states go 8-bit with optim_bits=8."""
+    """AdEMAMix (Pagliardini et al. 2024); all three states go 8-bit with optim_bits=8.
+
+        m1 <- b1 * m1 + (1 - b1) * g;  m2 <- b3 * m2 + (1 - b3) * g;  v <- b2 * v + (1 - b2) * g * g
+        p <- p * (1 - lr * weight_decay) - lr * (m1 / bc1 + alpha * m2) / (sqrt(v) / sqrt(bc2) + eps)
+
+    alpha and b3 may warm up (see the module doc). Reference:
+    dist8bit/backends/reference_optim.py (_ademamix), csrc/common/update_rules.h.
+    """
 
     rule = Rule.ADEMAMIX
 
@@ -92,5 +99,13 @@ class AdEMAMix(Optimizer8bit):
         )
 
 
-AdEMAMix8bit = with_fixed(AdEMAMix, "AdEMAMix8bit", "AdEMAMix with 8-bit block-wise states.", optim_bits=8)
-AdEMAMix32bit = with_fixed(AdEMAMix, "AdEMAMix32bit", "AdEMAMix with 32-bit states.", optim_bits=32)
+class AdEMAMix8bit(FixedSettings, AdEMAMix):
+    """AdEMAMix with 8-bit block-wise states. Rule and arguments: AdEMAMix."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
+
+
+class AdEMAMix32bit(FixedSettings, AdEMAMix):
+    """AdEMAMix with 32-bit states. Rule and arguments: AdEMAMix."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}

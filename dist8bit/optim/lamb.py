@@ -12,14 +12,14 @@ once to apply. Both passes compute d identically, on the 8-bit path too
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
 from .adam import ADAM_STATES
 from .optimizer import Optimizer8bit, check_betas, check_non_negative, clip_update_norm, parameter_norms
-from .variants import with_fixed
+from .variants import FixedSettings
 
 
 def trust_ratio(param_norms: torch.Tensor, update_norms: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,14 @@ def trust_ratio(param_norms: torch.Tensor, update_norms: torch.Tensor) -> torch.
 
 
 class LAMB(Optimizer8bit):
-    """LAMB with a real per-parameter trust ratio; 8-bit states with optim_bits=8."""
+    """LAMB (You et al. 2019) with a real per-parameter trust ratio; 8-bit states with optim_bits=8.
+
+        d <- Adam's direction (bias-corrected m / (sqrt(v) + eps)) + weight_decay * p
+        p <- p - lr * (||p|| / ||d||) * d         (ratio 1 where either norm is 0)
+
+    ||d|| comes from a first kernel pass that writes nothing (see the module
+    doc). Reference: dist8bit/backends/reference_optim.py (_adam) for d.
+    """
 
     rule = Rule.ADAM
     uses_parameter_norms = True
@@ -95,5 +102,13 @@ class LAMB(Optimizer8bit):
         return scale
 
 
-LAMB8bit = with_fixed(LAMB, "LAMB8bit", "LAMB with 8-bit block-wise states.", optim_bits=8)
-LAMB32bit = with_fixed(LAMB, "LAMB32bit", "LAMB with 32-bit states.", optim_bits=32)
+class LAMB8bit(FixedSettings, LAMB):
+    """LAMB with 8-bit block-wise states. Rule and arguments: LAMB."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
+
+
+class LAMB32bit(FixedSettings, LAMB):
+    """LAMB with 32-bit states. Rule and arguments: LAMB."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}

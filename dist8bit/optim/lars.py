@@ -12,17 +12,24 @@ that converts to and from torch.optim.SGD checkpoints.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from .optimizer import clip_update_norm, parameter_norms
 from .sgd import SGD
-from .variants import with_fixed
+from .variants import FixedSettings
 
 
 class LARS(SGD):
-    """LARS with a real per-parameter trust ratio; 8-bit momentum with optim_bits=8."""
+    """LARS (You et al. 2017) with a per-parameter trust ratio; 8-bit momentum with optim_bits=8.
+
+        buffer <- momentum * buffer + (g + weight_decay * p)
+        p <- p - lr * trust * buffer,
+        trust = trust_coefficient * ||p|| / (||g|| + weight_decay * ||p||)   (1 where a norm is 0)
+
+    Reference: dist8bit/backends/reference_optim.py (_sgd) for the buffer.
+    """
 
     uses_parameter_norms = True
 
@@ -61,5 +68,13 @@ class LARS(SGD):
         return scale
 
 
-LARS8bit = with_fixed(LARS, "LARS8bit", "LARS with an 8-bit block-wise momentum.", optim_bits=8)
-LARS32bit = with_fixed(LARS, "LARS32bit", "LARS with a 32-bit momentum.", optim_bits=32)
+class LARS8bit(FixedSettings, LARS):
+    """LARS with an 8-bit block-wise momentum. Rule and arguments: LARS."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
+
+
+class LARS32bit(FixedSettings, LARS):
+    """LARS with a 32-bit momentum. Rule and arguments: LARS."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
 from .optimizer import Optimizer8bit, check_betas, check_non_negative
-from .variants import with_fixed
+from .variants import FixedSettings
 
 LION_STATE = (StateSpec("exp_avg", signed=True),)
 
 
 class Lion(Optimizer8bit):
-    """Lion; its single momentum goes 8-bit (signed map)."""
+    """Lion (Chen et al. 2023); its single momentum goes 8-bit (signed map).
+
+        d <- sign(b1 * m + (1 - b1) * g)
+        m <- b2 * m + (1 - b2) * g
+        p <- p * (1 - lr * weight_decay) - lr * d
+
+    Reference: dist8bit/backends/reference_optim.py (_lion), csrc/common/update_rules.h.
+    """
 
     rule = Rule.LION
 
@@ -46,5 +53,13 @@ class Lion(Optimizer8bit):
         )
 
 
-Lion8bit = with_fixed(Lion, "Lion8bit", "Lion with an 8-bit block-wise momentum.", optim_bits=8)
-Lion32bit = with_fixed(Lion, "Lion32bit", "Lion with a 32-bit momentum.", optim_bits=32)
+class Lion8bit(FixedSettings, Lion):
+    """Lion with an 8-bit block-wise momentum. Rule and arguments: Lion."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
+
+
+class Lion32bit(FixedSettings, Lion):
+    """Lion with a 32-bit momentum. Rule and arguments: Lion."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}

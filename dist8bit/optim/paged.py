@@ -8,28 +8,81 @@ after one warning per process.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from .adam import Adam, AdamW
 from .ademamix import AdEMAMix
 from .lion import Lion
-from .variants import with_fixed
+from .variants import FixedSettings
 
-_PAGED = "States in paged (CUDA managed) memory; see dist8bit.paging."
 
-PagedAdam = with_fixed(Adam, "PagedAdam", f"Adam. {_PAGED}", is_paged=True)
-PagedAdam8bit = with_fixed(Adam, "PagedAdam8bit", f"Adam with 8-bit block-wise states. {_PAGED}", optim_bits=8, is_paged=True)
-PagedAdam32bit = with_fixed(Adam, "PagedAdam32bit", f"Adam with 32-bit states. {_PAGED}", optim_bits=32, is_paged=True)
-PagedAdamW = with_fixed(AdamW, "PagedAdamW", f"AdamW. {_PAGED}", is_paged=True)
-PagedAdamW8bit = with_fixed(AdamW, "PagedAdamW8bit", f"AdamW with 8-bit block-wise states. {_PAGED}", optim_bits=8, is_paged=True)
-PagedAdamW32bit = with_fixed(AdamW, "PagedAdamW32bit", f"AdamW with 32-bit states. {_PAGED}", optim_bits=32, is_paged=True)
-PagedLion = with_fixed(Lion, "PagedLion", f"Lion. {_PAGED}", is_paged=True)
-PagedLion8bit = with_fixed(
-    Lion, "PagedLion8bit", f"Lion with an 8-bit block-wise momentum. {_PAGED}", optim_bits=8, is_paged=True
-)
-PagedLion32bit = with_fixed(Lion, "PagedLion32bit", f"Lion with a 32-bit momentum. {_PAGED}", optim_bits=32, is_paged=True)
-PagedAdEMAMix = with_fixed(AdEMAMix, "PagedAdEMAMix", f"AdEMAMix. {_PAGED}", is_paged=True)
-PagedAdEMAMix8bit = with_fixed(
-    AdEMAMix, "PagedAdEMAMix8bit", f"AdEMAMix with 8-bit block-wise states. {_PAGED}", optim_bits=8, is_paged=True
-)
-PagedAdEMAMix32bit = with_fixed(
-    AdEMAMix, "PagedAdEMAMix32bit", f"AdEMAMix with 32-bit states. {_PAGED}", optim_bits=32, is_paged=True
-)
+class PagedAdam(FixedSettings, Adam):
+    """Adam. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: Adam."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"is_paged": True}
+
+
+class PagedAdam8bit(FixedSettings, Adam):
+    """Adam with 8-bit block-wise states. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: Adam."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8, "is_paged": True}
+
+
+class PagedAdam32bit(FixedSettings, Adam):
+    """Adam with 32-bit states. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: Adam."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32, "is_paged": True}
+
+
+class PagedAdamW(FixedSettings, AdamW):
+    """AdamW. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: AdamW."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"is_paged": True}
+
+
+class PagedAdamW8bit(FixedSettings, AdamW):
+    """AdamW with 8-bit block-wise states. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: AdamW."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8, "is_paged": True}
+
+
+class PagedAdamW32bit(FixedSettings, AdamW):
+    """AdamW with 32-bit states. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: AdamW."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32, "is_paged": True}
+
+
+class PagedLion(FixedSettings, Lion):
+    """Lion. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: Lion."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"is_paged": True}
+
+
+class PagedLion8bit(FixedSettings, Lion):
+    """Lion with an 8-bit block-wise momentum. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: Lion."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8, "is_paged": True}
+
+
+class PagedLion32bit(FixedSettings, Lion):
+    """Lion with a 32-bit momentum. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: Lion."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32, "is_paged": True}
+
+
+class PagedAdEMAMix(FixedSettings, AdEMAMix):
+    """AdEMAMix. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: AdEMAMix."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"is_paged": True}
+
+
+class PagedAdEMAMix8bit(FixedSettings, AdEMAMix):
+    """AdEMAMix with 8-bit block-wise states. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: AdEMAMix."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8, "is_paged": True}
+
+
+class PagedAdEMAMix32bit(FixedSettings, AdEMAMix):
+    """AdEMAMix with 32-bit states. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: AdEMAMix."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32, "is_paged": True}

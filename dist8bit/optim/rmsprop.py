@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from ..backends.rules import Rule, StateSpec, StepConstants
 from .optimizer import Optimizer8bit, check_non_negative
-from .variants import with_fixed
+from .variants import FixedSettings
 
 SQUARE_AVG = StateSpec("square_avg", signed=False)
 MOMENTUM = StateSpec("momentum_buffer", signed=True)
 
 
 class RMSprop(Optimizer8bit):
-    """RMSprop; square_avg (unsigned map) and the optional momentum buffer go 8-bit."""
+    """RMSprop; square_avg (unsigned map) and the optional momentum buffer go 8-bit.
+
+        g <- g + weight_decay * p
+        square_avg <- alpha * square_avg + (1 - alpha) * g * g
+        d <- g / (sqrt(square_avg) + eps), or with momentum:
+             buffer <- momentum * buffer + g / (sqrt(square_avg) + eps);  d <- buffer
+        p <- p - lr * d
+
+    Reference: dist8bit/backends/reference_optim.py (_rmsprop), csrc/common/update_rules.h.
+    """
 
     rule = Rule.RMSPROP
 
@@ -55,5 +64,13 @@ class RMSprop(Optimizer8bit):
         )
 
 
-RMSprop8bit = with_fixed(RMSprop, "RMSprop8bit", "RMSprop with 8-bit block-wise states.", optim_bits=8)
-RMSprop32bit = with_fixed(RMSprop, "RMSprop32bit", "RMSprop with 32-bit states.", optim_bits=32)
+class RMSprop8bit(FixedSettings, RMSprop):
+    """RMSprop with 8-bit block-wise states. Rule and arguments: RMSprop."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
+
+
+class RMSprop32bit(FixedSettings, RMSprop):
+    """RMSprop with 32-bit states. Rule and arguments: RMSprop."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}

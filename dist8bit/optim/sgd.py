@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from ..backends.rules import Rule, StateSpec, StepConstants
 from .optimizer import Optimizer8bit, check_non_negative
-from .variants import with_fixed
+from .variants import FixedSettings
 
 MOMENTUM_STATE = (StateSpec("momentum_buffer", signed=True),)
 
 
 class SGD(Optimizer8bit):
-    """SGD; with momentum > 0 the momentum buffer is 8-bit under optim_bits=8."""
+    """SGD; with momentum > 0 the momentum buffer is 8-bit under optim_bits=8.
+
+        g <- g + weight_decay * p
+        buffer <- g on the first step, else momentum * buffer + (1 - dampening) * g
+        d <- g + momentum * buffer  (nesterov)  or  buffer
+        p <- p - lr * d
+
+    Reference: dist8bit/backends/reference_optim.py (_sgd), csrc/common/update_rules.h.
+    """
 
     rule = Rule.SGD
 
@@ -50,5 +58,13 @@ class SGD(Optimizer8bit):
         )
 
 
-SGD8bit = with_fixed(SGD, "SGD8bit", "SGD with an 8-bit block-wise momentum buffer.", optim_bits=8)
-SGD32bit = with_fixed(SGD, "SGD32bit", "SGD with a 32-bit momentum buffer.", optim_bits=32)
+class SGD8bit(FixedSettings, SGD):
+    """SGD with an 8-bit block-wise momentum buffer. Rule and arguments: SGD."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
+
+
+class SGD32bit(FixedSettings, SGD):
+    """SGD with a 32-bit momentum buffer. Rule and arguments: SGD."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}

@@ -1,17 +1,29 @@
-"""X8bit / X32bit / PagedX classes: the same optimizer with a fixed setting."""
+"""X8bit / X32bit / PagedX classes: the same optimizer with some settings fixed.
+
+Each variant is a plain class statement (`class AdamW8bit(FixedSettings, AdamW)`)
+so that it reads, greps and pickles like any class; this mixin only pins its
+`fixed_settings` keyword arguments and refuses a caller's attempt to change
+them, naming the base class that lets one choose.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 
-def with_fixed(base: type, name: str, doc: str, **fixed: Any) -> type:
-    """Subclass of `base` whose constructor pins `fixed` keyword arguments."""
+class FixedSettings:
+    """Mixin: pins `fixed_settings` in the constructor of the optimizer class after it."""
+
+    fixed_settings: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        clash = sorted(set(kwargs) & set(fixed))
+        clash = sorted(set(kwargs) & set(self.fixed_settings))
         if clash:
-            raise TypeError(f"{name} fixes {', '.join(f'{k}={fixed[k]!r}' for k in clash)}; use {base.__name__} to choose")
-        base.__init__(self, params, *args, **kwargs, **fixed)
+            fixed = ", ".join(f"{key}={self.fixed_settings[key]!r}" for key in clash)
+            raise TypeError(f"{type(self).__name__} fixes {fixed}; use {self._chooser().__name__} to choose")
+        super().__init__(params, *args, **kwargs, **self.fixed_settings)
 
-    return type(name, (base,), {"__init__": __init__, "__doc__": f"{doc}\n\n{base.__doc__ or ''}", "__module__": base.__module__})
+    @classmethod
+    def _chooser(cls) -> type:
+        """The first base class that does not fix anything (e.g. AdamW for PagedAdamW8bit)."""
+        return next(base for base in cls.__mro__[1:] if not issubclass(base, FixedSettings))
