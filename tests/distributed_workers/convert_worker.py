@@ -112,6 +112,8 @@ def main() -> None:
                 result[f"{name} fresh"] = train(fresh, range(SAVE_AFTER, STEPS))
     if int(os.environ["RANK"]) == 0:
         torch.save(result, out)
+    torch.distributed.barrier()  # leave together (see deepspeed_worker.main)
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

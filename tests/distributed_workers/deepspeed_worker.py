@@ -339,7 +339,10 @@ def main() -> None:
         raise SystemExit(f"unknown phase {phase!r}")
     if rank() == 0:
         torch.save(results, out)
+    # Leave together: a rank that exits while gloo still holds its peers'
+    # connections can make them abort (SIGABRT) on a loaded machine.
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
