@@ -35,6 +35,7 @@ from distributed_ranks import run_worker_ranks
 
 from dist8bit import optim
 from dist8bit.integrations import deepspeed as integration
+from dist8bit.integrations import deepspeed_patches, zero_partition
 from dist8bit.integrations.deepspeed_config import DeepSpeedConfigError, check_params, resolve
 from dist8bit.integrations.deepspeed_segments import DeepSpeedLayoutError, zero3_segments
 
@@ -145,6 +146,123 @@ def test_zero3_segments_skip_tail_padding():
         zero3_segments(params, lambda p: 0, 9)
 
 
+# -------------------------------------------- partition formulas vs DeepSpeed
+PARTITION_CASES = [[4800, 5328, 111], [1], [7, 3, 1000, 2], [4096, 1, 4095, 33]]
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("numels", PARTITION_CASES, ids=str)
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+def test_zero12_spans_are_deepspeeds_fragment_mapping(numels, world):
+    """DeepSpeed's own code pads the group (align_dense_tensors), sizes the partitions as
+    _link_all_hp_params does and maps each parameter's fragment (link_hp_params)."""
+    from deepspeed.runtime.utils import align_dense_tensors
+    from deepspeed.utils.mixed_precision_linkage import link_hp_params
+
+    deepspeed_alignment = 2  # DeepSpeedZeroOptimizer.nccl_start_alignment_factor in 0.19
+    assert deepspeed_alignment == zero_partition.ALIGNMENT_FACTOR
+    lps = [torch.zeros(n) for n in numels]
+    padded = sum(t.numel() for t in align_dense_tensors(lps, deepspeed_alignment * world))
+    partition = padded // world
+    assert zero_partition.zero12_partition_numel(numels, world) == partition
+    for rank in range(world):
+        link_hp_params(lps, torch.zeros(partition), {}, {}, False, 0, rank * partition, partition, None)
+        expected = [
+            (
+                i,
+                lp._hp_mapping.hp_fragment_address.start,
+                lp._hp_mapping.hp_fragment_address.numel,
+                lp._hp_mapping.lp_fragment_address.start,
+            )
+            for i, lp in enumerate(lps)
+            if lp._hp_mapping is not None
+        ]
+        got = [(s.index, s.start, s.length, s.param_offset) for s in zero_partition.zero12_spans(numels, world, rank)]
+        assert got == expected, (numels, world, rank)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("numels", PARTITION_CASES, ids=str)
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+def test_zero3_partitions_and_sub_groups_are_deepspeeds(numels, world):
+    """Partition sizes from DeepSpeed's Init._aligned_size, sub-groups from its
+    _create_fp16_sub_groups; each rank's slice is [rank * size, ...) cut at the parameter's end
+    (Init._partition_param copies `ds_numel - start` elements into the last partition)."""
+    from deepspeed.runtime.zero.partition_parameters import Init
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    class Partitioner:
+        _aligned_size, _padding_size = Init._aligned_size, Init._padding_size
+
+        def _partition_world_size(self, param):
+            return world
+
+    params = [SimpleNamespace(ds_numel=n) for n in numels]
+    sizes = [Init._aligned_size(Partitioner(), p) // world for p in params]
+    assert [zero_partition.zero3_partition_numel(n, world) for n in numels] == sizes
+    for rank in range(world):
+        spans, flat = zero_partition.zero3_spans(numels, sizes, [rank] * len(numels))
+        assert flat == sum(sizes)
+        starts = [rank * size for size in sizes]
+        expected = [
+            (i, min(size, n - start)) for i, (n, size, start) in enumerate(zip(numels, sizes, starts, strict=True)) if start < n
+        ]
+        assert [(s.index, s.length) for s in spans] == expected
+        assert all(s.param_offset == starts[s.index] and s.start == sum(sizes[: s.index]) for s in spans)
+    for sub_group_size in (1, 5, 1000, 10**9):
+        items = [SimpleNamespace(partition_numel=lambda size=size: size) for size in sizes]
+        stage3 = SimpleNamespace(sub_group_size=sub_group_size)
+        theirs = DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups(stage3, items)
+        ours = zero_partition.zero3_sub_groups(sizes, sub_group_size)
+        assert [[items.index(x) for x in group] for group in theirs] == [list(r) for r in ours]
+
+
+# ------------------------------------------------------ patch signatures
+def test_wrap_forwards_args_and_names_them():
+    def original(self, first, second=2, *, flag=False):
+        return (self, first, second, flag)
+
+    seen = []
+    wrapped = deepspeed_patches.wrap(original, lambda call: seen.append(call) or call.proceed())
+    assert wrapped("s", 1, flag=True) == ("s", 1, 2, True)
+    call = seen[0]
+    assert call.args == ("s", 1) and call.kwargs == {"flag": True}
+    assert call["first"] == 1 and call["second"] == 2 and call["flag"] is True
+    assert getattr(wrapped, deepspeed_patches.ORIGINAL) is original
+    assert deepspeed_patches.signature_of(wrapped) == "(self, first, second=2, *, flag=False)"
+
+
+@needs_deepspeed
+def test_recorded_signatures_match_the_installed_deepspeed():
+    assert deepspeed_patches.missing_targets() == []
+    assert deepspeed_patches.signature_mismatches() == []
+    assert len({p.path for p in deepspeed_patches.PATCHES}) == len(deepspeed_patches.PATCHES) >= 16
+
+
+@needs_deepspeed
+def test_changed_signature_is_refused_naming_the_function(monkeypatch):
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    for entry in deepspeed_patches.PATCHES:  # start unpatched; monkeypatch restores whatever was there
+        owner, name = entry.owner_and_name()
+        current = getattr(owner, name)
+        monkeypatch.setattr(owner, name, getattr(current, deepspeed_patches.ORIGINAL, current))
+
+    def changed(self, optimizer, extra_argument=None):  # what a new DeepSpeed might look like
+        return optimizer
+
+    monkeypatch.setattr(DeepSpeedEngine, "_configure_zero_optimizer", changed)
+    with pytest.raises(deepspeed_patches.DeepSpeedSignatureError) as raised:
+        deepspeed_patches.apply()
+    message = str(raised.value)
+    assert "runtime.engine:DeepSpeedEngine._configure_zero_optimizer" in message
+    assert "recorded (self, optimizer), found (self, optimizer, extra_argument=None)" in message
+    assert isinstance(raised.value, integration.DeepSpeedVersionError)  # the import hook warns instead of breaking
+    for entry in deepspeed_patches.PATCHES:  # nothing was patched
+        owner, name = entry.owner_and_name()
+        assert getattr(getattr(owner, name), deepspeed_patches.ORIGINAL, None) is None, entry.path
+
+
 # ----------------------------------------------------------- registration
 @needs_deepspeed
 def test_import_dist8bit_does_not_import_deepspeed_and_registers_after():
@@ -155,6 +273,7 @@ def test_import_dist8bit_does_not_import_deepspeed_and_registers_after():
         import dist8bit
         assert "deepspeed" not in sys.modules
         from dist8bit.integrations import deepspeed as integration
+from dist8bit.integrations import deepspeed_patches, zero_partition
         assert not integration.is_registered()
         assert importlib.util.find_spec("deepspeed") is not None  # an availability check must not disarm the hook
         assert "deepspeed" not in sys.modules

@@ -3,28 +3,20 @@
 DeepSpeed 0.19 hands the optimizer flat fp32 buffers ("flats") instead of
 parameters; a checkpoint stores each rank's flats. This module recomputes
 their layout from the parameter shapes, so a checkpoint can be read as
-per-parameter pieces and written for another world size.
-
-ZeRO 1/2 (round_robin_gradients off, no parameter_alignment padding): a
-group's parameters, in `param_shapes` order, are concatenated and padded to a
-multiple of 2 x world size; rank r's flat is [r P, (r+1) P) of that, with
-P = padded size / world size. One flat per group and rank.
-
-ZeRO-3: every parameter is split on its own into world-size partitions of
-ceil(numel / world) elements (the last ones padded); a group is cut into
-sub-groups of about `sub_group_size` partition elements, and rank r's flat for
-a sub-group is its parameters' r-th partitions one after another.
+per-parameter pieces and written for another world size. The partition
+formulas themselves (ZeRO 1/2 and ZeRO-3) are DeepSpeed's, kept in one place:
+`dist8bit/integrations/zero_partition.py`.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-ALIGNMENT_FACTOR = 2  # DeepSpeed's nccl_start_alignment_factor: ZeRO 1/2 partitions start on 4-byte boundaries
-DEFAULT_SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's zero_optimization.sub_group_size default
+from ..integrations import zero_partition
+from ..integrations.zero_partition import DEFAULT_SUB_GROUP_SIZE
 
 
 @dataclass(frozen=True)
@@ -79,43 +71,27 @@ class ZeroLayout:
         return [self._zero12_flat(group, rank) for group in range(len(self.params))]
 
     def _zero12_flat(self, group: int, rank: int) -> Flat:
-        total = sum(numel for _, numel in self.params[group])
-        alignment = ALIGNMENT_FACTOR * self.world
-        partition = math.ceil(total / alignment) * alignment // self.world
-        low, high = rank * partition, (rank + 1) * partition
-        pieces, start = [], 0
-        for name, numel in self.params[group]:
-            first, last = max(start, low), min(start + numel, high)
-            if first < last:
-                pieces.append(Piece(name, first - low, last - first, first - start))
-            start += numel
-        return Flat(group, partition, tuple(pieces))
+        entries = self.params[group]
+        spans = zero_partition.zero12_spans([numel for _, numel in entries], self.world, rank)
+        size = zero_partition.zero12_partition_numel([numel for _, numel in entries], self.world)
+        return Flat(group, size, _pieces(entries, spans))
 
     def sub_groups(self, group: int) -> list[list[tuple[str, int]]]:
-        """DeepSpeed's rule: add parameters until their partitions reach sub_group_size."""
-        entries = list(self.params[group])
-        partitions = [math.ceil(numel / self.world) for _, numel in entries]
-        if self.sub_group_size >= sum(partitions):
-            return [entries]
-        result, current, size = [], [], 0
-        for index, entry in enumerate(entries):
-            current.append(entry)
-            size += partitions[index]
-            if size >= self.sub_group_size or index == len(entries) - 1:
-                result.append(current)
-                current, size = [], 0
-        return result
+        """The group's parameters cut into ZeRO-3 sub-groups, as DeepSpeed cuts them."""
+        entries = self.params[group]
+        partitions = [zero_partition.zero3_partition_numel(numel, self.world) for _, numel in entries]
+        return [[entries[i] for i in members] for members in zero_partition.zero3_sub_groups(partitions, self.sub_group_size)]
 
     def _zero3_flats(self, group: int, rank: int) -> list[Flat]:
         flats = []
         for members in self.sub_groups(group):
-            pieces, offset = [], 0
-            for name, numel in members:
-                partition = math.ceil(numel / self.world)
-                first = rank * partition
-                length = min(partition, numel - first)
-                if length > 0:  # ranks past the end hold only padding
-                    pieces.append(Piece(name, offset, length, first))
-                offset += partition
-            flats.append(Flat(group, offset, tuple(pieces)))
+            numels = [numel for _, numel in members]
+            partitions = [zero_partition.zero3_partition_numel(numel, self.world) for numel in numels]
+            spans, size = zero_partition.zero3_spans(numels, partitions, [rank] * len(numels))
+            flats.append(Flat(group, size, _pieces(members, spans)))
         return flats
+
+
+def _pieces(entries: Sequence[tuple[str, int]], spans: list[zero_partition.Span]) -> tuple[Piece, ...]:
+    """Spans (parameters by position) as pieces (parameters by name)."""
+    return tuple(Piece(entries[s.index][0], s.start, s.length, s.param_offset) for s in spans)

@@ -1,10 +1,17 @@
 """Class-level patches that teach DeepSpeed 0.19 about dist8bit optimizers.
 
-Each patch wraps one DeepSpeed method, acts only when the optimizer involved is
+Each patch wraps one DeepSpeed function, acts only when the optimizer involved is
 a dist8bit one (or the config names one) and otherwise calls DeepSpeed's
 original unchanged, so registering dist8bit never alters a run that does not
 use it. Wrappers remember the original (`__dist8bit_original__`), which makes
 `apply()` idempotent.
+
+Wrappers take and forward `*args, **kwargs`; they read the arguments they need
+by name. What they rely on is each function's signature, recorded below next to
+its patch for the supported DeepSpeed (0.19.x): `apply()` compares every
+recorded signature with the installed DeepSpeed's before patching anything, and
+refuses, naming each function that changed, rather than patch a function whose
+arguments no longer mean what the wrapper expects.
 
 DeepSpeedEngine
   _is_supported_optimizer     config "type" names a dist8bit optimizer (or a bad one: clear error)
@@ -27,15 +34,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import inspect
 import types
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..optim import Optimizer8bit
 from . import deepspeed_segments as segments
+from .deepspeed import DeepSpeedVersionError
 from .deepspeed_config import check_params, resolve
 
 ORIGINAL = "__dist8bit_original__"
@@ -46,48 +56,124 @@ class DeepSpeedCheckpointError(RuntimeError):
     """A DeepSpeed checkpoint cannot be loaded into (or saved from) a dist8bit optimizer as asked."""
 
 
-def _targets() -> list[tuple[Any, str, Callable[[Callable], Callable]]]:
-    from deepspeed.runtime import bf16_optimizer, engine
-    from deepspeed.runtime.zero import stage3, stage_1_and_2
+class DeepSpeedSignatureError(DeepSpeedVersionError):
+    """A DeepSpeed function that dist8bit patches (or calls) does not have the signature recorded for it."""
 
-    Engine = engine.DeepSpeedEngine
-    Zero12 = stage_1_and_2.DeepSpeedZeroOptimizer
-    Zero3 = stage3.DeepSpeedZeroOptimizer_Stage3
-    BF16 = bf16_optimizer.BF16_Optimizer
-    return [
-        (Engine, "_is_supported_optimizer", _is_supported_optimizer),
-        (Engine, "_configure_basic_optimizer", _configure_basic_optimizer),
-        (engine, "is_zero_supported_optimizer", _is_zero_supported_optimizer),
-        (Engine, "_do_optimizer_sanity_check", _do_optimizer_sanity_check),
-        (Engine, "_configure_optimizer", _configure_optimizer),
-        (Engine, "_configure_fp16_optimizer", _configure_fp16_optimizer),
-        (Engine, "_configure_zero_optimizer", _configure_zero_optimizer),
-        (Engine, "_configure_bf16_optimizer", _configure_bf16_optimizer),
-        (Engine, "_load_zero_checkpoint", _load_zero_checkpoint),
-        (Zero12, "_link_all_hp_params", _link_all_hp_params),
-        (BF16, "_link_all_hp_params", _link_all_hp_params),
-        (Zero12, "_load_legacy_checkpoint", _load_legacy_checkpoint),
-        (Zero3, "get_full_hp_param", _zero3_get_full_hp_param),
-        (Zero3, "get_local_fp32_param", _zero3_refuse_state_key("get_local_fp32_param")),
-        (Zero3, "set_full_hp_param", _zero3_refuse_state_key("set_full_hp_param")),
-        (Zero3, "set_local_hp_param", _zero3_refuse_state_key("set_local_hp_param")),
-    ]
+
+# ------------------------------------------------------------------ registry
+@dataclass(frozen=True)
+class Call:
+    """One call of a patched DeepSpeed function: its arguments by name, and the original to go on with."""
+
+    original: Callable
+    args: tuple
+    kwargs: dict[str, Any]
+    arguments: dict[str, Any]  # by parameter name, defaults filled in
+
+    def __getitem__(self, name: str) -> Any:
+        return self.arguments[name]
+
+    def proceed(self) -> Any:
+        """DeepSpeed's original, with the arguments exactly as given."""
+        return self.original(*self.args, **self.kwargs)
+
+
+@dataclass(frozen=True)
+class Patch:
+    """DeepSpeed function `path` ("module:Class.function" under deepspeed), the signature recorded
+    for it, and the body that replaces it (None: only called, never replaced)."""
+
+    path: str
+    signature: str
+    body: Callable[[Call], Any] | None
+
+    def owner_and_name(self) -> tuple[Any, str]:
+        module, _, qualname = self.path.partition(":")
+        owner: Any = importlib.import_module(f"deepspeed.{module}")
+        *classes, name = qualname.split(".")
+        for cls in classes:
+            owner = getattr(owner, cls)
+        return owner, name
+
+
+PATCHES: list[Patch] = []
+
+
+def patch(*paths: str, signature: str) -> Callable[[Callable[[Call], Any]], Callable[[Call], Any]]:
+    """Register the decorated body as the patch of each DeepSpeed function in `paths`."""
+
+    def register(body: Callable[[Call], Any]) -> Callable[[Call], Any]:
+        PATCHES.extend(Patch(path, signature, body) for path in paths)
+        return body
+
+    return register
+
+
+def record_signature(path: str, signature: str) -> None:
+    """Register a DeepSpeed function that the wrappers call with named arguments but do not replace."""
+    PATCHES.append(Patch(path, signature, None))
+
+
+def signature_of(function: Callable) -> str:
+    """The parameters of `function` as text (names, kinds, defaults; annotations dropped)."""
+    signature = inspect.signature(function)
+    parameters = [p.replace(annotation=inspect.Parameter.empty) for p in signature.parameters.values()]
+    return str(signature.replace(parameters=parameters, return_annotation=inspect.Signature.empty))
+
+
+def wrap(original: Callable, body: Callable[[Call], Any]) -> Callable:
+    """A function that forwards `*args, **kwargs` to `body` as a Call of `original`."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def patched(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return body(Call(original, args, kwargs, dict(bound.arguments)))
+
+    setattr(patched, ORIGINAL, original)
+    return patched
 
 
 def missing_targets() -> list[str]:
-    """DeepSpeed attributes the patches need but the installed version lacks."""
-    return [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name, _ in _targets() if not hasattr(owner, name)]
+    """DeepSpeed functions the patches need but the installed version lacks."""
+    missing = []
+    for entry in PATCHES:
+        try:
+            owner, name = entry.owner_and_name()
+        except (ImportError, AttributeError):
+            owner, name = None, ""
+        if not hasattr(owner, name):
+            missing.append(entry.path)
+    return missing
+
+
+def signature_mismatches() -> list[str]:
+    """One line per patched (or called) DeepSpeed function whose signature differs from the recorded one."""
+    mismatches = []
+    for entry in PATCHES:
+        owner, name = entry.owner_and_name()
+        current = getattr(owner, name)
+        found = signature_of(getattr(current, ORIGINAL, current))
+        if found != entry.signature:
+            mismatches.append(f"{entry.path}: recorded {entry.signature}, found {found}")
+    return mismatches
 
 
 def apply() -> None:
-    """Install every patch (once)."""
-    for owner, name, make in _targets():
+    """Check every recorded signature, then install every patch (once). Patches nothing on a mismatch."""
+    mismatches = signature_mismatches()
+    if mismatches:
+        raise DeepSpeedSignatureError(
+            "dist8bit's DeepSpeed patches were written for DeepSpeed 0.19.x and these functions have changed: "
+            + "; ".join(mismatches)
+            + ". Install a supported DeepSpeed (see dist8bit.integrations.deepspeed.TESTED_VERSION)."
+        )
+    for entry in PATCHES:
+        owner, name = entry.owner_and_name()
         current = getattr(owner, name)
-        if getattr(current, ORIGINAL, None) is not None:
-            continue
-        wrapper = functools.wraps(current)(make(current))
-        setattr(wrapper, ORIGINAL, current)
-        setattr(owner, name, wrapper)
+        if entry.body is not None and getattr(current, ORIGINAL, None) is None:
+            setattr(owner, name, wrap(current, entry.body))
 
 
 def is_applied() -> bool:
@@ -105,23 +191,24 @@ def _basic(engine: Any) -> Any:
 
 
 # ------------------------------------------------------------------- config
-def _is_supported_optimizer(original: Callable) -> Callable:
-    def patched(self, optimizer_name):
-        if resolve(optimizer_name, lambda name: original(self, name)) is not None:
-            return True
-        return original(self, optimizer_name)
-
-    return patched
+ENGINE = "runtime.engine:DeepSpeedEngine."
 
 
-def _configure_basic_optimizer(original: Callable) -> Callable:
-    def patched(self, model_parameters):
-        cls = resolve(self.optimizer_name(), lambda name: original_supported(self, name))
-        if cls is None:
-            return original(self, model_parameters)
-        return cls(model_parameters, **check_params(cls, self.optimizer_params() or {}))
+@patch(ENGINE + "_is_supported_optimizer", signature="(self, optimizer_name)")
+def _is_supported_optimizer(call: Call) -> Any:
+    engine = call["self"]
+    if resolve(call["optimizer_name"], lambda name: call.original(engine, name)) is not None:
+        return True
+    return call.proceed()
 
-    return patched
+
+@patch(ENGINE + "_configure_basic_optimizer", signature="(self, model_parameters)")
+def _configure_basic_optimizer(call: Call) -> Any:
+    engine = call["self"]
+    cls = resolve(engine.optimizer_name(), lambda name: original_supported(engine, name))
+    if cls is None:
+        return call.proceed()
+    return cls(call["model_parameters"], **check_params(cls, engine.optimizer_params() or {}))
 
 
 def original_supported(engine: Any, name: str) -> bool:
@@ -129,60 +216,56 @@ def original_supported(engine: Any, name: str) -> bool:
     return getattr(method, ORIGINAL, method)(engine, name)
 
 
-def _is_zero_supported_optimizer(original: Callable) -> Callable:
-    def patched(optimizer):
-        return _ours(optimizer) or original(optimizer)
-
-    return patched
+@patch("runtime.engine:is_zero_supported_optimizer", signature="(optimizer)")
+def _is_zero_supported_optimizer(call: Call) -> Any:
+    return _ours(call["optimizer"]) or call.proceed()
 
 
-def _do_optimizer_sanity_check(original: Callable) -> Callable:
-    def patched(self, basic_optimizer):
-        if _ours(basic_optimizer) and self.zero_optimization():
-            if self.zero_optimization_stage() in (1, 2) and self.zero_elastic_checkpoint():
-                raise DeepSpeedCheckpointError(
-                    "zero_optimization.elastic_checkpoint=true cannot be used with dist8bit optimizers: elastic "
-                    "checkpoints cut and re-pad every state tensor by the partition padding, which corrupts packed "
-                    "8-bit state. Set it to false; to resume on another world size convert the checkpoint with "
-                    + CONVERT_HINT.format(world="M")
-                )
-            if self.zenflow or self.super_offload():
-                raise NotImplementedError("ZenFlow and SuperOffload run their own CPU optimizers; use them without dist8bit")
-        return original(self, basic_optimizer)
-
-    return patched
+@patch(ENGINE + "_do_optimizer_sanity_check", signature="(self, basic_optimizer)")
+def _do_optimizer_sanity_check(call: Call) -> Any:
+    engine = call["self"]
+    if _ours(call["basic_optimizer"]) and engine.zero_optimization():
+        if engine.zero_optimization_stage() in (1, 2) and engine.zero_elastic_checkpoint():
+            raise DeepSpeedCheckpointError(
+                "zero_optimization.elastic_checkpoint=true cannot be used with dist8bit optimizers: elastic "
+                "checkpoints cut and re-pad every state tensor by the partition padding, which corrupts packed "
+                "8-bit state. Set it to false; to resume on another world size convert the checkpoint with "
+                + CONVERT_HINT.format(world="M")
+            )
+        if engine.zenflow or engine.super_offload():
+            raise NotImplementedError("ZenFlow and SuperOffload run their own CPU optimizers; use them without dist8bit")
+    return call.proceed()
 
 
 # --------------------------------------------------------- partitions -> segments
-def _configure_optimizer(original: Callable) -> Callable:
-    def patched(self, client_optimizer, model_parameters):
-        original(self, client_optimizer, model_parameters)
-        basic = _basic(self)
-        if _ours(basic) and self.optimizer is basic:
-            for index, group in enumerate(basic.param_groups):
-                segments.link_whole(basic, group["params"], group["params"], index)
+@patch(ENGINE + "_configure_optimizer", signature="(self, client_optimizer, model_parameters)")
+def _configure_optimizer(call: Call) -> Any:
+    result = call.proceed()
+    engine = call["self"]
+    basic = _basic(engine)
+    if _ours(basic) and engine.optimizer is basic:
+        for index, group in enumerate(basic.param_groups):
+            segments.link_whole(basic, group["params"], group["params"], index)
+    return result
 
-    return patched
 
-
-def _configure_fp16_optimizer(original: Callable) -> Callable:
-    def patched(self, optimizer, low_precision_dtype):
-        if not _ours(optimizer):
-            return original(self, optimizer, low_precision_dtype)
-        # FP16_UnfusedOptimizer steps the optimizer once with zero gradients while
-        # it is built, to create state. For dist8bit that step would create the
-        # state before the fp32 copies carry their parameters' overrides, count a
-        # step and apply weight decay; state is created by the first real step.
-        with _no_step(optimizer):
-            wrapper = original(self, optimizer, low_precision_dtype)
-        if not (hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups")):
-            raise segments.DeepSpeedLayoutError(f"unexpected DeepSpeed mixed-precision optimizer {type(wrapper).__name__}")
-        for index, (params, copies) in enumerate(zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True)):
-            segments.carry_overrides(params, copies)
-            segments.link_whole(optimizer, params, copies, index)
-        return wrapper
-
-    return patched
+@patch(ENGINE + "_configure_fp16_optimizer", signature="(self, optimizer, low_precision_dtype)")
+def _configure_fp16_optimizer(call: Call) -> Any:
+    optimizer = call["optimizer"]
+    if not _ours(optimizer):
+        return call.proceed()
+    # FP16_UnfusedOptimizer steps the optimizer once with zero gradients while
+    # it is built, to create state. For dist8bit that step would create the
+    # state before the fp32 copies carry their parameters' overrides, count a
+    # step and apply weight decay; state is created by the first real step.
+    with _no_step(optimizer):
+        wrapper = call.proceed()
+    if not (hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups")):
+        raise segments.DeepSpeedLayoutError(f"unexpected DeepSpeed mixed-precision optimizer {type(wrapper).__name__}")
+    for index, (params, copies) in enumerate(zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True)):
+        segments.carry_overrides(params, copies)
+        segments.link_whole(optimizer, params, copies, index)
+    return wrapper
 
 
 @contextlib.contextmanager
@@ -194,69 +277,78 @@ def _no_step(optimizer: Optimizer8bit) -> Iterator[None]:
         del optimizer.step
 
 
-def _configure_zero_optimizer(original: Callable) -> Callable:
-    def patched(self, optimizer):
-        zero = original(self, optimizer)
-        if _ours(optimizer):
-            if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO 1/2
-                segments.attach_flat_groups(
-                    optimizer, zero.single_partition_of_fp32_groups, zero.bit16_groups, zero.real_dp_process_group
-                )
-            elif hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
-                segments.attach_zero3(optimizer, zero)
-            else:
-                raise segments.DeepSpeedLayoutError(f"unexpected DeepSpeed ZeRO optimizer {type(zero).__name__}")
+@patch(ENGINE + "_configure_zero_optimizer", signature="(self, optimizer)")
+def _configure_zero_optimizer(call: Call) -> Any:
+    zero, optimizer = call.proceed(), call["optimizer"]
+    if not _ours(optimizer):
         return zero
+    if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO 1/2
+        segments.attach_flat_groups(
+            optimizer, zero.single_partition_of_fp32_groups, zero.bit16_groups, zero.real_dp_process_group
+        )
+    elif hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        segments.attach_zero3(optimizer, zero)
+    else:
+        raise segments.DeepSpeedLayoutError(f"unexpected DeepSpeed ZeRO optimizer {type(zero).__name__}")
+    return zero
 
-    return patched
 
-
-def _configure_bf16_optimizer(original: Callable) -> Callable:
-    def patched(self, optimizer):
-        wrapper = original(self, optimizer)
-        if _ours(optimizer):
-            segments.attach_flat_groups(
-                optimizer, wrapper.fp32_groups_flat_partition, wrapper.bf16_groups, wrapper.real_dp_process_group
-            )
-        return wrapper
-
-    return patched
+@patch(ENGINE + "_configure_bf16_optimizer", signature="(self, optimizer)")
+def _configure_bf16_optimizer(call: Call) -> Any:
+    wrapper, optimizer = call.proceed(), call["optimizer"]
+    if _ours(optimizer):
+        groups = wrapper.fp32_groups_flat_partition, wrapper.bf16_groups, wrapper.real_dp_process_group
+        segments.attach_flat_groups(optimizer, *groups)
+    return wrapper
 
 
 # ------------------------------------------------------------- fragment API
-def _link_all_hp_params(original: Callable) -> Callable:
-    def patched(self):
-        original(self)
-        if _ours(self.optimizer):
-            groups = getattr(self, "bit16_groups", None) or self.bf16_groups
-            for lp in (p for group in groups for p in group):
-                _route_fragment_api(lp)
+@patch(
+    "runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer._link_all_hp_params",
+    "runtime.bf16_optimizer:BF16_Optimizer._link_all_hp_params",
+    signature="(self)",
+)
+def _link_all_hp_params(call: Call) -> Any:
+    result = call.proceed()
+    zero = call["self"]
+    if _ours(zero.optimizer):
+        groups = getattr(zero, "bit16_groups", None) or zero.bf16_groups
+        for lp in (p for group in groups for p in group):
+            _route_fragment_api(lp)
+    return result
 
-    return patched
+
+# DeepSpeed's per-parameter fragment methods (what `safe_get_full_optimizer_state` calls), which
+# link_hp_params binds to each parameter: called through the wrappers below, not patched.
+record_signature("utils.tensor_fragment:get_full_hp_param", "(self, optim_state_key=None)")
+record_signature("utils.tensor_fragment:set_full_hp_param", "(self, value, optim_state_key=None)")
 
 
 def _route_fragment_api(lp: torch.Tensor) -> None:
-    """Make DeepSpeed's per-parameter fragment methods (what `safe_get_full_optimizer_state`
-    calls) read dist8bit's state; writing packed 8-bit state through them is refused."""
-    get_param, set_param = lp.get_full_hp_param, lp.set_full_hp_param
+    """Reading state through `lp`'s fragment methods reads dist8bit's; writing packed 8-bit state is refused."""
+    if getattr(lp.get_full_hp_param, ORIGINAL, None) is None:
+        lp.get_full_hp_param = wrap(lp.get_full_hp_param, functools.partial(_fragment_get, lp))
+        lp.set_full_hp_param = wrap(lp.set_full_hp_param, _fragment_set)
 
-    def get_full_hp_param(self, optim_state_key=None):
-        if optim_state_key is None:
-            return get_param()
-        return _full_state(self, optim_state_key)
 
-    def set_full_hp_param(self, value, optim_state_key=None):
-        if optim_state_key is None:
-            return set_param(value)
-        raise NotImplementedError(_SET_STATE_MESSAGE)
+def _fragment_get(lp: torch.Tensor, call: Call) -> Any:
+    key = call["optim_state_key"]
+    return call.proceed() if key is None else _full_state(lp, key)
 
-    lp.get_full_hp_param = types.MethodType(get_full_hp_param, lp)
-    lp.set_full_hp_param = types.MethodType(set_full_hp_param, lp)
+
+def _fragment_set(call: Call) -> Any:
+    if call["optim_state_key"] is None:
+        return call.proceed()
+    raise NotImplementedError(_SET_STATE_MESSAGE)
 
 
 _SET_STATE_MESSAGE = (
     "setting optimizer state through DeepSpeed's fragment API is not supported for dist8bit optimizers (their state "
     "is packed 8-bit codes and scales); read it with dist8bit.integrations.deepspeed.get_full_optimizer_state"
+)
+_LOCAL_STATE_MESSAGE = (
+    "reading one rank's local optimizer-state partition by key is not supported for dist8bit optimizers (packed "
+    "8-bit state); use dist8bit.integrations.deepspeed.get_full_optimizer_state"
 )
 
 
@@ -266,82 +358,75 @@ def _full_state(param: torch.Tensor, key: str) -> torch.Tensor:
     return segments.full_optimizer_state(param, key, torch.device(get_accelerator().current_device_name()))
 
 
-def _zero3_get_full_hp_param(original: Callable) -> Callable:
-    def patched(self, param, optim_state_key=None):
-        if optim_state_key is None or not _ours(self.optimizer):
-            return original(self, param, optim_state_key)
-        if not param.requires_grad:
-            return None
-        return _full_state(param, optim_state_key)
-
-    return patched
+ZERO3 = "runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3."
 
 
-def _zero3_refuse_state_key(name: str) -> Callable[[Callable], Callable]:
-    """ZeRO-3 accessors that would read or write one rank's raw state partition by key."""
-    message = _SET_STATE_MESSAGE if name.startswith("set") else _LOCAL_STATE_MESSAGE
-
-    def make(original: Callable) -> Callable:
-        signature = inspect.signature(original)
-
-        def patched(self, *args, **kwargs):
-            key = signature.bind(self, *args, **kwargs).arguments.get("optim_state_key")
-            if key is not None and _ours(self.optimizer):
-                raise NotImplementedError(message)
-            return original(self, *args, **kwargs)
-
-        return patched
-
-    return make
+@patch(ZERO3 + "get_full_hp_param", signature="(self, param, optim_state_key=None)")
+def _zero3_get_full_hp_param(call: Call) -> Any:
+    param, key = call["param"], call["optim_state_key"]
+    if key is None or not _ours(call["self"].optimizer):
+        return call.proceed()
+    return _full_state(param, key) if param.requires_grad else None
 
 
-_LOCAL_STATE_MESSAGE = (
-    "reading one rank's local optimizer-state partition by key is not supported for dist8bit optimizers (packed "
-    "8-bit state); use dist8bit.integrations.deepspeed.get_full_optimizer_state"
-)
+@patch(ZERO3 + "get_local_fp32_param", signature="(self, param, optim_state_key=None)")
+def _zero3_refuse_local_state(call: Call) -> Any:
+    """ZeRO-3 accessors that would read (or write) one rank's raw state partition by key."""
+    if call["optim_state_key"] is not None and _ours(call["self"].optimizer):
+        raise NotImplementedError(_LOCAL_STATE_MESSAGE)
+    return call.proceed()
+
+
+@patch(ZERO3 + "set_full_hp_param", ZERO3 + "set_local_hp_param", signature="(self, value, param, optim_state_key=None)")
+def _zero3_refuse_set_state(call: Call) -> Any:
+    if call["optim_state_key"] is not None and _ours(call["self"].optimizer):
+        raise NotImplementedError(_SET_STATE_MESSAGE)
+    return call.proceed()
 
 
 # -------------------------------------------------------------- checkpoints
-def _load_zero_checkpoint(original: Callable) -> Callable:
-    def patched(self, load_dir, tag, load_optimizer_states=True):
-        if _ours(_basic(self)):
-            if self.load_universal_checkpoint():
-                raise DeepSpeedCheckpointError(
-                    "DeepSpeed universal checkpoints cannot hold dist8bit's packed 8-bit state (ds_to_universal reads "
-                    "only exp_avg/exp_avg_sq). Load the ZeRO checkpoint directly, or convert it with "
-                    + CONVERT_HINT.format(world=self.seq_dp_world_size)
-                )
-            saved = self.loaded_checkpoint_dp_world_size
-            if load_optimizer_states and saved != self.seq_dp_world_size:
-                raise DeepSpeedCheckpointError(
-                    f"the checkpoint in {load_dir} (tag {tag}) was saved with data-parallel world size {saved}, this run "
-                    f"has {self.seq_dp_world_size}. dist8bit's optimizer state is packed per ZeRO partition, so it "
-                    f"cannot be re-partitioned on load; convert it first: "
-                    + CONVERT_HINT.format(world=self.seq_dp_world_size)
-                    + " (or load with load_optimizer_states=False to keep only the weights)"
-                )
-        return original(self, load_dir, tag, load_optimizer_states)
+@patch(ENGINE + "_load_zero_checkpoint", signature="(self, load_dir, tag, load_optimizer_states=True)")
+def _load_zero_checkpoint(call: Call) -> Any:
+    engine = call["self"]
+    if not _ours(_basic(engine)):
+        return call.proceed()
+    world = engine.seq_dp_world_size
+    if engine.load_universal_checkpoint():
+        raise DeepSpeedCheckpointError(
+            "DeepSpeed universal checkpoints cannot hold dist8bit's packed 8-bit state (ds_to_universal reads "
+            "only exp_avg/exp_avg_sq). Load the ZeRO checkpoint directly, or convert it with " + CONVERT_HINT.format(world=world)
+        )
+    saved = engine.loaded_checkpoint_dp_world_size
+    if call["load_optimizer_states"] and saved != world:
+        raise DeepSpeedCheckpointError(
+            f"the checkpoint in {call['load_dir']} (tag {call['tag']}) was saved with data-parallel world size {saved}, "
+            f"this run has {world}. dist8bit's optimizer state is packed per ZeRO partition, so it cannot be "
+            f"re-partitioned on load; convert it first: "
+            + CONVERT_HINT.format(world=world)
+            + " (or load with load_optimizer_states=False to keep only the weights)"
+        )
+    return call.proceed()
 
-    return patched
 
+@patch(
+    "runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer._load_legacy_checkpoint",
+    signature="(self, state_dict_list, load_optimizer_states=True, load_from_fp32_weights=False)",
+)
+def _load_legacy_checkpoint(call: Call) -> Any:
+    zero = call["self"]
+    if _ours(zero.optimizer) and call["load_optimizer_states"]:
+        from deepspeed import comm as dist
+        from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, PARAM_ALIGNMENT_PADDINGS
 
-def _load_legacy_checkpoint(original: Callable) -> Callable:
-    def patched(self, state_dict_list, load_optimizer_states=True, load_from_fp32_weights=False):
-        if _ours(self.optimizer) and load_optimizer_states:
-            from deepspeed import comm as dist
-            from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, PARAM_ALIGNMENT_PADDINGS
-
-            saved = state_dict_list[dist.get_rank(group=self.dp_process_group)]
-            if not isinstance(saved[BASE_OPTIMIZER_STATE], dict):
-                raise DeepSpeedCheckpointError(
-                    "this ZeRO checkpoint is elastic (saved with elastic_checkpoint=true or by another optimizer); "
-                    "dist8bit optimizers load only the rigid ZeRO checkpoints they save"
-                )
-            if saved.get(PARAM_ALIGNMENT_PADDINGS) != self.round_robin_bit16_padding:
-                raise DeepSpeedCheckpointError(
-                    "the ZeRO checkpoint's parameter layout (alignment padding) differs from this run's; keep "
-                    "zero_optimization.parameter_alignment and the DeepSpeed version used to save it"
-                )
-        return original(self, state_dict_list, load_optimizer_states, load_from_fp32_weights)
-
-    return patched
+        saved = call["state_dict_list"][dist.get_rank(group=zero.dp_process_group)]
+        if not isinstance(saved[BASE_OPTIMIZER_STATE], dict):
+            raise DeepSpeedCheckpointError(
+                "this ZeRO checkpoint is elastic (saved with elastic_checkpoint=true or by another optimizer); "
+                "dist8bit optimizers load only the rigid ZeRO checkpoints they save"
+            )
+        if saved.get(PARAM_ALIGNMENT_PADDINGS) != zero.round_robin_bit16_padding:
+            raise DeepSpeedCheckpointError(
+                "the ZeRO checkpoint's parameter layout (alignment padding) differs from this run's; keep "
+                "zero_optimization.parameter_alignment and the DeepSpeed version used to save it"
+            )
+    return call.proceed()

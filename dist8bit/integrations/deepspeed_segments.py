@@ -25,6 +25,8 @@ parameters' partitions one after another:
 
     sub-group flat on rank r  |p0[r*s0 : r*s0+s0]|p1[r*s1 : ...]|...   (tail padding excluded)
 
+(The partition formulas are in zero_partition.py, shared with the checkpoint converter.)
+
 The links recorded here (original parameter -> optimizer, flat buffers, process
 group) serve `get_full_optimizer_state`, the equivalent of DeepSpeed's
 `safe_get_full_optimizer_state` for packed 8-bit state.
@@ -48,6 +50,7 @@ from ..optim import state as state_layout
 from ..optim.overrides import GlobalOptimManager
 from ..optim.segments import Segment
 from ..quant.maps import create_dynamic_map
+from . import zero_partition
 
 
 class DeepSpeedLayoutError(RuntimeError):
@@ -112,20 +115,23 @@ def attach_flat_groups(
 # ---------------------------------------------------------------------- ZeRO-3
 def zero3_segments(params: Sequence[torch.Tensor], rank_of: Callable[[torch.Tensor], int], flat_numel: int) -> list[Segment]:
     """Segments of one ZeRO-3 sub-group's flat fp32 buffer (its params' `ds_tensor` partitions in order)."""
-    segments = []
-    offset = 0
-    for param in params:
-        partition = int(param.ds_tensor.ds_numel)  # ceil(ds_numel / world): every rank's partition size
-        first = rank_of(param) * partition
-        length = min(partition, int(param.ds_numel) - first)
-        if length > 0:  # ranks past the end hold only padding
-            segments.append(Segment(source=param, start=offset, length=length, param_offset=first, logical_numel=param.ds_numel))
-        offset += partition
-    if offset != flat_numel:
-        raise DeepSpeedLayoutError(
-            f"ZeRO-3 sub-group partitions add up to {offset} elements but its flat buffer has {flat_numel}"
+    spans, size = zero_partition.zero3_spans(
+        [int(p.ds_numel) for p in params],
+        [int(p.ds_tensor.ds_numel) for p in params],  # DeepSpeed's own partition size: ceil(ds_numel / world)
+        [rank_of(p) for p in params],
+    )
+    if size != flat_numel:
+        raise DeepSpeedLayoutError(f"ZeRO-3 sub-group partitions add up to {size} elements but its flat buffer has {flat_numel}")
+    return [
+        Segment(
+            source=params[s.index],
+            start=s.start,
+            length=s.length,
+            param_offset=s.param_offset,
+            logical_numel=params[s.index].ds_numel,
         )
-    return segments
+        for s in spans
+    ]
 
 
 def attach_zero3(optimizer: Optimizer8bit, zero_optimizer: Any) -> None:
