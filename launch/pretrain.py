@@ -18,12 +18,11 @@ the newest one. See launch/README.md and docs/pretraining.md.
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import math
-import os
 import sys
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,8 @@ import dist8bit
 from dist8bit.backends import backend_for
 from dist8bit.integrations.consistency import check_same_parameters
 from launch import checkpoint, distributed, strategies
-from launch.data import CORPORA, BatchSampler, default_data_dir, load_corpus
+from launch.atomic import write_json_atomic
+from launch.data import CORPORA, BatchSampler, Corpus, default_data_dir, load_corpus
 from launch.model import GPT, GPTConfig
 from launch.optimizers import OPTIMIZERS, LaunchError
 from launch.strategies.base import Strategy
@@ -201,48 +201,75 @@ def evaluate(module: torch.nn.Module, sampler: BatchSampler, iters: int, device:
     return mean_over_ranks(total / iters, world_size).item()
 
 
-# -------------------------------------------------------------- file output
-def write_json_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(obj, file, indent=1)
-            file.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def save_checkpoint(strategy: Strategy, run: dict[str, Any], env: distributed.DistEnv, device: torch.device) -> None:
+# -------------------------------------------------------------- checkpoints
+def save_checkpoint(run: Run) -> None:
     """Collective. The strategy writes its state into the step's directory; once every rank is done,
     rank 0 adds the metadata (with every rank's RNG state) and points `latest` at it."""
-    args = run["args"]
-    rng = gather_objects(checkpoint.rng_state(device), env.world_size)
-    directory = checkpoint.root(args.out_dir) / checkpoint.tag_for(run["step"])
+    args, env, strategy = run.args, run.env, run.strategy
+    rng = gather_objects(checkpoint.rng_state(run.device), env.world_size)
+    directory = checkpoint.root(args.out_dir) / checkpoint.tag_for(run.step)
     if env.is_main:
-        checkpoint.prepare(args.out_dir, run["step"])
+        checkpoint.prepare(args.out_dir, run.step)
     barrier(env.world_size)
     strategy.save(directory)
     barrier(env.world_size)
     if env.is_main:
         meta = checkpoint.build_meta(
-            step=run["step"],
+            step=run.step,
             world_size=env.world_size,
             strategy=strategy.name,
             optim=args.optim,
             model_config=strategy.model.config.to_dict(),
             rng=rng,
-            metrics={"train": run["metrics"]["train"], "val": run["metrics"]["val"]},
+            metrics={"train": run.metrics["train"], "val": run.metrics["val"]},
             args=jsonable_args(args),
         )
         checkpoint.publish(args.out_dir, directory, meta)
     barrier(env.world_size)  # no rank runs ahead of a checkpoint it might need
 
 
-# --------------------------------------------------------------------- main
-def train(args: argparse.Namespace, env: distributed.DistEnv, explicit: set[str] | None = None) -> dict[str, Any]:
+# ---------------------------------------------------------------- the run
+@dataclass
+class Run:
+    """One training job as this rank sees it: what `setup` builds and the loop advances."""
+
+    args: argparse.Namespace
+    env: distributed.DistEnv
+    name: str  # the resolved strategy
+    device: torch.device
+    strategy: Strategy
+    corpus: Corpus
+    config: GPTConfig
+    train_batches: BatchSampler
+    val_batches: BatchSampler
+    step: int = 0
+    metrics: dict[str, list] = field(default_factory=lambda: {"train": [], "val": []})
+    info: dict[str, Any] = field(default_factory=dict)  # what metrics.json says about the run
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.args.batch_size * self.args.block_size * self.env.world_size
+
+    def evaluate(self) -> float:
+        return evaluate(self.strategy.module, self.val_batches, self.args.eval_iters, self.device, self.env.world_size)
+
+    def write_metrics(self, extra: dict[str, Any] | None = None) -> None:
+        if self.env.is_main:
+            curves = {"train": self.metrics["train"], "val": self.metrics["val"]}
+            write_json_atomic({**self.info, **(extra or {}), **curves}, self.args.metrics)
+
+
+@dataclass
+class Throughput:
+    """What the loop measured: timed steps (the first step of a run is warm-up) and state size."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    state_bytes: int = 0
+
+
+def setup(args: argparse.Namespace, env: distributed.DistEnv, explicit: set[str]) -> Run:
+    """Device, strategy, process group and data; the model's config (nothing built yet)."""
     name = resolve_strategy(args.strategy, env.world_size)
     device = torch.device("cpu") if args.device == "cpu" else distributed.device_for(env)
     if args.device == "cuda" and device.type != "cuda":
@@ -250,7 +277,7 @@ def train(args: argparse.Namespace, env: distributed.DistEnv, explicit: set[str]
     torch.set_num_threads(args.threads or distributed.threads_per_rank(env))
     strategy = strategies.create(name, env, device, args)
     if name == "deepspeed":
-        strategy.configure(explicit or set())  # may change args (optimizer, lr, batch size) before anything is built
+        strategy.configure(explicit)  # may change args (optimizer, lr, batch size) before anything is built
     if strategy.needs_process_group():
         distributed.init_process_group(env, device)
 
@@ -260,9 +287,9 @@ def train(args: argparse.Namespace, env: distributed.DistEnv, explicit: set[str]
     barrier(env.world_size)
     if not env.is_main:
         corpus = load_corpus(args.data_dir, args.corpus)
-    train_batches = BatchSampler(corpus.train, args.block_size, args.batch_size, seed=args.seed, rank=env.rank, split="train")
-    val_batches = BatchSampler(corpus.val, args.block_size, args.batch_size, seed=args.seed, rank=env.rank, split="val")
-
+    sampler = functools.partial(
+        BatchSampler, block_size=args.block_size, batch_size=args.batch_size, seed=args.seed, rank=env.rank
+    )
     config = GPTConfig(
         vocab_size=corpus.vocab_size,
         block_size=args.block_size,
@@ -273,68 +300,81 @@ def train(args: argparse.Namespace, env: distributed.DistEnv, explicit: set[str]
         tied_head=not args.untied_head,
         stable_embedding=args.stable_embedding,
     )
-    resume_from = None
-    if args.resume:  # refuse an incompatible checkpoint before building anything
-        resume_from, meta = checkpoint.read_meta(args.out_dir)
-        checkpoint.check_resumable(
-            meta,
-            resume_from,
-            strategy=name,
-            world_size=env.world_size,
-            same_world_size=strategy.resume_needs_same_world_size,
-            optim=args.optim,
-            model_config=config.to_dict(),
-        )
+    train_batches, val_batches = sampler(corpus.train, split="train"), sampler(corpus.val, split="val")
+    return Run(args, env, name, device, strategy, corpus, config, train_batches, val_batches)
 
-    torch.manual_seed(args.seed)  # the same initial model on every rank
-    model = GPT(config).to(device)
+
+def find_checkpoint(run: Run) -> tuple[Path, dict[str, Any]] | None:
+    """With --resume, the newest checkpoint and its metadata, refused here if it does not fit this run."""
+    if not run.args.resume:
+        return None
+    path, meta = checkpoint.read_meta(run.args.out_dir)
+    checkpoint.check_resumable(
+        meta,
+        path,
+        strategy=run.name,
+        world_size=run.env.world_size,
+        same_world_size=run.strategy.resume_needs_same_world_size,
+        optim=run.args.optim,
+        model_config=run.config.to_dict(),
+    )
+    return path, meta
+
+
+def build_model(run: Run) -> int:
+    """The same initial model on every rank, handed to the strategy; returns its parameter count."""
+    torch.manual_seed(run.args.seed)
+    model = GPT(run.config).to(run.device)
     parameters = model.num_parameters()  # before wrapping: ZeRO-3 empties the parameters it partitions
     try:  # ranks built from different configs would otherwise fail (or hang) inside a collective
         check_same_parameters(model.named_parameters())
     except ValueError as error:
         raise LaunchError(str(error)) from error
-    strategy.setup(model)
-    eight_bit_optimizer = isinstance(strategy.base_optimizer(), dist8bit.optim.Optimizer8bit)
-    if eight_bit_optimizer:
-        backend_for(device)  # build or load the kernels now, not inside the first timed step
+    run.strategy.setup(model)
+    if eight_bit(run):
+        backend_for(run.device)  # build or load the kernels now, not inside the first timed step
+    return parameters
 
-    metrics: dict[str, Any] = {"train": [], "val": []}
-    step = 0
-    resumed: dict[str, Any] = {}
-    if resume_from is not None:
-        try:
-            strategy.load(resume_from)
-        except ValueError as error:  # the optimizer's own check of the saved state (precision, layout)
-            raise LaunchError(f"cannot resume from {resume_from}: {error}") from error
-        same_rng = checkpoint.restore_rng(meta, env.rank, env.world_size, args, device)
-        step, metrics = meta["step"], meta["metrics"]
-        resumed["resumed_from"] = {
-            "step": step,
-            "world_size": meta["world_size"],
-            "strategy": meta["strategy"],
-            "param_sha256": strategy.model_checksum(),  # the loaded model, for checking a reshard
-        }
-        if env.is_main and not same_rng:
-            print(
-                f"resuming a {meta['world_size']}-process checkpoint on {env.world_size} process(es): the global batch "
-                f"changes, so the run continues but is not bit-identical to an uninterrupted one",
-                flush=True,
-            )
-        del meta
-    else:
-        torch.manual_seed(args.seed + env.rank)  # dropout differs per rank
 
-    tokens_per_step = args.batch_size * args.block_size * env.world_size
-    run = {"args": args, "metrics": metrics, "step": step}
-    info = {
+def eight_bit(run: Run) -> bool:
+    return isinstance(run.strategy.base_optimizer(), dist8bit.optim.Optimizer8bit)
+
+
+def resume(run: Run, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Load the checkpoint into the built model and optimizer; what metrics.json records about it."""
+    env = run.env
+    try:
+        run.strategy.load(path)
+    except ValueError as error:  # the optimizer's own check of the saved state (precision, layout)
+        raise LaunchError(f"cannot resume from {path}: {error}") from error
+    same_rng = checkpoint.restore_rng(meta, env.rank, env.world_size, run.args, run.device)
+    run.step, run.metrics = meta["step"], meta["metrics"]
+    if env.is_main and not same_rng:
+        print(
+            f"resuming a {meta['world_size']}-process checkpoint on {env.world_size} process(es): the global batch "
+            f"changes, so the run continues but is not bit-identical to an uninterrupted one",
+            flush=True,
+        )
+    return {
+        "step": run.step,
+        "world_size": meta["world_size"],
+        "strategy": meta["strategy"],
+        "param_sha256": run.strategy.model_checksum(),  # the loaded model, for checking a reshard
+    }
+
+
+def describe(run: Run, parameters: int) -> dict[str, Any]:
+    """The run's facts for metrics.json (everything but the curves and the summary)."""
+    args, corpus, strategy = run.args, run.corpus, run.strategy
+    return {
         "config": jsonable_args(args),
-        "strategy": name,
-        "world_size": env.world_size,
-        "rank_source": env.source,
-        "device": str(device),
+        "strategy": run.name,
+        "world_size": run.env.world_size,
+        "rank_source": run.env.source,
+        "device": str(run.device),
         "torch_threads": torch.get_num_threads(),
         "optimizer": type(strategy.base_optimizer()).__name__,
-        "optimizer_backend": backend_for(device).name if eight_bit_optimizer else "torch",
+        "optimizer_backend": backend_for(run.device).name if eight_bit(run) else "torch",
         "lr_schedule": "strategy" if strategy.schedules_lr else "launcher",
         "corpus": {
             "name": corpus.name,
@@ -343,87 +383,111 @@ def train(args: argparse.Namespace, env: distributed.DistEnv, explicit: set[str]
             "train_tokens": corpus.train.numel(),
             "val_tokens": corpus.val.numel(),
         },
-        "model": config.to_dict(),
+        "model": run.config.to_dict(),
         "parameters": parameters,
-        "tokens_per_step": tokens_per_step,
+        "tokens_per_step": run.tokens_per_step,
         **strategy.info(),
-        **resumed,
     }
 
-    def write_metrics(extra: dict[str, Any] | None = None) -> None:
-        if env.is_main:
-            write_json_atomic({**info, **(extra or {}), "train": metrics["train"], "val": metrics["val"]}, args.metrics)
 
-    if env.is_main:
-        print(
-            f"{name} x{env.world_size} ({env.source}) on {device}, {torch.get_num_threads()} thread(s)/rank | "
-            f"{corpus.name}: {corpus.source}, vocab {corpus.vocab_size} | model {info['parameters'] / 1e6:.2f}M params | "
-            f"{args.optim} ({info['optimizer']}) lr {args.lr:g} | {tokens_per_step} tokens/step | steps {step}->{args.steps}",
-            flush=True,
-        )
-    if step == 0:
-        metrics["val"].append(
-            {"step": 0, "loss": evaluate(strategy.module, val_batches, args.eval_iters, device, env.world_size)}
-        )
+def banner(run: Run) -> str:
+    args, corpus, info = run.args, run.corpus, run.info
+    return (
+        f"{run.name} x{run.env.world_size} ({run.env.source}) on {run.device}, {torch.get_num_threads()} thread(s)/rank | "
+        f"{corpus.name}: {corpus.source}, vocab {corpus.vocab_size} | model {info['parameters'] / 1e6:.2f}M params | "
+        f"{args.optim} ({info['optimizer']}) lr {args.lr:g} | {run.tokens_per_step} tokens/step | steps {run.step}->{args.steps}"
+    )
 
-    progress = tqdm(total=args.steps, initial=step, disable=not env.is_main or args.no_progress, dynamic_ncols=True, unit="step")
-    state_bytes = strategy.state_bytes()
-    train_seconds, train_tokens, start_step = 0.0, 0, step
-    strategy.module.train()
-    while step < args.steps:
-        if not strategy.schedules_lr:
-            strategy.set_lr(learning_rate(step, args))
-        lr = strategy.current_lr()
-        x, y = train_batches.batch(step)
-        started = time.perf_counter()
-        loss = strategy.train_step(x.to(device), y.to(device))
-        loss_value = mean_over_ranks(loss.detach().float(), env.world_size).item()  # also waits for the device
-        seconds = time.perf_counter() - started
-        step += 1
-        run["step"] = step
-        if step > start_step + 1 or step == args.steps:  # the first step of a run (warm-up) only counts when it is the only one
-            train_seconds += seconds
-            train_tokens += tokens_per_step
-        if step == start_step + 1 or step == args.steps:  # states exist after the first step
-            state_bytes = strategy.state_bytes()
-        metrics["train"].append({"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / seconds})
-        if not math.isfinite(loss_value):
-            raise LaunchError(f"training loss is {loss_value} at step {step}; lower --lr or raise --warmup-steps")
-        postfix = {
-            "loss": f"{loss_value:.3f}",
-            "tok/s": f"{tokens_per_step / seconds:,.0f}",
-            "state": f"{state_bytes / 2**20:.2f}MB/rank",
-        }
-        progress.set_postfix(postfix, refresh=False)
+
+def train_step(run: Run) -> tuple[float, float]:
+    """One optimizer step at the scheduled learning rate: (loss averaged over the ranks, seconds)."""
+    if not run.strategy.schedules_lr:
+        run.strategy.set_lr(learning_rate(run.step, run.args))
+    lr = run.strategy.current_lr()
+    x, y = run.train_batches.batch(run.step)
+    started = time.perf_counter()
+    loss = run.strategy.train_step(x.to(run.device), y.to(run.device))
+    loss_value = mean_over_ranks(loss.detach().float(), run.env.world_size).item()  # also waits for the device
+    seconds = time.perf_counter() - started
+    run.step += 1
+    run.metrics["train"].append({"step": run.step, "loss": loss_value, "lr": lr, "tokens_per_s": run.tokens_per_step / seconds})
+    if not math.isfinite(loss_value):
+        raise LaunchError(f"training loss is {loss_value} at step {run.step}; lower --lr or raise --warmup-steps")
+    return loss_value, seconds
+
+
+def loop(run: Run) -> Throughput:
+    """Train up to --steps: evaluate every --eval-every steps, checkpoint every --ckpt-every and at the end."""
+    args, env = run.args, run.env
+    progress = tqdm(
+        total=args.steps, initial=run.step, disable=not env.is_main or args.no_progress, dynamic_ncols=True, unit="step"
+    )
+    measured = Throughput(state_bytes=run.strategy.state_bytes())
+    start_step = run.step
+    run.strategy.module.train()
+    while run.step < args.steps:
+        loss, seconds = train_step(run)
+        last = run.step == args.steps
+        if run.step > start_step + 1 or last:  # the first step of a run (warm-up) only counts when it is the only one
+            measured.seconds += seconds
+            measured.tokens += run.tokens_per_step
+        if run.step == start_step + 1 or last:  # states exist after the first step
+            measured.state_bytes = run.strategy.state_bytes()
+        state = f"{measured.state_bytes / 2**20:.2f}MB/rank"
+        progress.set_postfix(
+            {"loss": f"{loss:.3f}", "tok/s": f"{run.tokens_per_step / seconds:,.0f}", "state": state}, refresh=False
+        )
         progress.update()
-        if step % args.eval_every == 0 or step == args.steps:
-            val_loss = evaluate(strategy.module, val_batches, args.eval_iters, device, env.world_size)
-            metrics["val"].append({"step": step, "loss": val_loss})
+        if run.step % args.eval_every == 0 or last:
+            val_loss = run.evaluate()
+            run.metrics["val"].append({"step": run.step, "loss": val_loss})
             if env.is_main and not args.no_progress:
-                progress.write(f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
-            write_metrics()
-        if not args.no_checkpoint and (step == args.steps or (args.ckpt_every and step % args.ckpt_every == 0)):
-            save_checkpoint(strategy, run, env, device)
+                progress.write(f"step {run.step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
+            run.write_metrics()
+        if not args.no_checkpoint and (last or (args.ckpt_every and run.step % args.ckpt_every == 0)):
+            save_checkpoint(run)
     progress.close()
+    return measured
 
-    checksums = gather_objects(strategy.model_checksum(), env.world_size)
-    all_state_bytes = gather_objects(state_bytes, env.world_size)
+
+def summarize(run: Run, measured: Throughput) -> dict[str, Any]:
+    """Collective: every rank's model checksum and state size; rank 0 writes the final metrics.json."""
+    args, env, metrics = run.args, run.env, run.metrics
+    checksums = gather_objects(run.strategy.model_checksum(), env.world_size)
+    state_bytes = gather_objects(measured.state_bytes, env.world_size)
     latest = checkpoint.latest(args.out_dir) if not args.no_checkpoint and env.is_main else None
     summary = {
-        "steps": step,
-        "strategy": name,
+        "steps": run.step,
+        "strategy": run.name,
         "final_train_loss": metrics["train"][-1]["loss"] if metrics["train"] else None,
         "final_val_loss": metrics["val"][-1]["loss"] if metrics["val"] else None,
-        "tokens_per_s": train_tokens / train_seconds if train_seconds else None,
-        "train_seconds_this_run": train_seconds,
-        "state_bytes_per_rank": all_state_bytes,
-        "state_bytes": all_state_bytes[0],
+        "tokens_per_s": measured.tokens / measured.seconds if measured.seconds else None,
+        "train_seconds_this_run": measured.seconds,
+        "state_bytes_per_rank": state_bytes,
+        "state_bytes": state_bytes[0],
         "param_sha256": checksums,
         "ranks_in_sync": len(set(checksums)) == 1,
         "checkpoint": None if latest is None else str(latest),
     }
-    write_metrics({"summary": summary})
+    run.write_metrics({"summary": summary})
     return summary
+
+
+# --------------------------------------------------------------------- main
+def train(args: argparse.Namespace, env: distributed.DistEnv, explicit: set[str] | None = None) -> dict[str, Any]:
+    """Set up, resume if asked, train, summarize: the whole job on this rank."""
+    run = setup(args, env, explicit or set())
+    saved = find_checkpoint(run)  # refuse an incompatible checkpoint before building anything
+    parameters = build_model(run)
+    resumed = {"resumed_from": resume(run, *saved)} if saved else {}
+    if not saved:
+        torch.manual_seed(args.seed + env.rank)  # dropout differs per rank
+    run.info = {**describe(run, parameters), **resumed}
+    if env.is_main:
+        print(banner(run), flush=True)
+    if run.step == 0:
+        run.metrics["val"].append({"step": 0, "loss": run.evaluate()})
+    return summarize(run, loop(run))
 
 
 def main(argv: list[str] | None = None) -> int:

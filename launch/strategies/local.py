@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from launch.data import atomic_torch_save
+from launch.atomic import torch_save_atomic
 from launch.model import GPT
 from launch.optimizers import build_optimizer
 from launch.strategies.base import Strategy
@@ -40,7 +40,7 @@ class LocalStrategy(Strategy):
 
     def save(self, directory: Path) -> None:
         if self.env.is_main:
-            atomic_torch_save(
+            torch_save_atomic(
                 {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, directory / STATE_FILE
             )
 
