@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .. import optim as d8
-from .report import format_table, machine_description, pyplot, write_json
+from .report import format_table, machine_description, pyplot, save_figure, write_json
 from .timing import busy_cores, copy_bandwidth_gbs, rmw_bandwidth_gbs, time_call
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -192,8 +192,4 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     left.set_xlabel("step time (ms, lower is better)")
     right.barh(names, [r["state_bytes_per_param"] for r in timed], color="C2")
     right.set_xlabel("optimizer state bytes per parameter")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)

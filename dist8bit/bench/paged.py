@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .. import optim as d8
 from .. import paging
 from .optim import PRESETS
-from .report import format_table, machine_description, pyplot, write_json
+from .report import format_table, machine_description, pyplot, save_figure, write_json
 from .timing import time_call
 
 OPTIMIZERS = {
@@ -93,66 +93,79 @@ def _paged_bytes(optimizer: torch.optim.Optimizer) -> int:
     return where.device_bytes + where.host_bytes
 
 
-def run(args: argparse.Namespace) -> dict:
-    fractions = _fractions(args.evict)
-    plain_cls, paged_cls = OPTIMIZERS[args.optimizer]
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    reason = paging.get_manager().backend.unavailable_reason(device)
-    if reason is not None:
-        print(f"paged bench: paged states cannot be measured here ({reason}).")
-        print("Timing the fallback instead: Paged* classes on ordinary memory against the unpaged classes.")
-        fractions = []
-    shapes = PRESETS[args.preset]()
+def _parameters(preset: str, device: torch.device) -> list[torch.nn.Parameter]:
+    """The preset's shapes as parameters with gradients; refuses a preset the GPU cannot hold safely."""
+    shapes = PRESETS[preset]()
     numel = sum(torch.Size(s).numel() for s in shapes)
-    if cuda:
+    if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info()
         # parameters + gradients (fp32) + two optimizers' fp32 states (the 32-bit worst case: two per parameter)
         if numel * 24 > SAFE_FRACTION * free:
             raise SystemExit(
-                f"paged bench: {args.preset} needs about {numel * 24 / 1e9:.1f} GB but only {free / 1e9:.1f} GB is free; "
+                f"paged bench: {preset} needs about {numel * 24 / 1e9:.1f} GB but only {free / 1e9:.1f} GB is free; "
                 "pick a smaller --preset (the benchmark never oversubscribes the GPU)"
             )
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
-    rows: list[dict] = []
+    return params
+
+
+def _resident_rows(plain: torch.optim.Optimizer, paged: torch.optim.Optimizer, device, budget_s: float, reason) -> list[dict]:
+    """The unpaged and the all-resident paged step, interleaved so that drift in the machine's
+    speed hits both alike (the overhead bar is 5%)."""
+    unpaged_ms, resident_ms = _interleaved_medians_ms([plain.step, paged.step], device, budget_s)
+    label = "paged, resident" if reason is None else "paged (fallback: ordinary memory)"
+    return [
+        {"config": "unpaged", "ms": unpaged_ms},
+        {"config": label, "ms": resident_ms, "overhead": resident_ms / unpaged_ms - 1.0},
+    ]
+
+
+def _evicted_row(paged: torch.optim.Optimizer, fraction: float, rows: list[dict], device, budget_s: float) -> dict:
+    """The step with the coldest `fraction` of the paged bytes in host memory."""
+    unpaged_ms, resident_ms = rows[0]["ms"], rows[1]["ms"]
+    paging.set_budget(int(_paged_bytes(paged) * (1.0 - fraction)))
+    paged.step()  # the policy evicts before this step
+    # Lifted again: without limits evicted states stay put, so the timing shows the
+    # cost of host-resident states alone, not that of the policy pass.
+    paging.set_budget(None)
+    torch.cuda.synchronize(device)
+    where = paging.residency(paged)
+    ms = time_call(paged.step, device, min_repeats=5, budget_s=budget_s).median_ms
+    bus = 2 * where.host_bytes
+    extra_s = (ms - resident_ms) * 1e-3
+    paging.prefetch_all(paged)
+    return {
+        "config": f"paged, {fraction:.0%} evicted",
+        "ms": ms,
+        "overhead": ms / unpaged_ms - 1.0,
+        "host_MB": where.host_bytes / 1e6,
+        "bus_MB": bus / 1e6,
+        "bus_GB/s": bus / extra_s / 1e9 if extra_s > 0 else None,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    fractions = _fractions(args.evict)
+    plain_cls, paged_cls = OPTIMIZERS[args.optimizer]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reason = paging.get_manager().backend.unavailable_reason(device)
+    if reason is not None:
+        print(f"paged bench: paged states cannot be measured here ({reason}).")
+        print("Timing the fallback instead: Paged* classes on ordinary memory against the unpaged classes.")
+        fractions = []
+    params = _parameters(args.preset, device)
     pinned = _pinned_bandwidth_gbs(device) if reason is None else None
     steps = tqdm(total=1 + len(fractions), desc="paged bench", unit="row")
-    plain, paged = plain_cls(params, lr=1e-3), paged_cls(params, lr=1e-3)
-    # Interleaved, so that drift in the machine's speed hits both alike: the overhead bar is 5%.
-    unpaged_ms, resident_ms = _interleaved_medians_ms([plain.step, paged.step], device, args.budget)
-    del plain
-    gc.collect()
-    rows.append({"config": "unpaged", "ms": unpaged_ms})
-    label = "paged, resident" if reason is None else "paged (fallback: ordinary memory)"
-    rows.append({"config": label, "ms": resident_ms, "overhead": resident_ms / unpaged_ms - 1.0})
+    paged = paged_cls(params, lr=1e-3)
+    rows = _resident_rows(plain_cls(params, lr=1e-3), paged, device, args.budget, reason)
+    gc.collect()  # the unpaged optimizer's states
     steps.update()
-    total = _paged_bytes(paged)
     try:
         for fraction in fractions:
-            paging.set_budget(int(total * (1.0 - fraction)))
-            paged.step()  # the policy evicts before this step
-            # Lifted again: without limits evicted states stay put, so the timing shows the
-            # cost of host-resident states alone, not that of the policy pass.
-            paging.set_budget(None)
-            torch.cuda.synchronize(device)
-            where = paging.residency(paged)
-            ms = time_call(paged.step, device, min_repeats=5, budget_s=args.budget).median_ms
-            bus = 2 * where.host_bytes
-            extra_s = (ms - resident_ms) * 1e-3
-            rows.append(
-                {
-                    "config": f"paged, {fraction:.0%} evicted",
-                    "ms": ms,
-                    "overhead": ms / unpaged_ms - 1.0,
-                    "host_MB": where.host_bytes / 1e6,
-                    "bus_MB": bus / 1e6,
-                    "bus_GB/s": bus / extra_s / 1e9 if extra_s > 0 else None,
-                }
-            )
-            paging.prefetch_all(paged)
+            rows.append(_evicted_row(paged, fraction, rows, device, args.budget))
             steps.update()
     finally:
         paging.set_budget(None)
@@ -161,30 +174,37 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "paged",
         "preset": args.preset,
         "optimizer": args.optimizer,
-        "numel": numel,
+        "numel": sum(p.numel() for p in params),
         "device": device.type,
         "paging": "unavailable: " + reason if reason else "managed memory",
-        "paged_bytes": total,
+        "paged_bytes": _paged_bytes(paged),
         "pinned_h2d_GBps": pinned,
         "overhead_bar": OVERHEAD_BAR,
         "machine": machine_description(),
         "rows": rows,
     }
-    name = f"paged-{args.preset}-{args.optimizer}"
-    write_json(args.out / f"{name}.json", result)
+    _report(result, args.out, reason)
+    return result
+
+
+def _report(result: dict, out: Path, reason: str | None) -> None:
+    """The JSON, the plot (when paging was measured) and the printed table with the verdict."""
+    rows, name, numel = result["rows"], f"paged-{result['preset']}-{result['optimizer']}", result["numel"]
+    write_json(out / f"{name}.json", result)
     if reason is None:
-        _plot(rows, args.out / f"{name}.png", f"{args.optimizer}, {args.preset} ({numel / 1e6:.0f}M params)")
+        _plot(rows, out / f"{name}.png", f"{result['optimizer']}, {result['preset']} ({numel / 1e6:.0f}M params)")
+    pinned = result["pinned_h2d_GBps"]
     print(
-        f"\n{args.optimizer} step, {numel / 1e6:.1f}M params on {device.type}; paged state {total / 1e6:.1f} MB"
-        + (f"; pinned host->device copy {pinned:.1f} GB/s" if pinned else "")
+        f"\n{result['optimizer']} step, {numel / 1e6:.1f}M params on {result['device']}; "
+        f"paged state {result['paged_bytes'] / 1e6:.1f} MB" + (f"; pinned host->device copy {pinned:.1f} GB/s" if pinned else "")
     )
     print(format_table(rows, ["config", "ms", "overhead", "host_MB", "bus_MB", "bus_GB/s"]))
+    overhead = rows[1]["overhead"]
     if reason is None:
-        verdict = "within" if rows[1]["overhead"] <= OVERHEAD_BAR else "OVER"
-        print(f"overhead when everything fits: {rows[1]['overhead']:+.1%} ({verdict} the {OVERHEAD_BAR:.0%} bar)")
+        verdict = "within" if overhead <= OVERHEAD_BAR else "OVER"
+        print(f"overhead when everything fits: {overhead:+.1%} ({verdict} the {OVERHEAD_BAR:.0%} bar)")
     else:
-        print(f"fallback overhead: {rows[1]['overhead']:+.1%}; paged states themselves were not measured ({reason})")
-    return result
+        print(f"fallback overhead: {overhead:+.1%}; paged states themselves were not measured ({reason})")
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
@@ -195,8 +215,4 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     axis.barh([r["config"] for r in rows], [r["ms"] for r in rows], color="C0")
     axis.set_xlabel("optimizer step time (ms, lower is better)")
     axis.invert_yaxis()
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .. import functional as F
 from ..backends import available_backends
 from ..quant.layout import num_blocks
-from .report import format_table, machine_description, pyplot, write_json
+from .report import format_table, machine_description, pyplot, save_figure, write_json
 from .timing import copy_bandwidth_gbs, forced_backend, time_call
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -158,6 +158,4 @@ def _plot(rows: list[dict], bandwidth: dict[str, float], path: Path, numel: int,
         ax.set_ylabel("GB/s (bytes moved / time)")
         ax.set_title(f"{device}: n=2^{numel.bit_length() - 1}, blocksize {blocksize}")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

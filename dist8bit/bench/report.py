@@ -82,3 +82,15 @@ def pyplot():
         warnings.warn("matplotlib is not installed; skipping the plot (pip install 'dist8bit[bench]')", stacklevel=2)
         return None
     return plt
+
+
+def save_figure(figure, path: Path, title: str | None = None, dpi: int = 120) -> None:
+    """Title, tight layout, write the PNG (creating its folder) and free the figure: how every plot here ends."""
+    import matplotlib.pyplot as plt
+
+    if title is not None:
+        figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 
@@ -83,15 +84,6 @@ def busy_cores(count: int) -> Iterator[None]:
             spinner.wait()
 
 
-@contextlib.contextmanager
-def forced_backend(name: str) -> Iterator[None]:
-    """Run the public API on one backend (what DIST8BIT_BACKEND does for users)."""
-    previous = os.environ.get(BACKEND_ENV)
-    os.environ[BACKEND_ENV] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(BACKEND_ENV, None)
-        else:
-            os.environ[BACKEND_ENV] = previous
+def forced_backend(name: str) -> contextlib.AbstractContextManager:
+    """Run the public API on one backend (what DIST8BIT_BACKEND does for users); the old value comes back after."""
+    return mock.patch.dict(os.environ, {BACKEND_ENV: name})
