@@ -52,8 +52,8 @@ STATE_SLACK = 1e-6  # relative, on top of the nearest-code error (module docstri
 # bf16 parameters: every step rounds them to 8 significant bits, and float32
 # (dist8bit) and float64 (the oracle) land on different sides of a rounding
 # midpoint now and then. Such an element then differs by one bf16 ulp of the
-# magnitudes it passed through: measured, 2 such ulps on at most 4 of 12.5k
-# elements, e.g. 0.0581 vs 0.0591. rtol 2^-6 (2 to 4 ulps) plus atol 1e-3
+# magnitudes it passed through: measured, up to 2 such ulps on at most 4 of a
+# tensor's ~4k elements, e.g. 0.0581 vs 0.0591. rtol 2^-6 (2 to 4 ulps) plus atol 1e-3
 # (2 ulps at 0.06 to 0.125) allows that; a missing or L2 weight decay or a
 # wrong beta moves thousands of elements by more.
 BF16_RTOL, BF16_ATOL = 2**-6, 1e-3
