@@ -15,21 +15,30 @@ whole block dequantizes to non-finite values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from .backends import backend_for
 from .quant.codebook import Codebook, build_codebook
-from .quant.layout import DEFAULT_BLOCKSIZE, check_blocksize, num_blocks
-from .quant.maps import create_dynamic_map, create_linear_map, create_quantile_map, validate_map
+from .quant.layout import DEFAULT_BLOCKSIZE, QUANTIZE_BLOCKSIZES, check_blocksize, num_blocks
+from .quant.maps import (
+    create_dynamic_map,
+    create_fp8_map,
+    create_linear_map,
+    create_normal_map,
+    create_quantile_map,
+    validate_map,
+)
 from .quant.quantiles import estimate_quantiles
+from .quant.state import QuantState
 
 __all__ = [
     "QuantState",
     "create_dynamic_map",
+    "create_fp8_map",
     "create_linear_map",
+    "create_normal_map",
     "create_quantile_map",
     "dequantize",
     "dequantize_blockwise",
@@ -39,20 +48,6 @@ __all__ = [
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@dataclass
-class QuantState:
-    """What dequantization needs besides the codes."""
-
-    absmax: torch.Tensor  # float32, one scale per block
-    code: torch.Tensor  # the 256-value map
-    blocksize: int
-    dtype: torch.dtype  # dtype of the original tensor
-    shape: torch.Size  # shape of the original tensor
-
-    def to(self, device: torch.device | str) -> QuantState:
-        return QuantState(self.absmax.to(device), self.code.to(device), self.blocksize, self.dtype, self.shape)
 
 
 @lru_cache(maxsize=8)
@@ -108,6 +103,7 @@ def quantize_blockwise(
     blocksize: int = DEFAULT_BLOCKSIZE,
     stochastic_rounding: bool = False,
     seed: int | None = None,
+    nested: bool = False,
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantize A to uint8 codes with one float32 absmax per block.
 
@@ -115,9 +111,15 @@ def quantize_blockwise(
     output buffers. With `stochastic_rounding`, each value rounds to the code
     above or below with probability given by its distance; `seed` (default 0)
     makes that reproducible and identical on every backend.
+
+    `nested=True` quantizes the absmax too (double quantization, as
+    bitsandbytes does it): their mean is subtracted (`state.offset`) and the
+    rest quantized with the signed dynamic map in blocks of the same
+    `blocksize` (`state.state2`), so the scales cost about 1 byte per block
+    instead of 4.
     """
     _check_float_tensor(A, "A")
-    check_blocksize(blocksize)
+    check_blocksize(blocksize, supported=QUANTIZE_BLOCKSIZES)
     device = A.device
     backend = backend_for(device)
     codebook = codebook_for(code, device)
@@ -125,6 +127,8 @@ def quantize_blockwise(
     blocks = num_blocks(n, blocksize)
     _check_out(out, "out", n, (torch.uint8,), device)
     _check_out(absmax, "absmax", blocks, (torch.float32,), device)
+    if nested and absmax is not None:
+        raise ValueError("absmax= cannot be combined with nested=True: a nested state keeps its scales as uint8 codes")
     if seed is not None and not stochastic_rounding:
         raise ValueError("seed is only used with stochastic_rounding=True")
     rounding_seed = (0 if seed is None else seed) if stochastic_rounding else None
@@ -135,7 +139,25 @@ def quantize_blockwise(
     codes = out if out is not None else torch.empty(A.shape, dtype=torch.uint8, device=device)
     scales = absmax if absmax is not None else torch.empty(blocks, dtype=torch.float32, device=device)
     backend.quantize_blockwise(A.contiguous().view(-1), codebook, blocksize, rounding_seed, codes.view(-1), scales)
-    return codes, QuantState(scales, codebook.code, blocksize, A.dtype, A.shape)
+    state = QuantState(scales, A.shape, codebook.code.clone(), blocksize, None, A.dtype)
+    if nested:
+        _nest_absmax(state)
+    return codes, state
+
+
+def _nest_absmax(state: QuantState) -> None:
+    """Replace state.absmax by its own 8-bit codes (mean-centred, dynamic map, same blocksize)."""
+    offset = state.absmax.mean()
+    centred = state.absmax - offset
+    state.absmax, state.state2 = quantize_blockwise(centred, blocksize=state.blocksize)
+    state.offset = offset
+
+
+def _decoded_absmax(state: QuantState) -> torch.Tensor:
+    """The float32 scales of a state, undoing double quantization."""
+    if not state.nested:
+        return state.absmax
+    return dequantize_blockwise(state.absmax, state.state2) + state.offset
 
 
 def dequantize_blockwise(
@@ -149,9 +171,10 @@ def dequantize_blockwise(
 ) -> torch.Tensor:
     """Decode uint8 codes: out[i] = code[A[i]] * absmax[i // blocksize].
 
-    Pass either the QuantState returned by quantize_blockwise or `absmax`
-    (and optionally `code`, default the signed dynamic map, and `blocksize`).
-    The result has A's shape and the original dtype (float32 without a state).
+    Pass either the QuantState returned by quantize_blockwise (nested or not)
+    or `absmax` (and optionally `code`, default the signed dynamic map, and
+    `blocksize`). The result has A's shape and the original dtype (float32
+    without a state).
     """
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"A must be a torch.Tensor of uint8 codes, got {type(A).__name__}")
@@ -160,13 +183,20 @@ def dequantize_blockwise(
     if quant_state is not None:
         if absmax is not None or code is not None:
             raise ValueError("pass either quant_state or absmax/code, not both")
-        absmax, code, blocksize = quant_state.absmax, quant_state.code, quant_state.blocksize
+        if quant_state.blocksize is None:
+            raise ValueError("quant_state has no blocksize")
+        if quant_state.quant_type is not None:
+            raise NotImplementedError(
+                f"quant_state holds a {quant_state.quant_type!r} (4-bit) state; dist8bit decodes 8-bit block-wise "
+                "states only: dequantize it with bitsandbytes.functional.dequantize_4bit"
+            )
+        absmax, code, blocksize = _decoded_absmax(quant_state), quant_state.code, quant_state.blocksize
         dtype = dtype or quant_state.dtype
-        if quant_state.shape.numel() != A.numel():
+        if quant_state.shape is not None and quant_state.shape.numel() != A.numel():
             raise ValueError(f"A has {A.numel()} codes but quant_state describes a tensor of shape {tuple(quant_state.shape)}")
     elif absmax is None:
         raise ValueError("dequantize_blockwise needs quant_state or absmax")
-    check_blocksize(blocksize)
+    check_blocksize(blocksize, supported=QUANTIZE_BLOCKSIZES)
     device = A.device
     if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32:
         raise TypeError(f"absmax must be a float32 tensor, got {getattr(absmax, 'dtype', type(absmax).__name__)}")

@@ -127,6 +127,6 @@ def test_map_builders_reject_bad_arguments():
     with pytest.raises(ValueError, match="total_bits"):
         create_dynamic_map(total_bits=9)
     with pytest.raises(ValueError, match="max_exponent_bits"):
-        create_dynamic_map(max_exponent_bits=8)
+        create_dynamic_map(max_exponent_bits=9)
     with pytest.raises(ValueError, match="total_bits"):
         create_linear_map(total_bits=0)

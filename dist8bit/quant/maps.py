@@ -19,7 +19,9 @@ def _pad_and_sort(values: list[float] | torch.Tensor) -> torch.Tensor:
     if data.numel() > MAP_SIZE:
         raise ValueError(f"a map holds at most {MAP_SIZE} values, got {data.numel()}")
     padded = torch.cat([data, torch.zeros(MAP_SIZE - data.numel(), dtype=torch.float32)])
-    return torch.sort(padded).values
+    # Stable: a map holding both +0.0 and -0.0 (the signed fp8 maps) keeps
+    # their order, so the bits of the map are reproducible.
+    return torch.sort(padded, stable=True).values
 
 
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
@@ -29,14 +31,20 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     resolves both tiny and large magnitudes after block-wise absmax scaling.
     The signed map serves first moments; the unsigned one spends the sign bit
     on extra resolution for non-negative second moments. Values are
-    bit-identical to bitsandbytes' map, so its checkpoints decode unchanged.
+    bit-identical to bitsandbytes' map, so its checkpoints decode unchanged,
+    over bitsandbytes' whole argument range: a signed map may use every bit
+    for the exponent (`max_exponent_bits == total_bits`: the smallest decade
+    is then empty). Unsigned maps with fewer exponent bits than
+    `total_bits - 1`, which bitsandbytes refuses, come out zero-padded.
     """
     if not 1 <= total_bits <= 8:
         raise ValueError(f"total_bits must be in [1, 8], got {total_bits}")
     non_sign_bits = total_bits - 1
-    if not 0 <= max_exponent_bits <= non_sign_bits:
+    max_bits = total_bits if signed else non_sign_bits
+    if not 0 <= max_exponent_bits <= max_bits:
+        kind = "signed" if signed else "unsigned"
         raise ValueError(
-            f"max_exponent_bits must be in [0, {non_sign_bits}] for total_bits={total_bits}, got {max_exponent_bits}"
+            f"max_exponent_bits must be in [0, {max_bits}] for a {kind} map with total_bits={total_bits}, got {max_exponent_bits}"
         )
     values: list[torch.Tensor] = []
 
@@ -51,7 +59,8 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
 
     for i in range(max_exponent_bits):
         shift = i + non_sign_bits - max_exponent_bits + (0 if signed else 1)
-        add_decade(10.0 ** (-(max_exponent_bits - 1) + i), 2**shift)
+        # shift is -1 for the smallest decade when every bit is exponent: no items.
+        add_decade(10.0 ** (-(max_exponent_bits - 1) + i), int(2.0**shift))
     extra_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
     if extra_items > 0:
         add_decade(10.0 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1), extra_items)
@@ -59,16 +68,82 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     return _pad_and_sort(torch.cat(values))
 
 
-def create_linear_map(signed: bool = True, total_bits: int = 8) -> torch.Tensor:
-    """Evenly spaced map over [-1, 1] (signed, with an exact zero) or [0, 1]."""
+def create_linear_map(signed: bool = True, total_bits: int = 8, add_zero: bool = True) -> torch.Tensor:
+    """Evenly spaced map over [-1, 1] (signed) or [0, 1].
+
+    A signed map holds an exact zero unless `add_zero=False` with 8 bits
+    (then 256 values, none of them 0, as in bitsandbytes; with fewer bits a
+    zero is always kept, since the padding is zeros anyway).
+    """
     if not 1 <= total_bits <= 8:
         raise ValueError(f"total_bits must be in [1, 8], got {total_bits}")
+    if signed and total_bits < 2:
+        raise ValueError("a signed linear map needs total_bits >= 2 (one bit is the sign)")
     # k / steps in float64, rounded once: the signed map then holds an exact 0
     # (float32 linspace leaves 3.7e-9 there) and is exactly symmetric.
-    steps = 2 ** (total_bits - 1) - 1 if signed else 2**total_bits - 1
-    first = -steps if signed else 0
-    grid = torch.arange(first, steps + 1, dtype=torch.float64) / steps
+    if signed and (add_zero or total_bits < 8):
+        steps = 2 ** (total_bits - 1) - 1
+        grid = torch.arange(-steps, steps + 1, dtype=torch.float64) / steps
+    elif signed:
+        steps = 2**total_bits - 1
+        grid = torch.arange(-steps, steps + 1, 2, dtype=torch.float64) / steps
+    else:
+        steps = 2**total_bits - 1
+        grid = torch.arange(0, steps + 1, dtype=torch.float64) / steps
     return _pad_and_sort(grid.float())
+
+
+def create_fp8_map(signed: bool = True, exponent_bits: int = 5, precision_bits: int = 2, total_bits: int = 8) -> torch.Tensor:
+    """Map of a small floating-point format, normalised so its largest value is 1.
+
+    Every (exponent, mantissa) bit pattern gives one value: exponent field 0
+    is subnormal (`m * 2^-bias`), field E > 0 normal (`(1 + m) * 2^(bias + 1 - E)`),
+    with `bias = 2^(exponent_bits - 1)` and `m` the mantissa as a fraction.
+    That is bitsandbytes' layout, and the map is bit-identical to its
+    `create_fp8_map` (a signed map holds +0.0 and -0.0, in that order).
+    bitsandbytes' FP4 is `create_fp8_map(True, 2, 1, 4)`.
+    """
+    if not 1 <= total_bits <= 8:
+        raise ValueError(f"total_bits must be in [1, 8], got {total_bits}")
+    if exponent_bits < 0 or precision_bits < 0 or exponent_bits + precision_bits != total_bits - int(signed):
+        raise ValueError(
+            f"exponent_bits + precision_bits must be total_bits - {int(signed)} (the sign bit) = "
+            f"{total_bits - int(signed)} and neither negative, got {exponent_bits} + {precision_bits}"
+        )
+    bias = 2.0 ** (exponent_bits - 1)
+    values: list[float] = []
+    for field in range(2**exponent_bits):
+        # Python floats: every product is computed exactly as bitsandbytes does.
+        scale = 2.0**-bias if field == 0 else 2.0 ** (bias + 1 - field)
+        for mantissa in range(2**precision_bits):
+            fraction = mantissa / 2**precision_bits + (0 if field == 0 else 1)
+            value = fraction * scale
+            values.extend([value, -value] if signed else [value])
+    code = _pad_and_sort(values)
+    return code / code.max()
+
+
+def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True) -> torch.Tensor:
+    """NormalFloat map (QLoRA's NF4): 16 normal quantiles normalised to [-1, 1], zero-padded.
+
+    Each code then covers the same probability mass of N(0, 1) between the
+    levels 1 - offset and offset. With `use_extra_value` the positive side
+    gets 8 values and the negative side 7 (plus an exact zero); without it
+    7 each. The inverse normal CDF is torch's float64 `ndtri` at bitsandbytes'
+    float32 levels, which rounds to the same float32 values as the scipy
+    `norm.ppf` bitsandbytes calls, so the map is bit-identical without scipy.
+    """
+    if not 0.5 < offset < 1.0:
+        raise ValueError(f"offset must be in (0.5, 1), got {offset}")
+
+    def quantiles(count: int) -> torch.Tensor:
+        levels = torch.linspace(offset, 0.5, count + 1, dtype=torch.float32)[:-1]
+        return torch.special.ndtri(levels.double())
+
+    positive = quantiles(8 if use_extra_value else 7)
+    negative = -quantiles(7)
+    code = _pad_and_sort(torch.cat([positive, negative]).float())
+    return code / code.max()
 
 
 def create_quantile_map(A: torch.Tensor, total_bits: int = 8) -> torch.Tensor:

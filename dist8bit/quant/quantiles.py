@@ -31,15 +31,25 @@ def _sorted_chunk_quantiles(sorted_rows: torch.Tensor, levels: torch.Tensor) -> 
     return low + (high - low) * weight
 
 
+def default_offset(num_quantiles: int) -> float:
+    """Half a level's width, 1 / (2 * num_quantiles): the levels are then the
+    centres of num_quantiles equal slices of probability (1/512 for 256).
+    bitsandbytes applies the same rule when num_quantiles < 256; a fixed
+    1/512 with few quantiles would put the outer ones far in the tails.
+    """
+    return 1.0 / (2 * num_quantiles)
+
+
 def estimate_quantiles(
     A: torch.Tensor,
-    offset: float = 1 / 512,
+    offset: float | None = None,
     num_quantiles: int = 256,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
     """Estimate `num_quantiles` quantiles of A at levels linspace(offset, 1-offset).
 
-    Returns float32 values on A's device, in ascending order.
+    `offset` defaults to 1 / (2 * num_quantiles) (default_offset). Returns
+    float32 values on A's device, in ascending order.
     """
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
@@ -47,10 +57,12 @@ def estimate_quantiles(
         raise TypeError(f"A must be a floating-point tensor, got {A.dtype}")
     if A.numel() == 0:
         raise ValueError("A is empty; quantiles need at least one element")
-    if not 0 <= offset < 0.5:
-        raise ValueError(f"offset must be in [0, 0.5), got {offset}")
     if not isinstance(num_quantiles, int) or not 1 <= num_quantiles <= 256:
         raise ValueError(f"num_quantiles must be an int in [1, 256], got {num_quantiles!r}")
+    if offset is None:
+        offset = default_offset(num_quantiles)
+    if not 0 <= offset < 0.5:
+        raise ValueError(f"offset must be in [0, 0.5), got {offset}")
     if chunk_size < 2:
         raise ValueError(f"chunk_size must be at least 2, got {chunk_size}")
     flat = A.detach().reshape(-1).float()
