@@ -126,12 +126,12 @@ QUANTILE_LIMIT = 0.035  # bitsandbytes' bound for few-quantile estimates (issue 
 
 
 def test_few_quantiles_default_offset_is_half_a_level():
-    """15 quantiles: levels linspace(1/30, 29/30), not linspace(1/512, 511/512) (error 1.27 with the old rule)."""
+    """15 quantiles: levels linspace(1/30, 29/30), not linspace(1/512, 511/512) (issue 13 measured error 1.27)."""
     torch.manual_seed(0)
     A = torch.randn(1 << 20)
     levels = torch.linspace(1 / 30, 29 / 30, 15, dtype=torch.float64)
     error = (F.estimate_quantiles(A, num_quantiles=15) - exact_quantiles(A, levels)).abs().max()
-    assert error < QUANTILE_LIMIT, float(error)  # measured 0.0005
+    assert error < QUANTILE_LIMIT, float(error)  # measured 0.0016 (1.04 with offset 1/512)
     explicit = F.estimate_quantiles(A, offset=1 / 512, num_quantiles=15)  # an explicit offset is kept
     assert abs(float(explicit[0]) - float(torch.quantile(A, 1 / 512))) < QUANTILE_LIMIT
 
