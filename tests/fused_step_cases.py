@@ -1,10 +1,18 @@
-"""Optimizer-step cases shared by the CPU and CUDA fused-step tests."""
+"""Optimizer-step cases and call tensors shared by the CPU and CUDA fused-step tests."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
+import torch
+
+from dist8bit.backends.contract import FusedStepCall
 from dist8bit.backends.rules import Rule, StepConstants, WeightDecay
+from dist8bit.functional import codebook_for
+from dist8bit.quant.codebook import Codebook
+from dist8bit.quant.maps import create_dynamic_map
 
 
 @dataclass(frozen=True)
@@ -110,3 +118,65 @@ CASES = [
 ]
 
 CASES_BY_NAME = {case.name: case for case in CASES}
+
+
+@cache
+def state_codebook(signed: bool, device: torch.device) -> Codebook:
+    """The dynamic map's codebook for a state slot (built once per device)."""
+    return codebook_for(create_dynamic_map(signed=signed), device)
+
+
+@dataclass
+class StepTensors:
+    """The tensors of one fused step (three slots each for states and absmax) and their layout."""
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    states: list[list[torch.Tensor]]
+    absmaxes: list[list[torch.Tensor]]
+    signed: tuple[bool, ...]  # one per used state slot: which dynamic map it uses
+    eight_bit: bool
+    blocksize: int
+    offsets: list[int] | None = None  # segment_offsets; None: all 0
+
+    def copy(self, device: torch.device | None = None) -> StepTensors:
+        """A deep copy (on `device`, default: where the tensors are): fresh, contiguous, aligned tensors."""
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device or t.device, copy=True)
+
+        return StepTensors(
+            [copy(t) for t in self.params],
+            [copy(t) for t in self.grads],
+            [[copy(t) for t in slot] for slot in self.states],
+            [[copy(t) for t in slot] for slot in self.absmaxes],
+            self.signed,
+            self.eight_bit,
+            self.blocksize,
+            None if self.offsets is None else list(self.offsets),
+        )
+
+    def codebooks(self, device: torch.device) -> list[Codebook | None]:
+        books: list[Codebook | None] = [None, None, None]
+        if self.eight_bit:
+            for slot, signed in enumerate(self.signed):
+                books[slot] = state_codebook(signed, device)
+        return books
+
+    def call(self, case: Case, **fields: Any) -> FusedStepCall:
+        """The call of `case` on these tensors; `fields` (grad_scale, seed, norm_out, ...) override."""
+        device = self.params[0].device if self.params else torch.device("cpu")
+        offsets = self.offsets if self.offsets is not None else [0] * len(self.params)
+        arguments = {
+            "rule": case.rule,
+            "wd_mode": case.wd_mode,
+            "constants": case.step.vector(),
+            "params": self.params,
+            "grads": self.grads,
+            "states": self.states,
+            "absmaxes": self.absmaxes,
+            "codebooks": self.codebooks(device),
+            "segment_offsets": offsets,
+            "blocksize": self.blocksize,
+        }
+        return FusedStepCall(**{**arguments, **fields})

@@ -17,25 +17,17 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 
 import pytest
 import torch
-from fused_step_cases import CASES, CASES_BY_NAME, Case
+from conftest import CPU_BUILD_FAILURE
+from fused_step_cases import CASES, CASES_BY_NAME, Case, StepTensors, state_codebook
 
 from dist8bit.backends import BACKEND_ENV, REFERENCE, load_backend
-from dist8bit.backends.rules import Rule, constants
-from dist8bit.functional import codebook_for
+from dist8bit.backends.rules import Rule
 from dist8bit.quant.layout import num_blocks
-from dist8bit.quant.maps import create_dynamic_map
 
-try:
-    load_backend("cpu")
-    CPU_AVAILABLE = True
-except RuntimeError:
-    CPU_AVAILABLE = False
-
-pytestmark = pytest.mark.skipif(not CPU_AVAILABLE, reason="the CPU extension could not be built")
+pytestmark = pytest.mark.skipif(CPU_BUILD_FAILURE is not None, reason="the CPU extension could not be built")
 
 CPU = torch.device("cpu")
 SIZES = (0, 1, 255, 256, 257, 5000, 70000)
@@ -64,30 +56,6 @@ def reference():
     return REFERENCE
 
 
-def codebook(signed: bool):
-    return codebook_for(create_dynamic_map(signed=signed), CPU)
-
-
-@dataclass
-class Inputs:
-    params: list[torch.Tensor]
-    grads: list[torch.Tensor]
-    states: list[list[torch.Tensor]]
-    absmaxes: list[list[torch.Tensor]]
-    codebooks: list
-    blocksize: int
-
-    def clone(self) -> Inputs:
-        return Inputs(
-            [p.clone() for p in self.params],
-            [g.clone() for g in self.grads],
-            [[s.clone() for s in slot] for slot in self.states],
-            [[a.clone() for a in slot] for slot in self.absmaxes],
-            self.codebooks,
-            self.blocksize,
-        )
-
-
 def make_inputs(
     case: Case,
     eight_bit: bool,
@@ -97,7 +65,7 @@ def make_inputs(
     sizes=SIZES,
     seed: int = 0,
     nonfinite: bool = True,
-) -> Inputs:
+) -> StepTensors:
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(n, generator=gen).to(param_dtype) for n in sizes]
     grads = []
@@ -118,42 +86,24 @@ def make_inputs(
             if eight_bit:
                 codes = torch.empty(n, dtype=torch.uint8)
                 absmax = torch.empty(num_blocks(n, blocksize))
-                REFERENCE.quantize_blockwise(value, codebook(signed), blocksize, None, codes, absmax)
+                REFERENCE.quantize_blockwise(value, state_codebook(signed, CPU), blocksize, None, codes, absmax)
                 states[slot].append(codes)
                 absmaxes[slot].append(absmax)
             else:
                 states[slot].append(value)
-    books = [codebook(case.signed[k]) if eight_bit and k < len(case.signed) else None for k in range(3)]
-    return Inputs(params, grads, states, absmaxes, books, blocksize)
+    return StepTensors(params, grads, states, absmaxes, case.signed, eight_bit, blocksize)
 
 
-def run_step(
-    backend, case: Case, inputs: Inputs, grad_scale=None, update_scale=None, norm_out=None, count=None, offsets=None, seed=None
-) -> None:
-    backend.fused_step(
-        int(case.rule),
-        int(case.wd_mode),
-        constants(case.step),
-        inputs.params,
-        inputs.grads,
-        inputs.states,
-        inputs.absmaxes,
-        inputs.codebooks,
-        grad_scale,
-        update_scale,
-        norm_out,
-        count,
-        offsets if offsets is not None else [0] * len(inputs.params),
-        inputs.blocksize,
-        seed,
-    )
+def run_step(backend, case: Case, inputs: StepTensors, **fields) -> None:
+    """One fused step of `case` on the tensors of `inputs`, in place; `fields` as FusedStepCall's."""
+    backend.fused_step(inputs.call(case, **fields))
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(BITS_DTYPE[t.dtype]) if t.dtype in BITS_DTYPE else t
 
 
-def assert_same(actual: Inputs, expected: Inputs, what: str = "") -> None:
+def assert_same(actual: StepTensors, expected: StepTensors, what: str = "") -> None:
     for k, (a, b) in enumerate(zip(actual.params, expected.params, strict=True)):
         mismatch = (bits(a) != bits(b)).nonzero().flatten()
         assert mismatch.numel() == 0, (
@@ -177,16 +127,16 @@ def assert_same(actual: Inputs, expected: Inputs, what: str = "") -> None:
 def test_matches_reference(cpu, reference, case, eight_bit, blocksize, param_dtype, grad_dtype):
     """Two consecutive steps with non-finite gradients, grad_scale and update_scale."""
     inputs = make_inputs(case, eight_bit, blocksize, param_dtype, grad_dtype)
-    mine, theirs = inputs.clone(), inputs.clone()
+    mine, theirs = inputs.copy(), inputs.copy()
     n = len(SIZES)
     gen = torch.Generator().manual_seed(1)
     grad_scale = torch.rand(n, generator=gen) + 0.5
     update_scale = torch.rand(n, generator=gen) + 0.5
     counts = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
     for step in range(2):
-        scales = (grad_scale, update_scale) if step == 0 else (None, None)
-        run_step(cpu, case, mine, *scales, count=counts[0])
-        run_step(reference, case, theirs, *scales, count=counts[1])
+        scales = {"grad_scale": grad_scale, "update_scale": update_scale} if step == 0 else {}
+        run_step(cpu, case, mine, **scales, nonfinite_count=counts[0])
+        run_step(reference, case, theirs, **scales, nonfinite_count=counts[1])
         assert_same(mine, theirs, f"step {step}")
     assert counts[0].item() == counts[1].item() > 0
 
@@ -196,13 +146,13 @@ def test_matches_reference(cpu, reference, case, eight_bit, blocksize, param_dty
 def test_norm_out_only_sums(cpu, reference, case, eight_bit, blocksize):
     """norm_out: sum(d^2) over finite elements per segment, nothing else written."""
     inputs = make_inputs(case, eight_bit, blocksize, torch.float32, torch.float32)
-    mine = inputs.clone()
+    mine = inputs.copy()
     n = len(SIZES)
     norms = [torch.full((n,), -1.0, dtype=torch.float64) for _ in range(2)]
     count = torch.zeros(1, dtype=torch.int64)
     grad_scale = torch.linspace(0.5, 2.0, n)
-    run_step(cpu, case, mine, grad_scale=grad_scale, norm_out=norms[0], count=count)
-    run_step(reference, case, inputs.clone(), grad_scale=grad_scale, norm_out=norms[1])
+    run_step(cpu, case, mine, grad_scale=grad_scale, norm_out=norms[0], nonfinite_count=count)
+    run_step(reference, case, inputs.copy(), grad_scale=grad_scale, norm_out=norms[1])
     torch.testing.assert_close(norms[0], norms[1], rtol=1e-12, atol=0.0)
     assert norms[0][0].item() == 0.0  # the empty segment
     assert count.item() == 0
@@ -217,20 +167,20 @@ def test_bf16_stochastic_rounding(cpu, reference, name, eight_bit, blocksize, gr
     case = CASES_BY_NAME[name]
     inputs = make_inputs(case, eight_bit, blocksize, torch.bfloat16, grad_dtype)
     offsets = [(1 << 32) - 300 + 7 * k if k % 2 else (k << 40) + 12345 for k in range(len(SIZES))]
-    mine, theirs = inputs.clone(), inputs.clone()
+    mine, theirs = inputs.copy(), inputs.copy()
     for seed in (0, 2**62 + 12345):
-        run_step(cpu, case, mine, offsets=offsets, seed=seed)
-        run_step(reference, case, theirs, offsets=offsets, seed=seed)
+        run_step(cpu, case, mine, segment_offsets=offsets, seed=seed)
+        run_step(reference, case, theirs, segment_offsets=offsets, seed=seed)
         assert_same(mine, theirs, f"seed {seed}")
     rounded = make_inputs(case, eight_bit, blocksize, torch.bfloat16, grad_dtype)
-    run_step(cpu, case, rounded, offsets=offsets)
+    run_step(cpu, case, rounded, segment_offsets=offsets)
     assert not all(torch.equal(a, b) for a, b in zip(rounded.params, inputs.params, strict=True))
 
 
 def test_seed_is_ignored_for_float16(cpu, reference):
     case = CASES_BY_NAME["adamw"]
     inputs = make_inputs(case, True, 256, torch.float16, torch.float16)
-    mine, theirs = inputs.clone(), inputs.clone()
+    mine, theirs = inputs.copy(), inputs.copy()
     run_step(cpu, case, mine, seed=5)
     run_step(reference, case, theirs, seed=5)
     assert_same(mine, theirs)
@@ -251,7 +201,7 @@ def test_special_values(cpu, reference, name, eight_bit, blocksize, param_dtype)
     inputs.grads[2][:300] = torch.randn(300) * 1e-39  # subnormal gradients
     for slot in range(len(case.signed)):
         if eight_bit:
-            zero_code = int(torch.searchsorted(inputs.codebooks[slot].thresholds, torch.tensor([0.0])).item())
+            zero_code = int(torch.searchsorted(inputs.codebooks(CPU)[slot].thresholds, torch.tensor([0.0])).item())
             inputs.states[slot][1][:64] = zero_code
             inputs.absmaxes[slot][1][0] = 0.0
             inputs.absmaxes[slot][2][1] = 1e-40  # 1 / absmax overflows
@@ -262,11 +212,11 @@ def test_special_values(cpu, reference, name, eight_bit, blocksize, param_dtype)
             inputs.states[slot][2][3] = float("nan")
             inputs.states[slot][2][4] = float("inf")
             inputs.states[slot][2][5] = 1e-42
-    mine, theirs = inputs.clone(), inputs.clone()
+    mine, theirs = inputs.copy(), inputs.copy()
     counts = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
     grad_scale = torch.tensor([1.0, 1.0, float("inf")])  # segment 2: every scaled gradient is non-finite
-    run_step(cpu, case, mine, grad_scale=grad_scale, count=counts[0])
-    run_step(reference, case, theirs, grad_scale=grad_scale, count=counts[1])
+    run_step(cpu, case, mine, grad_scale=grad_scale, nonfinite_count=counts[0])
+    run_step(reference, case, theirs, grad_scale=grad_scale, nonfinite_count=counts[1])
     assert_same(mine, theirs)
     assert counts[0].item() == counts[1].item() >= sizes[2]
 
@@ -277,10 +227,10 @@ def test_many_segments_and_empty_calls(cpu, reference):
     gen = torch.Generator().manual_seed(7)
     sizes = [int(x) for x in torch.randint(0, 700, (300,), generator=gen)]
     inputs = make_inputs(case, True, 64, torch.float32, torch.float32, sizes=sizes)
-    mine, theirs = inputs.clone(), inputs.clone()
+    mine, theirs = inputs.copy(), inputs.copy()
     norms = [torch.zeros(len(sizes), dtype=torch.float64) for _ in range(2)]
-    run_step(cpu, case, mine.clone(), norm_out=norms[0])
-    run_step(reference, case, theirs.clone(), norm_out=norms[1])
+    run_step(cpu, case, mine.copy(), norm_out=norms[0])
+    run_step(reference, case, theirs.copy(), norm_out=norms[1])
     torch.testing.assert_close(norms[0], norms[1], rtol=1e-12, atol=0.0)
     run_step(cpu, case, mine)
     run_step(reference, case, theirs)
@@ -298,10 +248,10 @@ def test_thread_count_does_not_change_results(cpu, reference):
     try:
         for n in (1, max(2, threads)):
             torch.set_num_threads(n)
-            mine = inputs.clone()
+            mine = inputs.copy()
             norms = torch.zeros(3, dtype=torch.float64)
-            run_step(cpu, case, mine.clone(), norm_out=norms)
-            run_step(cpu, case, mine, offsets=[0, 5, 9], seed=11)
+            run_step(cpu, case, mine.copy(), norm_out=norms)
+            run_step(cpu, case, mine, segment_offsets=[0, 5, 9], seed=11)
             results.append((mine, norms))
     finally:
         torch.set_num_threads(threads)
@@ -314,7 +264,7 @@ def test_rejects_bad_arguments(cpu):
     good = make_inputs(case, True, 256, torch.float32, torch.float32, sizes=(300,))
 
     def call(inputs, rule=Rule.ADAM, blocksize=None, **kwargs):
-        inputs = inputs.clone()
+        inputs = inputs.copy()
         if blocksize is not None:
             inputs.blocksize = blocksize
         run_step(cpu, Case("x", rule, case.wd_mode, case.step, case.signed), inputs, **kwargs)
@@ -324,22 +274,22 @@ def test_rejects_bad_arguments(cpu):
         call(good, rule=Rule.LION)  # Lion takes one state
     with pytest.raises(RuntimeError, match="blocksize"):
         call(good, blocksize=100)
-    bad = good.clone()
+    bad = good.copy()
     bad.grads[0] = bad.grads[0][:-1]
     with pytest.raises(RuntimeError, match="grad"):
         call(bad)
-    bad = good.clone()
+    bad = good.copy()
     bad.absmaxes[1][0] = bad.absmaxes[1][0][:-1]
     with pytest.raises(RuntimeError, match="absmax"):
         call(bad)
-    bad = good.clone()
+    bad = good.copy()
     bad.params[0] = bad.params[0].double()
     with pytest.raises(RuntimeError, match="params"):
         call(bad)
     with pytest.raises(RuntimeError, match="grad_scale"):
         call(good, grad_scale=torch.ones(2))
     with pytest.raises(RuntimeError, match="nonfinite_count"):
-        call(good, count=torch.zeros(1, dtype=torch.int32))
+        call(good, nonfinite_count=torch.zeros(1, dtype=torch.int32))
 
 
 PORTABLE_CHECK = textwrap.dedent(
@@ -359,16 +309,16 @@ PORTABLE_CHECK = textwrap.dedent(
         for eight_bit, blocksize in ((True, 64), (False, 256)):
             for param_dtype, grad_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float16)):
                 inputs = t.make_inputs(case, eight_bit, blocksize, param_dtype, grad_dtype, sizes=(0, 1, 257, 3000))
-                mine, theirs = inputs.clone(), inputs.clone()
+                mine, theirs = inputs.copy(), inputs.copy()
                 counts = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
                 seed = 3 if param_dtype == torch.bfloat16 else None
-                t.run_step(cpu, case, mine, update_scale=torch.full((4,), 0.7), count=counts[0], seed=seed)
-                t.run_step(t.REFERENCE, case, theirs, update_scale=torch.full((4,), 0.7), count=counts[1], seed=seed)
+                t.run_step(cpu, case, mine, update_scale=torch.full((4,), 0.7), nonfinite_count=counts[0], seed=seed)
+                t.run_step(t.REFERENCE, case, theirs, update_scale=torch.full((4,), 0.7), nonfinite_count=counts[1], seed=seed)
                 t.assert_same(mine, theirs, case.name)
                 assert counts[0].item() == counts[1].item()
                 norms = [torch.zeros(4, dtype=torch.float64) for _ in range(2)]
-                t.run_step(cpu, case, inputs.clone(), norm_out=norms[0])
-                t.run_step(t.REFERENCE, case, inputs.clone(), norm_out=norms[1])
+                t.run_step(cpu, case, inputs.copy(), norm_out=norms[0])
+                t.run_step(t.REFERENCE, case, inputs.copy(), norm_out=norms[1])
                 torch.testing.assert_close(norms[0], norms[1], rtol=1e-12, atol=0.0)
     print("portable ok")
     """

@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from fused_step_cases import CASES, Case
+from fused_step_cases import CASES, Case, StepTensors, state_codebook
 
 from dist8bit.backends import REFERENCE, load_backend, reference
-from dist8bit.backends.rules import Rule, constants
-from dist8bit.functional import codebook_for
+from dist8bit.backends.rules import Rule
 from dist8bit.quant.layout import num_blocks
-from dist8bit.quant.maps import create_dynamic_map
 
 REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "csrc"
@@ -49,44 +47,6 @@ FLOAT32_MAX = 3.4028234663852886e38
 CASE_BY_NAME = {case.name: case for case in CASES}
 
 
-@dataclass
-class Inputs:
-    """One fused_step call's tensors (three slots each for states and absmax)."""
-
-    params: list[torch.Tensor]
-    grads: list[torch.Tensor]
-    states: list[list[torch.Tensor]]
-    absmaxes: list[list[torch.Tensor]]
-    signed: tuple[bool, ...]
-    eight_bit: bool
-    blocksize: int
-    offsets: list[int] = field(default_factory=list)
-
-    def to(self, device: torch.device) -> Inputs:
-        """A deep copy on `device`: fresh, contiguous, aligned tensors."""
-
-        def copy(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(device, copy=True)
-
-        return Inputs(
-            [copy(t) for t in self.params],
-            [copy(t) for t in self.grads],
-            [[copy(t) for t in slot] for slot in self.states],
-            [[copy(t) for t in slot] for slot in self.absmaxes],
-            self.signed,
-            self.eight_bit,
-            self.blocksize,
-            list(self.offsets),
-        )
-
-    def codebooks(self, device: torch.device) -> list:
-        books = [None, None, None]
-        if self.eight_bit:
-            for slot, signed in enumerate(self.signed):
-                books[slot] = codebook_for(create_dynamic_map(signed=signed), device)
-        return books
-
-
 def spread(n: int, generator: torch.Generator, low: float, high: float) -> torch.Tensor:
     """Normal values whose magnitudes spread over 10**low .. 10**high."""
     values = torch.randn(n, generator=generator)
@@ -102,7 +62,7 @@ def make_inputs(
     blocksize: int,
     seed: int = 0,
     nonfinite: bool = False,
-) -> Inputs:
+) -> StepTensors:
     """Random parameters, gradients and states on the CPU; 8-bit states are encoded by the reference."""
     g = torch.Generator().manual_seed(seed)
     params, grads = [], []
@@ -118,7 +78,7 @@ def make_inputs(
     states: list[list[torch.Tensor]] = [[], [], []]
     absmaxes: list[list[torch.Tensor]] = [[], [], []]
     for slot, signed in enumerate(case.signed):
-        book = codebook_for(create_dynamic_map(signed=signed), CPU) if eight_bit else None
+        book = state_codebook(signed, CPU) if eight_bit else None
         for n, param in zip(sizes, params, strict=True):
             values = spread(n, g, -6, -1)
             if not signed:
@@ -134,14 +94,14 @@ def make_inputs(
             states[slot].append(codes.reshape(param.shape))
             absmaxes[slot].append(scales)
     offsets = [(k << 33) + 12345 * k for k in range(len(sizes))]  # uses the high 32 bits of the index
-    return Inputs(params, grads, states, absmaxes, case.signed, eight_bit, blocksize, offsets)
+    return StepTensors(params, grads, states, absmaxes, case.signed, eight_bit, blocksize, offsets)
 
 
 def run(
     backend,
     device: torch.device,
     case: Case,
-    inputs: Inputs,
+    inputs: StepTensors,
     *,
     grad_scale: torch.Tensor | None = None,
     update_scale: torch.Tensor | None = None,
@@ -150,51 +110,21 @@ def run(
     seed: int | None = None,
 ):
     """One step on copies of `inputs` on `device`; returns (tensors, norm_out, nonfinite_count)."""
-    t = inputs.to(device)
+    t = inputs.copy(device)
     segments = len(t.params)
     norm_out = torch.full((segments,), -1.0, dtype=torch.float64, device=device) if norm else None
     nonfinite = torch.full((1,), 5, dtype=torch.int64, device=device) if count else None
-    backend.fused_step(
-        int(case.rule),
-        int(case.wd_mode),
-        constants(case.step),
-        t.params,
-        t.grads,
-        t.states,
-        t.absmaxes,
-        t.codebooks(device),
-        None if grad_scale is None else grad_scale.to(device),
-        None if update_scale is None else update_scale.to(device),
-        norm_out,
-        nonfinite,
-        t.offsets,
-        t.blocksize,
-        seed,
-    )
+    scales = {"grad_scale": grad_scale, "update_scale": update_scale}
+    scales = {name: value.to(device) for name, value in scales.items() if value is not None}
+    backend.fused_step(t.call(case, **scales, norm_out=norm_out, nonfinite_count=nonfinite, seed=seed))
     return t, norm_out, nonfinite
 
 
-def run_in_place(backend, case: Case, t: Inputs, *, count: bool = False, seed: int | None = None):
+def run_in_place(backend, case: Case, t: StepTensors, *, count: bool = False, seed: int | None = None):
     """One step on the tensors of `t` themselves (no copy: keeps views as they are)."""
     device = t.params[0].device
     nonfinite = torch.full((1,), 5, dtype=torch.int64, device=device) if count else None
-    backend.fused_step(
-        int(case.rule),
-        int(case.wd_mode),
-        constants(case.step),
-        t.params,
-        t.grads,
-        t.states,
-        t.absmaxes,
-        t.codebooks(device),
-        None,
-        None,
-        None,
-        nonfinite,
-        t.offsets,
-        t.blocksize,
-        seed,
-    )
+    backend.fused_step(t.call(case, nonfinite_count=nonfinite, seed=seed))
     return t, None, nonfinite
 
 
@@ -217,7 +147,7 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) ->
         )
 
 
-def assert_same_step(actual: Inputs, expected: Inputs, what: str) -> None:
+def assert_same_step(actual: StepTensors, expected: StepTensors, what: str) -> None:
     for k, (p, q) in enumerate(zip(actual.params, expected.params, strict=True)):
         assert_same_bits(p, q, f"{what}: params[{k}]")
     for k, (p, q) in enumerate(zip(actual.grads, expected.grads, strict=True)):
@@ -229,7 +159,7 @@ def assert_same_step(actual: Inputs, expected: Inputs, what: str) -> None:
             assert_same_bits(p, q, f"{what}: absmax{slot + 1}[{k}]")
 
 
-def check(case: Case, inputs: Inputs, what: str, **options) -> None:
+def check(case: Case, inputs: StepTensors, what: str, **options) -> None:
     """CUDA kernel vs CPU reference on the same inputs, every output compared."""
     cuda_backend = load_backend("cuda")
     got, got_norm, got_count = run(cuda_backend, torch.device("cuda"), case, inputs, **options)
@@ -367,7 +297,7 @@ def test_stochastic_rounding_uses_the_seed():
 # Layouts: unaligned segments, many segments, empty calls, several steps
 
 
-def unaligned(inputs: Inputs, shift: int) -> Inputs:
+def unaligned(inputs: StepTensors, shift: int) -> StepTensors:
     """The same values as views into shared flat buffers, every segment `shift` elements past alignment."""
 
     def pack(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -383,7 +313,7 @@ def unaligned(inputs: Inputs, shift: int) -> Inputs:
             at += t.numel() + shift
         return views
 
-    return Inputs(
+    return StepTensors(
         pack(inputs.params),
         pack(inputs.grads),
         [pack(slot) for slot in inputs.states],
@@ -404,7 +334,7 @@ def test_unaligned_segments(eight_bit, blocksize, shift, dtype):
     """Segments that start inside a vector take the per-element accesses and still agree."""
     case = CASE_BY_NAME["ademamix"]
     inputs = make_inputs(case, SIZES, dtype, dtype, eight_bit, blocksize, seed=shift, nonfinite=True)
-    views = unaligned(inputs.to(torch.device("cuda")), shift)
+    views = unaligned(inputs.copy(torch.device("cuda")), shift)
     assert views.params[0].data_ptr() % 16 != 0
     got, _, got_count = run_in_place(load_backend("cuda"), case, views, count=True, seed=9)
     want, _, want_count = run(REFERENCE, CPU, case, inputs, count=True, seed=9)
@@ -436,23 +366,7 @@ def test_empty_segments_and_calls():
         check(case, inputs, "only empty segments", count=True)
         check(case, inputs, "only empty segments, norm", norm=True)
     cuda = load_backend("cuda")
-    cuda.fused_step(
-        int(case.rule),
-        int(case.wd_mode),
-        constants(case.step),
-        [],
-        [],
-        [[], [], []],
-        [[], [], []],
-        [None, None, None],
-        None,
-        None,
-        None,
-        None,
-        [],
-        256,
-        None,
-    )
+    cuda.fused_step(StepTensors([], [], [[], [], []], [[], [], []], case.signed, False, 256).call(case))
     torch.cuda.synchronize()
 
 
@@ -465,8 +379,8 @@ def test_several_steps(case, eight_bit):
     case = CASE_BY_NAME[case]
     inputs = make_inputs(case, SIZES, torch.bfloat16, torch.float32, eight_bit, 256, seed=21)
     cuda_backend = load_backend("cuda")
-    got = inputs.to(torch.device("cuda"))
-    want = inputs.to(CPU)
+    got = inputs.copy(torch.device("cuda"))
+    want = inputs.copy(CPU)
     g = torch.Generator().manual_seed(0)
     for step in range(4):
         grads = [spread(t.numel(), g, -5, 0).reshape(t.shape) for t in inputs.grads]
@@ -520,37 +434,19 @@ def test_runs_on_the_current_stream():
 @needs_gpu
 def test_rejects_bad_arguments():
     case = CASE_BY_NAME["adamw"]
-    inputs = make_inputs(case, (300,), torch.float32, torch.float32, True, 256).to(torch.device("cuda"))
-    books = inputs.codebooks(torch.device("cuda"))
+    inputs = make_inputs(case, (300,), torch.float32, torch.float32, True, 256).copy(torch.device("cuda"))
+    good = inputs.call(case, segment_offsets=[0], blocksize=256)
     cuda = load_backend("cuda")
 
     def call(**override):
-        args = dict(
-            rule=int(case.rule),
-            wd_mode=int(case.wd_mode),
-            hyper=constants(case.step),
-            params=inputs.params,
-            grads=inputs.grads,
-            states=inputs.states,
-            absmaxes=inputs.absmaxes,
-            codebooks=books,
-            grad_scale=None,
-            update_scale=None,
-            norm_out=None,
-            nonfinite_count=None,
-            segment_offsets=[0],
-            blocksize=256,
-            seed=None,
-        )
-        args.update(override)
-        cuda.fused_step(*args.values())
+        cuda.fused_step(replace(good, **override))
 
     with pytest.raises(RuntimeError, match="blocksize"):
         call(blocksize=100)
     with pytest.raises(RuntimeError, match="state slot"):
         call(rule=int(Rule.ADEMAMIX))
     with pytest.raises(RuntimeError, match="hyper"):
-        call(hyper=[0.0] * 3)
+        call(constants=[0.0] * 3)
     with pytest.raises(RuntimeError, match="grads"):
         call(grads=[inputs.grads[0][:-1]])
     with pytest.raises(RuntimeError, match="absmax1"):

@@ -1,15 +1,22 @@
-"""Adapter from the backend interface to the registered torch operators."""
+"""Adapter from the backend interface to the registered torch operators.
+
+Each function here takes the same arguments as the reference backend's
+(reference.py, and reference_optim.fused_step for a FusedStepCall) and
+flattens them into the operator schemas of ops.py.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
 from ..quant.codebook import Codebook
 from . import ops
 from .build import BuildError
+from .contract import NUM_SLOTS, FusedStepCall
 
 
 def compiled_backend(kind: str) -> SimpleNamespace:
@@ -27,22 +34,10 @@ def compiled_backend(kind: str) -> SimpleNamespace:
         )
 
     def quantize_blockwise(
-        x: torch.Tensor,
-        codebook: Codebook,
-        blocksize: int,
-        seed: int | None,
-        codes: torch.Tensor,
-        absmax: torch.Tensor,
+        x: torch.Tensor, codebook: Codebook, blocksize: int, seed: int | None, codes: torch.Tensor, absmax: torch.Tensor
     ) -> None:
         torch.ops.dist8bit.quantize_blockwise(
-            x,
-            codebook.code,
-            codebook.thresholds,
-            codebook.encoder,
-            blocksize,
-            seed,
-            codes,
-            absmax,
+            x, codebook.code, codebook.thresholds, codebook.encoder, blocksize, seed, codes, absmax
         )
 
     def dequantize_blockwise(
@@ -50,40 +45,8 @@ def compiled_backend(kind: str) -> SimpleNamespace:
     ) -> None:
         torch.ops.dist8bit.dequantize_blockwise(codes, code, absmax, blocksize, out)
 
-    def fused_step(
-        rule: int,
-        wd_mode: int,
-        hyper: Sequence[float],
-        params: Sequence[torch.Tensor],
-        grads: Sequence[torch.Tensor],
-        states: Sequence[Sequence[torch.Tensor]],
-        absmaxes: Sequence[Sequence[torch.Tensor]],
-        codebooks: Sequence[Codebook | None],
-        grad_scale: torch.Tensor | None,
-        update_scale: torch.Tensor | None,
-        norm_out: torch.Tensor | None,
-        nonfinite_count: torch.Tensor | None,
-        segment_offsets: Sequence[int],
-        blocksize: int,
-        seed: int | None,
-    ) -> None:
-        books = _flatten_codebooks(codebooks)
-        torch.ops.dist8bit.fused_step(
-            rule,
-            wd_mode,
-            list(hyper),
-            list(params),
-            list(grads),
-            *(list(slot) for pair in zip(states, absmaxes, strict=True) for slot in pair),
-            books,
-            grad_scale,
-            update_scale,
-            norm_out,
-            nonfinite_count,
-            list(segment_offsets),
-            blocksize,
-            seed,
-        )
+    def fused_step(call: FusedStepCall) -> None:
+        torch.ops.dist8bit.fused_step(*_operator_arguments(call))
 
     return SimpleNamespace(
         name=kind,
@@ -91,6 +54,27 @@ def compiled_backend(kind: str) -> SimpleNamespace:
         dequantize_blockwise=dequantize_blockwise,
         fused_step=fused_step,
     )
+
+
+def _operator_arguments(call: FusedStepCall) -> list[Any]:
+    """The call flattened into torch.ops.dist8bit.fused_step's arguments, in the schema's order (ops.py)."""
+    slots = [list(entries) for slot in range(NUM_SLOTS) for entries in (call.states[slot], call.absmaxes[slot])]
+    return [
+        int(call.rule),
+        int(call.wd_mode),
+        list(call.constants),
+        list(call.params),
+        list(call.grads),
+        *slots,
+        _flatten_codebooks(call.codebooks),
+        call.grad_scale,
+        call.update_scale,
+        call.norm_out,
+        call.nonfinite_count,
+        list(call.segment_offsets),
+        call.blocksize,
+        call.seed,
+    ]
 
 
 def _flatten_codebooks(codebooks: Sequence[Codebook | None]) -> list[torch.Tensor]:

@@ -19,25 +19,11 @@ dequantize_blockwise(codes, code, absmax, blocksize, out!)
 fused_step(rule, wd_mode, hyper, params!, grads, state1!, absmax1!, state2!, absmax2!,
            state3!, absmax3!, codebooks, grad_scale, update_scale, norm_out!,
            nonfinite_count!, segment_offsets, blocksize, seed)
-    One optimizer step over a list of segments (contiguous runs of one parameter
-    each), in one launch. Per segment k: params[k] (float32/float16/bfloat16,
-    all the same dtype), grads[k] (same numel, float32/float16/bfloat16),
-    stateS[k] for each used slot S (an empty list means the slot is unused):
-    uint8 codes with absmaxS[k] = float32 scales, one per block of `blocksize`
-    starting at the segment's first element, or float32 values with absmaxS
-    empty. All segments share one precision. `codebooks` is empty (32-bit) or
-    [code, thresholds, encoder] for each of the 3 slots (unused slots repeat
-    slot 1's). Math: dist8bit.backends.rules + csrc/common/update_rules.h, with
-        g = grads[k] * grad_scale[k]          (grad_scale: float32 per segment, optional)
-        lr_eff = hyper[LR] * update_scale[k]  (update_scale: float32 per segment, optional)
-        p <- p * hyper[DECAY] - lr_eff * d
-    Elements whose scaled gradient is not finite are skipped: parameter and
-    states keep their values (8-bit states are re-encoded with the block's new
-    scale) and nonfinite_count (int64, 1 element, optional) is incremented.
-    With norm_out (float64 per segment) given, only sum(d^2) over finite
-    elements is written per segment and nothing else is modified. With seed
-    given, bfloat16 parameters are written with stochastic rounding keyed by
-    (seed, segment_offsets[k] + i): see reference_optim.round_bf16_stochastically.
+    dist8bit.backends.contract.FusedStepCall flattened (compiled.py does it,
+    in one place): its meaning and argument rules are documented there.
+    hyper is FusedStepCall.constants; stateS/absmaxS are states[S-1] and
+    absmaxes[S-1]; codebooks is empty (32-bit) or [code, thresholds, encoder]
+    for each of the 3 slots (unused slots repeat a used one's).
 """
 
 from __future__ import annotations

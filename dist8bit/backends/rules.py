@@ -15,6 +15,7 @@ where decay = 1 - lr * weight_decay for decoupled weight decay (else 1).
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -38,8 +39,8 @@ class WeightDecay(IntEnum):
     IN_DIRECTION = 2  # d <- d + wd * p (LAMB: decay joins the trust-ratio-scaled step)
 
 
-class Hyper(IntEnum):
-    """Slots of the float32 constant vector passed to every fused step."""
+class HyperSlot(IntEnum):
+    """Where each constant sits in StepConstants.vector() (C++: enum Hyper in update_rules.h)."""
 
     LR = 0
     BETA1 = 1
@@ -60,9 +61,6 @@ class Hyper(IntEnum):
     FIRST_STEP = 16  # 1 on the first step (SGD's buffer starts as the gradient)
 
 
-HYPER_SIZE = len(Hyper)
-
-
 @dataclass(frozen=True)
 class StateSpec:
     """One state buffer: its torch-style name and which 8-bit map it uses."""
@@ -73,7 +71,13 @@ class StateSpec:
 
 @dataclass(frozen=True)
 class StepConstants:
-    """Inputs to `constants()`; derived values are rounded to float32 once, on the host."""
+    """The constants of one step, by name: what an optimizer's step_constants() returns.
+
+    The kernels read them as vector(): float32 values indexed by HyperSlot
+    (C++: struct StepConstants), with the derived ones (decay, bias
+    corrections) computed and rounded to float32 once, here on the host, so
+    that every backend starts from the same bits.
+    """
 
     lr: float
     step: int
@@ -89,35 +93,35 @@ class StepConstants:
     dampening: float = 0.0
     nesterov: bool = False
 
+    def vector(self) -> tuple[float, ...]:
+        """The float32 constant vector, indexed by HyperSlot, as Python floats exactly representable in float32."""
+        if self.bias_correction:
+            bias_correction1 = 1.0 - self.beta1**self.step
+            bias_correction2 = 1.0 - self.beta2**self.step
+        else:
+            bias_correction1 = bias_correction2 = 1.0
+        values = {
+            HyperSlot.LR: self.lr,
+            HyperSlot.BETA1: self.beta1,
+            HyperSlot.ONE_MINUS_BETA1: 1.0 - self.beta1,
+            HyperSlot.BETA2: self.beta2,
+            HyperSlot.ONE_MINUS_BETA2: 1.0 - self.beta2,
+            HyperSlot.BETA3: self.beta3,
+            HyperSlot.ONE_MINUS_BETA3: 1.0 - self.beta3,
+            HyperSlot.EPS: self.eps,
+            HyperSlot.WEIGHT_DECAY: self.weight_decay,
+            HyperSlot.DECAY: 1.0 - self.lr * self.weight_decay if self.decoupled else 1.0,
+            HyperSlot.INV_BIAS_CORRECTION1: 1.0 / bias_correction1 if bias_correction1 > 0 else 1.0,
+            HyperSlot.INV_BIAS_CORRECTION2_SQRT: 1.0 / math.sqrt(bias_correction2) if bias_correction2 > 0 else 1.0,
+            HyperSlot.ALPHA: self.alpha,
+            HyperSlot.MOMENTUM: self.momentum,
+            HyperSlot.ONE_MINUS_DAMPENING: 1.0 - self.dampening,
+            HyperSlot.NESTEROV: 1.0 if self.nesterov else 0.0,
+            HyperSlot.FIRST_STEP: 1.0 if self.step == 1 else 0.0,
+        }
+        return tuple(_float32(values[slot]) for slot in HyperSlot)
 
-def constants(c: StepConstants) -> list[float]:
-    """The constant vector, indexed by Hyper, as float64 values exactly representable in float32."""
-    import struct
 
-    def f32(x: float) -> float:
-        return struct.unpack("f", struct.pack("f", x))[0]
-
-    if c.bias_correction:
-        bias_correction1 = 1.0 - c.beta1**c.step
-        bias_correction2 = 1.0 - c.beta2**c.step
-    else:
-        bias_correction1 = bias_correction2 = 1.0
-    values = [0.0] * HYPER_SIZE
-    values[Hyper.LR] = c.lr
-    values[Hyper.BETA1] = c.beta1
-    values[Hyper.ONE_MINUS_BETA1] = 1.0 - c.beta1
-    values[Hyper.BETA2] = c.beta2
-    values[Hyper.ONE_MINUS_BETA2] = 1.0 - c.beta2
-    values[Hyper.BETA3] = c.beta3
-    values[Hyper.ONE_MINUS_BETA3] = 1.0 - c.beta3
-    values[Hyper.EPS] = c.eps
-    values[Hyper.WEIGHT_DECAY] = c.weight_decay
-    values[Hyper.DECAY] = 1.0 - c.lr * c.weight_decay if c.decoupled else 1.0
-    values[Hyper.INV_BIAS_CORRECTION1] = 1.0 / bias_correction1 if bias_correction1 > 0 else 1.0
-    values[Hyper.INV_BIAS_CORRECTION2_SQRT] = 1.0 / math.sqrt(bias_correction2) if bias_correction2 > 0 else 1.0
-    values[Hyper.ALPHA] = c.alpha
-    values[Hyper.MOMENTUM] = c.momentum
-    values[Hyper.ONE_MINUS_DAMPENING] = 1.0 - c.dampening
-    values[Hyper.NESTEROV] = 1.0 if c.nesterov else 0.0
-    values[Hyper.FIRST_STEP] = 1.0 if c.step == 1 else 0.0
-    return [f32(v) for v in values]
+def _float32(x: float) -> float:
+    """x rounded to float32 (round to nearest even), as a Python float."""
+    return struct.unpack("f", struct.pack("f", x))[0]

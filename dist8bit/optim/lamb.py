@@ -11,20 +11,16 @@ once to apply. Both passes compute d identically, on the 8-bit path too
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
 from .adam import ADAM_STATES
-from .optimizer import Optimizer8bit, check_betas, check_non_negative, clip_update_norm, parameter_norms
+from .norms import SegmentNorms
+from .optimizer import Optimizer8bit, check_betas, hyper_parameters
 from .variants import FixedSettings
-
-
-def trust_ratio(param_norms: torch.Tensor, update_norms: torch.Tensor) -> torch.Tensor:
-    usable = (param_norms > 0) & (update_norms > 0)
-    return torch.where(usable, param_norms / update_norms, torch.ones_like(param_norms))
 
 
 class LAMB(Optimizer8bit):
@@ -54,20 +50,15 @@ class LAMB(Optimizer8bit):
     ) -> None:
         if amsgrad:
             raise ValueError("amsgrad=True is not supported by dist8bit's LAMB")
-        betas = check_betas(betas, 2)
-        check_non_negative(eps=eps, weight_decay=weight_decay)
-        super().__init__(
-            params,
-            {
-                "lr": lr,
-                "betas": betas,
-                "eps": eps,
-                "weight_decay": weight_decay,
-                "bias_correction": bias_correction,
-                "adam_w_mode": adam_w_mode,
-            },
-            **options,
+        defaults = hyper_parameters(
+            lr=lr,
+            betas=check_betas(betas, 2),
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            adam_w_mode=adam_w_mode,
         )
+        super().__init__(params, defaults, **options)
 
     def state_specs(self, config: dict[str, Any]) -> tuple[StateSpec, ...]:
         return ADAM_STATES
@@ -87,28 +78,15 @@ class LAMB(Optimizer8bit):
             bias_correction=config["bias_correction"],
         )
 
-    def update_scale(
-        self,
-        config: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        direction_norms: Callable[[], torch.Tensor],
-    ) -> torch.Tensor:
-        param_norms = parameter_norms(params)
-        update_norms = direction_norms().sqrt().float()
-        scale = trust_ratio(param_norms, update_norms)
-        if config["max_unorm"] > 0:
-            scale = scale * clip_update_norm(config["max_unorm"], param_norms, update_norms * scale)
-        return scale
+    def trust_ratio(self, config: dict[str, Any], norms: SegmentNorms) -> torch.Tensor:
+        """||p|| / ||d|| per segment, 1 where either norm is 0."""
+        usable = (norms.params > 0) & (norms.directions > 0)
+        return torch.where(usable, norms.params / norms.directions, torch.ones_like(norms.params))
 
 
-class LAMB8bit(FixedSettings, LAMB):
+class LAMB8bit(FixedSettings, LAMB, optim_bits=8):
     """LAMB with 8-bit block-wise states. Rule and arguments: LAMB."""
 
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
 
-
-class LAMB32bit(FixedSettings, LAMB):
+class LAMB32bit(FixedSettings, LAMB, optim_bits=32):
     """LAMB with 32-bit states. Rule and arguments: LAMB."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}

@@ -11,12 +11,12 @@ that converts to and from torch.optim.SGD checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-from .optimizer import clip_update_norm, parameter_norms
+from .norms import SegmentNorms
 from .sgd import SGD
 from .variants import FixedSettings
 
@@ -51,30 +51,16 @@ class LARS(SGD):
             group.setdefault("trust_coefficient", trust_coefficient)
         self.defaults["trust_coefficient"] = trust_coefficient
 
-    def update_scale(
-        self,
-        config: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        direction_norms: Callable[[], torch.Tensor],
-    ) -> torch.Tensor:
-        param_norms = parameter_norms(params)
-        grad_norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
-        denominator = grad_norms + config["weight_decay"] * param_norms
-        usable = (param_norms > 0) & (grad_norms > 0)
-        scale = torch.where(usable, config["trust_coefficient"] * param_norms / denominator, torch.ones_like(param_norms))
-        if config["max_unorm"] > 0:
-            scale = scale * clip_update_norm(config["max_unorm"], param_norms, direction_norms().sqrt().float() * scale)
-        return scale
+    def trust_ratio(self, config: dict[str, Any], norms: SegmentNorms) -> torch.Tensor:
+        """trust_coefficient * ||p|| / (||g|| + weight_decay * ||p||) per segment, 1 where a norm is 0."""
+        denominator = norms.grads + config["weight_decay"] * norms.params
+        usable = (norms.params > 0) & (norms.grads > 0)
+        return torch.where(usable, config["trust_coefficient"] * norms.params / denominator, torch.ones_like(norms.params))
 
 
-class LARS8bit(FixedSettings, LARS):
+class LARS8bit(FixedSettings, LARS, optim_bits=8):
     """LARS with an 8-bit block-wise momentum. Rule and arguments: LARS."""
 
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
 
-
-class LARS32bit(FixedSettings, LARS):
+class LARS32bit(FixedSettings, LARS, optim_bits=32):
     """LARS with a 32-bit momentum. Rule and arguments: LARS."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -21,18 +21,19 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import paging
 from ..backends import backend_for
-from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay, constants
+from ..backends.contract import NUM_SLOTS, FusedStepCall
+from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
 from ..functional import codebook_for, dequantize_blockwise
 from ..quant.codebook import Codebook
 from ..quant.layout import DEFAULT_BLOCKSIZE, check_blocksize, num_blocks
 from ..quant.maps import create_dynamic_map
 from . import sharded
 from . import state as state_layout
+from .norms import HISTORY, SegmentNorms, clip_update_norm, percentile_clip
 from .overrides import GlobalOptimManager
 from .segments import PADDED_VERSION, Segment, check_segments, packed_layout, repack, segment_table
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-HISTORY = 100  # steps of gradient norms kept for percentile clipping
 SEGMENT_STRIDE = 1 << 40  # random-number counter range reserved per parameter
 # Flags torch.optim groups carry that dist8bit optimizers do not implement; a
 # torch state dict loads only when they are off.
@@ -84,6 +85,17 @@ def check_non_negative(**values: float) -> None:
     for name, value in values.items():
         if not value >= 0.0:
             raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+# Hyper-parameters every optimizer that has them checks the same way.
+NON_NEGATIVE = ("lr_decay", "initial_accumulator_value", "alpha", "momentum", "eps", "weight_decay")
+
+
+def hyper_parameters(**values: Any) -> dict[str, Any]:
+    """An optimizer's group defaults, after the checks shared by name (NON_NEGATIVE ones must be >= 0;
+    lr is checked by Optimizer8bit). Rule-specific checks (betas, RMSprop's alpha < 1) stay with the rule."""
+    check_non_negative(**{name: values[name] for name in NON_NEGATIVE if name in values})
+    return values
 
 
 _NORMS_UNDER_SHARDING = (
@@ -210,17 +222,18 @@ class Optimizer8bit(torch.optim.Optimizer):
     def initial_state_value(self, config: dict[str, Any]) -> float:
         return 0.0
 
-    def update_scale(
-        self,
-        config: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        direction_norms: Callable[[], torch.Tensor],
-    ) -> torch.Tensor | None:
-        """Per-segment multiplier of the step (trust ratios, max_unorm); None when 1."""
+    def trust_ratio(self, config: dict[str, Any], norms: SegmentNorms) -> torch.Tensor | None:
+        """Per-segment trust ratio of a layer-wise adaptive rule (LAMB, LARS); None (1) for the others."""
+        return None
+
+    def update_scale(self, config: dict[str, Any], norms: SegmentNorms) -> torch.Tensor | None:
+        """Per-segment multiplier of the step: the trust ratio, then max_unorm on the scaled update; None when 1."""
+        scale = self.trust_ratio(config, norms)
         if config["max_unorm"] <= 0.0:
-            return None
-        return clip_update_norm(config["max_unorm"], parameter_norms(params), direction_norms().sqrt().float())
+            return scale
+        if scale is None:
+            return clip_update_norm(config["max_unorm"], norms.params, norms.directions)
+        return scale * clip_update_norm(config["max_unorm"], norms.params, norms.directions * scale)
 
     # ----------------------------------------------------------- the config
     def resolved_config(self, param: torch.Tensor, group: dict[str, Any], overrides: WeakIdKeyDictionary) -> dict[str, Any]:
@@ -390,7 +403,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 else:
                     units = self._flat_units(param, segments, state, group, overrides)
                 for unit in units:
-                    hyper = tuple(constants(self.step_constants(unit.config, unit.step)))
+                    hyper = self.step_constants(unit.config, unit.step).vector()
                     key = (
                         unit.param.device,
                         unit.param.dtype,
@@ -403,7 +416,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                     )
                     batches[key].append(unit)
         for (device, _, _, eight_bit, blocksize, hyper, step, _), units in batches.items():
-            self._launch(device, eight_bit, blocksize, list(hyper), step, units)
+            self._launch(device, eight_bit, blocksize, hyper, step, units)
         return loss
 
     def _whole_parameter_unit(self, param: torch.Tensor, state: dict[str, Any], group, overrides) -> list[_Unit]:
@@ -500,63 +513,61 @@ class Optimizer8bit(torch.optim.Optimizer):
             state["grad_norm_history"] = torch.full((HISTORY,), math.inf, dtype=torch.float32, device=local_param.device)
 
     def _launch(
-        self, device: torch.device, eight_bit: bool, blocksize: int, hyper: list[float], step: int, units: list[_Unit]
+        self, device: torch.device, eight_bit: bool, blocksize: int, hyper: Sequence[float], step: int, units: list[_Unit]
     ) -> None:
-        config, specs = units[0].config, units[0].specs
-        params = [u.param for u in units]
-        grads = [u.grad for u in units]
-        slots: list[list[torch.Tensor]] = [[], [], []]
-        scales: list[list[torch.Tensor]] = [[], [], []]
-        codebooks = [None, None, None]
-        for slot, spec in enumerate(specs):
-            if eight_bit:
-                slots[slot] = [u.state[spec.name + state_layout.CODES_SUFFIX] for u in units]
-                scales[slot] = [u.state[spec.name + state_layout.ABSMAX_SUFFIX] for u in units]
-                codebooks[slot] = _state_codebook(spec.signed, device)
-            else:
-                slots[slot] = [u.state[spec.name] for u in units]
-        offsets = [u.rounding_offset for u in units]
+        config = units[0].config
+        call = self._fused_step_call(device, eight_bit, blocksize, hyper, step, units)
         backend = backend_for(device)
-        seed = None
-        if self.stochastic_rounding and params[0].dtype == torch.bfloat16:
-            seed = (self._rounding_seed ^ (step * 0x9E3779B97F4A7C15)) & ((1 << 62) - 1)
-
-        def run(grad_scale, update_scale, norm_out=None, nonfinite=None):
-            backend.fused_step(
-                self.rule,
-                self.weight_decay_mode(config),
-                hyper,
-                params,
-                grads,
-                slots,
-                scales,
-                codebooks,
-                grad_scale,
-                update_scale,
-                norm_out,
-                nonfinite,
-                offsets,
-                blocksize,
-                seed,
-            )
-
-        grad_scale = None
         if config["percentile_clipping"] < 100:
-            grad_scale = percentile_clip([u.history for u in units], grads, step, config["percentile_clipping"])
+            grad_scale = percentile_clip([u.history for u in units], call.grads, step, config["percentile_clipping"])
+            call = replace(call, grad_scale=grad_scale)
 
-        def direction_norms() -> torch.Tensor:
-            norms = torch.zeros(len(params), dtype=torch.float64, device=device)
-            run(grad_scale, None, norm_out=norms)
-            return norms
+        def direction_sums() -> torch.Tensor:
+            sums = torch.zeros(len(units), dtype=torch.float64, device=device)
+            backend.fused_step(replace(call, norm_out=sums))
+            return sums
 
-        update_scale = self.update_scale(config, params, grads, direction_norms)
+        norms = SegmentNorms(list(call.params), list(call.grads), direction_sums)
+        update_scale = self.update_scale(config, norms)
         counter = self.nonfinite_counts.get(device)
         if counter is None:  # allocated once per device, not per step
             counter = self.nonfinite_counts[device] = torch.zeros(1, dtype=torch.int64, device=device)
-        run(grad_scale, update_scale, nonfinite=counter)
+        backend.fused_step(replace(call, update_scale=update_scale, nonfinite_count=counter))
         for unit in units:
             if unit.write_back is not None:
                 unit.write_back.copy_(unit.param)
+
+    def _fused_step_call(
+        self, device: torch.device, eight_bit: bool, blocksize: int, hyper: Sequence[float], step: int, units: list[_Unit]
+    ) -> FusedStepCall:
+        """The kernel call for one batch of units (scales and outputs are added per pass)."""
+        config, specs = units[0].config, units[0].specs
+        states: list[list[torch.Tensor]] = [[] for _ in range(NUM_SLOTS)]
+        absmaxes: list[list[torch.Tensor]] = [[] for _ in range(NUM_SLOTS)]
+        codebooks: list[Codebook | None] = [None] * NUM_SLOTS
+        for slot, spec in enumerate(specs):
+            if eight_bit:
+                states[slot] = [u.state[spec.name + state_layout.CODES_SUFFIX] for u in units]
+                absmaxes[slot] = [u.state[spec.name + state_layout.ABSMAX_SUFFIX] for u in units]
+                codebooks[slot] = _state_codebook(spec.signed, device)
+            else:
+                states[slot] = [u.state[spec.name] for u in units]
+        seed = None
+        if self.stochastic_rounding and units[0].param.dtype == torch.bfloat16:
+            seed = (self._rounding_seed ^ (step * 0x9E3779B97F4A7C15)) & ((1 << 62) - 1)
+        return FusedStepCall(
+            rule=self.rule,
+            wd_mode=self.weight_decay_mode(config),
+            constants=hyper,
+            params=[u.param for u in units],
+            grads=[u.grad for u in units],
+            states=states,
+            absmaxes=absmaxes,
+            codebooks=codebooks,
+            segment_offsets=[u.rounding_offset for u in units],
+            blocksize=blocksize,
+            seed=seed,
+        )
 
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
@@ -798,26 +809,3 @@ def _batch_key(config: dict[str, Any]) -> tuple:
 def _state_codebook(signed: bool, device: torch.device) -> Codebook:
     """The dynamic map's codebook for a state slot, built once per device (not per step)."""
     return codebook_for(create_dynamic_map(signed=signed), device)
-
-
-def parameter_norms(params: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([n.float() for n in torch._foreach_norm(params)])
-
-
-def clip_update_norm(max_unorm: float, param_norms: torch.Tensor, update_norms: torch.Tensor) -> torch.Tensor:
-    """Scale that limits each update's norm to max_unorm * ||p|| (bitsandbytes' max_unorm)."""
-    limit = max_unorm * param_norms
-    return torch.where(update_norms > limit, limit / update_norms, torch.ones_like(update_norms))
-
-
-def percentile_clip(histories: list[torch.Tensor], grads: list[torch.Tensor], step: int, percentile: int) -> torch.Tensor:
-    """Gradient scale clipping each norm to the given percentile of its last 100 norms."""
-    norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
-    slot = (step - 1) % HISTORY
-    stacked = torch.stack(histories)
-    stacked[:, slot] = norms
-    torch._foreach_copy_(histories, list(stacked.unbind(0)))
-    observed = min(step, HISTORY)
-    rank = max(math.ceil(percentile / 100 * observed) - 1, 0)
-    clip_value = torch.sort(stacked, dim=1).values[:, rank]
-    return torch.where(norms > clip_value, clip_value / norms, torch.ones_like(norms))

@@ -1,9 +1,10 @@
 """X8bit / X32bit / PagedX classes: the same optimizer with some settings fixed.
 
-Each variant is a plain class statement (`class AdamW8bit(FixedSettings, AdamW)`)
-so that it reads, greps and pickles like any class; this mixin only pins its
-`fixed_settings` keyword arguments and refuses a caller's attempt to change
-them, naming the base class that lets one choose.
+Each variant is a plain class statement that names its fixed settings as
+class keywords, `class AdamW8bit(FixedSettings, AdamW, optim_bits=8)`, so
+that it reads, greps and pickles like any class; this mixin only pins those
+keyword arguments in the constructor and refuses a caller's attempt to
+change them, naming the base class that lets one choose.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ from typing import Any, ClassVar
 
 
 class FixedSettings:
-    """Mixin: pins `fixed_settings` in the constructor of the optimizer class after it."""
+    """Mixin: pins the class keywords (`optim_bits=8`, `is_paged=True`) in the constructor of the optimizer after it."""
 
     fixed_settings: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **fixed: Any) -> None:
+        super().__init_subclass__()
+        cls.fixed_settings = {**cls.fixed_settings, **fixed}
 
     def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
         clash = sorted(set(kwargs) & set(self.fixed_settings))
