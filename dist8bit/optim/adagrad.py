@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 from ..backends.rules import Rule, StateSpec, StepConstants
-from .optimizer import Optimizer8bit, check_non_negative
+from .optimizer import Optimizer8bit, hyper_parameters
 from .variants import FixedSettings
 
 SUM = (StateSpec("sum", signed=False),)
@@ -34,20 +34,10 @@ class Adagrad(Optimizer8bit):
         eps: float = 1e-10,
         **options: Any,
     ) -> None:
-        check_non_negative(
-            lr_decay=lr_decay, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value, eps=eps
+        defaults = hyper_parameters(
+            lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value, eps=eps
         )
-        super().__init__(
-            params,
-            {
-                "lr": lr,
-                "lr_decay": lr_decay,
-                "weight_decay": weight_decay,
-                "initial_accumulator_value": initial_accumulator_value,
-                "eps": eps,
-            },
-            **options,
-        )
+        super().__init__(params, defaults, **options)
 
     def state_specs(self, config: dict[str, Any]) -> tuple[StateSpec, ...]:
         return SUM
@@ -60,13 +50,9 @@ class Adagrad(Optimizer8bit):
         return StepConstants(lr=decayed_lr, step=step, eps=config["eps"], weight_decay=config["weight_decay"])
 
 
-class Adagrad8bit(FixedSettings, Adagrad):
+class Adagrad8bit(FixedSettings, Adagrad, optim_bits=8):
     """Adagrad with an 8-bit block-wise accumulator. Rule and arguments: Adagrad."""
 
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
 
-
-class Adagrad32bit(FixedSettings, Adagrad):
+class Adagrad32bit(FixedSettings, Adagrad, optim_bits=32):
     """Adagrad with a 32-bit accumulator. Rule and arguments: Adagrad."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
-from .optimizer import Optimizer8bit, check_betas, check_non_negative
+from .optimizer import Optimizer8bit, check_betas, hyper_parameters
 from .variants import FixedSettings
 
 ADAM_STATES = (StateSpec("exp_avg", signed=True), StateSpec("exp_avg_sq", signed=False))
@@ -45,13 +45,8 @@ class Adam(Optimizer8bit):
     ) -> None:
         if amsgrad:
             raise ValueError("amsgrad=True is not supported by dist8bit's Adam")
-        betas = check_betas(betas, 2)
-        check_non_negative(eps=eps, weight_decay=weight_decay)
-        super().__init__(
-            params,
-            {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay},
-            **options,
-        )
+        defaults = hyper_parameters(lr=lr, betas=check_betas(betas, 2), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, **options)
 
     def state_specs(self, config: dict[str, Any]) -> tuple[StateSpec, ...]:
         return ADAM_STATES
@@ -87,25 +82,17 @@ class AdamW(Adam):
         super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
 
 
-class Adam8bit(FixedSettings, Adam):
+class Adam8bit(FixedSettings, Adam, optim_bits=8):
     """Adam with 8-bit block-wise states. Rule and arguments: Adam."""
 
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
 
-
-class Adam32bit(FixedSettings, Adam):
+class Adam32bit(FixedSettings, Adam, optim_bits=32):
     """Adam with 32-bit states. Rule and arguments: Adam."""
 
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}
 
-
-class AdamW8bit(FixedSettings, AdamW):
+class AdamW8bit(FixedSettings, AdamW, optim_bits=8):
     """AdamW with 8-bit block-wise states. Rule and arguments: AdamW."""
 
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
 
-
-class AdamW32bit(FixedSettings, AdamW):
+class AdamW32bit(FixedSettings, AdamW, optim_bits=32):
     """AdamW with 32-bit states. Rule and arguments: AdamW."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
-from .optimizer import Optimizer8bit, check_betas, check_non_negative
+from .optimizer import Optimizer8bit, check_betas, hyper_parameters
 from .variants import FixedSettings
 
 ADEMAMIX_STATES = (
@@ -60,23 +60,12 @@ class AdEMAMix(Optimizer8bit):
         weight_decay: float = 1e-2,
         **options: Any,
     ) -> None:
-        betas = check_betas(betas, 3)
-        check_non_negative(alpha=alpha, eps=eps, weight_decay=weight_decay)
-        if betas[0] == 0.0 and t_beta3:
-            raise ValueError("the beta3 warm-up (t_beta3) needs betas[0] > 0")
-        super().__init__(
-            params,
-            {
-                "lr": lr,
-                "betas": betas,
-                "alpha": alpha,
-                "t_alpha": t_alpha,
-                "t_beta3": t_beta3,
-                "eps": eps,
-                "weight_decay": weight_decay,
-            },
-            **options,
+        defaults = hyper_parameters(
+            lr=lr, betas=check_betas(betas, 3), alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps, weight_decay=weight_decay
         )
+        if defaults["betas"][0] == 0.0 and t_beta3:
+            raise ValueError("the beta3 warm-up (t_beta3) needs betas[0] > 0")
+        super().__init__(params, defaults, **options)
 
     def state_specs(self, config: dict[str, Any]) -> tuple[StateSpec, ...]:
         return ADEMAMIX_STATES
@@ -99,13 +88,9 @@ class AdEMAMix(Optimizer8bit):
         )
 
 
-class AdEMAMix8bit(FixedSettings, AdEMAMix):
+class AdEMAMix8bit(FixedSettings, AdEMAMix, optim_bits=8):
     """AdEMAMix with 8-bit block-wise states. Rule and arguments: AdEMAMix."""
 
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
 
-
-class AdEMAMix32bit(FixedSettings, AdEMAMix):
+class AdEMAMix32bit(FixedSettings, AdEMAMix, optim_bits=32):
     """AdEMAMix with 32-bit states. Rule and arguments: AdEMAMix."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
-from .optimizer import Optimizer8bit, check_betas, check_non_negative
+from .optimizer import Optimizer8bit, check_betas, hyper_parameters
 from .variants import FixedSettings
 
 LION_STATE = (StateSpec("exp_avg", signed=True),)
@@ -32,13 +32,8 @@ class Lion(Optimizer8bit):
         weight_decay: float = 0.0,
         **options: Any,
     ) -> None:
-        betas = check_betas(betas, 2)
-        check_non_negative(weight_decay=weight_decay)
-        super().__init__(
-            params,
-            {"lr": lr, "betas": betas, "weight_decay": weight_decay},
-            **options,
-        )
+        defaults = hyper_parameters(lr=lr, betas=check_betas(betas, 2), weight_decay=weight_decay)
+        super().__init__(params, defaults, **options)
 
     def state_specs(self, config: dict[str, Any]) -> tuple[StateSpec, ...]:
         return LION_STATE
@@ -53,13 +48,9 @@ class Lion(Optimizer8bit):
         )
 
 
-class Lion8bit(FixedSettings, Lion):
+class Lion8bit(FixedSettings, Lion, optim_bits=8):
     """Lion with an 8-bit block-wise momentum. Rule and arguments: Lion."""
 
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
 
-
-class Lion32bit(FixedSettings, Lion):
+class Lion32bit(FixedSettings, Lion, optim_bits=32):
     """Lion with a 32-bit momentum. Rule and arguments: Lion."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}

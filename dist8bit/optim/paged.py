@@ -8,81 +8,55 @@ after one warning per process.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 from .adam import Adam, AdamW
 from .ademamix import AdEMAMix
 from .lion import Lion
 from .variants import FixedSettings
 
 
-class PagedAdam(FixedSettings, Adam):
-    """Adam. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: Adam."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"is_paged": True}
+class PagedAdam(FixedSettings, Adam, is_paged=True):
+    """Adam with its states in paged (CUDA managed) memory."""
 
 
-class PagedAdam8bit(FixedSettings, Adam):
-    """Adam with 8-bit block-wise states. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: Adam."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8, "is_paged": True}
+class PagedAdam8bit(FixedSettings, Adam, optim_bits=8, is_paged=True):
+    """Adam8bit with its states in paged (CUDA managed) memory."""
 
 
-class PagedAdam32bit(FixedSettings, Adam):
-    """Adam with 32-bit states. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: Adam."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32, "is_paged": True}
+class PagedAdam32bit(FixedSettings, Adam, optim_bits=32, is_paged=True):
+    """Adam32bit with its states in paged (CUDA managed) memory."""
 
 
-class PagedAdamW(FixedSettings, AdamW):
-    """AdamW. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: AdamW."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"is_paged": True}
+class PagedAdamW(FixedSettings, AdamW, is_paged=True):
+    """AdamW with its states in paged (CUDA managed) memory."""
 
 
-class PagedAdamW8bit(FixedSettings, AdamW):
-    """AdamW with 8-bit block-wise states. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: AdamW."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8, "is_paged": True}
+class PagedAdamW8bit(FixedSettings, AdamW, optim_bits=8, is_paged=True):
+    """AdamW8bit with its states in paged (CUDA managed) memory."""
 
 
-class PagedAdamW32bit(FixedSettings, AdamW):
-    """AdamW with 32-bit states. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: AdamW."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32, "is_paged": True}
+class PagedAdamW32bit(FixedSettings, AdamW, optim_bits=32, is_paged=True):
+    """AdamW32bit with its states in paged (CUDA managed) memory."""
 
 
-class PagedLion(FixedSettings, Lion):
-    """Lion. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: Lion."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"is_paged": True}
+class PagedLion(FixedSettings, Lion, is_paged=True):
+    """Lion with its states in paged (CUDA managed) memory."""
 
 
-class PagedLion8bit(FixedSettings, Lion):
-    """Lion with an 8-bit block-wise momentum. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: Lion."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8, "is_paged": True}
+class PagedLion8bit(FixedSettings, Lion, optim_bits=8, is_paged=True):
+    """Lion8bit with its states in paged (CUDA managed) memory."""
 
 
-class PagedLion32bit(FixedSettings, Lion):
-    """Lion with a 32-bit momentum. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: Lion."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32, "is_paged": True}
+class PagedLion32bit(FixedSettings, Lion, optim_bits=32, is_paged=True):
+    """Lion32bit with its states in paged (CUDA managed) memory."""
 
 
-class PagedAdEMAMix(FixedSettings, AdEMAMix):
-    """AdEMAMix. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: AdEMAMix."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"is_paged": True}
+class PagedAdEMAMix(FixedSettings, AdEMAMix, is_paged=True):
+    """AdEMAMix with its states in paged (CUDA managed) memory."""
 
 
-class PagedAdEMAMix8bit(FixedSettings, AdEMAMix):
-    """AdEMAMix with 8-bit block-wise states. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: AdEMAMix."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8, "is_paged": True}
+class PagedAdEMAMix8bit(FixedSettings, AdEMAMix, optim_bits=8, is_paged=True):
+    """AdEMAMix8bit with its states in paged (CUDA managed) memory."""
 
 
-class PagedAdEMAMix32bit(FixedSettings, AdEMAMix):
-    """AdEMAMix with 32-bit states. States in paged (CUDA managed) memory; see dist8bit.paging. Rule and arguments: AdEMAMix."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32, "is_paged": True}
+class PagedAdEMAMix32bit(FixedSettings, AdEMAMix, optim_bits=32, is_paged=True):
+    """AdEMAMix32bit with its states in paged (CUDA managed) memory."""

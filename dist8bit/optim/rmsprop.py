@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 from ..backends.rules import Rule, StateSpec, StepConstants
-from .optimizer import Optimizer8bit, check_non_negative
+from .optimizer import Optimizer8bit, hyper_parameters
 from .variants import FixedSettings
 
 SQUARE_AVG = StateSpec("square_avg", signed=False)
@@ -42,12 +42,8 @@ class RMSprop(Optimizer8bit):
             raise ValueError("centered=True is not supported by dist8bit's RMSprop")
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha!r}")
-        check_non_negative(eps=eps, weight_decay=weight_decay, momentum=momentum)
-        super().__init__(
-            params,
-            {"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay, "momentum": momentum, "centered": False},
-            **options,
-        )
+        defaults = hyper_parameters(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=False)
+        super().__init__(params, defaults, **options)
 
     def state_specs(self, config: dict[str, Any]) -> tuple[StateSpec, ...]:
         return (SQUARE_AVG, MOMENTUM) if config["momentum"] > 0 else (SQUARE_AVG,)
@@ -64,13 +60,9 @@ class RMSprop(Optimizer8bit):
         )
 
 
-class RMSprop8bit(FixedSettings, RMSprop):
+class RMSprop8bit(FixedSettings, RMSprop, optim_bits=8):
     """RMSprop with 8-bit block-wise states. Rule and arguments: RMSprop."""
 
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
 
-
-class RMSprop32bit(FixedSettings, RMSprop):
+class RMSprop32bit(FixedSettings, RMSprop, optim_bits=32):
     """RMSprop with 32-bit states. Rule and arguments: RMSprop."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 from ..backends.rules import Rule, StateSpec, StepConstants
-from .optimizer import Optimizer8bit, check_non_negative
+from .optimizer import Optimizer8bit, hyper_parameters
 from .variants import FixedSettings
 
 MOMENTUM_STATE = (StateSpec("momentum_buffer", signed=True),)
@@ -35,14 +35,10 @@ class SGD(Optimizer8bit):
         nesterov: bool = False,
         **options: Any,
     ) -> None:
-        check_non_negative(momentum=momentum, weight_decay=weight_decay)
+        defaults = hyper_parameters(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
-        super().__init__(
-            params,
-            {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay, "nesterov": nesterov},
-            **options,
-        )
+        super().__init__(params, defaults, **options)
 
     def state_specs(self, config: dict[str, Any]) -> tuple[StateSpec, ...]:
         return MOMENTUM_STATE if config["momentum"] > 0 else ()
@@ -58,13 +54,9 @@ class SGD(Optimizer8bit):
         )
 
 
-class SGD8bit(FixedSettings, SGD):
+class SGD8bit(FixedSettings, SGD, optim_bits=8):
     """SGD with an 8-bit block-wise momentum buffer. Rule and arguments: SGD."""
 
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 8}
 
-
-class SGD32bit(FixedSettings, SGD):
+class SGD32bit(FixedSettings, SGD, optim_bits=32):
     """SGD with a 32-bit momentum buffer. Rule and arguments: SGD."""
-
-    fixed_settings: ClassVar[dict[str, Any]] = {"optim_bits": 32}
