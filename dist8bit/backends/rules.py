@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 
 class Rule(IntEnum):
@@ -92,6 +94,11 @@ class StepConstants:
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
+
+    @classmethod
+    def from_group(cls, group: Mapping[str, Any], step: int, *names: str, **values: Any) -> StepConstants:
+        """The constants `names` read from a param group's settings of the same name, plus `values`."""
+        return cls(step=step, **{name: group[name] for name in names}, **values)
 
     def vector(self) -> tuple[float, ...]:
         """The float32 constant vector, indexed by HyperSlot, as Python floats exactly representable in float32."""

@@ -47,7 +47,7 @@ class Adagrad(Optimizer8bit):
 
     def step_constants(self, config: dict[str, Any], step: int) -> StepConstants:
         decayed_lr = config["lr"] / (1 + (step - 1) * config["lr_decay"])
-        return StepConstants(lr=decayed_lr, step=step, eps=config["eps"], weight_decay=config["weight_decay"])
+        return StepConstants.from_group(config, step, "eps", "weight_decay", lr=decayed_lr)
 
 
 class Adagrad8bit(FixedSettings, Adagrad, optim_bits=8):

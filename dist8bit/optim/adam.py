@@ -59,14 +59,8 @@ class Adam(Optimizer8bit):
 
     def step_constants(self, config: dict[str, Any], step: int) -> StepConstants:
         beta1, beta2 = config["betas"]
-        return StepConstants(
-            lr=config["lr"],
-            step=step,
-            beta1=beta1,
-            beta2=beta2,
-            eps=config["eps"],
-            weight_decay=config["weight_decay"],
-            decoupled=self.decoupled,
+        return StepConstants.from_group(
+            config, step, "lr", "eps", "weight_decay", beta1=beta1, beta2=beta2, decoupled=self.decoupled
         )
 
 

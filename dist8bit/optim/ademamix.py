@@ -75,16 +75,10 @@ class AdEMAMix(Optimizer8bit):
 
     def step_constants(self, config: dict[str, Any], step: int) -> StepConstants:
         beta1, beta2, beta3 = config["betas"]
-        return StepConstants(
-            lr=config["lr"],
-            step=step,
-            beta1=beta1,
-            beta2=beta2,
-            beta3=beta3_at(step, beta1, beta3, config["t_beta3"]),
-            eps=config["eps"],
-            weight_decay=config["weight_decay"],
-            decoupled=True,
-            alpha=alpha_at(step, config["alpha"], config["t_alpha"]),
+        beta3 = beta3_at(step, beta1, beta3, config["t_beta3"])
+        alpha = alpha_at(step, config["alpha"], config["t_alpha"])
+        return StepConstants.from_group(
+            config, step, "lr", "eps", "weight_decay", beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, decoupled=True
         )
 
 

@@ -68,15 +68,7 @@ class LAMB(Optimizer8bit):
 
     def step_constants(self, config: dict[str, Any], step: int) -> StepConstants:
         beta1, beta2 = config["betas"]
-        return StepConstants(
-            lr=config["lr"],
-            step=step,
-            beta1=beta1,
-            beta2=beta2,
-            eps=config["eps"],
-            weight_decay=config["weight_decay"],
-            bias_correction=config["bias_correction"],
-        )
+        return StepConstants.from_group(config, step, "lr", "eps", "weight_decay", "bias_correction", beta1=beta1, beta2=beta2)
 
     def trust_ratio(self, config: dict[str, Any], norms: SegmentNorms) -> torch.Tensor:
         """||p|| / ||d|| per segment, 1 where either norm is 0."""

@@ -43,9 +43,7 @@ class Lion(Optimizer8bit):
 
     def step_constants(self, config: dict[str, Any], step: int) -> StepConstants:
         beta1, beta2 = config["betas"]
-        return StepConstants(
-            lr=config["lr"], step=step, beta1=beta1, beta2=beta2, weight_decay=config["weight_decay"], decoupled=True
-        )
+        return StepConstants.from_group(config, step, "lr", "weight_decay", beta1=beta1, beta2=beta2, decoupled=True)
 
 
 class Lion8bit(FixedSettings, Lion, optim_bits=8):

@@ -50,14 +50,7 @@ class RMSprop(Optimizer8bit):
 
     def step_constants(self, config: dict[str, Any], step: int) -> StepConstants:
         # The rule reads alpha from the beta2 slots (an EMA of g^2 like Adam's).
-        return StepConstants(
-            lr=config["lr"],
-            step=step,
-            beta2=config["alpha"],
-            eps=config["eps"],
-            weight_decay=config["weight_decay"],
-            momentum=config["momentum"],
-        )
+        return StepConstants.from_group(config, step, "lr", "eps", "weight_decay", "momentum", beta2=config["alpha"])
 
 
 class RMSprop8bit(FixedSettings, RMSprop, optim_bits=8):

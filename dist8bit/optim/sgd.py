@@ -44,14 +44,7 @@ class SGD(Optimizer8bit):
         return MOMENTUM_STATE if config["momentum"] > 0 else ()
 
     def step_constants(self, config: dict[str, Any], step: int) -> StepConstants:
-        return StepConstants(
-            lr=config["lr"],
-            step=step,
-            weight_decay=config["weight_decay"],
-            momentum=config["momentum"],
-            dampening=config["dampening"],
-            nesterov=config["nesterov"],
-        )
+        return StepConstants.from_group(config, step, "lr", "weight_decay", "momentum", "dampening", "nesterov")
 
 
 class SGD8bit(FixedSettings, SGD, optim_bits=8):
