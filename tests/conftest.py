@@ -14,8 +14,9 @@ import os
 
 import pytest
 import torch
+from helpers import build_failure
 
-from dist8bit.backends import BACKEND_ENV, load_backend
+from dist8bit.backends import BACKEND_ENV
 
 CI_ENV = "CI"
 
@@ -23,15 +24,6 @@ CI_ENV = "CI"
 def running_in_ci() -> bool:
     """CI=true / CI=1 (what CI services set): builds must succeed there, not skip."""
     return os.environ.get(CI_ENV, "").strip().lower() in {"true", "1", "yes"}
-
-
-def build_failure(name: str) -> str | None:
-    """Why the compiled backend `name` cannot be had here, or None when it loads."""
-    try:
-        load_backend(name)
-    except RuntimeError as error:
-        return str(error)
-    return None
 
 
 def require_build_in_ci(name: str, failure: str | None, ci: bool) -> None:
@@ -47,7 +39,7 @@ def require_build_in_ci(name: str, failure: str | None, ci: bool) -> None:
         )
 
 
-# Built once at collection (load_backend caches it per process).
+# Built once at collection (build_failure caches it per process).
 CPU_BUILD_FAILURE = build_failure("cpu")
 
 

@@ -1,8 +1,11 @@
-"""Running a worker script on several CPU ranks (gloo), for the multi-process tests.
+"""Running code on several CPU ranks (gloo), for the multi-process tests.
 
-One place for the rendezvous port, the per-rank environment torchrun or the
-DeepSpeed launcher would set, per-rank logs, and a failure message that shows
-every rank's log tail (a failing collective is only readable from all sides).
+Two ways: `run_worker_ranks` starts a worker script as separate processes with
+the per-rank environment torchrun or the DeepSpeed launcher would set, per-rank
+logs, and a failure message that shows every rank's log tail (a failing
+collective is only readable from all sides); `spawn_gloo` runs a function of a
+test module on torch.multiprocessing workers inside one gloo process group.
+One place for the rendezvous port either way.
 """
 
 from __future__ import annotations
@@ -11,9 +14,15 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,3 +65,26 @@ def run_worker_ranks(world: int, script: Path, args: list[str], log_dir: Path, l
         tails = "\n".join(f"--- {log.name} ---\n{log.read_text()[-4000:]}" for log in logs)
         raise AssertionError(f"{world}-rank {label} run failed (exit codes {codes}):\n{tails}")
     return torch.load(result, weights_only=True)
+
+
+def spawn_gloo(fn: Callable[..., Any], world: int, *args: object) -> Any:
+    """Run `fn(rank, world, *args)` on `world` spawned processes that share one gloo process group;
+    return what it returned on rank 0 (tensors, lists, dicts: through torch.save). `fn` must be a
+    module-level function (the workers import it by name)."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    with tempfile.TemporaryDirectory(prefix="spawn_gloo") as folder:
+        result = Path(folder) / "rank0.pt"
+        mp.spawn(_gloo_rank, args=(world, free_port(), fn, args, result), nprocs=world, join=True)
+        return torch.load(result, weights_only=True)
+
+
+def _gloo_rank(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, result: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        value = fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        torch.save(value, result)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from distributed_ranks import free_port
+from distributed_ranks import spawn_gloo
+from helpers import tiny_model, train
 
 from dist8bit.checkpoint import CheckpointError, convert
 from dist8bit.checkpoint.codec import error_bound
@@ -31,100 +31,59 @@ STEPS, SAVE_AFTER, LR = 8, 4, 1e-2
 TAG = "step_000004"
 
 
-class TinyModel(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(96, 128)  # 8-bit, row-aligned blocks of 128
-        self.up = torch.nn.Linear(128, 256)  # weight 8-bit (blocks of 128); bias < 4096: 32-bit
-        self.down = torch.nn.Linear(256, 96)  # weight 8-bit (blocks of 256)
-        self.scale = torch.nn.Parameter(torch.ones(4608))  # 1-D >= 4096: 32-bit under FSDP2
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        hidden = torch.relu(self.up(self.embed(tokens)))
-        return self.down(hidden * self.scale[:256])
-
-
 def build(optimizer: str):
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    model = TinyModel()
-    fully_shard(model.up)
-    fully_shard(model.down)
-    fully_shard(model)
+    model = tiny_model(fsdp=True)
     opt = AdamW8bit(model.parameters(), lr=LR) if optimizer == "8bit" else torch.optim.AdamW(model.parameters(), lr=LR)
     return model, opt
 
 
-def train(model, optimizer, steps: range) -> list[float]:
-    losses = []
-    for step in steps:
-        generator = torch.Generator().manual_seed(step)
-        tokens = torch.randint(0, 96, (8, 16), generator=generator)  # the same batch on every rank
-        loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), torch.roll(tokens, 1, dims=1).flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
-def worker(rank: int, world: int, port: int, job: str, directory: str) -> None:
+def worker(rank: int, world: int, job: str, directory: str) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        out = Path(directory)
-        precision, action = job.split("-")
+    out = Path(directory)
+    precision, action = job.split("-")
+    model, optimizer = build(precision)
+    # the 8-bit run saves in the launcher's layout (key "optimizer"), the 32-bit run as a plain dcp.save
+    key = "optimizer" if (precision == "8bit") == (action == "train") else "optim"
+    if action == "train":
+        losses = train(model, optimizer, range(SAVE_AFTER))
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        where = out / "src8" / TAG if precision == "8bit" else out / "src32"
+        dcp.save({"model": model_sd, key: optim_sd}, checkpoint_id=str(where))
+        if precision == "8bit" and rank == 0:
+            torch.save({"step": SAVE_AFTER}, where / "launch.pt")
+            (out / "src8" / "latest").write_text(TAG + "\n")
+        dist.barrier()
+        result = {"losses": losses + train(model, optimizer, range(SAVE_AFTER, STEPS))}
+    else:  # resume from a converted checkpoint, and (control) from its weights with a fresh optimizer state
+        where = out / "to32" / TAG if precision == "32bit" else out / "to8"
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, key: optim_sd}
+        dcp.load(state, checkpoint_id=str(where))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state[key])
+        result = {"losses": train(model, optimizer, range(SAVE_AFTER, STEPS))}
         model, optimizer = build(precision)
-        # the 8-bit run saves in the launcher's layout (key "optimizer"), the 32-bit run as a plain dcp.save
-        key = "optimizer" if (precision == "8bit") == (action == "train") else "optim"
-        if action == "train":
-            losses = train(model, optimizer, range(SAVE_AFTER))
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            where = out / "src8" / TAG if precision == "8bit" else out / "src32"
-            dcp.save({"model": model_sd, key: optim_sd}, checkpoint_id=str(where))
-            if precision == "8bit" and rank == 0:
-                torch.save({"step": SAVE_AFTER}, where / "launch.pt")
-                (out / "src8" / "latest").write_text(TAG + "\n")
-            dist.barrier()
-            result = {"losses": losses + train(model, optimizer, range(SAVE_AFTER, STEPS))}
-        else:  # resume from a converted checkpoint, and (control) from its weights with a fresh optimizer state
-            where = out / "to32" / TAG if precision == "32bit" else out / "to8"
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, key: optim_sd}
-            dcp.load(state, checkpoint_id=str(where))
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state[key])
-            result = {"losses": train(model, optimizer, range(SAVE_AFTER, STEPS))}
-            model, optimizer = build(precision)
-            model_sd = get_model_state_dict(model)
-            dcp.load({"model": model_sd}, checkpoint_id=str(where))
-            set_model_state_dict(model, model_sd)
-            result["fresh"] = train(model, optimizer, range(SAVE_AFTER, STEPS))
-        if rank == 0:
-            torch.save(result, out / f"{job}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def launch(world: int, job: str, directory: Path) -> dict:
-    mp.spawn(worker, args=(world, free_port(), job, str(directory)), nprocs=world, join=True)
-    return torch.load(directory / f"{job}.pt", weights_only=True)
+        model_sd = get_model_state_dict(model)
+        dcp.load({"model": model_sd}, checkpoint_id=str(where))
+        set_model_state_dict(model, model_sd)
+        result["fresh"] = train(model, optimizer, range(SAVE_AFTER, STEPS))
+    return result
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
     directory = tmp_path_factory.mktemp("dcp")
-    result = {"dir": directory, "8bit": launch(2, "8bit-train", directory), "32bit": launch(2, "32bit-train", directory)}
+    result = {
+        "dir": directory,
+        "8bit": spawn_gloo(worker, 2, "8bit-train", str(directory)),
+        "32bit": spawn_gloo(worker, 2, "32bit-train", str(directory)),
+    }
     # the 8-bit run resumes in torch AdamW (optimizer named: dist8bit's groups do not say Adam or AdamW)
     result["to32"] = convert(directory / "src8", directory / "to32", to="fp32", optimizer="adamw", verify=True, progress=False)
     result["to8"] = convert(directory / "src32", directory / "to8", to="8bit", world_size=2, verify=True, progress=False)
-    result["resumed32"] = launch(1, "32bit-resume", directory)
-    result["resumed8"] = launch(2, "8bit-resume", directory)
+    result["resumed32"] = spawn_gloo(worker, 1, "32bit-resume", str(directory))
+    result["resumed8"] = spawn_gloo(worker, 2, "8bit-resume", str(directory))
     return result
 
 

@@ -17,6 +17,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import assert_same_bits, needs_compiled
 
 import dist8bit.functional as F
 from dist8bit.backends import BACKEND_ENV, load_backend
@@ -25,16 +26,9 @@ from dist8bit.quant.layout import SUPPORTED_BLOCKSIZES, num_blocks
 from dist8bit.quant.maps import create_dynamic_map, create_linear_map, create_quantile_map
 from dist8bit.quant.stochastic import uniform_for_indices
 
-try:
-    load_backend("cpu")
-    CPU_AVAILABLE = True
-except RuntimeError:
-    CPU_AVAILABLE = False
-
-pytestmark = pytest.mark.skipif(not CPU_AVAILABLE, reason="the CPU extension could not be built")
+pytestmark = needs_compiled("cpu")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 SIZES = [0, 1, 255, 256, 257, 1000, 65537]
 SEEDS = [0, 2**40 + 12345]
 CODE_SENTINEL = 77
@@ -75,18 +69,6 @@ def ref():
 
 def codebook(name: str) -> Codebook:
     return F.codebook_for(MAPS[name](), torch.device("cpu"))
-
-
-def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    if actual.is_floating_point():
-        actual, expected = actual.view(BITS[actual.dtype]), expected.view(BITS[expected.dtype])
-    if not torch.equal(actual, expected):
-        where = (actual != expected).nonzero().flatten()[:8].tolist()
-        raise AssertionError(
-            f"{what}: {int((actual != expected).sum())} of {actual.numel()} differ, first at {where}: "
-            f"got {actual[where].tolist()}, expected {expected[where].tolist()}"
-        )
 
 
 def quantize(backend, x: torch.Tensor, book: Codebook, blocksize: int, seed: int | None = None):

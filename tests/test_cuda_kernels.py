@@ -8,7 +8,9 @@ part of the contract). Skipped without a CUDA GPU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import helpers
 import pytest
 import torch
 
@@ -24,7 +26,6 @@ pytestmark = [
 ]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-BITS_DTYPE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 MAPS = {
     "dynamic-signed": lambda: create_dynamic_map(signed=True),
     "dynamic-unsigned": lambda: create_dynamic_map(signed=False),
@@ -47,21 +48,8 @@ def codebooks() -> dict[str, Codebook]:
     return {name: build_codebook(make()).to("cuda") for name, make in MAPS.items()}
 
 
-def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    """Equal dtype, shape and bits; NaN only has to meet NaN."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    if not actual.is_floating_point():
-        mismatch = actual != expected
-    else:
-        nan_a, nan_e = torch.isnan(actual), torch.isnan(expected)
-        bits = BITS_DTYPE[actual.dtype]
-        mismatch = (nan_a != nan_e) | (~nan_a & (actual.view(bits) != expected.view(bits)))
-    if bool(mismatch.any()):
-        where = mismatch.nonzero().flatten()[:8].tolist()
-        raise AssertionError(
-            f"{what}: {int(mismatch.sum())} of {actual.numel()} differ, first at {where}: "
-            f"got {actual.flatten()[where].tolist()}, expected {expected.flatten()[where].tolist()}"
-        )
+# NaN compared as NaN: its payload is not part of the CUDA kernels' contract.
+assert_same_bits = functools.partial(helpers.assert_same_bits, any_nan=True)
 
 
 def quantize(backend, x: torch.Tensor, codebook: Codebook, blocksize: int, seed: int | None = None):

@@ -8,14 +8,12 @@ checkpoints carry each rank's own scales as DTensors and reshard 2 -> 1 and
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from distributed_ranks import free_port
+from distributed_ranks import spawn_gloo
+from helpers import tiny_model, train
 
 from dist8bit.optim import AdamW8bit
 
@@ -23,49 +21,11 @@ STEPS = 20
 SAVE_AT = 10
 
 
-class TinyModel(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(96, 128)  # 12288 elements, rows of 128: 8-bit, blocks of 128
-        self.up = torch.nn.Linear(128, 256)  # weight 8-bit (blocks of 128), bias 32-bit (< 4096)
-        self.down = torch.nn.Linear(256, 96)  # weight rows of 256: blocks of 256
-        self.scale = torch.nn.Parameter(torch.ones(4608))  # 1-D, >= 4096: 32-bit when sharded (no row layout)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        hidden = torch.relu(self.up(self.embed(tokens)))
-        return self.down(hidden * self.scale[:256])
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(step)
-    tokens = torch.randint(0, 96, (8, 16), generator=generator)
-    return tokens, torch.roll(tokens, 1, dims=1)
-
-
 def build(strategy: str):
-    torch.manual_seed(0)
-    model = TinyModel()
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        fully_shard(model.up)
-        fully_shard(model.down)
-        fully_shard(model)
-    elif strategy == "ddp":
+    model = tiny_model(fsdp=strategy == "fsdp")
+    if strategy == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
     return model, AdamW8bit(model.parameters(), lr=1e-2)
-
-
-def train(model, optimizer, steps: range) -> list[float]:
-    losses = []
-    for step in steps:
-        tokens, targets = batch(step)
-        loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
 
 
 def full_params(model) -> dict[str, torch.Tensor]:
@@ -80,61 +40,48 @@ def precisions(model, optimizer) -> dict[str, bool]:
     return {name: "exp_avg_codes" in optimizer.state[param] for name, param in model.named_parameters()}
 
 
-def worker(rank: int, world_size: int, port: int, job: str, directory: str) -> None:
+def worker(rank: int, world_size: int, job: str, directory: str) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        out = Path(directory)
-        model, optimizer = build("ddp" if job == "ddp" else "fsdp")
-        if job == "ddp":
-            losses = train(model, optimizer, range(STEPS))
-            result = {"params": full_params(model.module), "losses": losses, "state_bytes": optimizer.state_bytes()}
-        elif job == "train":
-            losses = train(model, optimizer, range(SAVE_AT))
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / "dcp"))
-            losses += train(model, optimizer, range(SAVE_AT, STEPS))
-            result = {
-                "params": full_params(model),
-                "losses": losses,
-                "state_bytes": optimizer.state_bytes(),
-                "precisions": precisions(model, optimizer),
-            }
-            full = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))[1]
-            if rank == 0:
-                result["full_optim"] = full
-        else:  # resume from the DCP checkpoint written by the 2-rank run
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=str(out / "dcp"))
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-            losses = train(model, optimizer, range(SAVE_AT, STEPS))
-            result = {"params": full_params(model), "losses": losses}
-        if rank == 0:
-            torch.save(result, out / f"{job}-{world_size}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def launch(world_size: int, job: str, directory: Path) -> dict:
-    mp.spawn(worker, args=(world_size, free_port(), job, str(directory)), nprocs=world_size, join=True)
-    return torch.load(directory / f"{job}-{world_size}.pt", weights_only=True)
+    out = Path(directory)
+    model, optimizer = build("ddp" if job == "ddp" else "fsdp")
+    if job == "ddp":
+        losses = train(model, optimizer, range(STEPS))
+        result = {"params": full_params(model.module), "losses": losses, "state_bytes": optimizer.state_bytes()}
+    elif job == "train":
+        losses = train(model, optimizer, range(SAVE_AT))
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / "dcp"))
+        losses += train(model, optimizer, range(SAVE_AT, STEPS))
+        result = {
+            "params": full_params(model),
+            "losses": losses,
+            "state_bytes": optimizer.state_bytes(),
+            "precisions": precisions(model, optimizer),
+        }
+        result["full_optim"] = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))[
+            1
+        ]
+    else:  # resume from the DCP checkpoint written by the 2-rank run
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(out / "dcp"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        losses = train(model, optimizer, range(SAVE_AT, STEPS))
+        result = {"params": full_params(model), "losses": losses}
+    return result
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
     directory = tmp_path_factory.mktemp("fsdp")
     return {
-        "two": launch(2, "train", directory),
-        "one": launch(1, "train", directory / "one"),
-        "resume-1": launch(1, "resume", directory),
-        "resume-2": launch(2, "resume", directory),
-        "ddp": launch(2, "ddp", directory),
+        "two": spawn_gloo(worker, 2, "train", str(directory)),
+        "one": spawn_gloo(worker, 1, "train", str(directory / "one")),
+        "resume-1": spawn_gloo(worker, 1, "resume", str(directory)),
+        "resume-2": spawn_gloo(worker, 2, "resume", str(directory)),
+        "ddp": spawn_gloo(worker, 2, "ddp", str(directory)),
     }
 
 
@@ -189,25 +136,20 @@ def test_dcp_checkpoint_resumes_on_any_world_size(runs, resume):
         torch.testing.assert_close(got["params"][name], value, rtol=0, atol=1e-5, msg=name)
 
 
-def mismatch_worker(rank: int, world_size: int, port: int, directory: str) -> None:
+def mismatch_worker(rank: int, world_size: int, directory: str) -> None:
     from dist8bit.integrations.consistency import check_same_parameters
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    model = torch.nn.Linear(8, 8 + rank)  # rank 1 builds a wider layer
     try:
-        model = torch.nn.Linear(8, 8 + rank)  # rank 1 builds a wider layer
-        try:
-            check_same_parameters(model.named_parameters())
-            message = "no error"
-        except ValueError as error:
-            message = str(error)
-        Path(directory, f"mismatch-{rank}.txt").write_text(message)
-    finally:
-        dist.destroy_process_group()
+        check_same_parameters(model.named_parameters())
+        message = "no error"
+    except ValueError as error:
+        message = str(error)
+    Path(directory, f"mismatch-{rank}.txt").write_text(message)
 
 
 def test_ranks_with_different_parameters_get_a_clear_error(tmp_path):
-    mp.spawn(mismatch_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(mismatch_worker, 2, str(tmp_path))
     for rank in range(2):
         message = (tmp_path / f"mismatch-{rank}.txt").read_text()
         assert "parameter #0 is ('weight', (8, 8)" in message and "(9, 8)" in message and "same model" in message
