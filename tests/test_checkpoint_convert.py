@@ -79,6 +79,21 @@ def assert_same_state_dicts(a: dict, b: dict) -> None:
             assert torch.equal(value, b["state"][key][name]), (key, name)
 
 
+def assert_same_zero_states(a: Path, b: Path, stage: int, ranks: int = 2) -> None:
+    """Two DeepSpeed checkpoints (tag step3) hold the same optimizer state on every rank, bit for bit:
+    states, param groups and (ZeRO 1/2) the parameter slice mappings."""
+    from dist8bit.checkpoint import deepspeed_format
+
+    base = "optimizer_state_dict" if stage == 3 else "base_optimizer_state"
+    with torch.serialization.safe_globals(deepspeed_format.safe_globals()):
+        for rank in range(ranks):
+            name = f"step3/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+            first, second = (load(folder / name)["optimizer_state_dict"] for folder in (a, b))
+            assert_same_state_dicts(first[base], second[base])
+            assert first[base]["param_groups"] == second[base]["param_groups"], rank
+            assert first.get("param_slice_mappings") == second.get("param_slice_mappings"), rank
+
+
 # ------------------------------------------------------------------ torch -> 8-bit
 def test_torch_adamw_training_checkpoint_to_8bit_resumes_in_adamw8bit(tmp_path):
     params = make_params()
@@ -497,16 +512,7 @@ def test_deepspeed_8bit_to_fp32_to_8bit_same_world_size_is_bit_exact(zero, tmp_p
     run(source, tmp_path / "fp32", to="fp32", verify=True)
     run(tmp_path / "fp32", tmp_path / "back", to="8bit", verify=True)
     assert (tmp_path / "back" / "latest").read_text() == "step3"
-    base = "optimizer_state_dict" if stage == 3 else "base_optimizer_state"
-    with torch.serialization.safe_globals(deepspeed_format.safe_globals()):
-        for rank in range(2):
-            name = f"step3/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-            original, back = (
-                torch.load(d / name, weights_only=True)["optimizer_state_dict"] for d in (source, tmp_path / "back")
-            )
-            assert_same_state_dicts(original[base], back[base])
-            assert original[base]["param_groups"] == back[base]["param_groups"]
-            assert original.get("param_slice_mappings") == back.get("param_slice_mappings")
+    assert_same_zero_states(source, tmp_path / "back", stage)
     # fp32 master weights: identical wherever they belong to a parameter (padding inside a ZeRO-3
     # flat buffer is whatever DeepSpeed left there; the output writes zeros)
     read = loading.FileReader()
@@ -583,14 +589,7 @@ def test_deepspeed_state_format_1_checkpoint_converts_to_the_padded_layout(zero,
             torch.save(tree, path)
     assert padded > 0  # the current layout really pads this model's pieces
     run(old, tmp_path / "new", to="8bit", verify=True)
-    with torch.serialization.safe_globals(deepspeed_format.safe_globals()):
-        for rank in range(2):
-            name = f"step3/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-            original, converted = (
-                torch.load(d / name, weights_only=True)["optimizer_state_dict"] for d in (source, tmp_path / "new")
-            )
-            assert_same_state_dicts(original[base], converted[base])
-            assert original[base]["param_groups"] == converted[base]["param_groups"]
+    assert_same_zero_states(source, tmp_path / "new", stage)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -50,9 +50,13 @@ def _source_id(path: Path) -> str:
     return str(path.relative_to(CSRC))
 
 
-def _nvcc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def compile_object(source: Path, output: Path, *flags: str) -> None:
+    """nvcc -c FLAGS -I csrc -I <source's folder> SOURCE -o OUTPUT, run from the repository root; must succeed."""
     assert NVCC is not None
-    return subprocess.run([NVCC, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    command = [NVCC, "-c", *flags, "-I", str(CSRC), "-I", str(source.parent), str(source), "-o", str(output)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    assert output.stat().st_size > 0
 
 
 def test_cuda_sources_exist():
@@ -69,22 +73,7 @@ def test_cuda_source_includes_no_torch_header(source):
 @needs_nvcc
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=_source_id)
 def test_cuda_source_compiles(source, tmp_path):
-    command = [
-        "-c",
-        "-std=c++17",
-        "-gencode",
-        "arch=compute_90,code=sm_90",
-        "-I",
-        str(CSRC),
-        "-I",
-        str(source.parent),
-        str(source),
-        "-o",
-        str(tmp_path / (source.name + ".o")),
-    ]
-    result = _nvcc(command, REPO)
-    assert result.returncode == 0, f"nvcc {' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
-    assert (tmp_path / (source.name + ".o")).stat().st_size > 0
+    compile_object(source, tmp_path / (source.name + ".o"), "-std=c++17", "-gencode", "arch=compute_90,code=sm_90")
 
 
 @needs_nvcc
@@ -102,9 +91,7 @@ def test_launcher_header_compiles_as_host_cpp(tmp_path):
         "  return a != cudaSuccess ? a : b;\n"
         "}\n"
     )
-    command = ["-c", "-std=c++17", "-I", str(CSRC), "-I", str(CSRC / "cuda"), str(probe), "-o", str(tmp_path / "probe.o")]
-    result = _nvcc(command, REPO)
-    assert result.returncode == 0, f"nvcc {' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    compile_object(probe, tmp_path / "probe.o", "-std=c++17", "-I", str(CSRC / "cuda"))
 
 
 # What torch's CMake writes for a CUDA build (c10/cuda/impl/cuda_cmake_macros.h.in):
@@ -171,23 +158,11 @@ def test_binding_sources_exist():
 @pytest.mark.parametrize("source", BINDING_SOURCES, ids=_source_id)
 def test_binding_source_compiles(source, tmp_path, binding_include_flags):
     """The host-compiled torch bindings build against torch's headers, as the JIT build compiles them."""
-    output = tmp_path / (source.name + ".o")
-    command = [
-        "-c",
+    flags = [
         *build.CUDA_HOST_FLAGS,
         "-Xcompiler",
         "-fPIC",
         "-DTORCH_EXTENSION_NAME=dist8bit_cuda",
         "-DTORCH_API_INCLUDE_EXTENSION_H",
-        "-I",
-        str(CSRC),
-        "-I",
-        str(source.parent),
-        *binding_include_flags,
-        str(source),
-        "-o",
-        str(output),
     ]
-    result = _nvcc(command, REPO)
-    assert result.returncode == 0, f"nvcc {' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
-    assert output.stat().st_size > 0
+    compile_object(source, tmp_path / (source.name + ".o"), *flags, *binding_include_flags)

@@ -16,7 +16,7 @@ from .atomic import atomic_output, check_destination
 from .canonical import OptimizerState
 from .errors import CheckpointError
 from .plan import Plan, Target, passthrough, plan_optimizer
-from .progress import Report, bar
+from .progress import Report, bar, finished
 from .verify import Agreement, compare_buffer, compare_carried, compare_optimizer
 from .writer import save_streaming
 
@@ -95,7 +95,9 @@ def _convert_file(
     finally:
         read.close()
     first = next(iter(states.values()))
-    return Report(
+    return finished(
+        started,
+        agreement,
         source=src,
         destination=dst,
         source_format=first.source_format if len(states) == 1 else "+".join(s.source_format for s in states.values()),
@@ -105,9 +107,6 @@ def _convert_file(
         tensors=len(jobs),
         bytes_in=total_in,
         bytes_out=bytes_out,
-        seconds=time.perf_counter() - started,
-        max_error=None if agreement is None else agreement.max_error,
-        bound_ratio=None if agreement is None else agreement.bound_ratio,
     )
 
 
@@ -256,7 +255,9 @@ def _convert_directory(
                 agreement = _verify_deepspeed(checkpoint, out_tag, tag, kind, read, progress, total_in, str(src))
     finally:
         read.close()
-    return Report(
+    return finished(
+        started,
+        agreement,
         source=src,
         destination=dst,
         source_format=f"{checkpoint.state.source_format}, {checkpoint.world} ranks",
@@ -266,9 +267,6 @@ def _convert_directory(
         tensors=len(jobs),
         bytes_in=total_in,
         bytes_out=bytes_out,
-        seconds=time.perf_counter() - started,
-        max_error=None if agreement is None else agreement.max_error,
-        bound_ratio=None if agreement is None else agreement.bound_ratio,
     )
 
 

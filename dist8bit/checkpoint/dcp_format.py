@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import math
 import shutil
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from .canonical import Dense, Quantized
 from .dcp_io import METADATA_FILE, LazySavePlanner, Source, find_checkpoint, open_source, reraise_ours
 from .errors import CheckpointError
 from .plan import DEFAULT_MIN_8BIT_SIZE, Target, output_group
-from .progress import Report, bar
+from .progress import Report, bar, finished
 from .verify import Agreement, compare_buffer
 
 PRECISION_KEYS = ("optim_bits", "blocksize", "min_8bit_size")
@@ -492,7 +491,9 @@ def convert(
     first = found[0]
     resharding = "DCP, any world size (DCP reshards on load"
     resharding += f"; --world-size {world_size} changes nothing)" if world_size is not None else ")"
-    return Report(
+    return finished(
+        started,
+        agreement,
         source=src,
         destination=dst,
         source_format=f"{'+'.join(o.source_format for o in found)}, DCP",
@@ -502,7 +503,4 @@ def convert(
         tensors=out.tensors,
         bytes_in=out.bytes_in,
         bytes_out=bytes_out,
-        seconds=time.perf_counter() - started,
-        max_error=None if agreement is None else agreement.max_error,
-        bound_ratio=None if agreement is None else agreement.bound_ratio,
     )

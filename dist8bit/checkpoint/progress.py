@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from .verify import Agreement
 
 
 def bar(total: int, description: str, enabled: bool) -> tqdm:
@@ -49,3 +54,14 @@ class Report:
         if self.max_error is not None:
             line += f"; verified: max error {self.max_error:.3g} ({self.bound_ratio:.3g} x the quantizer bound)"
         return line
+
+
+def finished(started: float, agreement: Agreement | None, **fields: object) -> Report:
+    """The Report of a conversion begun at `started` (time.perf_counter()), with what `agreement`
+    found when the output was verified (None: not verified)."""
+    return Report(
+        **fields,
+        seconds=time.perf_counter() - started,
+        max_error=None if agreement is None else agreement.max_error,
+        bound_ratio=None if agreement is None else agreement.bound_ratio,
+    )
