@@ -1,8 +1,8 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`): parameters, gradients and optimizer state sharded over the ranks.
 
-Each transformer block is its own FSDP unit (its parameters are all-gathered
-just for its forward and backward), and the root holds the rest (embeddings,
-final norm, the head tied to the token embedding). The optimizer is built
+Each transformer block is sharded by its own fully_shard call (its parameters
+are all-gathered just for its forward and backward), and the root holds the
+rest (embeddings, final norm, the head tied to the token embedding). The optimizer is built
 after sharding, so it sees DTensor parameters whose local shard is the rows
 this rank owns: dist8bit keeps 8-bit state for that shard only, with the
 precision decided from the full parameter.
@@ -44,7 +44,10 @@ class FSDPStrategy(Strategy):
 
     def info(self) -> dict[str, Any]:
         return {
-            "fsdp": {"mesh": [self.env.world_size], "units": [f"blocks.{i}" for i in range(len(self.model.blocks))] + ["root"]}
+            "fsdp": {
+                "mesh": [self.env.world_size],
+                "sharded_modules": [f"blocks.{i}" for i in range(len(self.model.blocks))] + ["root"],
+            }
         }
 
     def model_checksum(self) -> str:
