@@ -84,6 +84,7 @@ def _gloo_rank(rank: int, world: int, port: int, fn: Callable[..., Any], args: t
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         value = fn(rank, world, *args)
+        dist.barrier()  # leave together: a rank gone early can make gloo abort its peers on a loaded machine
     finally:
         dist.destroy_process_group()
     if rank == 0:

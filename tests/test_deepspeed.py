@@ -257,6 +257,7 @@ def test_changed_signature_is_refused_naming_the_function(monkeypatch):
     message = str(raised.value)
     assert "runtime.engine:DeepSpeedEngine._configure_zero_optimizer" in message
     assert "recorded (self, optimizer), found (self, optimizer, extra_argument=None)" in message
+    assert f"pip install deepspeed=={integration.TESTED_VERSION}" in message
     assert isinstance(raised.value, integration.DeepSpeedVersionError)  # the import hook warns instead of breaking
     for entry in deepspeed_patches.PATCHES:  # nothing was patched
         owner, name = entry.owner_and_name()

@@ -45,7 +45,7 @@ import torch
 
 from ..optim import Optimizer8bit
 from . import deepspeed_segments as segments
-from .deepspeed import DeepSpeedVersionError
+from .deepspeed import TESTED_VERSION, DeepSpeedVersionError
 from .deepspeed_config import check_params, resolve
 
 ORIGINAL = "__dist8bit_original__"
@@ -167,7 +167,7 @@ def apply() -> None:
         raise DeepSpeedSignatureError(
             "dist8bit's DeepSpeed patches were written for DeepSpeed 0.19.x and these functions have changed: "
             + "; ".join(mismatches)
-            + ". Install a supported DeepSpeed (see dist8bit.integrations.deepspeed.TESTED_VERSION)."
+            + f". Install a supported DeepSpeed (pip install deepspeed=={TESTED_VERSION})."
         )
     for entry in PATCHES:
         owner, name = entry.owner_and_name()
