@@ -103,6 +103,16 @@ D8_HD int nearest_code_index(const float* thresholds, const float* table, float 
   return nearest_code_index(thresholds, s);
 }
 
+// A codebook as the kernels take it (dist8bit.quant.codebook.Codebook): 256
+// sorted code values, their 256 thresholds, and the encoder table or nullptr.
+struct Codebook {
+  const float* code;
+  const float* thresholds;
+  const float* encoder;  // the encoder table (kEncoderTableSize floats); nullptr: binary search only
+
+  D8_HD int nearest(float s) const { return nearest_code_index(thresholds, encoder, s); }
+};
+
 // Stochastic rounding (reference.round_stochastically): between the codes
 // `low` and `high` = low + 1 that bracket s, pick `high` when
 //   u < (s - code[low]) / (code[high] - code[low])

@@ -7,6 +7,8 @@
 // dist8bit/backends/rules.py.
 #pragma once
 
+#include <cmath>
+
 #include "common/host_device.h"
 
 namespace dist8bit {

@@ -59,19 +59,18 @@
 #include <optional>
 #include <vector>
 
+#include "binding/kernel_contract.h"
 #include "common/code_search.h"
+#include "common/op_contract.h"
 #include "common/stochastic_rounding.h"
 #include "common/update_rules.h"
 #include "quant_simd.h"
-#include "tensor_checks.h"
 
 namespace dist8bit {
 namespace cpu {
 namespace {
 
-constexpr int kMaxStates = 3;
-constexpr int64_t kMinBlock = 64;         // 8-bit blocksizes: powers of two in [64, 4096]
-constexpr int64_t kMaxBlock = 4096;
+constexpr int64_t kMaxBlock = kMaxStateBlocksize;
 constexpr int64_t kChunk32 = 2048;        // 32-bit states: elements per unit
 constexpr int64_t kMinChunkElements = 16384;  // work taken at a time by a thread: at least this much,
 constexpr int64_t kMaxChunkElements = 65536;  // at most this much,
@@ -79,17 +78,11 @@ constexpr int64_t kChunksPerThread = 8;       // and, between those, this many c
 constexpr int64_t kGroup = 64;            // elements per inner iteration (one line of codes)
 constexpr int64_t kPrefetchAhead = 512;   // software prefetch distance, elements
 
-enum class FloatKind : int { kFloat, kHalf, kBFloat16 };
-
-FloatKind float_kind(at::ScalarType t) {
-  return t == at::kFloat ? FloatKind::kFloat : (t == at::kHalf ? FloatKind::kHalf : FloatKind::kBFloat16);
-}
-
 // One segment, ready for the kernels: used state slots in rule order.
 struct Segment {
   void* param;
   const void* grad;
-  FloatKind grad_kind;
+  FloatType grad_kind;
   void* state[kMaxStates];    // uint8 codes (8-bit) or float32 values
   float* absmax[kMaxStates];  // 8-bit: one scale per block
   int64_t numel;
@@ -156,15 +149,11 @@ inline uint16_t bfloat16_bits_stochastic(float value, uint32_t key, int64_t inde
 // ---------------------------------------------------------------------------
 // Scalar units (portable path).
 
-inline float load_value(const void* base, FloatKind kind, int64_t i) {
-  switch (kind) {
-    case FloatKind::kFloat:
-      return static_cast<const float*>(base)[i];
-    case FloatKind::kHalf:
-      return to_float(static_cast<const c10::Half*>(base)[i]);
-    default:
-      return to_float(static_cast<const c10::BFloat16*>(base)[i]);
-  }
+inline float load_value(const void* base, FloatType kind, int64_t i) {
+  return binding::visit_torch_float(kind, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return to_float(static_cast<const T*>(base)[i]);
+  });
 }
 
 inline void store_param_scalar(float* out, float v, const Call&, int64_t) { *out = v; }
@@ -323,37 +312,33 @@ __attribute__((always_inline)) inline void prefetch_range(const void* p, int64_t
 struct AnyFloat {};
 
 template <typename G>
-__attribute__((always_inline)) inline __m512 load_grad(const void* base, FloatKind, int64_t i) {
+__attribute__((always_inline)) inline __m512 load_grad(const void* base, FloatType, int64_t i) {
   return load16(static_cast<const G*>(base) + i);
 }
 template <typename G>
-__attribute__((always_inline)) inline __m512 load_grad(const void* base, FloatKind, int64_t i, __mmask16 lanes) {
+__attribute__((always_inline)) inline __m512 load_grad(const void* base, FloatType, int64_t i, __mmask16 lanes) {
   return load16(static_cast<const G*>(base) + i, lanes);
 }
 template <>
-__attribute__((always_inline)) inline __m512 load_grad<AnyFloat>(const void* base, FloatKind kind, int64_t i,
+__attribute__((always_inline)) inline __m512 load_grad<AnyFloat>(const void* base, FloatType kind, int64_t i,
                                                                  __mmask16 lanes) {
-  switch (kind) {
-    case FloatKind::kFloat:
-      return load16(static_cast<const float*>(base) + i, lanes);
-    case FloatKind::kHalf:
-      return load16(static_cast<const c10::Half*>(base) + i, lanes);
-    default:
-      return load16(static_cast<const c10::BFloat16*>(base) + i, lanes);
-  }
+  return binding::visit_torch_float(kind, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return load16(static_cast<const T*>(base) + i, lanes);
+  });
 }
 template <>
-__attribute__((always_inline)) inline __m512 load_grad<AnyFloat>(const void* base, FloatKind kind, int64_t i) {
+__attribute__((always_inline)) inline __m512 load_grad<AnyFloat>(const void* base, FloatType kind, int64_t i) {
   return load_grad<AnyFloat>(base, kind, i, static_cast<__mmask16>(0xFFFF));
 }
 
 template <typename G>
-constexpr int64_t grad_bytes(FloatKind) {
+constexpr int64_t grad_bytes(FloatType) {
   return sizeof(G);
 }
 template <>
-constexpr int64_t grad_bytes<AnyFloat>(FloatKind kind) {
-  return kind == FloatKind::kFloat ? 4 : 2;
+constexpr int64_t grad_bytes<AnyFloat>(FloatType kind) {
+  return kind == FloatType::kFloat32 ? 4 : 2;
 }
 
 template <Rule R, WeightDecayMode W, int NS, bool kQuant, bool kNorm, typename P, typename G>
@@ -517,17 +502,9 @@ void unit_avx512(const Call& call, const Segment& seg, int64_t u, float (*kept)[
   if constexpr (kNorm) {
     UnitAvx512<R, W, NS, kQuant, kNorm, P, AnyFloat>(call, seg, u, kept).run(nonfinite);
   } else {
-    switch (seg.grad_kind) {
-      case FloatKind::kFloat:
-        UnitAvx512<R, W, NS, kQuant, kNorm, P, float>(call, seg, u, kept).run(nonfinite);
-        break;
-      case FloatKind::kHalf:
-        UnitAvx512<R, W, NS, kQuant, kNorm, P, c10::Half>(call, seg, u, kept).run(nonfinite);
-        break;
-      default:
-        UnitAvx512<R, W, NS, kQuant, kNorm, P, c10::BFloat16>(call, seg, u, kept).run(nonfinite);
-        break;
-    }
+    binding::visit_torch_float(seg.grad_kind, [&](auto tag) {
+      UnitAvx512<R, W, NS, kQuant, kNorm, P, typename decltype(tag)::type>(call, seg, u, kept).run(nonfinite);
+    });
   }
 }
 #endif  // D8_AVX512
@@ -556,20 +533,15 @@ void run_units(const Call& call, int64_t num_segments, int64_t first, int64_t la
 }
 
 template <Rule R, WeightDecayMode W, int NS, bool kQuant>
-RangeFn pick_dtype(bool norm, at::ScalarType param_type) {
-  switch (param_type) {
-    case at::kFloat:
-      return norm ? &run_units<R, W, NS, kQuant, true, float> : &run_units<R, W, NS, kQuant, false, float>;
-    case at::kHalf:
-      return norm ? &run_units<R, W, NS, kQuant, true, c10::Half> : &run_units<R, W, NS, kQuant, false, c10::Half>;
-    default:
-      return norm ? &run_units<R, W, NS, kQuant, true, c10::BFloat16>
-                  : &run_units<R, W, NS, kQuant, false, c10::BFloat16>;
-  }
+RangeFn pick_dtype(bool norm, FloatType param_type) {
+  return binding::visit_torch_float(param_type, [norm](auto tag) -> RangeFn {
+    using P = typename decltype(tag)::type;
+    return norm ? &run_units<R, W, NS, kQuant, true, P> : &run_units<R, W, NS, kQuant, false, P>;
+  });
 }
 
 template <Rule R, WeightDecayMode W, int NS>
-RangeFn pick_precision(bool eight_bit, bool norm, at::ScalarType param_type) {
+RangeFn pick_precision(bool eight_bit, bool norm, FloatType param_type) {
   if constexpr (NS > 0) {
     if (eight_bit) return pick_dtype<R, W, NS, true>(norm, param_type);
   }
@@ -579,14 +551,14 @@ RangeFn pick_precision(bool eight_bit, bool norm, at::ScalarType param_type) {
 // Only Adam reads kInDirection; the other rules only ask "L2 or not", and Lion
 // and AdEMAMix not even that, so they are instantiated for fewer modes.
 template <Rule R, int NS>
-RangeFn pick_l2(WeightDecayMode wd_mode, bool eight_bit, bool norm, at::ScalarType param_type) {
+RangeFn pick_l2(WeightDecayMode wd_mode, bool eight_bit, bool norm, FloatType param_type) {
   return wd_mode == WeightDecayMode::kL2
              ? pick_precision<R, WeightDecayMode::kL2, NS>(eight_bit, norm, param_type)
              : pick_precision<R, WeightDecayMode::kDecoupled, NS>(eight_bit, norm, param_type);
 }
 
 // The instantiation for a rule and state count, or nullptr when the rule does not take that many states.
-RangeFn pick(Rule rule, WeightDecayMode wd_mode, int num_states, bool eight_bit, bool norm, at::ScalarType param_type) {
+RangeFn pick(Rule rule, WeightDecayMode wd_mode, int num_states, bool eight_bit, bool norm, FloatType param_type) {
   switch (rule) {
     case Rule::kAdam:
       if (num_states != 2) return nullptr;
@@ -622,207 +594,154 @@ RangeFn pick(Rule rule, WeightDecayMode wd_mode, int num_states, bool eight_bit,
 }
 
 // ---------------------------------------------------------------------------
-// Operator.
+// Operator: check (binding/kernel_contract.h), tables, segments, run, results.
 
-const at::Tensor* check_optional(const std::optional<at::Tensor>& t, const char* name, at::ScalarType dtype,
-                                 int64_t numel) {
-  if (!t.has_value() || !t->defined()) return nullptr;
-  check_cpu(*t, name);
-  TORCH_CHECK(t->scalar_type() == dtype, "dist8bit CPU kernel: ", name, " must be ", dtype, ", got ", t->scalar_type());
-  TORCH_CHECK(t->numel() == numel, "dist8bit CPU kernel: ", name, " must hold ", numel, " elements, got ", t->numel());
-  return &*t;
+// The encode and decode tables of the used 8-bit slots, built once per call;
+// the call's SlotCode records point into them, so they must outlive the run.
+class SlotTables {
+ public:
+  SlotTables(const binding::FusedStepCall& checked, Call* call) {
+    if (!checked.eight_bit) return;
+#if D8_AVX512
+    encode_.reserve(kMaxStates);
+#endif
+#if D8_AVX512_VBMI
+    decode_.reserve(kMaxStates);
+#endif
+    for (int k = 0; k < checked.num_states; ++k) {
+      SlotCode& slot = call->slot[k];
+      slot.book = checked.books[k];
+      slot.zero_code = static_cast<uint8_t>(slot.book.nearest(0.0f));
+#if D8_AVX512
+      encode_.emplace_back(slot.book.thresholds, slot.book.encoder);
+      slot.encode = &encode_.back();
+#endif
+#if D8_AVX512_VBMI
+      decode_.emplace_back(slot.book.code);
+      slot.decode = &decode_.back();
+#endif
+    }
+  }
+  SlotTables(const SlotTables&) = delete;
+  SlotTables& operator=(const SlotTables&) = delete;
+
+ private:
+#if D8_AVX512
+  std::vector<EncodeTables> encode_;
+#endif
+#if D8_AVX512_VBMI
+  std::vector<DecodeTables> decode_;
+#endif
+};
+
+// What every segment shares, from the checked arguments.
+Call make_call(const binding::FusedStepCall& checked, int64_t blocksize, std::optional<int64_t> seed) {
+  Call call{};
+  call.c = checked.hyper;
+  call.decay = call.c.v[kDecay];
+  call.unit = checked.eight_bit ? blocksize : kChunk32;
+  call.has_grad_scale = checked.grad_scale != nullptr;
+  call.stochastic = seed.has_value() && checked.param_type == FloatType::kBFloat16;
+  call.key = call.stochastic ? seed_key(static_cast<uint64_t>(*seed)) : 0u;
+  return call;
 }
 
-void fused_step_cpu(int64_t rule, int64_t wd_mode, c10::ArrayRef<double> hyper, at::TensorList params,
-                    at::TensorList grads, at::TensorList state1, at::TensorList absmax1, at::TensorList state2,
-                    at::TensorList absmax2, at::TensorList state3, at::TensorList absmax3, at::TensorList codebooks,
-                    const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& update_scale, const std::optional<at::Tensor>& norm_out,
-                    const std::optional<at::Tensor>& nonfinite_count, c10::ArrayRef<int64_t> segment_offsets,
-                    int64_t blocksize, std::optional<int64_t> seed) {
-  TORCH_CHECK(rule >= 0 && rule <= static_cast<int64_t>(Rule::kAdemamix), "dist8bit CPU kernel: unknown rule ", rule);
-  TORCH_CHECK(wd_mode >= 0 && wd_mode <= static_cast<int64_t>(WeightDecayMode::kInDirection),
-              "dist8bit CPU kernel: unknown weight decay mode ", wd_mode);
-  TORCH_CHECK(static_cast<int64_t>(hyper.size()) == kHyperSize, "dist8bit CPU kernel: hyper must hold ", kHyperSize,
-              " values, got ", hyper.size());
-  const int64_t num_segments = static_cast<int64_t>(params.size());
-  TORCH_CHECK(static_cast<int64_t>(grads.size()) == num_segments, "dist8bit CPU kernel: ", num_segments,
-              " params but ", grads.size(), " grads");
-  TORCH_CHECK(!seed.has_value() || *seed >= 0, "dist8bit CPU kernel: seed must be non-negative, got ", seed.value_or(0));
-  if (num_segments == 0) return;
-
-  // Used slots, in order: slot S is used iff its list is non-empty.
-  const std::array<at::TensorList, kMaxStates> states = {state1, state2, state3};
-  const std::array<at::TensorList, kMaxStates> absmaxes = {absmax1, absmax2, absmax3};
-  std::array<int, kMaxStates> used{};
-  int num_states = 0;
-  for (int slot = 0; slot < kMaxStates; ++slot) {
-    if (states[slot].empty()) {
-      TORCH_CHECK(absmaxes[slot].empty(), "dist8bit CPU kernel: state", slot + 1, " is empty but absmax", slot + 1,
-                  " is not");
-      continue;
-    }
-    TORCH_CHECK(static_cast<int64_t>(states[slot].size()) == num_segments, "dist8bit CPU kernel: state", slot + 1,
-                " must hold one tensor per segment (", num_segments, "), got ", states[slot].size());
-    used[num_states++] = slot;
-  }
-  const bool eight_bit = num_states > 0 && states[used[0]][0].scalar_type() == at::kByte;
-  const RangeFn run = pick(static_cast<Rule>(rule), static_cast<WeightDecayMode>(wd_mode), num_states, eight_bit,
-                           norm_out.has_value() && norm_out->defined(),
-                           num_segments > 0 ? params[0].scalar_type() : at::kFloat);
-  TORCH_CHECK(run != nullptr, "dist8bit CPU kernel: rule ", rule, " does not take ", num_states, " state slots");
-  if (eight_bit) {
-    TORCH_CHECK(blocksize >= kMinBlock && blocksize <= kMaxBlock && (blocksize & (blocksize - 1)) == 0,
-                "dist8bit CPU kernel: 8-bit states need a blocksize that is a power of two in [64, 4096], got ",
-                blocksize);
-    TORCH_CHECK(codebooks.size() == 3 * kMaxStates,
-                "dist8bit CPU kernel: 8-bit states need [code, thresholds, encoder] for each of the 3 slots");
-  }
-
-  const at::Tensor* grad_scale_t = check_optional(grad_scale, "grad_scale", at::kFloat, num_segments);
-  const at::Tensor* update_scale_t = check_optional(update_scale, "update_scale", at::kFloat, num_segments);
-  const at::Tensor* norm_t = check_optional(norm_out, "norm_out", at::kDouble, num_segments);
-  const at::Tensor* count_t = check_optional(nonfinite_count, "nonfinite_count", at::kLong, 1);
-  const bool bf16_params = num_segments > 0 && params[0].scalar_type() == at::kBFloat16;
-  const bool stochastic = seed.has_value() && bf16_params;
-  if (stochastic) {
-    TORCH_CHECK(static_cast<int64_t>(segment_offsets.size()) == num_segments,
-                "dist8bit CPU kernel: segment_offsets must hold one offset per segment (", num_segments, "), got ",
-                segment_offsets.size());
-  }
-
-  Call call{};
-  for (int h = 0; h < kHyperSize; ++h) call.c.v[h] = static_cast<float>(hyper[h]);
-  call.decay = call.c.v[kDecay];
-  call.unit = eight_bit ? blocksize : kChunk32;
-  call.has_grad_scale = grad_scale_t != nullptr;
-  call.stochastic = stochastic;
-  call.key = stochastic ? seed_key(static_cast<uint64_t>(*seed)) : 0u;
-
-  // Codebooks of the used 8-bit slots (tables built once per call).
-#if D8_AVX512
-  std::vector<EncodeTables> encode_tables;
-  encode_tables.reserve(kMaxStates);
-#endif
-#if D8_AVX512_VBMI
-  std::vector<DecodeTables> decode_tables;
-  decode_tables.reserve(kMaxStates);
-#endif
-  if (eight_bit) {
-    for (int k = 0; k < num_states; ++k) {
-      const int slot = used[k];
-      const at::Tensor& code = codebooks[3 * slot];
-      const at::Tensor& thresholds = codebooks[3 * slot + 1];
-      const at::Tensor& encoder = codebooks[3 * slot + 2];
-      check_codebook(code, thresholds, encoder);
-      SlotCode& s = call.slot[k];
-      s.book = Codebook{code.const_data_ptr<float>(), thresholds.const_data_ptr<float>(),
-                        encoder.numel() == 0 ? nullptr : encoder.const_data_ptr<float>()};
-      s.zero_code = static_cast<uint8_t>(s.book.nearest(0.0f));
-#if D8_AVX512
-      encode_tables.emplace_back(s.book.thresholds, s.book.encoder);
-      s.encode = &encode_tables.back();
-#endif
-#if D8_AVX512_VBMI
-      decode_tables.emplace_back(s.book.code);
-      s.decode = &decode_tables.back();
-#endif
-    }
-  }
-
-  // Segments and their units.
-  std::vector<Segment> segments(static_cast<size_t>(num_segments));
-  const at::ScalarType param_type = num_segments > 0 ? params[0].scalar_type() : at::kFloat;
-  const float* grad_scales = grad_scale_t != nullptr ? grad_scale_t->const_data_ptr<float>() : nullptr;
-  const float* update_scales = update_scale_t != nullptr ? update_scale_t->const_data_ptr<float>() : nullptr;
+// The segments' records and unit numbering; returns the call's unit count.
+int64_t fill_segments(const binding::FusedStepCall& checked, const Call& call,
+                      c10::ArrayRef<int64_t> segment_offsets, std::vector<Segment>* segments) {
+  const float* grad_scales = checked.grad_scale != nullptr ? checked.grad_scale->const_data_ptr<float>() : nullptr;
+  const float* update_scales =
+      checked.update_scale != nullptr ? checked.update_scale->const_data_ptr<float>() : nullptr;
   int64_t total_units = 0;
-  for (int64_t k = 0; k < num_segments; ++k) {
-    const at::Tensor& param = params[k];
-    const at::Tensor& grad = grads[k];
-    check_cpu(param, "params");
-    check_cpu(grad, "grads");
-    TORCH_CHECK(param.scalar_type() == param_type, "dist8bit CPU kernel: every param must have dtype ", param_type,
-                ", got ", param.scalar_type());
-    TORCH_CHECK(is_float_type(param_type), "dist8bit CPU kernel: params must be float32, float16 or bfloat16, got ",
-                param_type);
-    TORCH_CHECK(is_float_type(grad.scalar_type()), "dist8bit CPU kernel: grads must be float32, float16 or bfloat16, got ",
-                grad.scalar_type());
-    const int64_t n = param.numel();
-    TORCH_CHECK(grad.numel() == n, "dist8bit CPU kernel: grad ", k, " has ", grad.numel(), " elements, its param ", n);
-    Segment& seg = segments[k];
-    seg.param = param.data_ptr();
+  segments->resize(static_cast<size_t>(checked.num_segments));
+  for (int64_t k = 0; k < checked.num_segments; ++k) {
+    const at::Tensor& param = checked.tensors->params[k];
+    const at::Tensor& grad = checked.tensors->grads[k];
+    Segment& seg = (*segments)[static_cast<size_t>(k)];
+    seg.param = param.mutable_data_ptr();
     seg.grad = grad.const_data_ptr();
-    seg.grad_kind = float_kind(grad.scalar_type());
-    for (int s = 0; s < num_states; ++s) {
-      const at::Tensor& state = states[used[s]][k];
-      check_cpu(state, "state");
-      TORCH_CHECK(state.scalar_type() == (eight_bit ? at::kByte : at::kFloat), "dist8bit CPU kernel: state",
-                  used[s] + 1, " tensors must all be ", (eight_bit ? "uint8" : "float32"), ", got ", state.scalar_type());
-      TORCH_CHECK(state.numel() == n, "dist8bit CPU kernel: state", used[s] + 1, "[", k, "] must hold ", n,
-                  " elements, got ", state.numel());
-      seg.state[s] = state.data_ptr();
-      seg.absmax[s] = nullptr;
-      if (eight_bit) {
-        TORCH_CHECK(static_cast<int64_t>(absmaxes[used[s]].size()) == num_segments, "dist8bit CPU kernel: absmax",
-                    used[s] + 1, " must hold one tensor per segment");
-        const at::Tensor& absmax = absmaxes[used[s]][k];
-        check_cpu(absmax, "absmax");
-        TORCH_CHECK(absmax.scalar_type() == at::kFloat, "dist8bit CPU kernel: absmax must be float32, got ",
-                    absmax.scalar_type());
-        TORCH_CHECK(absmax.numel() == block_count(n, blocksize), "dist8bit CPU kernel: absmax", used[s] + 1, "[", k,
-                    "] must hold ", block_count(n, blocksize), " scales, got ", absmax.numel());
-        seg.absmax[s] = absmax.data_ptr<float>();
-      }
+    binding::float_type_of(grad.scalar_type(), &seg.grad_kind);
+    for (int s = 0; s < checked.num_states; ++s) {
+      seg.state[s] = checked.state(s, k).mutable_data_ptr();
+      seg.absmax[s] = checked.eight_bit ? checked.absmax(s, k).mutable_data_ptr<float>() : nullptr;
     }
-    seg.numel = n;
-    seg.first_index = stochastic ? segment_offsets[k] : 0;
+    seg.numel = param.numel();
+    seg.first_index = call.stochastic ? segment_offsets[k] : 0;
     seg.grad_scale = grad_scales != nullptr ? grad_scales[k] : 1.0f;
     seg.lr = update_scales != nullptr ? call.c.v[kLr] * update_scales[k] : call.c.v[kLr];
     seg.first_unit = total_units;
-    seg.units = block_count(n, call.unit);
+    seg.units = block_count(seg.numel, call.unit);
     total_units += seg.units;
   }
-  call.segments = segments.data();
-
-  std::vector<double> unit_norms(norm_t != nullptr ? static_cast<size_t>(total_units) : 0);
-  call.unit_norms = unit_norms.data();
-  std::atomic<int64_t> nonfinite{0};
-  if (total_units > 0) {
-    // Threads take chunks of units from a shared counter, in order, so that
-    // a thread slowed down (by another process, or a sibling hyperthread)
-    // leaves its share to the others instead of holding up the call.
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t min_units = std::max<int64_t>(1, kMinChunkElements / call.unit);
-    const int64_t max_units = std::max<int64_t>(1, kMaxChunkElements / call.unit);
-    const int64_t chunk = std::clamp<int64_t>(total_units / (kChunksPerThread * threads), min_units, max_units);
-    const int64_t tasks = std::min(threads, (total_units + chunk - 1) / chunk);
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, tasks, 1, [&](int64_t first_task, int64_t last_task) {
-      int64_t count = 0;
-      for (int64_t task = first_task; task < last_task; ++task) {
-        for (int64_t first = next.fetch_add(chunk, std::memory_order_relaxed); first < total_units;
-             first = next.fetch_add(chunk, std::memory_order_relaxed)) {
-          run(call, num_segments, first, std::min(first + chunk, total_units), &count);
-        }
-      }
-      if (count != 0) nonfinite.fetch_add(count, std::memory_order_relaxed);
-    });
-  }
-
-  if (norm_t != nullptr) {
-    double* out = norm_t->data_ptr<double>();
-    for (int64_t k = 0; k < num_segments; ++k) {
-      double sum = 0.0;
-      for (int64_t u = segments[k].first_unit; u < segments[k].first_unit + segments[k].units; ++u) sum += unit_norms[u];
-      out[k] = sum;
-    }
-    return;
-  }
-  if (count_t != nullptr) count_t->data_ptr<int64_t>()[0] += nonfinite.load();
+  return total_units;
 }
+
+// Runs every unit; returns the count of non-finite gradients. Threads take
+// chunks of units from a shared counter, in order, so that a thread slowed
+// down (by another process, or a sibling hyperthread) leaves its share to the
+// others instead of holding up the call.
+int64_t run_all_units(RangeFn run, const Call& call, int64_t num_segments, int64_t total_units) {
+  if (total_units == 0) return 0;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t min_units = std::max<int64_t>(1, kMinChunkElements / call.unit);
+  const int64_t max_units = std::max<int64_t>(1, kMaxChunkElements / call.unit);
+  const int64_t chunk = std::clamp<int64_t>(total_units / (kChunksPerThread * threads), min_units, max_units);
+  const int64_t tasks = std::min(threads, (total_units + chunk - 1) / chunk);
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> nonfinite{0};
+  at::parallel_for(0, tasks, 1, [&](int64_t first_task, int64_t last_task) {
+    int64_t count = 0;
+    for (int64_t task = first_task; task < last_task; ++task) {
+      for (int64_t first = next.fetch_add(chunk, std::memory_order_relaxed); first < total_units;
+           first = next.fetch_add(chunk, std::memory_order_relaxed)) {
+        run(call, num_segments, first, std::min(first + chunk, total_units), &count);
+      }
+    }
+    if (count != 0) nonfinite.fetch_add(count, std::memory_order_relaxed);
+  });
+  return nonfinite.load();
+}
+
+// Norm mode: each segment's partial sums, added in unit order (independent of the thread count).
+void write_norms(const std::vector<Segment>& segments, const std::vector<double>& unit_norms, double* out) {
+  for (size_t k = 0; k < segments.size(); ++k) {
+    double sum = 0.0;
+    for (int64_t u = segments[k].first_unit; u < segments[k].first_unit + segments[k].units; ++u) sum += unit_norms[u];
+    out[k] = sum;
+  }
+}
+
+// The CPU backend of binding::fused_step_op: each gradient may have its own dtype.
+struct FusedStepCpu {
+  static constexpr const char* kOp = "dist8bit CPU kernel";
+  static constexpr at::DeviceType kDevice = at::kCPU;
+  static constexpr bool kMixedGrads = true;
+
+  static void fused_step(const binding::FusedStepCall& checked, c10::ArrayRef<int64_t> segment_offsets,
+                         int64_t blocksize, std::optional<int64_t> seed) {
+    const RangeFn run = pick(checked.rule, checked.wd_mode, checked.num_states, checked.eight_bit,
+                             checked.norm_out != nullptr, checked.param_type);
+    TORCH_INTERNAL_ASSERT(run != nullptr, "check_fused_step let through a rule with ", checked.num_states, " slots");
+    Call call = make_call(checked, blocksize, seed);
+    const SlotTables tables(checked, &call);
+    std::vector<Segment> segments;
+    const int64_t total_units = fill_segments(checked, call, segment_offsets, &segments);
+    call.segments = segments.data();
+    std::vector<double> unit_norms(checked.norm_out != nullptr ? static_cast<size_t>(total_units) : 0);
+    call.unit_norms = unit_norms.data();
+    const int64_t nonfinite = run_all_units(run, call, checked.num_segments, total_units);
+    if (checked.norm_out != nullptr) {
+      write_norms(segments, unit_norms, checked.norm_out->mutable_data_ptr<double>());
+    } else if (checked.nonfinite_count != nullptr) {
+      checked.nonfinite_count->mutable_data_ptr<int64_t>()[0] += nonfinite;
+    }
+  }
+};
 
 }  // namespace
 }  // namespace cpu
 }  // namespace dist8bit
 
-TORCH_LIBRARY_IMPL(dist8bit, CPU, m) { m.impl("fused_step", &dist8bit::cpu::fused_step_cpu); }
+TORCH_LIBRARY_IMPL(dist8bit, CPU, m) {
+  m.impl("fused_step", &dist8bit::binding::fused_step_op<dist8bit::cpu::FusedStepCpu>);
+}

@@ -19,6 +19,7 @@
 #include <cstring>
 
 #include "common/code_search.h"
+#include "common/op_contract.h"
 #include "common/stochastic_rounding.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
@@ -58,25 +59,11 @@ inline void store_float(float* out, float v) { *out = v; }
 inline void store_float(c10::Half* out, float v) { *out = c10::Half(v); }
 inline void store_float(c10::BFloat16* out, float v) { *out = c10::BFloat16(bfloat16_bits(v), c10::BFloat16::from_bits()); }
 
-// ceil(n / blocksize) without overflow for any blocksize >= 1.
-inline int64_t block_count(int64_t n, int64_t blocksize) { return n / blocksize + (n % blocksize != 0 ? 1 : 0); }
-
 // A blocksize of n or more means one block; clamping it keeps all offsets within n.
 inline int64_t effective_blocksize(int64_t n, int64_t blocksize) { return std::min(blocksize, std::max<int64_t>(n, 1)); }
 
 // absmax from the max of |x| bits: NaN becomes the canonical quiet NaN.
 inline float absmax_from_bits(uint32_t bits) { return bits_to_float(bits > kInfBits ? kCanonicalNaN : bits); }
-
-// ---------------------------------------------------------------------------
-// What a quantize call needs, gathered once per call.
-
-struct Codebook {
-  const float* code;
-  const float* thresholds;
-  const float* encoder;  // the encoder table (common/code_search.h); nullptr: binary search only
-
-  int nearest(float s) const { return nearest_code_index(thresholds, encoder, s); }
-};
 
 // ---------------------------------------------------------------------------
 // Portable loops (also the path of rare blocks: absmax 0, Inf, NaN, or so

@@ -47,10 +47,10 @@
 #include <optional>
 #include <vector>
 
+#include "binding/kernel_contract.h"
 #include "common/code_search.h"
 #include "common/stochastic_rounding.h"
 #include "quant_simd.h"
-#include "tensor_checks.h"
 
 namespace dist8bit {
 namespace cpu {
@@ -318,93 +318,43 @@ void dequantize_impl(const uint8_t* codes, int64_t n, const float* code, const f
 // ---------------------------------------------------------------------------
 // Operators.
 
-void quantize_blockwise_cpu(const at::Tensor& x, const at::Tensor& code, const at::Tensor& thresholds,
-                            const at::Tensor& encoder, int64_t blocksize, std::optional<int64_t> seed,
-                            const at::Tensor& codes, const at::Tensor& absmax) {
-  check_cpu(x, "x");
-  TORCH_CHECK(is_float_type(x.scalar_type()), "dist8bit CPU kernel: x must be float32, float16 or bfloat16, got ",
-              x.scalar_type());
-  check_codebook(code, thresholds, encoder);
-  TORCH_CHECK(blocksize >= 1, "dist8bit CPU kernel: blocksize must be positive, got ", blocksize);
-  TORCH_CHECK(!seed.has_value() || *seed >= 0, "dist8bit CPU kernel: seed must be non-negative, got ", seed.value_or(0));
-  check_cpu(codes, "codes");
-  TORCH_CHECK(codes.scalar_type() == at::kByte, "dist8bit CPU kernel: codes must be uint8, got ", codes.scalar_type());
-  check_cpu(absmax, "absmax");
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "dist8bit CPU kernel: absmax must be float32, got ",
-              absmax.scalar_type());
-  const int64_t n = x.numel();
-  TORCH_CHECK(codes.numel() == n, "dist8bit CPU kernel: codes must hold ", n, " elements, got ", codes.numel());
-  const int64_t blocks = block_count(n, blocksize);
-  TORCH_CHECK(absmax.numel() == blocks, "dist8bit CPU kernel: absmax must hold ", blocks, " elements, got ",
-              absmax.numel());
-  if (n == 0) return;
+// The CPU backend of binding::quantize_op and binding::dequantize_op.
+struct QuantizeCpu {
+  static constexpr const char* kOp = "dist8bit CPU kernel";
+  static constexpr at::DeviceType kDevice = at::kCPU;
 
-  const Codebook book{code.const_data_ptr<float>(), thresholds.const_data_ptr<float>(),
-                      encoder.numel() == 0 ? nullptr : encoder.const_data_ptr<float>()};
-  const int64_t bs = effective_blocksize(n, blocksize);
-  const bool stochastic = seed.has_value();
-  const uint32_t key = stochastic ? seed_key(static_cast<uint64_t>(*seed)) : 0u;
-  auto* out = static_cast<uint8_t*>(codes.data_ptr());
-  auto* scales = static_cast<float*>(absmax.data_ptr());
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      Quantizer<float>(static_cast<const float*>(x.const_data_ptr()), n, bs, out, scales, book, stochastic, key)
+  static void quantize(const binding::QuantizeCall& call, const at::Tensor& x, const at::Tensor& codes,
+                       const at::Tensor& absmax, int64_t blocksize, std::optional<int64_t> seed) {
+    const int64_t bs = effective_blocksize(call.n, blocksize);
+    const bool stochastic = seed.has_value();
+    const uint32_t key = stochastic ? seed_key(static_cast<uint64_t>(*seed)) : 0u;
+    auto* out = codes.mutable_data_ptr<uint8_t>();
+    auto* scales = absmax.mutable_data_ptr<float>();
+    binding::visit_torch_float(call.x_type, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      Quantizer<T>(static_cast<const T*>(x.const_data_ptr()), call.n, bs, out, scales, call.book, stochastic, key)
           .run();
-      break;
-    case at::kHalf:
-      Quantizer<c10::Half>(static_cast<const c10::Half*>(x.const_data_ptr()), n, bs, out, scales, book,
-                           stochastic, key)
-          .run();
-      break;
-    default:
-      Quantizer<c10::BFloat16>(static_cast<const c10::BFloat16*>(x.const_data_ptr()), n, bs, out, scales, book,
-                               stochastic, key)
-          .run();
-      break;
+    });
   }
-}
 
-void dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& code, const at::Tensor& absmax,
-                              int64_t blocksize, const at::Tensor& out) {
-  check_cpu(codes, "codes");
-  TORCH_CHECK(codes.scalar_type() == at::kByte, "dist8bit CPU kernel: codes must be uint8, got ", codes.scalar_type());
-  check_map(code, "code");
-  check_cpu(absmax, "absmax");
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "dist8bit CPU kernel: absmax must be float32, got ",
-              absmax.scalar_type());
-  TORCH_CHECK(blocksize >= 1, "dist8bit CPU kernel: blocksize must be positive, got ", blocksize);
-  check_cpu(out, "out");
-  TORCH_CHECK(is_float_type(out.scalar_type()), "dist8bit CPU kernel: out must be float32, float16 or bfloat16, got ",
-              out.scalar_type());
-  const int64_t n = codes.numel();
-  TORCH_CHECK(out.numel() == n, "dist8bit CPU kernel: out must hold ", n, " elements, got ", out.numel());
-  const int64_t blocks = block_count(n, blocksize);
-  TORCH_CHECK(absmax.numel() == blocks, "dist8bit CPU kernel: absmax must hold ", blocks, " elements, got ",
-              absmax.numel());
-  if (n == 0) return;
-
-  const int64_t bs = effective_blocksize(n, blocksize);
-  const auto* in = static_cast<const uint8_t*>(codes.const_data_ptr());
-  const float* table = code.const_data_ptr<float>();
-  const float* scales = absmax.const_data_ptr<float>();
-  switch (out.scalar_type()) {
-    case at::kFloat:
-      dequantize_impl(in, n, table, scales, bs, static_cast<float*>(out.data_ptr()));
-      break;
-    case at::kHalf:
-      dequantize_impl(in, n, table, scales, bs, static_cast<c10::Half*>(out.data_ptr()));
-      break;
-    default:
-      dequantize_impl(in, n, table, scales, bs, static_cast<c10::BFloat16*>(out.data_ptr()));
-      break;
+  static void dequantize(const binding::DequantizeCall& call, const at::Tensor& codes, const at::Tensor& code,
+                         const at::Tensor& absmax, int64_t blocksize, const at::Tensor& out) {
+    const int64_t bs = effective_blocksize(call.n, blocksize);
+    const auto* in = codes.const_data_ptr<uint8_t>();
+    const float* table = code.const_data_ptr<float>();
+    const float* scales = absmax.const_data_ptr<float>();
+    binding::visit_torch_float(call.out_type, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      dequantize_impl(in, call.n, table, scales, bs, static_cast<T*>(out.mutable_data_ptr()));
+    });
   }
-}
+};
 
 }  // namespace
 }  // namespace cpu
 }  // namespace dist8bit
 
 TORCH_LIBRARY_IMPL(dist8bit, CPU, m) {
-  m.impl("quantize_blockwise", &dist8bit::cpu::quantize_blockwise_cpu);
-  m.impl("dequantize_blockwise", &dist8bit::cpu::dequantize_blockwise_cpu);
+  m.impl("quantize_blockwise", &dist8bit::binding::quantize_op<dist8bit::cpu::QuantizeCpu>);
+  m.impl("dequantize_blockwise", &dist8bit::binding::dequantize_op<dist8bit::cpu::QuantizeCpu>);
 }

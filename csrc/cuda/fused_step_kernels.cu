@@ -86,8 +86,6 @@ constexpr int kRow = kWarpSize * kVec;      // elements per warp row
 constexpr int kRows = 2;                    // rows per lane
 constexpr int kWarpElems = kRows * kRow;    // elements per warp and unit
 constexpr int kUnit32 = kWarpElems;         // elements per work unit with float32 states
-constexpr int64_t kMinBlocksize = 64;
-constexpr int64_t kMaxBlocksize = 4096;
 constexpr int kMaxBlockThreads = 512;
 
 constexpr int log2_of(int v) { return v <= 1 ? 0 : 1 + log2_of(v / 2); }
@@ -122,7 +120,7 @@ struct Layout {
   static constexpr int kLog2Block = kQuant ? log2_of(BS) : 0;
   static_assert(!kQuant || (1 << kLog2Block) == BS, "blocks are indexed by shifts");
 
-  static_assert(!kQuant || (BS >= kMinBlocksize && BS <= kMaxBlocksize && (BS & (BS - 1)) == 0),
+  static_assert(!kQuant || is_state_blocksize(BS),
                 "blocksize must be a power of two in [64, 4096]");
   static_assert(kGroups * kGroupWarps == kWarps, "the groups must fill the CUDA block");
   static_assert(kThreads <= kMaxBlockThreads && kThreads >= kCodeSize, "staging covers the tables");
@@ -782,29 +780,8 @@ bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t
 }  // namespace
 
 bool fused_step_supported(Rule rule, int num_states, bool eight_bit, int64_t blocksize) {
-  bool rule_ok = false;
-  switch (rule) {
-    case Rule::kAdam:
-      rule_ok = num_states == 2;
-      break;
-    case Rule::kSgd:
-      rule_ok = num_states == 0 || num_states == 1;
-      break;
-    case Rule::kRmsprop:
-      rule_ok = num_states == 1 || num_states == 2;
-      break;
-    case Rule::kAdagrad:
-    case Rule::kLion:
-      rule_ok = num_states == 1;
-      break;
-    case Rule::kAdemamix:
-      rule_ok = num_states == 3;
-      break;
-  }
-  if (!rule_ok) return false;
-  if (!eight_bit) return true;
-  return num_states > 0 && blocksize >= kMinBlocksize && blocksize <= kMaxBlocksize &&
-         (blocksize & (blocksize - 1)) == 0;
+  if (!rule_takes_states(rule, num_states)) return false;
+  return !eight_bit || (num_states > 0 && is_state_blocksize(blocksize));
 }
 
 size_t fused_step_table_bytes(int64_t num_segments) {

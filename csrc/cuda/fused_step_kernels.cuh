@@ -21,18 +21,15 @@
 
 #include <cuda_runtime_api.h>
 
-#include <cmath>  // sqrtf for update_rules.h when a host compiler reads this header
 #include <cstddef>
 #include <cstdint>
 
+#include "common/op_contract.h"
 #include "common/update_rules.h"
 #include "quantize_kernels.cuh"
 
 namespace dist8bit {
 namespace cuda {
-
-// State slots a rule can use (AdEMAMix: 3).
-constexpr int kMaxStates = 3;
 
 // One segment: a contiguous run of one parameter, its gradient and its states.
 // Every pointer is a device pointer on the current device.

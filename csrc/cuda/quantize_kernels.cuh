@@ -19,15 +19,14 @@
 
 #include <cstdint>
 
+#include "common/op_contract.h"
+
 namespace dist8bit {
 namespace cuda {
 
-// Element type of the float tensor on the non-uint8 side of a kernel.
-enum class FloatType : int {
-  kFloat32 = 0,
-  kFloat16 = 1,   // IEEE half (__half)
-  kBFloat16 = 2,  // bfloat16 (__nv_bfloat16)
-};
+// Element type of the float tensor on the non-uint8 side of a kernel
+// (common/op_contract.h; F32, F16 and BF16 of device_quant.cuh in the kernels).
+using dist8bit::FloatType;
 
 // codes[i] = index of the nearest code value to x[i] / absmax[i / blocksize];
 // absmax[b] = max |x| over block b (NaN when the block holds a NaN).
