@@ -35,7 +35,7 @@ from distributed_ranks import run_worker_ranks
 
 from dist8bit import optim
 from dist8bit.integrations import deepspeed as integration
-from dist8bit.integrations import deepspeed_patches, zero_partition
+from dist8bit.integrations import deepspeed_patches, patching, zero_partition
 from dist8bit.integrations.deepspeed_config import DeepSpeedConfigError, check_params, resolve
 from dist8bit.integrations.deepspeed_segments import DeepSpeedLayoutError, zero3_segments
 
@@ -223,13 +223,13 @@ def test_wrap_forwards_args_and_names_them():
         return (self, first, second, flag)
 
     seen = []
-    wrapped = deepspeed_patches.wrap(original, lambda call: seen.append(call) or call.proceed())
+    wrapped = patching.wrap(original, lambda call: seen.append(call) or call.proceed())
     assert wrapped("s", 1, flag=True) == ("s", 1, 2, True)
     call = seen[0]
     assert call.args == ("s", 1) and call.kwargs == {"flag": True}
     assert call["first"] == 1 and call["second"] == 2 and call["flag"] is True
-    assert getattr(wrapped, deepspeed_patches.ORIGINAL) is original
-    assert deepspeed_patches.signature_of(wrapped) == "(self, first, second=2, *, flag=False)"
+    assert getattr(wrapped, patching.ORIGINAL) is original
+    assert patching.signature_of(wrapped) == "(self, first, second=2, *, flag=False)"
 
 
 @needs_deepspeed
@@ -244,9 +244,9 @@ def test_changed_signature_is_refused_naming_the_function(monkeypatch):
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     for entry in deepspeed_patches.PATCHES:  # start unpatched; monkeypatch restores whatever was there
-        owner, name = entry.owner_and_name()
+        owner, name = deepspeed_patches.PATCHES.owner_and_name(entry)
         current = getattr(owner, name)
-        monkeypatch.setattr(owner, name, getattr(current, deepspeed_patches.ORIGINAL, current))
+        monkeypatch.setattr(owner, name, getattr(current, patching.ORIGINAL, current))
 
     def changed(self, optimizer, extra_argument=None):  # what a new DeepSpeed might look like
         return optimizer
@@ -260,8 +260,8 @@ def test_changed_signature_is_refused_naming_the_function(monkeypatch):
     assert f"pip install deepspeed=={integration.TESTED_VERSION}" in message
     assert isinstance(raised.value, integration.DeepSpeedVersionError)  # the import hook warns instead of breaking
     for entry in deepspeed_patches.PATCHES:  # nothing was patched
-        owner, name = entry.owner_and_name()
-        assert getattr(getattr(owner, name), deepspeed_patches.ORIGINAL, None) is None, entry.path
+        owner, name = deepspeed_patches.PATCHES.owner_and_name(entry)
+        assert getattr(getattr(owner, name), patching.ORIGINAL, None) is None, entry.path
 
 
 # ----------------------------------------------------------- registration
@@ -274,7 +274,7 @@ def test_import_dist8bit_does_not_import_deepspeed_and_registers_after():
         import dist8bit
         assert "deepspeed" not in sys.modules
         from dist8bit.integrations import deepspeed as integration
-from dist8bit.integrations import deepspeed_patches, zero_partition
+from dist8bit.integrations import deepspeed_patches, patching, zero_partition
         assert not integration.is_registered()
         assert importlib.util.find_spec("deepspeed") is not None  # an availability check must not disarm the hook
         assert "deepspeed" not in sys.modules

@@ -3,15 +3,14 @@
 Each patch wraps one DeepSpeed function, acts only when the optimizer involved is
 a dist8bit one (or the config names one) and otherwise calls DeepSpeed's
 original unchanged, so registering dist8bit never alters a run that does not
-use it. Wrappers remember the original (`__dist8bit_original__`), which makes
-`apply()` idempotent.
+use it.
 
-Wrappers take and forward `*args, **kwargs`; they read the arguments they need
-by name. What they rely on is each function's signature, recorded below next to
-its patch for the supported DeepSpeed (0.19.x): `apply()` compares every
-recorded signature with the installed DeepSpeed's before patching anything, and
-refuses, naming each function that changed, rather than patch a function whose
-arguments no longer mean what the wrapper expects.
+Wrappers take and forward `*args, **kwargs` and read the arguments they need by
+name (patching.py); what they rely on is each function's signature, recorded
+below next to its patch for the supported DeepSpeed (0.19.x). `apply()` compares
+every recorded signature with the installed DeepSpeed's before patching anything
+and refuses, naming each function that changed, rather than patch a function
+whose arguments no longer mean what the wrapper expects. It is idempotent.
 
 DeepSpeedEngine
   _is_supported_optimizer     config "type" names a dist8bit optimizer (or a bad one: clear error)
@@ -34,11 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
-import inspect
 import types
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -47,8 +43,8 @@ from ..optim import Optimizer8bit
 from . import deepspeed_segments as segments
 from .deepspeed import TESTED_VERSION, DeepSpeedVersionError
 from .deepspeed_config import check_params, resolve
+from .patching import ORIGINAL, Call, Registry, wrap
 
-ORIGINAL = "__dist8bit_original__"
 CONVERT_HINT = "dist8bit convert <checkpoint dir> <output dir> --to 8bit --world-size {world}"
 
 
@@ -60,120 +56,25 @@ class DeepSpeedSignatureError(DeepSpeedVersionError):
     """A DeepSpeed function that dist8bit patches (or calls) does not have the signature recorded for it."""
 
 
-# ------------------------------------------------------------------ registry
-@dataclass(frozen=True)
-class Call:
-    """One call of a patched DeepSpeed function: its arguments by name, and the original to go on with."""
-
-    original: Callable
-    args: tuple
-    kwargs: dict[str, Any]
-    arguments: dict[str, Any]  # by parameter name, defaults filled in
-
-    def __getitem__(self, name: str) -> Any:
-        return self.arguments[name]
-
-    def proceed(self) -> Any:
-        """DeepSpeed's original, with the arguments exactly as given."""
-        return self.original(*self.args, **self.kwargs)
-
-
-@dataclass(frozen=True)
-class Patch:
-    """DeepSpeed function `path` ("module:Class.function" under deepspeed), the signature recorded
-    for it, and the body that replaces it (None: only called, never replaced)."""
-
-    path: str
-    signature: str
-    body: Callable[[Call], Any] | None
-
-    def owner_and_name(self) -> tuple[Any, str]:
-        module, _, qualname = self.path.partition(":")
-        owner: Any = importlib.import_module(f"deepspeed.{module}")
-        *classes, name = qualname.split(".")
-        for cls in classes:
-            owner = getattr(owner, cls)
-        return owner, name
-
-
-PATCHES: list[Patch] = []
-
-
-def patch(*paths: str, signature: str) -> Callable[[Callable[[Call], Any]], Callable[[Call], Any]]:
-    """Register the decorated body as the patch of each DeepSpeed function in `paths`."""
-
-    def register(body: Callable[[Call], Any]) -> Callable[[Call], Any]:
-        PATCHES.extend(Patch(path, signature, body) for path in paths)
-        return body
-
-    return register
-
-
-def record_signature(path: str, signature: str) -> None:
-    """Register a DeepSpeed function that the wrappers call with named arguments but do not replace."""
-    PATCHES.append(Patch(path, signature, None))
-
-
-def signature_of(function: Callable) -> str:
-    """The parameters of `function` as text (names, kinds, defaults; annotations dropped)."""
-    signature = inspect.signature(function)
-    parameters = [p.replace(annotation=inspect.Parameter.empty) for p in signature.parameters.values()]
-    return str(signature.replace(parameters=parameters, return_annotation=inspect.Signature.empty))
-
-
-def wrap(original: Callable, body: Callable[[Call], Any]) -> Callable:
-    """A function that forwards `*args, **kwargs` to `body` as a Call of `original`."""
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    def patched(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return body(Call(original, args, kwargs, dict(bound.arguments)))
-
-    setattr(patched, ORIGINAL, original)
-    return patched
+PATCHES = Registry(
+    "deepspeed", "0.19.x", DeepSpeedSignatureError, f"Install a supported DeepSpeed: pip install deepspeed=={TESTED_VERSION}."
+)
+patch = PATCHES.patch
 
 
 def missing_targets() -> list[str]:
     """DeepSpeed functions the patches need but the installed version lacks."""
-    missing = []
-    for entry in PATCHES:
-        try:
-            owner, name = entry.owner_and_name()
-        except (ImportError, AttributeError):
-            owner, name = None, ""
-        if not hasattr(owner, name):
-            missing.append(entry.path)
-    return missing
+    return PATCHES.missing()
 
 
 def signature_mismatches() -> list[str]:
     """One line per patched (or called) DeepSpeed function whose signature differs from the recorded one."""
-    mismatches = []
-    for entry in PATCHES:
-        owner, name = entry.owner_and_name()
-        current = getattr(owner, name)
-        found = signature_of(getattr(current, ORIGINAL, current))
-        if found != entry.signature:
-            mismatches.append(f"{entry.path}: recorded {entry.signature}, found {found}")
-    return mismatches
+    return PATCHES.mismatches()
 
 
 def apply() -> None:
     """Check every recorded signature, then install every patch (once). Patches nothing on a mismatch."""
-    mismatches = signature_mismatches()
-    if mismatches:
-        raise DeepSpeedSignatureError(
-            "dist8bit's DeepSpeed patches were written for DeepSpeed 0.19.x and these functions have changed: "
-            + "; ".join(mismatches)
-            + f". Install a supported DeepSpeed (pip install deepspeed=={TESTED_VERSION})."
-        )
-    for entry in PATCHES:
-        owner, name = entry.owner_and_name()
-        current = getattr(owner, name)
-        if entry.body is not None and getattr(current, ORIGINAL, None) is None:
-            setattr(owner, name, wrap(current, entry.body))
+    PATCHES.apply()
 
 
 def is_applied() -> bool:
@@ -320,8 +221,8 @@ def _link_all_hp_params(call: Call) -> Any:
 
 # DeepSpeed's per-parameter fragment methods (what `safe_get_full_optimizer_state` calls), which
 # link_hp_params binds to each parameter: called through the wrappers below, not patched.
-record_signature("utils.tensor_fragment:get_full_hp_param", "(self, optim_state_key=None)")
-record_signature("utils.tensor_fragment:set_full_hp_param", "(self, value, optim_state_key=None)")
+PATCHES.record("utils.tensor_fragment:get_full_hp_param", "(self, optim_state_key=None)")
+PATCHES.record("utils.tensor_fragment:set_full_hp_param", "(self, value, optim_state_key=None)")
 
 
 def _route_fragment_api(lp: torch.Tensor) -> None:
