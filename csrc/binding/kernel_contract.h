@@ -372,27 +372,31 @@ inline FusedStepCall check_fused_step(const char* op, at::DeviceType backend, bo
 
 // ---------------------------------------------------------------------------
 // The operators' C++ signatures, written once. A backend is a struct with
-//   static constexpr const char* kOp;           // message prefix
-//   static constexpr at::DeviceType kDevice;    // where its tensors live
-//   static constexpr bool kMixedGrads;          // fused_step: grads may differ in dtype
+//   static constexpr BackendInfo kInfo;
 //   static void quantize(const QuantizeCall&, x, codes, absmax, blocksize, seed);
 //   static void dequantize(const DequantizeCall&, codes, code, absmax, blocksize, out);
 //   static void fused_step(const FusedStepCall&, segment_offsets, blocksize, seed);
 // and registers quantize_op<Backend> etc. (TORCH_LIBRARY_IMPL). The backend
 // functions run only for checked, non-empty calls.
 
+struct BackendInfo {
+  const char* op;         // message prefix
+  at::DeviceType device;  // where its tensors live
+  bool mixed_grads;       // fused_step: grads may differ in dtype
+};
+
 template <typename Backend>
 void quantize_op(const at::Tensor& x, const at::Tensor& code, const at::Tensor& thresholds, const at::Tensor& encoder,
                  int64_t blocksize, std::optional<int64_t> seed, const at::Tensor& codes, const at::Tensor& absmax) {
   const QuantizeCall call =
-      check_quantize(Backend::kOp, Backend::kDevice, x, code, thresholds, encoder, blocksize, seed, codes, absmax);
+      check_quantize(Backend::kInfo.op, Backend::kInfo.device, x, code, thresholds, encoder, blocksize, seed, codes, absmax);
   if (call.n != 0) Backend::quantize(call, x, codes, absmax, blocksize, seed);
 }
 
 template <typename Backend>
 void dequantize_op(const at::Tensor& codes, const at::Tensor& code, const at::Tensor& absmax, int64_t blocksize,
                    const at::Tensor& out) {
-  const DequantizeCall call = check_dequantize(Backend::kOp, Backend::kDevice, codes, code, absmax, blocksize, out);
+  const DequantizeCall call = check_dequantize(Backend::kInfo.op, Backend::kInfo.device, codes, code, absmax, blocksize, out);
   if (call.n != 0) Backend::dequantize(call, codes, code, absmax, blocksize, out);
 }
 
@@ -406,7 +410,7 @@ void fused_step_op(int64_t rule, int64_t wd_mode, c10::ArrayRef<double> hyper, a
   const FusedStepTensors tensors{params,     grads,        {state1, state2, state3},
                                  {absmax1, absmax2, absmax3}, codebooks, grad_scale,
                                  update_scale, norm_out, nonfinite_count};
-  const FusedStepCall call = check_fused_step(Backend::kOp, Backend::kDevice, Backend::kMixedGrads, rule, wd_mode,
+  const FusedStepCall call = check_fused_step(Backend::kInfo.op, Backend::kInfo.device, Backend::kInfo.mixed_grads, rule, wd_mode,
                                               hyper, tensors, segment_offsets, blocksize, seed);
   if (call.num_segments != 0) Backend::fused_step(call, segment_offsets, blocksize, seed);
 }

@@ -713,9 +713,7 @@ void write_norms(const std::vector<Segment>& segments, const std::vector<double>
 
 // The CPU backend of binding::fused_step_op: each gradient may have its own dtype.
 struct FusedStepCpu {
-  static constexpr const char* kOp = "dist8bit CPU kernel";
-  static constexpr at::DeviceType kDevice = at::kCPU;
-  static constexpr bool kMixedGrads = true;
+  static constexpr binding::BackendInfo kInfo = {"dist8bit CPU kernel", at::kCPU, /*mixed_grads=*/true};
 
   static void fused_step(const binding::FusedStepCall& checked, c10::ArrayRef<int64_t> segment_offsets,
                          int64_t blocksize, std::optional<int64_t> seed) {

@@ -320,8 +320,7 @@ void dequantize_impl(const uint8_t* codes, int64_t n, const float* code, const f
 
 // The CPU backend of binding::quantize_op and binding::dequantize_op.
 struct QuantizeCpu {
-  static constexpr const char* kOp = "dist8bit CPU kernel";
-  static constexpr at::DeviceType kDevice = at::kCPU;
+  static constexpr binding::BackendInfo kInfo = {"dist8bit CPU kernel", at::kCPU, /*mixed_grads=*/true};
 
   static void quantize(const binding::QuantizeCall& call, const at::Tensor& x, const at::Tensor& codes,
                        const at::Tensor& absmax, int64_t blocksize, std::optional<int64_t> seed) {

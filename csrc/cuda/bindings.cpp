@@ -35,8 +35,7 @@ void check_launch(cudaError_t error, const char* op) {
 // The CUDA backend of binding::quantize_op and binding::dequantize_op: the
 // launch on the current stream of the tensors' device.
 struct QuantizeCuda {
-  static constexpr const char* kOp = "dist8bit CUDA kernel";
-  static constexpr at::DeviceType kDevice = at::kCUDA;
+  static constexpr binding::BackendInfo kInfo = {"dist8bit CUDA kernel", at::kCUDA, /*mixed_grads=*/false};
 
   static void quantize(const binding::QuantizeCall& call, const at::Tensor& x, const at::Tensor& codes,
                        const at::Tensor& absmax, int64_t blocksize, std::optional<int64_t> seed) {

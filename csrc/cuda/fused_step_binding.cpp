@@ -114,9 +114,7 @@ std::vector<FusedSegment> make_segments(const binding::FusedStepCall& checked,
 // The CUDA backend of binding::fused_step_op. The kernel reads one gradient
 // dtype per call (FusedStepConfig::grad_type).
 struct FusedStepCuda {
-  static constexpr const char* kOp = "dist8bit CUDA fused_step";
-  static constexpr at::DeviceType kDevice = at::kCUDA;
-  static constexpr bool kMixedGrads = false;
+  static constexpr binding::BackendInfo kInfo = {"dist8bit CUDA fused_step", at::kCUDA, /*mixed_grads=*/false};
 
   static void fused_step(const binding::FusedStepCall& checked, c10::ArrayRef<int64_t> segment_offsets,
                          int64_t blocksize, std::optional<int64_t> seed) {
@@ -130,7 +128,7 @@ struct FusedStepCuda {
     const at::Tensor device_table = upload_table(config, segments, checked.num_segments, device, current, &total_units);
     const cudaError_t error =
         launch_fused_step(config, device_table.const_data_ptr(), checked.num_segments, total_units, current.stream());
-    TORCH_CHECK(error == cudaSuccess, kOp, ": launch failed: ", cudaGetErrorString(error));
+    TORCH_CHECK(error == cudaSuccess, kInfo.op, ": launch failed: ", cudaGetErrorString(error));
   }
 };
 

@@ -76,6 +76,7 @@
 #include "common/update_rules.h"
 #include "device_quant.cuh"
 #include "fused_step_kernels.cuh"
+#include "launch_util.cuh"
 
 namespace dist8bit {
 namespace cuda {
@@ -290,15 +291,7 @@ __device__ __forceinline__ void store_param_row(FloatType type, void* base, int6
                                                 const float (&v)[kVec], bool stochastic, uint32_t key,
                                                 uint64_t index) {
   if (type == FloatType::kFloat32) {
-    float* p = static_cast<float*>(base) + first;
-    if (whole_vector(vector_ok, count)) {
-      __stcs(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
-      return;
-    }
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      if (k < count) __stcs(p + k, v[k]);
-    }
+    store_state_row(static_cast<float*>(base), first, count, vector_ok, v);
     return;
   }
   uint32_t h[kVec];
@@ -675,14 +668,6 @@ __global__ void __launch_bounds__(Layout<BS>::kThreads, Layout<BS>::kBlocksPerSM
 // ---------------------------------------------------------------------------
 // Launch.
 
-int multiprocessor_count() {
-  int device = 0;
-  int count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 132;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) return 132;
-  return count;
-}
-
 template <Rule R, int NS, int BS>
 cudaError_t launch_kernel(const KernelArgs& args, cudaStream_t stream) {
   using L = Layout<BS>;
@@ -724,24 +709,8 @@ cudaError_t launch_blocksize(bool eight_bit, int64_t blocksize, const KernelArgs
   if constexpr (NS == 0) {
     return cudaErrorInvalidValue;
   } else {
-    switch (blocksize) {
-      case 64:
-        return launch_kernel<R, NS, 64>(args, stream);
-      case 128:
-        return launch_kernel<R, NS, 128>(args, stream);
-      case 256:
-        return launch_kernel<R, NS, 256>(args, stream);
-      case 512:
-        return launch_kernel<R, NS, 512>(args, stream);
-      case 1024:
-        return launch_kernel<R, NS, 1024>(args, stream);
-      case 2048:
-        return launch_kernel<R, NS, 2048>(args, stream);
-      case 4096:
-        return launch_kernel<R, NS, 4096>(args, stream);
-      default:
-        return cudaErrorInvalidValue;
-    }
+    return with_state_blocksize(blocksize, cudaErrorInvalidValue,
+                                [&](auto bs) { return launch_kernel<R, NS, decltype(bs)::value>(args, stream); });
   }
 }
 
@@ -774,8 +743,6 @@ cudaError_t launch_rule(const FusedStepConfig& config, const KernelArgs& args, c
 }
 
 int element_bytes(FloatType type) { return type == FloatType::kFloat32 ? 4 : 2; }
-
-bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 }  // namespace
 

@@ -70,6 +70,7 @@
 #include "common/host_device.h"
 #include "common/stochastic_rounding.h"
 #include "device_quant.cuh"
+#include "launch_util.cuh"
 #include "quantize_kernels.cuh"
 
 namespace dist8bit {
@@ -465,14 +466,6 @@ __global__ void __launch_bounds__(kThreads, kDequantBlocksPerSM)
 // ---------------------------------------------------------------------------
 // Launchers.
 
-int multiprocessor_count() {
-  int device = 0;
-  int count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 132;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) return 132;
-  return count;
-}
-
 // Resident CUDA blocks per SM of a compiled kernel (registers, shared memory),
 // or `intended` (its __launch_bounds__ minimum) when the query fails. Callers
 // keep the answer in a static: it is a property of the kernel.
@@ -502,8 +495,6 @@ unsigned grid_for(int64_t units, int64_t per_block, int per_sm) {
     return blocks;                                                                                \
   }())
 
-bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 int log2_if_power_of_two(int64_t v) {
   if (v <= 0 || (v & (v - 1)) != 0) return -1;
   int shift = 0;
@@ -525,33 +516,12 @@ template <typename E, bool SR>
 cudaError_t quantize_typed(const typename E::Storage* x, int64_t n, const float* code, const float* thresholds,
                            const float* encoder, int64_t blocksize, uint32_t key, uint8_t* codes, float* absmax,
                            cudaStream_t stream) {
-  const bool vector_ok = aligned(x, 16) && aligned(codes, 8);
-  if (vector_ok) {
-    switch (blocksize) {
-      case 64:
-        launch_fast<E, 64, SR>(x, n, code, thresholds, encoder, key, codes, absmax, stream);
-        return cudaGetLastError();
-      case 128:
-        launch_fast<E, 128, SR>(x, n, code, thresholds, encoder, key, codes, absmax, stream);
-        return cudaGetLastError();
-      case 256:
-        launch_fast<E, 256, SR>(x, n, code, thresholds, encoder, key, codes, absmax, stream);
-        return cudaGetLastError();
-      case 512:
-        launch_fast<E, 512, SR>(x, n, code, thresholds, encoder, key, codes, absmax, stream);
-        return cudaGetLastError();
-      case 1024:
-        launch_fast<E, 1024, SR>(x, n, code, thresholds, encoder, key, codes, absmax, stream);
-        return cudaGetLastError();
-      case 2048:
-        launch_fast<E, 2048, SR>(x, n, code, thresholds, encoder, key, codes, absmax, stream);
-        return cudaGetLastError();
-      case 4096:
-        launch_fast<E, 4096, SR>(x, n, code, thresholds, encoder, key, codes, absmax, stream);
-        return cudaGetLastError();
-      default:
-        break;
-    }
+  // The fast path: a blocksize that is a power of two in [64, 4096] and vector-aligned pointers.
+  if (is_state_blocksize(blocksize) && aligned(x, 16) && aligned(codes, 8)) {
+    return with_state_blocksize(blocksize, cudaErrorInvalidValue, [&](auto bs) {
+      launch_fast<E, decltype(bs)::value, SR>(x, n, code, thresholds, encoder, key, codes, absmax, stream);
+      return cudaGetLastError();
+    });
   }
   if (blocksize <= kLargeBlock) {
     const int64_t num_blocks = (n + blocksize - 1) / blocksize;
