@@ -50,7 +50,7 @@ import torch
 
 from ... import optim as d8
 from ...optim import GlobalOptimManager
-from ...optim.norms import clip_update_norm
+from ...optim.norms import clip_update_norm, l2_norms
 
 _REQUIRED = inspect.Parameter.empty
 # Keyword-only options of bitsandbytes releases before 0.45 (gone from 0.50.2's signatures).
@@ -157,11 +157,6 @@ class _Compat:
         raise ValueError(f"{name} keeps 32-bit states: optim_bits may only be 32, got {given!r}")
 
 
-def _float32_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """||t|| per tensor in float32, as bitsandbytes takes ||p|| (a bfloat16 norm moves the limit by up to 0.4%)."""
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-
-
 class _MaxUnormClipping:
     """bitsandbytes' max_unorm: the step is scaled so that the update's norm is at most max_unorm * ||p||,
     with ||p|| taken before the step. Its 8-bit update has no max_unorm: only 32-bit states clip.
@@ -184,7 +179,7 @@ class _MaxUnormClipping:
         if config["max_unorm"] <= 0.0 or (eight_bit and not self.clips_eight_bit_states):
             return None
         update_norms = norms.directions * self._norm_ratio(config, step)
-        return clip_update_norm(config["max_unorm"], _float32_norms(params), update_norms)
+        return clip_update_norm(config["max_unorm"], l2_norms(params), update_norms)
 
     def _norm_ratio(self, config: dict[str, Any], step: int) -> float:
         """The norm of what bitsandbytes clips, over the norm of dist8bit's direction."""
