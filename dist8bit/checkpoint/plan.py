@@ -34,6 +34,9 @@ class Target:
     blocksize: int | None = None
     min_8bit_size: int | None = None
     keep_fp32: frozenset = frozenset()
+    # With "8bit": exactly these parameter keys get 8-bit state, whatever the source had (an
+    # optimizer loading in memory has already decided each parameter's precision).
+    eight_bit_keys: frozenset | None = None
 
 
 @dataclass
@@ -170,6 +173,8 @@ def plan_optimizer(state: OptimizerState, target: Target, where: str, read: Read
         blocksize, min_8bit_size = layout[id(group_of[key])]
         if target.precision == "fp32":
             eight_bit = False
+        elif target.eight_bit_keys is not None:
+            eight_bit = key in target.eight_bit_keys
         elif any(isinstance(b, Quantized) for b in param.buffers.values()):
             eight_bit = True
         elif source_has_8bit and target.min_8bit_size is None:

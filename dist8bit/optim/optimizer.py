@@ -212,6 +212,10 @@ class Optimizer8bit(torch.optim.Optimizer):
     def step_constants(self, config: dict[str, Any], step: int) -> StepConstants:
         raise NotImplementedError
 
+    def kernel_rule(self, config: dict[str, Any]) -> Rule:
+        """The kernel's rule for a group; a class attribute except where a setting picks it (LARS)."""
+        return self.rule
+
     def weight_decay_mode(self, config: dict[str, Any]) -> WeightDecay:
         return WeightDecay.L2
 
@@ -556,7 +560,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         if self.stochastic_rounding and units[0].param.dtype == torch.bfloat16:
             seed = (self._rounding_seed ^ (step * 0x9E3779B97F4A7C15)) & ((1 << 62) - 1)
         return FusedStepCall(
-            rule=self.rule,
+            rule=self.kernel_rule(config),
             wd_mode=self.weight_decay_mode(config),
             constants=hyper,
             params=[u.param for u in units],
@@ -601,6 +605,12 @@ class Optimizer8bit(torch.optim.Optimizer):
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or "state" not in state_dict:
             raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
+        # Imported here: the converter sits above the optimizers and imports them.
+        from ..checkpoint import bnb_loading
+
+        if bnb_loading.is_bitsandbytes(state_dict):  # converted in memory by dist8bit convert's own code
+            state_dict = bnb_loading.to_dist8bit(self, state_dict)
+            saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"the state dict has {len(saved_groups)} param groups but {type(self).__name__} has {len(self.param_groups)}"
