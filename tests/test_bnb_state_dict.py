@@ -257,3 +257,22 @@ def test_in_memory_loading_is_dist8bit_convert(tmp_path):
         assert offline.state[a].keys() == in_memory.state[b].keys()
         for key in offline.state[a]:
             assert torch.equal(offline.state[a][key], in_memory.state[b][key]), key
+
+
+def test_an_optimizer_over_shards_refuses_it():
+    """A ZeRO-style flat partition holds pieces of parameters; bitsandbytes' whole-parameter states do not fit it."""
+    from dist8bit.optim.segments import Segment
+
+    _, params, state_dict = trained_bnb("AdamW", 8)
+    whole = torch.nn.Parameter(torch.zeros(BIG[0] * BIG[1] + SMALL[0] * SMALL[1]))
+    optimizer = d8.AdamW8bit([whole])
+    first = BIG[0] * BIG[1]
+    segments = [
+        Segment(params[0], 0, first, 0, first),
+        Segment(params[1], first, whole.numel() - first, 0, whole.numel() - first),
+    ]
+    optimizer.set_segments(whole, segments)
+    state_dict["param_groups"][0]["params"] = [0]
+    state_dict["state"] = {0: state_dict["state"][0]}
+    with pytest.raises(ValueError, match="sharded parameters"):
+        optimizer.load_state_dict(state_dict)
