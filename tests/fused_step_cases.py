@@ -76,6 +76,21 @@ CASES = [
         StepConstants(lr=0.1, step=4, weight_decay=1e-4, momentum=0.9, nesterov=True),
         (True,),
     ),
+    Case("lars-no-momentum", Rule.LARS, WeightDecay.L2, StepConstants(lr=0.1, step=3, weight_decay=1e-2), ()),
+    Case(
+        "lars",
+        Rule.LARS,
+        WeightDecay.L2,
+        StepConstants(lr=0.1, step=3, weight_decay=1e-2, momentum=0.9, dampening=0.1),
+        (True,),
+    ),
+    Case(
+        "lars-first-step-nesterov",
+        Rule.LARS,
+        WeightDecay.L2,
+        StepConstants(lr=0.1, step=1, weight_decay=1e-2, momentum=0.9, nesterov=True),
+        (True,),
+    ),
     Case(
         "rmsprop",
         Rule.RMSPROP,

@@ -85,6 +85,38 @@ class Lion:
 
 
 @dataclass(frozen=True)
+class LARS:
+    """LARS (You et al. 2017, Algorithm 1), per parameter tensor (one layer each).
+
+    local = eta ||p|| / (||g|| + wd ||p||)   (1 where ||p|| or ||g|| is 0, dist8bit's convention)
+    v <- m v + lr local (g + wd p) ;  p <- p - v          (v starts at 0)
+    trust_in_momentum=False: v <- m v + (g + wd p) ;  p <- p - lr local v
+    (dist8bit's trust_ratio_in="step", which the paper does not have).
+    """
+
+    lr: float
+    momentum: float
+    weight_decay: float
+    trust_coefficient: float
+    trust_in_momentum: bool = True
+
+    def init_state(self, p: torch.Tensor) -> State:
+        return {"momentum_buffer": torch.zeros_like(p)}
+
+    def step(self, p: torch.Tensor, g: torch.Tensor, state: State, t: int) -> tuple[torch.Tensor, State]:
+        p_norm, g_norm = p.norm().item(), g.norm().item()
+        local = 1.0
+        if p_norm > 0 and g_norm > 0:
+            local = self.trust_coefficient * p_norm / (g_norm + self.weight_decay * p_norm)
+        u = g + self.weight_decay * p
+        if self.trust_in_momentum:
+            v = self.momentum * state["momentum_buffer"] + self.lr * local * u
+            return p - v, {"momentum_buffer": v}
+        v = self.momentum * state["momentum_buffer"] + u
+        return p - self.lr * local * v, {"momentum_buffer": v}
+
+
+@dataclass(frozen=True)
 class LAMB:
     """LAMB (You et al. 2019, Algorithm 2), per parameter tensor (one layer each).
 

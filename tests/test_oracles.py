@@ -57,7 +57,7 @@ STATE_SLACK = 1e-6  # relative, on top of the nearest-code error (module docstri
 # (2 ulps at 0.06 to 0.125) allows that; a missing or L2 weight decay or a
 # wrong beta moves thousands of elements by more.
 BF16_RTOL, BF16_ATOL = 2**-6, 1e-3
-SIGNED = {"exp_avg": True, "exp_avg_slow": True, "exp_avg_sq": False}
+SIGNED = {"exp_avg": True, "exp_avg_slow": True, "exp_avg_sq": False, "momentum_buffer": True}
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,9 @@ LAMB_SMALL_WD = dataclasses.replace(LAMB, weight_decay=0.01)
 LAMB_UNORM = dataclasses.replace(LAMB, max_unorm=0.5)  # < 1 binds: the trust-ratio step has norm ||p||
 ADEMAMIX = oracles.AdEMAMix(lr=LR, beta1=0.8, beta2=0.99, beta3=0.99, alpha=5.0, eps=1e-8, weight_decay=WD)
 ADEMAMIX_WARM = dataclasses.replace(ADEMAMIX, t_alpha=10, t_beta3=15)
+LARS = oracles.LARS(lr=0.1, momentum=0.9, weight_decay=WD, trust_coefficient=0.02)
+LARS_STEP = dataclasses.replace(LARS, trust_in_momentum=False)
+LARS_KW = {"lr": 0.1, "momentum": 0.9, "weight_decay": WD, "trust_coefficient": 0.02}
 LAMB_KW = {"lr": LR, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": WD}
 ADAM_KW = {"lr": LR, "betas": (0.8, 0.99), "eps": 1e-8, "weight_decay": WD}
 LION_KW = {"lr": LR, "betas": (0.9, 0.99), "weight_decay": WD}
@@ -163,6 +166,24 @@ CASES = [
         LAMB_SMALL_WD,
         {"DeepSpeed's clamp to [0.01, 10]": dataclasses.replace(LAMB_SMALL_WD, min_coeff=0.01, max_coeff=10.0)},
         scale=50.0,
+    ),
+    Case(
+        "LARS",
+        (d8.LARS32bit, d8.LARS8bit),
+        LARS_KW,
+        LARS,
+        {
+            "trust ratio outside the momentum": LARS_STEP,
+            "no weight decay": dataclasses.replace(LARS, weight_decay=0.0),
+            "no momentum": dataclasses.replace(LARS, momentum=0.0),
+        },
+    ),
+    Case(
+        "LARS-trust-ratio-in-step",
+        (d8.LARS32bit, d8.LARS8bit),
+        {**LARS_KW, "trust_ratio_in": "step"},
+        LARS_STEP,
+        {"trust ratio in the momentum (the paper)": LARS},
     ),
     Case(
         "AdEMAMix",

@@ -258,7 +258,7 @@ inline const char* const kAbsmaxNames[kMaxStates] = {"absmax1", "absmax2", "absm
 inline void check_fused_scalars(const char* op, int64_t rule, int64_t wd_mode, c10::ArrayRef<double> hyper,
                                 const FusedStepTensors& t, c10::ArrayRef<int64_t> segment_offsets,
                                 std::optional<int64_t> seed) {
-  TORCH_CHECK(rule >= 0 && rule <= static_cast<int64_t>(Rule::kAdemamix), op, ": unknown rule ", rule);
+  TORCH_CHECK(rule >= 0 && rule <= static_cast<int64_t>(Rule::kLars), op, ": unknown rule ", rule);
   TORCH_CHECK(wd_mode >= 0 && wd_mode <= static_cast<int64_t>(WeightDecayMode::kInDirection), op,
               ": unknown weight decay mode ", wd_mode);
   TORCH_CHECK(static_cast<int64_t>(hyper.size()) == kHyperSize, op, ": hyper must hold ", int64_t{kHyperSize},

@@ -58,6 +58,7 @@ constexpr bool rule_takes_states(Rule rule, int num_states) {
     case Rule::kAdam:
       return num_states == 2;
     case Rule::kSgd:
+    case Rule::kLars:
       return num_states == 0 || num_states == 1;
     case Rule::kRmsprop:
       return num_states == 1 || num_states == 2;

@@ -13,7 +13,7 @@
 
 namespace dist8bit {
 
-enum class Rule : int { kAdam = 0, kSgd = 1, kRmsprop = 2, kAdagrad = 3, kLion = 4, kAdemamix = 5 };
+enum class Rule : int { kAdam = 0, kSgd = 1, kRmsprop = 2, kAdagrad = 3, kLion = 4, kAdemamix = 5, kLars = 6 };
 enum class WeightDecayMode : int { kL2 = 0, kDecoupled = 1, kInDirection = 2 };
 
 // Slots of the constant vector (dist8bit.backends.rules.Hyper).
@@ -57,10 +57,11 @@ D8_HD float sign_value(float x) { return static_cast<float>((x > 0.f) - (x < 0.f
 // One element's update. `state` holds the (dequantized) states on entry and the
 // new states on exit; `num_states` says how many slots the rule uses (SGD without
 // momentum: 0; RMSprop with momentum: 2). Returns the direction d, so that the
-// caller writes p <- p * decay - lr_eff * d. With `rule`, `wd_mode` and
+// caller writes p <- p * decay - write_rate(rule, lr_eff) * d. With `rule`, `wd_mode` and
 // `num_states` compile-time constants the switch folds away.
 template <typename F>
-D8_HD F update_value(Rule rule, WeightDecayMode wd_mode, const StepConstants& c, F g, F p, F* state, int num_states) {
+D8_HD F update_value(Rule rule, WeightDecayMode wd_mode, const StepConstants& c, F g, F p, F* state, int num_states,
+                     float lr_eff) {
   switch (rule) {
     case Rule::kAdam: {
       if (wd_mode == WeightDecayMode::kL2) g = g + c.v[kWeightDecay] * p;
@@ -73,8 +74,12 @@ D8_HD F update_value(Rule rule, WeightDecayMode wd_mode, const StepConstants& c,
       if (wd_mode == WeightDecayMode::kInDirection) d = d + c.v[kWeightDecay] * p;
       return d;
     }
-    case Rule::kSgd: {
+    case Rule::kSgd:
+    case Rule::kLars: {
       if (wd_mode == WeightDecayMode::kL2) g = g + c.v[kWeightDecay] * p;
+      // LARS (You et al. 2017): the local rate lr * trust enters the momentum,
+      // so the buffer holds steps and the parameter write uses rate 1.
+      if (rule == Rule::kLars) g = lr_eff * g;
       if (num_states == 0) return g;
       const F buffer =
           c.v[kFirstStep] != 0.f ? g : c.v[kMomentum] * state[0] + c.v[kOneMinusDampening] * g;
@@ -118,9 +123,13 @@ D8_HD F update_value(Rule rule, WeightDecayMode wd_mode, const StepConstants& c,
 
 // The float rules (CUDA kernels, scalar CPU paths).
 D8_HD float update_element(Rule rule, WeightDecayMode wd_mode, const StepConstants& c, float g, float p,
-                           float* state, int num_states) {
-  return update_value<float>(rule, wd_mode, c, g, p, state, num_states);
+                           float* state, int num_states, float lr_eff) {
+  return update_value<float>(rule, wd_mode, c, g, p, state, num_states, lr_eff);
 }
+
+// The rate the parameter write multiplies the direction by: lr_eff, except for
+// LARS, whose direction already carries it.
+D8_HD float write_rate(Rule rule, float lr_eff) { return rule == Rule::kLars ? 1.0f : lr_eff; }
 
 // The parameter write: p * decay - lr_eff * d (two float32 roundings).
 template <typename F>

@@ -15,7 +15,7 @@
 //           (torch.sqrt on the CPU goes through MKL's vsSqrt, which is not
 //           correctly rounded on every CPU; tests/test_cpu_fused_step.py says
 //           how the comparison deals with that.)
-//   p       apply_direction(p, hyper[DECAY], lr_eff, d), lr_eff = hyper[LR]
+//   p       apply_direction(p, hyper[DECAY], write_rate(rule, lr_eff), d), lr_eff = hyper[LR]
 //           * update_scale[k] in float32, stored in the parameter dtype
 //           rounding to nearest even (a NaN becomes 0xFFFF in bfloat16 and
 //           keeps its payload in float16, as torch's vectorised copy does) or,
@@ -193,13 +193,13 @@ void unit_scalar(const Call& call, const Segment& seg, int64_t u, float (*kept)[
       }
       state[k] = old[k];
     }
-    const float d = update_element(R, W, call.c, finite ? g : 0.0f, p, state, NS);
+    const float d = update_element(R, W, call.c, finite ? g : 0.0f, p, state, NS, seg.lr);
     if (kNorm) {
       if (finite) norm += static_cast<double>(d) * static_cast<double>(d);
       continue;
     }
     bad += finite ? 0 : 1;
-    store_param_scalar(param + i, finite ? apply_direction(p, call.decay, seg.lr, d) : p, call,
+    store_param_scalar(param + i, finite ? apply_direction(p, call.decay, write_rate(R, seg.lr), d) : p, call,
                        seg.first_index + start + i);
     for (int k = 0; k < NS; ++k) {
       const float value = finite ? state[k] : old[k];
@@ -450,7 +450,7 @@ class UnitAvx512 {
     Vec16 scratch[kSlots];
     Vec16* out = state != nullptr ? state : scratch;
     for (int k = 0; k < NS; ++k) out[k] = Vec16(old[k][q]);
-    return update_value<Vec16>(R, W, call_.c, Vec16(g), Vec16(p), out, NS);
+    return update_value<Vec16>(R, W, call_.c, Vec16(g), Vec16(p), out, NS, seg_.lr);
   }
 
   // Step 16 lanes and write the parameter and the states. kMasked: some lanes have a
@@ -460,7 +460,7 @@ class UnitAvx512 {
                                             int q, __mmask16 finite = 0) {
     Vec16 state[kSlots];
     const Vec16 d = direction(g, p, old, q, state);
-    const Vec16 stepped = apply_direction_value<Vec16>(Vec16(p), call_.decay, seg_.lr, d);
+    const Vec16 stepped = apply_direction_value<Vec16>(Vec16(p), call_.decay, write_rate(R, seg_.lr), d);
     store_param(param_ + e, kMasked ? _mm512_mask_blend_ps(finite, p, stepped.v) : stepped.v, lanes, call_,
                 seg_.first_index + start_ + e);
     for (int k = 0; k < NS; ++k) {
@@ -573,6 +573,10 @@ RangeFn pick(Rule rule, WeightDecayMode wd_mode, int num_states, bool eight_bit,
     case Rule::kSgd:
       if (num_states == 0) return pick_l2<Rule::kSgd, 0>(wd_mode, eight_bit, norm, param_type);
       if (num_states == 1) return pick_l2<Rule::kSgd, 1>(wd_mode, eight_bit, norm, param_type);
+      return nullptr;
+    case Rule::kLars:
+      if (num_states == 0) return pick_l2<Rule::kLars, 0>(wd_mode, eight_bit, norm, param_type);
+      if (num_states == 1) return pick_l2<Rule::kLars, 1>(wd_mode, eight_bit, norm, param_type);
       return nullptr;
     case Rule::kRmsprop:
       if (num_states == 1) return pick_l2<Rule::kRmsprop, 1>(wd_mode, eight_bit, norm, param_type);

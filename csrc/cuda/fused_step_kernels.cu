@@ -10,7 +10,7 @@
 //   d       dist8bit::update_element of common/update_rules.h (the file is
 //           built with --fmad=false, so no product is contracted into an FMA;
 //           division and sqrt are IEEE: no fast-math).
-//   p       dist8bit::apply_direction(p, hyper[DECAY], lr_eff, d), lr_eff =
+//   p       dist8bit::apply_direction(p, hyper[DECAY], write_rate(rule, lr_eff), d), lr_eff =
 //           hyper[LR] * update_scale[k] (__fmul_rn) when update_scale is given;
 //           written round-to-nearest-even (F16/BF16::from_float of
 //           device_quant.cuh), or for bfloat16 with a seed stochastically:
@@ -557,11 +557,11 @@ __global__ void __launch_bounds__(Layout<BS>::kThreads, Layout<BS>::kBlocksPerSM
             }
             state[s] = old_value[s][j][k];
           }
-          const float d = update_element(R, args.wd_mode, args.hyper, finite ? g : 0.0f, p, state, NS);
+          const float d = update_element(R, args.wd_mode, args.hyper, finite ? g : 0.0f, p, state, NS, lr);
           if (norm_mode) {
             if (finite) norm_sum = __dadd_rn(norm_sum, __dmul_rn(static_cast<double>(d), static_cast<double>(d)));
           } else {
-            p_new[k] = finite ? apply_direction(p, decay, lr, d) : p;
+            p_new[k] = finite ? apply_direction(p, decay, write_rate(R, lr), d) : p;
 #pragma unroll
             for (int s = 0; s < NS; ++s) kept[s][j][k] = valid ? (finite ? state[s] : old_value[s][j][k]) : 0.0f;
             nonfinite += valid && !finite ? 1u : 0u;
@@ -724,6 +724,10 @@ cudaError_t launch_rule(const FusedStepConfig& config, const KernelArgs& args, c
     case Rule::kSgd:
       if (config.num_states == 0) return launch_blocksize<Rule::kSgd, 0>(false, bs, args, stream);
       if (config.num_states == 1) return launch_blocksize<Rule::kSgd, 1>(q, bs, args, stream);
+      break;
+    case Rule::kLars:
+      if (config.num_states == 0) return launch_blocksize<Rule::kLars, 0>(false, bs, args, stream);
+      if (config.num_states == 1) return launch_blocksize<Rule::kLars, 1>(q, bs, args, stream);
       break;
     case Rule::kRmsprop:
       if (config.num_states == 1) return launch_blocksize<Rule::kRmsprop, 1>(q, bs, args, stream);

@@ -39,7 +39,7 @@ class FusedStepCall:
 
         g = grads[k] * grad_scale[k]              (grad_scale: float32 per segment, optional)
         lr_eff = constants[LR] * update_scale[k]  (update_scale: float32 per segment, optional)
-        p <- p * constants[DECAY] - lr_eff * d
+        p <- p * constants[DECAY] - lr_eff * d    (LARS: d already carries lr_eff, so rate 1)
 
     Elements whose scaled gradient is not finite are skipped: parameter and
     states keep their values (8-bit states are re-encoded with the block's new

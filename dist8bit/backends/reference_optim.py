@@ -27,7 +27,7 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.double()).float()
 
 
-def _adam(h, wd_mode, g, p, states):
+def _adam(h, wd_mode, g, p, states, rate):
     m, v = states
     if wd_mode == WeightDecay.L2:
         g = g + h[HyperSlot.WEIGHT_DECAY] * p
@@ -40,9 +40,20 @@ def _adam(h, wd_mode, g, p, states):
     return [m, v], direction
 
 
-def _sgd(h, wd_mode, g, p, states):
+def _sgd(h, wd_mode, g, p, states, rate):
     if wd_mode == WeightDecay.L2:
         g = g + h[HyperSlot.WEIGHT_DECAY] * p
+    return _momentum(h, g, states)
+
+
+def _lars(h, wd_mode, g, p, states, rate):
+    """You et al. 2017: the local rate (lr * trust) scales the momentum's input; see write_rate."""
+    if wd_mode == WeightDecay.L2:
+        g = g + h[HyperSlot.WEIGHT_DECAY] * p
+    return _momentum(h, rate * g, states)
+
+
+def _momentum(h, g, states):
     if not states:
         return [], g
     (buffer,) = states
@@ -54,7 +65,7 @@ def _sgd(h, wd_mode, g, p, states):
     return [buffer], direction
 
 
-def _rmsprop(h, wd_mode, g, p, states):
+def _rmsprop(h, wd_mode, g, p, states, rate):
     if wd_mode == WeightDecay.L2:
         g = g + h[HyperSlot.WEIGHT_DECAY] * p
     square_avg = h[HyperSlot.BETA2] * states[0] + h[HyperSlot.ONE_MINUS_BETA2] * (g * g)
@@ -65,21 +76,21 @@ def _rmsprop(h, wd_mode, g, p, states):
     return [square_avg, buffer], buffer
 
 
-def _adagrad(h, wd_mode, g, p, states):
+def _adagrad(h, wd_mode, g, p, states, rate):
     if wd_mode == WeightDecay.L2:
         g = g + h[HyperSlot.WEIGHT_DECAY] * p
     total = states[0] + g * g
     return [total], g / (_sqrt(total) + h[HyperSlot.EPS])
 
 
-def _lion(h, wd_mode, g, p, states):
+def _lion(h, wd_mode, g, p, states, rate):
     (m,) = states
     mixed = h[HyperSlot.BETA1] * m + h[HyperSlot.ONE_MINUS_BETA1] * g
     m = h[HyperSlot.BETA2] * m + h[HyperSlot.ONE_MINUS_BETA2] * g
     return [m], torch.sign(mixed)
 
 
-def _ademamix(h, wd_mode, g, p, states):
+def _ademamix(h, wd_mode, g, p, states, rate):
     fast, slow, v = states
     fast = h[HyperSlot.BETA1] * fast + h[HyperSlot.ONE_MINUS_BETA1] * g
     slow = h[HyperSlot.BETA3] * slow + h[HyperSlot.ONE_MINUS_BETA3] * g
@@ -96,7 +107,13 @@ RULES = {
     Rule.ADAGRAD: _adagrad,
     Rule.LION: _lion,
     Rule.ADEMAMIX: _ademamix,
+    Rule.LARS: _lars,
 }
+
+
+def write_rate(rule: Rule, lr):
+    """What the parameter write multiplies the direction by: lr, or 1 for LARS (its direction is the step)."""
+    return 1.0 if rule == Rule.LARS else lr
 
 
 def _load_state(state: torch.Tensor, absmax: torch.Tensor | None, codebook: Codebook | None, blocksize: int) -> torch.Tensor:
@@ -146,14 +163,14 @@ def fused_step(call: FusedStepCall) -> None:
         g = torch.where(finite, g, torch.zeros_like(g))
         absmax_of = [call.absmaxes[k][index] if len(call.absmaxes[k]) else None for k in slots]
         old = [_load_state(call.states[k][index], absmax_of[i], call.codebooks[k], call.blocksize) for i, k in enumerate(slots)]
-        new, direction = update(h, WeightDecay(call.wd_mode), g, p, old)
-        if call.norm_out is not None:
-            call.norm_out[index] = (direction.double() ** 2)[finite].sum()
-            continue
         lr = h[HyperSlot.LR]
         if call.update_scale is not None:
             lr = torch.tensor(lr, dtype=torch.float32) * call.update_scale[index]
-        stepped = p * h[HyperSlot.DECAY] - lr * direction
+        new, direction = update(h, WeightDecay(call.wd_mode), g, p, old, lr)
+        if call.norm_out is not None:
+            call.norm_out[index] = (direction.double() ** 2)[finite].sum()
+            continue
+        stepped = p * h[HyperSlot.DECAY] - write_rate(Rule(call.rule), lr) * direction
         stepped = torch.where(finite, stepped, p)
         if call.seed is not None and param.dtype == torch.bfloat16:
             param.view(-1).copy_(round_bf16_stochastically(stepped, call.seed, int(call.segment_offsets[index])))

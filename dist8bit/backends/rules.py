@@ -26,11 +26,12 @@ class Rule(IntEnum):
     """Kernel ids; the values are shared with csrc/common/update_rules.h."""
 
     ADAM = 0  # Adam, AdamW, LAMB
-    SGD = 1  # SGD with momentum / nesterov, LARS
+    SGD = 1  # SGD with momentum / nesterov; LARS with trust_ratio_in="step"
     RMSPROP = 2
     ADAGRAD = 3
     LION = 4
     ADEMAMIX = 5
+    LARS = 6  # SGD whose momentum input is (lr * update_scale) * g; the write then uses rate 1
 
 
 class WeightDecay(IntEnum):
