@@ -345,6 +345,17 @@ def test_bad_arguments(make, error, match):
         make([torch.nn.Parameter(torch.randn(4))])
 
 
+def test_a_fixed_setting_passed_with_its_own_value_is_accepted():
+    """Scripts written for older bitsandbytes pass AdamW8bit(..., optim_bits=8); only a change is refused."""
+    param = torch.nn.Parameter(torch.randn(8192))
+    optimizer = d8.PagedAdamW8bit([param], optim_bits=8, is_paged=True)
+    assert optimizer.defaults["optim_bits"] == 8 and optimizer.defaults["is_paged"]
+    with pytest.raises(TypeError, match="PagedAdamW8bit fixes is_paged=True; use AdamW to choose"):
+        d8.PagedAdamW8bit([param], optim_bits=8, is_paged=False)
+    with pytest.raises(ValueError, match="Adagrad8bit fixes optim_bits=8"):  # bitsandbytes' error type too
+        d8.Adagrad8bit([param], optim_bits=32)
+
+
 def test_bad_parameters_and_gradients():
     with pytest.raises(ValueError, match="complex"):
         d8.Adam8bit([torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))])
