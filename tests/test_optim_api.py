@@ -356,6 +356,15 @@ def test_a_fixed_setting_passed_with_its_own_value_is_accepted():
         d8.Adagrad8bit([param], optim_bits=32)
 
 
+def test_register_parameters_takes_tensors_and_param_groups():
+    manager = d8.GlobalOptimManager.get_instance()
+    first, second = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    manager.register_parameters([first, second])
+    manager.register_parameters([{"params": [first]}, {"params": second, "lr": 0.1}])
+    with pytest.raises(TypeError, match="expects tensors or param groups, got str"):
+        manager.register_parameters([{"params": ["weight"]}])
+
+
 def test_bad_parameters_and_gradients():
     with pytest.raises(ValueError, match="complex"):
         d8.Adam8bit([torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))])

@@ -35,11 +35,13 @@ class GlobalOptimManager:
         self._by_param: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._by_module: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
-    def register_parameters(self, params: Iterable[torch.Tensor]) -> None:
-        """Kept for bitsandbytes compatibility; overrides work without it."""
-        for param in params:
-            if not isinstance(param, torch.Tensor):
-                raise TypeError(f"register_parameters expects tensors, got {type(param).__name__}")
+    def register_parameters(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]]) -> None:
+        """Kept for bitsandbytes compatibility (tensors or param-group dicts, as it takes); overrides work without it."""
+        for item in params:
+            group = item.get("params", ()) if isinstance(item, dict) else (item,)
+            for param in [group] if isinstance(group, torch.Tensor) else group:
+                if not isinstance(param, torch.Tensor):
+                    raise TypeError(f"register_parameters expects tensors or param groups, got {type(param).__name__}")
 
     def override_config(
         self,
