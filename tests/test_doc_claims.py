@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib
 import inspect
 import math
 import re
@@ -198,6 +199,12 @@ def few_quantile_errors() -> tuple[float, float]:
     fixed = F.estimate_quantiles(A, offset=1 / 512, num_quantiles=15)
     rule = F.estimate_quantiles(A, num_quantiles=15)
     return float((fixed - exact).abs().max()), float((rule - exact).abs().max())
+
+
+def constant_of_test(module: str, name: str):
+    """A constant of another test module (what a doc says a test allows is read from that test), imported
+    when the claim is checked so that one module's heavy imports stay out of the others' claims."""
+    return getattr(importlib.import_module(module), name)
 
 
 def bitsandbytes():
@@ -443,7 +450,7 @@ CLAIMS = [
         "quant-exhaustive-samples",
         "docs/quantization.md",
         r"and (2\^\d+) stratified values in \[-1, 1\]",
-        lambda: [__import__("test_encoder_exhaustive").SAMPLES],
+        lambda: [constant_of_test("test_encoder_exhaustive", "SAMPLES")],
     ),
     Claim(
         "quant-accuracy-abs",
@@ -492,7 +499,7 @@ CLAIMS = [
         "docs/quantization.md",
         r"max error (\d\.\d+) against the quantiles at `linspace\(1/30, 29/30, 15\)` of `randn\(2\^20\)`; (0\.\d+) with the rule;"
         r" `tests/test_compat_functional\.py` bounds it by (0\.\d+)\)",
-        lambda: (*few_quantile_errors(), __import__("test_compat_functional").QUANTILE_LIMIT),
+        lambda: (*few_quantile_errors(), constant_of_test("test_compat_functional", "QUANTILE_LIMIT")),
     ),
     # docs/optimizers.md
     Claim(
@@ -520,7 +527,7 @@ CLAIMS = [
         "optim-compat-state-tolerance",
         "docs/optimizers.md",
         r"32-bit states agree within (\de-\d) \(relative\)",
-        lambda: [__import__("test_compat_optim").STATE_RTOL],
+        lambda: [constant_of_test("test_compat_optim", "STATE_RTOL")],
     ),
     Claim(
         "optim-bnb-max-unorm",
@@ -567,7 +574,7 @@ CLAIMS = [
         "bench-quantile-bound",
         "docs/benchmarks.md",
         r"tests/test_quantiles\.py bounds it by (0\.\d+) on randn\(2\^20\) and randn\(2\^22\)",
-        lambda: [max(__import__("test_quantiles").INNER_BOUNDS[n] for n in (1 << 20, 1 << 22))],
+        lambda: [max(constant_of_test("test_quantiles", "INNER_BOUNDS")[n] for n in (1 << 20, 1 << 22))],
     ),
     Claim(
         "bench-quantile-chunk",
@@ -631,6 +638,16 @@ CLAIMS = [
             max(codec.CANDIDATE_ULPS),
             codec.PROBE,
             plan.CHUNK / MIB,
+        ),
+    ),
+    Claim(
+        "ckpt-bnb-state-dict",
+        "docs/checkpoints.md",
+        r"after (\d) bitsandbytes steps, .*? \(bounds (1e-4) and (\d)%\)",
+        lambda: (
+            constant_of_test("test_bnb_state_dict", "STEPS"),
+            constant_of_test("test_bnb_state_dict", "RELATIVE_BOUND")[32],
+            100 * constant_of_test("test_bnb_state_dict", "RELATIVE_BOUND")[8],
         ),
     ),
     Claim("ckpt-chunks", "docs/checkpoints.md", r"processed in chunks of (\d+)M elements", lambda: [plan.CHUNK / MIB]),
