@@ -40,6 +40,8 @@ from dist8bit.checkpoint import codec, plan, verify
 from dist8bit.integrations import deepspeed as ds_integration
 from dist8bit.integrations import zero_partition
 from dist8bit.optim import norms, segments
+from dist8bit.optim.adam import ADAM_STATES
+from dist8bit.optim.ademamix import ADEMAMIX_STATES
 from dist8bit.optim.optimizer import Optimizer8bit
 from dist8bit.optim.state import STATE_FORMAT_VERSION
 from dist8bit.paging.manager import MIN_PAGED_BYTES
@@ -285,6 +287,18 @@ def roofline() -> list[float]:
         rows += [per_param, per_param / 3.35e12 * 1e12, per_param / 4.8e12 * 1e12]
         rows += [per_param / (3.35e12 / clock), per_param / (4.8e12 / clock)]
     return rows
+
+
+def private_code_words() -> int:
+    """Words of one lane-private copy of a map in CUDA shared memory (word c * 32 + lane)."""
+    return csrc_constant("cuda/device_quant.cuh", "kCodeSize") * csrc_constant("cuda/device_quant.cuh", "kWarpSize")
+
+
+def fused_step_slot_bytes() -> int:
+    """Shared memory per 8-bit state slot of the CUDA fused step: the private code, the thresholds and the
+    encoder table padded to whole 16-byte rows (device_quant.cuh's kEncoderWords)."""
+    encoder_words = 4 * math.ceil(csrc_constant("common/code_search.h", "kEncoderTableSize") / 4)
+    return 4 * (private_code_words() + csrc_constant("cuda/device_quant.cuh", "kCodeSize") + encoder_words)
 
 
 def gpu_check_total() -> float:
@@ -658,6 +672,16 @@ CLAIMS = [
         r" would need (\d+) MiB more\) may raise peak RSS \(VmHWM\) by under (\d+) MiB",
         memory_test_sizes,
     ),
+    Claim(
+        "ckpt-dcp-test",
+        "docs/checkpoints.md",
+        r"2 gloo CPU ranks, lr (1e-2), (\d+) steps, DCP checkpoint after step (\d+),",
+        lambda: (
+            constant_of_test("test_checkpoint_dcp", "LR"),
+            constant_of_test("test_checkpoint_dcp", "STEPS"),
+            constant_of_test("test_checkpoint_dcp", "SAVE_AFTER"),
+        ),
+    ),
     # docs/deepspeed.md
     Claim(
         "ds-version",
@@ -691,6 +715,12 @@ CLAIMS = [
         r"at most `blocksize` \((\d+)\) and at least (\d+), .*? not a multiple of (\d+) elements \(1-D parameters of (\d+) or more"
         r" elements, odd widths\) .*? Parameters under (\d+) elements",
         lambda: (layout.DEFAULT_BLOCKSIZE, layout.MIN_BLOCKSIZE, layout.MIN_BLOCKSIZE, MIN_8BIT_SIZE, MIN_8BIT_SIZE),
+    ),
+    Claim(
+        "dist-fsdp-test",
+        "docs/distributed.md",
+        r"parameters equal within 1e-5 after (\d+) steps\)\. .*? saved on 2 ranks at step (\d+), resumed",
+        lambda: (constant_of_test("test_fsdp", "STEPS"), constant_of_test("test_fsdp", "SAVE_AT")),
     ),
     # docs/gpu_check.md
     Claim(
@@ -783,6 +813,37 @@ CLAIMS = [
         "docs/cuda_encoder.md",
         r"(\d+) floats padded to (\d+)\.",
         lambda: (encoder_table.TABLE_SIZE, 4 * math.ceil(encoder_table.TABLE_SIZE / 4)),
+    ),
+    Claim(
+        "cuda-encoder-in-csrc",
+        "docs/cuda_encoder.md",
+        r"(\d+) floats padded to",
+        lambda: [csrc_constant("common/code_search.h", "kEncoderTableSize")],
+    ),
+    Claim(
+        "cuda-shared-memory",
+        "docs/cuda_encoder.md",
+        r"The fused step stores (\d+,\d+) B per slot: .*? That is (\d+\.\d) KB for Adam and (\d+) KB for AdEMAMix",
+        lambda: (
+            fused_step_slot_bytes(),
+            len(ADAM_STATES) * fused_step_slot_bytes() / 1000,
+            len(ADEMAMIX_STATES) * fused_step_slot_bytes() / 1000,
+        ),
+    ),
+    Claim(
+        "cuda-quantize-bounds",
+        "docs/cuda_encoder.md",
+        r"\| quantize_fast \(BS 64\.\.4096, all dtypes, \+SR\) \| \((\d+), (\d)\) .*? \| \((\d+), (\d)\) .*? "
+        r"\| dequantize \| \((\d+), (\d)\) \| [\d.]+, (\d+) KB smem",
+        lambda: (
+            csrc_constant("cuda/quantize_kernels.cu", "kThreads"),
+            csrc_constant("cuda/quantize_kernels.cu", "kFastBlocksPerSM"),
+            csrc_constant("cuda/quantize_kernels.cu", "kThreads"),
+            csrc_constant("cuda/quantize_kernels.cu", "kScalarBlocksPerSM"),
+            csrc_constant("cuda/quantize_kernels.cu", "kThreads"),
+            csrc_constant("cuda/quantize_kernels.cu", "kDequantBlocksPerSM"),
+            private_code_words() * 4 / 1024,
+        ),
     ),
     Claim(
         "cuda-fallback-rate",
