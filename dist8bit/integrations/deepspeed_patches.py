@@ -16,7 +16,7 @@ DeepSpeedEngine
   _is_supported_optimizer     config "type" names a dist8bit optimizer (or a bad one: clear error)
   _configure_basic_optimizer  builds it from "params" (unknown keys: clear error)
   is_zero_supported_optimizer (engine module) no zero_allow_untested_optimizer needed
-  _do_optimizer_sanity_check  refuses configs whose checkpoints would corrupt packed state
+  _do_optimizer_sanity_check  refuses configs whose checkpoints would corrupt packed state, ZeRO-3 NVMe/partial offload
   _configure_optimizer        links whole parameters when ZeRO is off (fp32)
   _configure_fp16_optimizer   bf16/fp16 without ZeRO: fp32 master copies keep the overrides
   _configure_zero_optimizer   ZeRO 1/2/3 partitions -> segments
@@ -135,6 +135,10 @@ def _do_optimizer_sanity_check(call: Call) -> Any:
             )
         if engine.zenflow or engine.super_offload():
             raise NotImplementedError("ZenFlow and SuperOffload run their own CPU optimizers; use them without dist8bit")
+        offload = engine.zero_offload_optimizer()
+        if engine.zero_optimization_stage() == 3 and offload is not None and (offload.device == "nvme" or offload.ratio < 1):
+            # Refused here, from the config: DeepSpeed's own ZeRO-3 set-up fails first, and less clearly, on both.
+            raise segments.DeepSpeedLayoutError(segments.OFFLOAD_MESSAGE)
     return call.proceed()
 
 
@@ -294,8 +298,9 @@ def _load_zero_checkpoint(call: Call) -> Any:
     world = engine.seq_dp_world_size
     if engine.load_universal_checkpoint():
         raise DeepSpeedCheckpointError(
-            "DeepSpeed universal checkpoints cannot hold dist8bit's packed 8-bit state (ds_to_universal reads "
-            "only exp_avg/exp_avg_sq). Load the ZeRO checkpoint directly, or convert it with " + CONVERT_HINT.format(world=world)
+            "DeepSpeed universal checkpoints (checkpoint.load_universal=true) cannot hold dist8bit's packed 8-bit state "
+            "(ds_to_universal reads only exp_avg/exp_avg_sq). Set load_universal to false and load the ZeRO checkpoint "
+            "directly, or convert it with " + CONVERT_HINT.format(world=world)
         )
     saved = engine.loaded_checkpoint_dp_world_size
     if call["load_optimizer_states"] and saved != world:

@@ -134,13 +134,17 @@ def zero3_segments(params: Sequence[torch.Tensor], rank_of: Callable[[torch.Tens
     ]
 
 
+OFFLOAD_MESSAGE = (
+    "ZeRO-3 optimizer-state offload to NVMe (offload_optimizer.device=nvme) or partial offload (offload_optimizer.ratio "
+    "< 1) is not supported with dist8bit optimizers; offload the whole optimizer to the CPU (device cpu, ratio 1) or not "
+    "at all"
+)
+
+
 def attach_zero3(optimizer: Optimizer8bit, zero_optimizer: Any) -> None:
     """DeepSpeedZeroOptimizer_Stage3: one flat buffer per sub-group, in the param groups only around step()."""
     if getattr(zero_optimizer, "swap_optimizer", False) or getattr(zero_optimizer, "backup_optimizer", None) is not None:
-        raise DeepSpeedLayoutError(
-            "ZeRO-3 optimizer-state offload to NVMe or partial offload (offload_optimizer.ratio < 1) is not supported with "
-            "dist8bit optimizers; offload the whole optimizer to the CPU or not at all"
-        )
+        raise DeepSpeedLayoutError(OFFLOAD_MESSAGE)
     flats = zero_optimizer.fp32_partitioned_groups_flat
     visible = _zero3_visible(zero_optimizer)
     for sub_group, (flat, params) in enumerate(zip(flats, zero_optimizer.fp16_groups, strict=True)):
