@@ -8,55 +8,55 @@ after one warning per process.
 
 from __future__ import annotations
 
-from .adam import Adam, AdamW
-from .ademamix import AdEMAMix
-from .lion import Lion
-from .variants import FixedSettings
+from .adam import Adam, Adam8bit, Adam32bit, AdamW, AdamW8bit, AdamW32bit
+from .ademamix import AdEMAMix, AdEMAMix8bit, AdEMAMix32bit
+from .lion import Lion, Lion8bit, Lion32bit
+from .variants import Paged
 
 
-class PagedAdam(FixedSettings, Adam, is_paged=True):
+class PagedAdam(Paged, Adam):
     """Adam with its states in paged (CUDA managed) memory."""
 
 
-class PagedAdam8bit(FixedSettings, Adam, optim_bits=8, is_paged=True):
+class PagedAdam8bit(Paged, Adam8bit):
     """Adam8bit with its states in paged (CUDA managed) memory."""
 
 
-class PagedAdam32bit(FixedSettings, Adam, optim_bits=32, is_paged=True):
+class PagedAdam32bit(Paged, Adam32bit):
     """Adam32bit with its states in paged (CUDA managed) memory."""
 
 
-class PagedAdamW(FixedSettings, AdamW, is_paged=True):
+class PagedAdamW(Paged, AdamW):
     """AdamW with its states in paged (CUDA managed) memory."""
 
 
-class PagedAdamW8bit(FixedSettings, AdamW, optim_bits=8, is_paged=True):
+class PagedAdamW8bit(Paged, AdamW8bit):
     """AdamW8bit with its states in paged (CUDA managed) memory."""
 
 
-class PagedAdamW32bit(FixedSettings, AdamW, optim_bits=32, is_paged=True):
+class PagedAdamW32bit(Paged, AdamW32bit):
     """AdamW32bit with its states in paged (CUDA managed) memory."""
 
 
-class PagedLion(FixedSettings, Lion, is_paged=True):
+class PagedLion(Paged, Lion):
     """Lion with its states in paged (CUDA managed) memory."""
 
 
-class PagedLion8bit(FixedSettings, Lion, optim_bits=8, is_paged=True):
+class PagedLion8bit(Paged, Lion8bit):
     """Lion8bit with its states in paged (CUDA managed) memory."""
 
 
-class PagedLion32bit(FixedSettings, Lion, optim_bits=32, is_paged=True):
+class PagedLion32bit(Paged, Lion32bit):
     """Lion32bit with its states in paged (CUDA managed) memory."""
 
 
-class PagedAdEMAMix(FixedSettings, AdEMAMix, is_paged=True):
+class PagedAdEMAMix(Paged, AdEMAMix):
     """AdEMAMix with its states in paged (CUDA managed) memory."""
 
 
-class PagedAdEMAMix8bit(FixedSettings, AdEMAMix, optim_bits=8, is_paged=True):
+class PagedAdEMAMix8bit(Paged, AdEMAMix8bit):
     """AdEMAMix8bit with its states in paged (CUDA managed) memory."""
 
 
-class PagedAdEMAMix32bit(FixedSettings, AdEMAMix, optim_bits=32, is_paged=True):
+class PagedAdEMAMix32bit(Paged, AdEMAMix32bit):
     """AdEMAMix32bit with its states in paged (CUDA managed) memory."""

@@ -26,7 +26,9 @@ class FixedSettings:
 
     def __init_subclass__(cls, **fixed: Any) -> None:
         super().__init_subclass__()
-        cls.fixed_settings = {**cls.fixed_settings, **fixed}
+        # Merged over every base, so that `class PagedAdam8bit(Paged, Adam8bit)` pins both bases' settings.
+        inherited = [base.fixed_settings for base in reversed(cls.__mro__[1:]) if issubclass(base, FixedSettings)]
+        cls.fixed_settings = {key: value for settings in (*inherited, fixed) for key, value in settings.items()}
 
     def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
         for key in set(kwargs) & set(self.fixed_settings):
@@ -42,3 +44,7 @@ class FixedSettings:
     def _chooser(cls) -> type:
         """The first base class that does not fix anything (e.g. AdamW for PagedAdamW8bit)."""
         return next(base for base in cls.__mro__[1:] if not issubclass(base, FixedSettings))
+
+
+class Paged(FixedSettings, is_paged=True):
+    """Mixin: `class PagedAdam8bit(Paged, Adam8bit)` is Adam8bit with is_paged=True fixed."""
