@@ -33,16 +33,8 @@ class Adam(Optimizer8bit):
     rule = Rule.ADAM
     decoupled = False
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        amsgrad: bool = False,
-        **options: Any,
-    ) -> None:
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, **options: Any) -> None:  # fmt: skip
         if amsgrad:
             raise ValueError("amsgrad=True is not supported by dist8bit's Adam")
         defaults = hyper_parameters(lr=lr, betas=check_betas(betas, 2), eps=eps, weight_decay=weight_decay)

@@ -47,19 +47,11 @@ class AdEMAMix(Optimizer8bit):
     """
 
     rule = Rule.ADEMAMIX
+    weight_decay_kind = WeightDecay.DECOUPLED
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
-        alpha: float = 5.0,
-        t_alpha: int | None = None,
-        t_beta3: int | None = None,
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        **options: Any,
-    ) -> None:
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
+                 alpha: float = 5.0, t_alpha: int | None = None, t_beta3: int | None = None, eps: float = 1e-8,
+                 weight_decay: float = 1e-2, **options: Any) -> None:  # fmt: skip
         defaults = hyper_parameters(
             lr=lr, betas=check_betas(betas, 3), alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps, weight_decay=weight_decay
         )
@@ -69,9 +61,6 @@ class AdEMAMix(Optimizer8bit):
 
     def state_specs(self, config: dict[str, Any]) -> tuple[StateSpec, ...]:
         return ADEMAMIX_STATES
-
-    def weight_decay_mode(self, config: dict[str, Any]) -> WeightDecay:
-        return WeightDecay.DECOUPLED
 
     def step_constants(self, config: dict[str, Any], step: int) -> StepConstants:
         beta1, beta2, beta3 = config["betas"]

@@ -36,18 +36,9 @@ class LAMB(Optimizer8bit):
     rule = Rule.ADAM
     uses_parameter_norms = True
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        bias_correction: bool = True,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        amsgrad: bool = False,
-        adam_w_mode: bool = True,
-        **options: Any,
-    ) -> None:
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, bias_correction: bool = True,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 amsgrad: bool = False, adam_w_mode: bool = True, **options: Any) -> None:  # fmt: skip
         if amsgrad:
             raise ValueError("amsgrad=True is not supported by dist8bit's LAMB")
         defaults = hyper_parameters(

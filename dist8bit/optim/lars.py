@@ -44,18 +44,9 @@ class LARS(SGD):
 
     uses_parameter_norms = True
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        momentum: float = 0.9,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
-        trust_coefficient: float = 0.001,
-        trust_ratio_in: str = "momentum",
-        **options: Any,
-    ) -> None:
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, trust_coefficient: float = 0.001,
+                 trust_ratio_in: str = "momentum", **options: Any) -> None:  # fmt: skip
         if not trust_coefficient > 0:
             raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient!r}")
         _check_placement(trust_ratio_in, options.get("max_unorm", 0.0))

@@ -23,23 +23,15 @@ class Lion(Optimizer8bit):
     """
 
     rule = Rule.LION
+    weight_decay_kind = WeightDecay.DECOUPLED
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.99),
-        weight_decay: float = 0.0,
-        **options: Any,
-    ) -> None:
+    def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, **options: Any) -> None:  # fmt: skip
         defaults = hyper_parameters(lr=lr, betas=check_betas(betas, 2), weight_decay=weight_decay)
         super().__init__(params, defaults, **options)
 
     def state_specs(self, config: dict[str, Any]) -> tuple[StateSpec, ...]:
         return LION_STATE
-
-    def weight_decay_mode(self, config: dict[str, Any]) -> WeightDecay:
-        return WeightDecay.DECOUPLED
 
     def step_constants(self, config: dict[str, Any], step: int) -> StepConstants:
         beta1, beta2 = config["betas"]

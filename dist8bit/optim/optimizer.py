@@ -128,6 +128,7 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     rule: Rule
     uses_parameter_norms = False  # LAMB / LARS: the update needs ||p|| of the whole parameter
+    weight_decay_kind = WeightDecay.L2  # where a setting decides it (Adam/AdamW, LAMB), weight_decay_mode says
 
     def __init__(
         self,
@@ -217,7 +218,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         return self.rule
 
     def weight_decay_mode(self, config: dict[str, Any]) -> WeightDecay:
-        return WeightDecay.L2
+        return self.weight_decay_kind
 
     def implied_torch_flags(self) -> dict[str, Any]:
         """torch.optim group flags this optimizer's semantics fix (accepted when equal)."""

@@ -27,17 +27,8 @@ class RMSprop(Optimizer8bit):
 
     rule = Rule.RMSPROP
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-2,
-        alpha: float = 0.99,
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        momentum: float = 0.0,
-        centered: bool = False,
-        **options: Any,
-    ) -> None:
+    def __init__(self, params: Iterable[Any], lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
+                 momentum: float = 0.0, centered: bool = False, **options: Any) -> None:  # fmt: skip
         if centered:
             raise ValueError("centered=True is not supported by dist8bit's RMSprop")
         if not 0.0 <= alpha < 1.0:
