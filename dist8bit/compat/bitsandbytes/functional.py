@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ... import functional as _functional
-from ...functional import (
+from ...functional import (  # noqa: F401 (re-exported unchanged: __all__ below)
     QuantState,
     create_dynamic_map,
     create_fp8_map,
@@ -36,25 +36,13 @@ from ...functional import (
     dequantize,
     quantize,
 )
-from ...quant.maps import create_linear_map
+from ...quant.maps import create_linear_map  # noqa: F401 (re-exported)
 from ...quant.quantiles import default_offset
 from ..unsupported import unsupported_function
 
-__all__ = [
-    "QuantState",
-    "create_dynamic_map",
-    "create_fp8_map",
-    "create_linear_map",
-    "create_normal_map",
-    "create_quantile_map",
-    "dequantize",
-    "dequantize_blockwise",
-    "estimate_quantiles",
-    "quantize",
-    "quantize_blockwise",
-]
+# dist8bit.functional's names; where bitsandbytes differs, the definitions below replace them.
+__all__ = list(_functional.__all__)
 
-BLOCKSIZE = 4096  # bitsandbytes' default for these two functions (its optimizers use 256)
 GRID = 256  # bitsandbytes estimated 256 quantiles and picked fewer from them
 
 
@@ -63,7 +51,7 @@ def quantize_blockwise(
     code: torch.Tensor | None = None,
     absmax: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    blocksize: int = BLOCKSIZE,
+    blocksize: int = 4096,  # bitsandbytes' default here (its optimizers use 256)
     nested: bool = False,
 ) -> tuple[torch.Tensor, QuantState]:
     """bitsandbytes.functional.quantize_blockwise: (uint8 codes, QuantState)."""
@@ -78,7 +66,7 @@ def dequantize_blockwise(
     absmax: torch.Tensor | None = None,
     code: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    blocksize: int = BLOCKSIZE,
+    blocksize: int = 4096,
     nested: bool = False,
 ) -> torch.Tensor:
     """bitsandbytes.functional.dequantize_blockwise.
