@@ -31,6 +31,26 @@ def _bias_corrections(beta1: float, beta2: float, t: int, enabled: bool) -> tupl
     return 1.0 - beta1**t, 1.0 - beta2**t
 
 
+def _adam_state(p: torch.Tensor) -> State:
+    return {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _adam_direction(
+    rule: Adam | LAMB, p: torch.Tensor, g: torch.Tensor, state: State, t: int, decoupled: bool
+) -> tuple[torch.Tensor, State]:
+    """Adam's moments and its direction m_hat / (sqrt(v_hat) + eps) (Kingma & Ba 2015, Algorithm 1), with
+    weight decay as L2 on g, or (decoupled) added to the direction as AdamW and LAMB do."""
+    if not decoupled:
+        g = g + rule.weight_decay * p
+    m = rule.beta1 * state["exp_avg"] + (1 - rule.beta1) * g
+    v = rule.beta2 * state["exp_avg_sq"] + (1 - rule.beta2) * g * g
+    bc1, bc2 = _bias_corrections(rule.beta1, rule.beta2, t, rule.bias_correction)
+    direction = (m / bc1) / ((v / bc2).sqrt() + rule.eps)
+    if decoupled:
+        direction = direction + rule.weight_decay * p
+    return direction, {"exp_avg": m, "exp_avg_sq": v}
+
+
 @dataclass(frozen=True)
 class Adam:
     """Adam (Kingma & Ba 2015) with L2 weight decay, or AdamW (Loshchilov & Hutter 2019).
@@ -48,18 +68,11 @@ class Adam:
     bias_correction: bool = True
 
     def init_state(self, p: torch.Tensor) -> State:
-        return {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        return _adam_state(p)
 
     def step(self, p: torch.Tensor, g: torch.Tensor, state: State, t: int) -> tuple[torch.Tensor, State]:
-        if not self.decoupled:
-            g = g + self.weight_decay * p
-        m = self.beta1 * state["exp_avg"] + (1 - self.beta1) * g
-        v = self.beta2 * state["exp_avg_sq"] + (1 - self.beta2) * g * g
-        bc1, bc2 = _bias_corrections(self.beta1, self.beta2, t, self.bias_correction)
-        update = (m / bc1) / ((v / bc2).sqrt() + self.eps)
-        if self.decoupled:
-            update = update + self.weight_decay * p
-        return p - self.lr * update, {"exp_avg": m, "exp_avg_sq": v}
+        update, state = _adam_direction(self, p, g, state, t, self.decoupled)
+        return p - self.lr * update, state
 
 
 @dataclass(frozen=True)
@@ -144,17 +157,10 @@ class LAMB:
     zero_norm_ratio: float = 1.0  # the ratio where ||p|| or ||r|| is 0
 
     def init_state(self, p: torch.Tensor) -> State:
-        return {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        return _adam_state(p)
 
     def step(self, p: torch.Tensor, g: torch.Tensor, state: State, t: int) -> tuple[torch.Tensor, State]:
-        if not self.adam_w_mode:
-            g = g + self.weight_decay * p
-        m = self.beta1 * state["exp_avg"] + (1 - self.beta1) * g
-        v = self.beta2 * state["exp_avg_sq"] + (1 - self.beta2) * g * g
-        bc1, bc2 = _bias_corrections(self.beta1, self.beta2, t, self.bias_correction)
-        r = (m / bc1) / ((v / bc2).sqrt() + self.eps)
-        if self.adam_w_mode:
-            r = r + self.weight_decay * p
+        r, state = _adam_direction(self, p, g, state, t, self.adam_w_mode)
         p_norm, r_norm = p.norm().item(), r.norm().item()
         ratio = p_norm / r_norm if p_norm > 0 and r_norm > 0 else self.zero_norm_ratio
         ratio = min(max(ratio, self.min_coeff), self.max_coeff)
@@ -164,7 +170,7 @@ class LAMB:
             update_norm = update.norm().item()
             if update_norm > limit:
                 update = update * (limit / update_norm)
-        return p - self.lr * update, {"exp_avg": m, "exp_avg_sq": v}
+        return p - self.lr * update, state
 
 
 def half_life(beta: float) -> float:

@@ -10,16 +10,13 @@ The oracle runs on the CPU, where every reference operation rounds like the
 kernels' (IEEE division, sqrt, no contraction); on CUDA tensors ATen may
 rewrite a division by a Python scalar as a multiplication by its reciprocal.
 
-Skipped without a CUDA GPU, except the host-compiler probe of the launcher
-header, which needs nvcc only.
+Skipped without a CUDA GPU (the host-compiler probe of the launcher header
+is in test_cuda_sources_compile.py).
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,10 +25,6 @@ from fused_step_cases import CASES, Case, StepTensors, state_codebook
 from dist8bit.backends import REFERENCE, load_backend, reference
 from dist8bit.backends.rules import Rule
 from dist8bit.quant.layout import num_blocks
-
-REPO = Path(__file__).resolve().parents[1]
-CSRC = REPO / "csrc"
-NVCC = shutil.which("nvcc")
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CPU = torch.device("cpu")
@@ -459,30 +452,3 @@ def test_rejects_bad_arguments():
         call(params=[inputs.params[0].cpu()])
     with pytest.raises(RuntimeError, match="seed"):
         call(seed=-1)
-
-
-# ---------------------------------------------------------------------------
-# The launcher header is host C++ (fused_step_binding.cpp includes it)
-
-
-@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
-def test_launcher_header_compiles_as_host_cpp(tmp_path):
-    probe = tmp_path / "probe.cpp"
-    probe.write_text(
-        '#include "fused_step_kernels.cuh"\n'
-        "cudaError_t probe(cudaStream_t stream) {\n"
-        "  using namespace dist8bit::cuda;\n"
-        "  FusedStepConfig config{};\n"
-        "  config.rule = dist8bit::Rule::kAdam;\n"
-        "  config.num_states = 2;\n"
-        "  FusedSegment segment{};\n"
-        "  alignas(16) unsigned char table[256];\n"
-        "  if (fused_step_table_bytes(1) > sizeof(table)) return cudaErrorInvalidValue;\n"
-        "  if (!fused_step_supported(config.rule, config.num_states, true, 256)) return cudaErrorInvalidValue;\n"
-        "  const int64_t units = fill_fused_step_table(config, &segment, 1, table);\n"
-        "  return launch_fused_step(config, nullptr, 1, units, stream);\n"
-        "}\n"
-    )
-    command = [NVCC, "-c", "-std=c++17", "-I", str(CSRC), "-I", str(CSRC / "cuda"), str(probe), "-o", str(tmp_path / "p.o")]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"

@@ -3,8 +3,8 @@
 Every csrc/**/*.cu is compiled for sm_90 with only the CUDA runtime and the
 project's own headers on the include path: a .cu file must not include torch
 headers (the CPU torch wheel lacks torch's CUDA headers; the torch binding
-lives in a .cpp file). The launcher header of the CUDA kernels must also be
-usable from host C++ (bindings.cpp includes it).
+lives in a .cpp file). The launcher headers of the CUDA kernels and of paging
+must also be usable from host C++ (the .cpp bindings include them).
 
 The torch bindings csrc/cuda/*.cpp are compiled too (to an object, with the
 host flags the JIT build uses, torch's include paths and the CUDA include
@@ -76,12 +76,10 @@ def test_cuda_source_compiles(source, tmp_path):
     compile_object(source, tmp_path / (source.name + ".o"), "-std=c++17", "-gencode", "arch=compute_90,code=sm_90")
 
 
-@needs_nvcc
-def test_launcher_header_compiles_as_host_cpp(tmp_path):
-    """bindings.cpp is built by the host compiler: the launcher header must need no nvcc."""
-    probe = tmp_path / "probe.cpp"
-    probe.write_text(
-        '#include "quantize_kernels.cuh"\n'
+# Headers that host C++ includes (bindings.cpp, fused_step_binding.cpp, paging_binding.cpp), each with a
+# probe calling its launchers: they must compile without nvcc's device passes.
+HOST_HEADER_PROBES = {
+    "quantize_kernels.cuh": (
         "cudaError_t probe(cudaStream_t stream) {\n"
         "  using namespace dist8bit::cuda;\n"
         "  cudaError_t a = launch_quantize_blockwise(FloatType::kBFloat16, nullptr, 0, nullptr, nullptr, nullptr, 64,\n"
@@ -90,7 +88,45 @@ def test_launcher_header_compiles_as_host_cpp(tmp_path):
         "                                              nullptr, stream);\n"
         "  return a != cudaSuccess ? a : b;\n"
         "}\n"
-    )
+    ),
+    "fused_step_kernels.cuh": (
+        "cudaError_t probe(cudaStream_t stream) {\n"
+        "  using namespace dist8bit::cuda;\n"
+        "  FusedStepConfig config{};\n"
+        "  config.rule = dist8bit::Rule::kAdam;\n"
+        "  config.num_states = 2;\n"
+        "  FusedSegment segment{};\n"
+        "  alignas(16) unsigned char table[256];\n"
+        "  if (fused_step_table_bytes(1) > sizeof(table)) return cudaErrorInvalidValue;\n"
+        "  if (!fused_step_supported(config.rule, config.num_states, true, 256)) return cudaErrorInvalidValue;\n"
+        "  const int64_t units = fill_fused_step_table(config, &segment, 1, table);\n"
+        "  return launch_fused_step(config, nullptr, 1, units, stream);\n"
+        "}\n"
+    ),
+    "paging.cuh": (
+        "cudaError_t probe(void* p, cudaStream_t s) {\n"
+        "  using namespace dist8bit::cuda::paging;\n"
+        "  int a = 0, b = 0; bool ok = false; long long n = 0, bytes = 0;\n"
+        "  cudaError_t e = managed_alloc(&p, 4096, 0, s);\n"
+        "  if (e == cudaSuccess) e = prefetch(p, 4096, kHost, s);\n"
+        "  if (e == cudaSuccess) e = prefer_host(p, 4096, 0);\n"
+        "  if (e == cudaSuccess) e = prefer_device(p, 4096, 0);\n"
+        "  if (e == cudaSuccess) e = range_locations(p, 4096, &a, &b);\n"
+        "  if (e == cudaSuccess) e = concurrent_managed_access(0, &ok);\n"
+        "  live(&n, &bytes);\n"
+        "  if (e == cudaSuccess) e = managed_release(p, 4096, 0, s);\n"
+        "  return e == cudaSuccess ? reclaim(0, s, true) : e;\n"
+        "}\n"
+    ),
+}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("header", sorted(HOST_HEADER_PROBES))
+def test_launcher_header_compiles_as_host_cpp(header, tmp_path):
+    """The launcher headers are included by host C++ files: they must need no nvcc."""
+    probe = tmp_path / "probe.cpp"
+    probe.write_text(f'#include "{header}"\n' + HOST_HEADER_PROBES[header])
     compile_object(probe, tmp_path / "probe.o", "-std=c++17", "-I", str(CSRC / "cuda"))
 
 

@@ -41,14 +41,10 @@ from dist8bit.paging.policy import Candidate, Limits
 REPO = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc")
 
+# Each paged class beside the unpaged class it must match, by bitsandbytes' names.
 PAGED_PAIRS = [
-    (d8.PagedAdam8bit, d8.Adam8bit),
-    (d8.PagedAdamW8bit, d8.AdamW8bit),
-    (d8.PagedAdam32bit, d8.Adam32bit),
-    (d8.PagedAdamW32bit, d8.AdamW32bit),
-    (d8.PagedLion8bit, d8.Lion8bit),
-    (d8.PagedLion32bit, d8.Lion32bit),
-    (d8.PagedAdEMAMix8bit, d8.AdEMAMix8bit),
+    (getattr(d8, "Paged" + name), getattr(d8, name))
+    for name in ("Adam8bit", "AdamW8bit", "Adam32bit", "AdamW32bit", "Lion8bit", "Lion32bit", "AdEMAMix8bit")
 ]
 
 
@@ -307,16 +303,25 @@ def test_paged_states_go_through_the_manager(fake):
 @pytest.mark.parametrize(("paged", "plain"), PAGED_PAIRS, ids=lambda c: c.__name__)
 def test_managed_states_under_pressure_match_unpaged_bit_for_bit(paged, plain, fake):
     """100 steps with evictions and restores in between: values never change."""
-    pa, pb = _params(PAGED_SHAPES), _params(PAGED_SHAPES)
+    _check_paged_matches_unpaged(paged, plain, PAGED_SHAPES, "cpu", range(30, 70), lambda a: _paged_bytes(a) // 2)
+
+
+def _check_paged_matches_unpaged(paged, plain, shapes, device: str, evicting: range, budget) -> None:
+    """100 steps of `paged` and `plain` from the same start; during the steps in `evicting` the paging
+    budget is `budget(paged optimizer)` bytes, so some states live in host memory. Parameters and states
+    must end bit-identical."""
+    pa, pb = _params(shapes, device), _params(shapes, device)
     a, b = paged(pa, lr=1e-3), plain(pb, lr=1e-3)
-    _train(a, pa, 30)
-    paging.set_budget(_paged_bytes(a) // 2)
-    _train(a, pa, 40, first=30)
+    _train(a, pa, evicting.start)
+    paging.set_budget(budget(a))
+    _train(a, pa, len(evicting), first=evicting.start)
     assert paging.residency(a).host_bytes > 0
     paging.set_budget(None)
     paging.prefetch_all()
-    _train(a, pa, 30, first=70)
+    _train(a, pa, 100 - evicting.stop, first=evicting.stop)
     _train(b, pb, 100)
+    if device == "cuda":
+        torch.cuda.synchronize()
     assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
     assert _states_equal(a, pa, b, pb)
 
@@ -492,9 +497,9 @@ def test_failed_managed_allocation_falls_back_to_ordinary_memory_with_one_warnin
 def test_failed_advice_and_prefetch_warn_once_and_moves_go_on_in_stream_order(failing_native):
     ops = failing_native(alloc_fails=False)
     pa, pb = _params(PAGED_SHAPES), _params(PAGED_SHAPES)
+    a, b = d8.PagedAdamW8bit(pa, lr=1e-3), d8.AdamW8bit(pb, lr=1e-3)  # states are allocated by the first step
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        a, b = d8.PagedAdamW8bit(pa, lr=1e-3), d8.AdamW8bit(pb, lr=1e-3)
         _train(a, pa, 2)
         paging.set_budget(0)  # every step now evicts or restores: advice and prefetch fail each time
         _train(a, pa, 2, first=2)
@@ -579,31 +584,6 @@ def test_no_per_step_allocation_of_the_nonfinite_counter():
 
 
 # ------------------------------------------------------------ CUDA sources
-@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
-def test_paging_header_compiles_as_host_cpp(tmp_path):
-    """paging_binding.cpp is built by the host compiler: paging.cuh must need no nvcc."""
-    probe = tmp_path / "probe.cpp"
-    probe.write_text(
-        '#include "paging.cuh"\n'
-        "cudaError_t probe(void* p, cudaStream_t s) {\n"
-        "  using namespace dist8bit::cuda::paging;\n"
-        "  int a = 0, b = 0; bool ok = false; long long n = 0, bytes = 0;\n"
-        "  cudaError_t e = managed_alloc(&p, 4096, 0, s);\n"
-        "  if (e == cudaSuccess) e = prefetch(p, 4096, kHost, s);\n"
-        "  if (e == cudaSuccess) e = prefer_host(p, 4096, 0);\n"
-        "  if (e == cudaSuccess) e = prefer_device(p, 4096, 0);\n"
-        "  if (e == cudaSuccess) e = range_locations(p, 4096, &a, &b);\n"
-        "  if (e == cudaSuccess) e = concurrent_managed_access(0, &ok);\n"
-        "  live(&n, &bytes);\n"
-        "  if (e == cudaSuccess) e = managed_release(p, 4096, 0, s);\n"
-        "  return e == cudaSuccess ? reclaim(0, s, true) : e;\n"
-        "}\n"
-    )
-    command = [NVCC, "-c", "-std=c++17", "-I", str(REPO / "csrc" / "cuda"), str(probe), "-o", str(tmp_path / "probe.o")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 def test_paging_binding_builds_against_torch_and_registers_its_operators(tmp_path):
@@ -656,42 +636,29 @@ def _safe_elements(fraction: float = 0.005, cap: int = 1 << 24) -> int:
 
 
 @pytest.fixture
-def cuda_limits():
-    """Reset the process-wide manager's limits after a CUDA test."""
+def paging_gpu():
+    """Skips without a GPU that can page (CUDA with concurrent managed access); afterwards resets the
+    process-wide manager's limits."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if not paging.available("cuda"):
+        pytest.skip("this GPU cannot page (no concurrent managed access)")
     yield
     paging.set_budget(None)
     paging.set_threshold(None)
 
 
 @pytest.mark.parametrize(("paged", "plain"), PAGED_PAIRS, ids=lambda c: c.__name__)
-@pytest.mark.usefixtures("cuda_limits")
+@pytest.mark.usefixtures("paging_gpu")
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_paged_matches_unpaged_bit_for_bit_after_100_steps(paged, plain):
-    if not paging.available("cuda"):
-        pytest.skip("this GPU cannot page (no concurrent managed access)")
-    shapes = [(512, 512), (512,)]
-    pa, pb = _params(shapes, "cuda"), _params(shapes, "cuda")
-    a, b = paged(pa, lr=1e-3), plain(pb, lr=1e-3)
-    _train(a, pa, 40)
-    paging.set_budget(0)  # everything paged goes to host memory and is updated there
-    _train(a, pa, 30, first=40)
-    assert paging.residency(a).host_bytes > 0
-    paging.set_budget(None)
-    paging.prefetch_all()
-    _train(a, pa, 30, first=70)
-    _train(b, pb, 100)
-    torch.cuda.synchronize()
-    assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
-    assert _states_equal(a, pa, b, pb)
+    # Budget 0: everything paged goes to host memory and is updated there.
+    _check_paged_matches_unpaged(paged, plain, [(512, 512), (512,)], "cuda", range(40, 70), lambda a: 0)
 
 
-@pytest.mark.usefixtures("cuda_limits")
+@pytest.mark.usefixtures("paging_gpu")
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_evicted_states_are_on_the_host_and_device_memory_is_freed():
-    if not paging.available("cuda"):
-        pytest.skip("this GPU cannot page (no concurrent managed access)")
     numel = _safe_elements()
     params = _params([(numel,)], "cuda")
     optimizer = d8.PagedAdam32bit(params, lr=1e-3)
@@ -715,11 +682,9 @@ def test_cuda_evicted_states_are_on_the_host_and_device_memory_is_freed():
     assert torch.cuda.mem_get_info()[0] <= free_after - 0.9 * paged_bytes
 
 
+@pytest.mark.usefixtures("paging_gpu")
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_memory_is_released_when_the_optimizer_is_deleted():
-    if not paging.available("cuda"):
-        pytest.skip("this GPU cannot page (no concurrent managed access)")
     numel = _safe_elements()
     params = _params([(numel,)], "cuda")
     gc.collect()  # earlier tests' garbage must not be freed inside the measurement
@@ -737,12 +702,10 @@ def test_cuda_memory_is_released_when_the_optimizer_is_deleted():
     assert free_without - free_with >= 0.9 * 2 * numel * 4, (free_with, free_without)
 
 
+@pytest.mark.usefixtures("paging_gpu")
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_deleting_paged_states_does_not_wait_for_the_device():
     """The deleter records an event and returns; the memory is freed after the kernels queued before it."""
-    if not paging.available("cuda"):
-        pytest.skip("this GPU cannot page (no concurrent managed access)")
     params = _params([(_safe_elements(),)], "cuda")
     optimizer = d8.PagedAdamW32bit(params, lr=1e-3)
     _train(optimizer, params, 1)
@@ -781,11 +744,9 @@ def test_cuda_graph_capture_of_a_step_is_refused():
     torch.cuda.synchronize()
 
 
+@pytest.mark.usefixtures("paging_gpu")
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_failed_advice_is_a_status_and_leaves_no_cuda_error_behind():
-    if not paging.available("cuda"):
-        pytest.skip("this GPU cannot page (no concurrent managed access)")
     ops = native.operators()
     status = ops.advise([4096], [4096], torch.cuda.current_device(), True)  # an address nothing is mapped at
     if not status:
