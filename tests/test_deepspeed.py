@@ -274,7 +274,6 @@ def test_import_dist8bit_does_not_import_deepspeed_and_registers_after():
         import dist8bit
         assert "deepspeed" not in sys.modules
         from dist8bit.integrations import deepspeed as integration
-from dist8bit.integrations import deepspeed_patches, patching, zero_partition
         assert not integration.is_registered()
         assert importlib.util.find_spec("deepspeed") is not None  # an availability check must not disarm the hook
         assert "deepspeed" not in sys.modules
