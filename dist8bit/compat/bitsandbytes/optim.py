@@ -49,7 +49,7 @@ from typing import Any, ClassVar
 import torch
 
 from ... import optim as d8
-from ...optim import GlobalOptimManager
+from ...optim import GlobalOptimManager as GlobalOptimManager  # re-exported, as bitsandbytes.optim does
 from ...optim.norms import clip_update_norm, l2_norms
 
 _REQUIRED = inspect.Parameter.empty
@@ -88,17 +88,21 @@ def _betas(betas: Any) -> tuple[float, ...]:
 class _Compat:
     """Mixin: binds bitsandbytes' arguments and passes dist8bit's to the optimizer class after it.
 
-    A subclass lists its bitsandbytes parameters in `bnb_fields` (name, default)
-    and pins its precision or paging in `fixed`; its family turns the bound
-    values into the dist8bit class's hyper-parameters in `_hyper`.
+    A public class names its bitsandbytes parameters (name, default, in
+    bitsandbytes' positional order) and the settings it pins as class keywords,
+    `class Adam8bit(_Adam, fields=_ADAM, optim_bits=8)`, kept in `bnb_fields`
+    and `fixed`; its family turns the bound values into the dist8bit class's
+    hyper-parameters in `_hyper`.
     """
 
     bnb_fields: ClassVar[tuple[tuple[str, Any], ...]] = ()
     fixed: ClassVar[dict[str, Any]] = {}
     __signature__: ClassVar[inspect.Signature]
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
+    def __init_subclass__(cls, fields: tuple[tuple[str, Any], ...] | None = None, **fixed: Any) -> None:
+        super().__init_subclass__()
+        if fields is not None:
+            cls.bnb_fields, cls.fixed = fields, fixed
         cls.__signature__ = _signature(cls.bnb_fields)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -215,56 +219,44 @@ _ADAMW = _adam_fields(1e-2)
 _PAGED_ADAMW = _adam_fields(1e-2, is_paged=False)
 
 
-class Adam(_Adam):
+# Adam and AdamW side by side, variant by variant: their signatures differ only in AdamW's weight_decay default
+# and, as in bitsandbytes, in the is_paged parameter that PagedAdam* keep and PagedAdamW* lack.
+class Adam(_Adam, fields=_ADAM):
     """bitsandbytes.optim.Adam: AdamW's rule (decoupled weight decay), 8-bit with optim_bits=8."""
 
-    bnb_fields = _ADAM
 
-
-class Adam8bit(_Adam):
-    bnb_fields, fixed = _ADAM, {"optim_bits": 8}
-
-
-class Adam32bit(_Adam):
-    bnb_fields, fixed = _ADAM, {"optim_bits": 32}
-
-
-class PagedAdam(_Adam):
-    bnb_fields, fixed = _ADAM, {"is_paged": True}
-
-
-class PagedAdam8bit(_Adam):
-    bnb_fields, fixed = _ADAM, {"optim_bits": 8, "is_paged": True}
-
-
-class PagedAdam32bit(_Adam):
-    bnb_fields, fixed = _ADAM, {"optim_bits": 32, "is_paged": True}
-
-
-class AdamW(_Adam):
+class AdamW(_Adam, fields=_ADAMW):
     """bitsandbytes.optim.AdamW (weight_decay=1e-2 by default)."""
 
-    bnb_fields = _ADAMW
+
+class Adam8bit(_Adam, fields=_ADAM, optim_bits=8): ...
 
 
-class AdamW8bit(_Adam):
-    bnb_fields, fixed = _ADAMW, {"optim_bits": 8}
+class AdamW8bit(_Adam, fields=_ADAMW, optim_bits=8): ...
 
 
-class AdamW32bit(_Adam):
-    bnb_fields, fixed = _ADAMW, {"optim_bits": 32}
+class Adam32bit(_Adam, fields=_ADAM, optim_bits=32): ...
 
 
-class PagedAdamW(_Adam):
-    bnb_fields, fixed = _PAGED_ADAMW, {"is_paged": True}
+class AdamW32bit(_Adam, fields=_ADAMW, optim_bits=32): ...
 
 
-class PagedAdamW8bit(_Adam):
-    bnb_fields, fixed = _PAGED_ADAMW, {"optim_bits": 8, "is_paged": True}
+class PagedAdam(_Adam, fields=_ADAM, is_paged=True): ...
 
 
-class PagedAdamW32bit(_Adam):
-    bnb_fields, fixed = _PAGED_ADAMW, {"optim_bits": 32, "is_paged": True}
+class PagedAdamW(_Adam, fields=_PAGED_ADAMW, is_paged=True): ...
+
+
+class PagedAdam8bit(_Adam, fields=_ADAM, optim_bits=8, is_paged=True): ...
+
+
+class PagedAdamW8bit(_Adam, fields=_PAGED_ADAMW, optim_bits=8, is_paged=True): ...
+
+
+class PagedAdam32bit(_Adam, fields=_ADAM, optim_bits=32, is_paged=True): ...
+
+
+class PagedAdamW32bit(_Adam, fields=_PAGED_ADAMW, optim_bits=32, is_paged=True): ...
 
 
 # ------------------------------------------------------------------- LAMB
@@ -294,18 +286,14 @@ def _lamb_fields(*, optim_bits: bool) -> tuple[tuple[str, Any], ...]:
     return (*fields, ("args", None), ("min_8bit_size", 4096), ("max_unorm", 1.0))
 
 
-class LAMB(_LAMB):
+class LAMB(_LAMB, fields=_lamb_fields(optim_bits=True)):
     """bitsandbytes.optim.LAMB: Adam (decoupled decay) with the update norm clipped to max_unorm * ||p||."""
 
-    bnb_fields = _lamb_fields(optim_bits=True)
+
+class LAMB8bit(_LAMB, fields=_lamb_fields(optim_bits=False), optim_bits=8): ...
 
 
-class LAMB8bit(_LAMB):
-    bnb_fields, fixed = _lamb_fields(optim_bits=False), {"optim_bits": 8}
-
-
-class LAMB32bit(_LAMB):
-    bnb_fields, fixed = _lamb_fields(optim_bits=False), {"optim_bits": 32}
+class LAMB32bit(_LAMB, fields=_lamb_fields(optim_bits=False), optim_bits=32): ...
 
 
 # -------------------------------------------------------------- SGD, LARS
@@ -332,36 +320,28 @@ def _sgd_fields(*, optim_bits: bool, max_unorm: float | None = None) -> tuple[tu
     return tuple(fields + ([("max_unorm", max_unorm)] if max_unorm is not None else []))
 
 
-class SGD(_SGD):
+class SGD(_SGD, fields=_sgd_fields(optim_bits=True)):
     """bitsandbytes.optim.SGD: momentum SGD (momentum > 0 required)."""
 
-    bnb_fields = _sgd_fields(optim_bits=True)
+
+class SGD8bit(_SGD, fields=_sgd_fields(optim_bits=False), optim_bits=8): ...
 
 
-class SGD8bit(_SGD):
-    bnb_fields, fixed = _sgd_fields(optim_bits=False), {"optim_bits": 8}
-
-
-class SGD32bit(_SGD):
-    bnb_fields, fixed = _sgd_fields(optim_bits=False), {"optim_bits": 32}
+class SGD32bit(_SGD, fields=_sgd_fields(optim_bits=False), optim_bits=32): ...
 
 
 class _LARS(_MaxUnormClipping, _SGD):
     """bitsandbytes' LARS: momentum SGD with ||buffer|| clipped to max_unorm * ||p|| (32-bit states); no trust ratio."""
 
 
-class LARS(_LARS):
+class LARS(_LARS, fields=_sgd_fields(optim_bits=True, max_unorm=0.02)):
     """bitsandbytes.optim.LARS (max_unorm=0.02)."""
 
-    bnb_fields = _sgd_fields(optim_bits=True, max_unorm=0.02)
+
+class LARS8bit(_LARS, fields=_sgd_fields(optim_bits=False, max_unorm=0.02), optim_bits=8): ...
 
 
-class LARS8bit(_LARS):
-    bnb_fields, fixed = _sgd_fields(optim_bits=False, max_unorm=0.02), {"optim_bits": 8}
-
-
-class LARS32bit(_LARS):
-    bnb_fields, fixed = _sgd_fields(optim_bits=False, max_unorm=0.02), {"optim_bits": 32}
+class LARS32bit(_LARS, fields=_sgd_fields(optim_bits=False, max_unorm=0.02), optim_bits=32): ...
 
 
 class PytorchLARS(_MaxUnormClipping, d8.SGD):
@@ -383,7 +363,7 @@ class PytorchLARS(_MaxUnormClipping, d8.SGD):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, max_unorm=max_unorm)
 
 
-# ------------------------------------------------------------------- Lion
+# ---------------------------------------------------------- Lion, AdEMAMix
 class _Lion(_Compat, d8.Lion):
     def _hyper(self, values: dict[str, Any]) -> dict[str, Any]:
         return {"lr": values["lr"], "betas": tuple(values["betas"]), "weight_decay": values["weight_decay"]}
@@ -394,30 +374,55 @@ def _lion_fields(*, optim_bits: bool, is_paged: bool) -> tuple[tuple[str, Any], 
     return (*fields, ("args", None), ("min_8bit_size", 4096), *([("is_paged", False)] if is_paged else []))
 
 
-class Lion(_Lion):
+class _AdEMAMix(_Compat, d8.AdEMAMix):
+    def _hyper(self, values: dict[str, Any]) -> dict[str, Any]:
+        keys = ("lr", "alpha", "t_alpha", "t_beta3", "eps", "weight_decay")
+        return {"betas": _betas(values["betas"]), **{key: values[key] for key in keys}}
+
+
+def _ademamix_fields(*, optim_bits: bool, is_paged: bool) -> tuple[tuple[str, Any], ...]:
+    fields = [("lr", 1e-3), ("betas", (0.9, 0.999, 0.9999)), ("alpha", 5.0), ("t_alpha", None), ("t_beta3", None)]
+    fields += [("eps", 1e-8), ("weight_decay", 1e-2)] + ([("optim_bits", 32)] if optim_bits else [])
+    return (*fields, ("min_8bit_size", 4096), *([("is_paged", False)] if is_paged else []))
+
+
+# Lion and AdEMAMix side by side, variant by variant: bitsandbytes gives both the same six variants.
+class Lion(_Lion, fields=_lion_fields(optim_bits=True, is_paged=True)):
     """bitsandbytes.optim.Lion."""
 
-    bnb_fields = _lion_fields(optim_bits=True, is_paged=True)
+
+class AdEMAMix(_AdEMAMix, fields=_ademamix_fields(optim_bits=True, is_paged=True)):
+    """bitsandbytes.optim.AdEMAMix."""
 
 
-class Lion8bit(_Lion):
-    bnb_fields, fixed = _lion_fields(optim_bits=False, is_paged=True), {"optim_bits": 8}
+class Lion8bit(_Lion, fields=_lion_fields(optim_bits=False, is_paged=True), optim_bits=8): ...
 
 
-class Lion32bit(_Lion):
-    bnb_fields, fixed = _lion_fields(optim_bits=False, is_paged=True), {"optim_bits": 32}
+class AdEMAMix8bit(_AdEMAMix, fields=_ademamix_fields(optim_bits=False, is_paged=True), optim_bits=8): ...
 
 
-class PagedLion(_Lion):
-    bnb_fields, fixed = _lion_fields(optim_bits=True, is_paged=False), {"is_paged": True}
+class Lion32bit(_Lion, fields=_lion_fields(optim_bits=False, is_paged=True), optim_bits=32): ...
 
 
-class PagedLion8bit(_Lion):
-    bnb_fields, fixed = _lion_fields(optim_bits=False, is_paged=False), {"optim_bits": 8, "is_paged": True}
+class AdEMAMix32bit(_AdEMAMix, fields=_ademamix_fields(optim_bits=False, is_paged=True), optim_bits=32): ...
 
 
-class PagedLion32bit(_Lion):
-    bnb_fields, fixed = _lion_fields(optim_bits=False, is_paged=False), {"optim_bits": 32, "is_paged": True}
+class PagedLion(_Lion, fields=_lion_fields(optim_bits=True, is_paged=False), is_paged=True): ...
+
+
+class PagedAdEMAMix(_AdEMAMix, fields=_ademamix_fields(optim_bits=True, is_paged=False), is_paged=True): ...
+
+
+class PagedLion8bit(_Lion, fields=_lion_fields(optim_bits=False, is_paged=False), optim_bits=8, is_paged=True): ...
+
+
+class PagedAdEMAMix8bit(_AdEMAMix, fields=_ademamix_fields(optim_bits=False, is_paged=False), optim_bits=8, is_paged=True): ...
+
+
+class PagedLion32bit(_Lion, fields=_lion_fields(optim_bits=False, is_paged=False), optim_bits=32, is_paged=True): ...
+
+
+class PagedAdEMAMix32bit(_AdEMAMix, fields=_ademamix_fields(optim_bits=False, is_paged=False), optim_bits=32, is_paged=True): ...
 
 
 # ---------------------------------------------------------------- RMSprop
@@ -442,18 +447,14 @@ def _rmsprop_fields(*, optim_bits: bool) -> tuple[tuple[str, Any], ...]:
     return (*fields, *([("optim_bits", 32)] if optim_bits else []), ("args", None), ("min_8bit_size", 4096))
 
 
-class RMSprop(_RMSprop):
+class RMSprop(_RMSprop, fields=_rmsprop_fields(optim_bits=True)):
     """bitsandbytes.optim.RMSprop (no momentum)."""
 
-    bnb_fields = _rmsprop_fields(optim_bits=True)
+
+class RMSprop8bit(_RMSprop, fields=_rmsprop_fields(optim_bits=False), optim_bits=8): ...
 
 
-class RMSprop8bit(_RMSprop):
-    bnb_fields, fixed = _rmsprop_fields(optim_bits=False), {"optim_bits": 8}
-
-
-class RMSprop32bit(_RMSprop):
-    bnb_fields, fixed = _rmsprop_fields(optim_bits=False), {"optim_bits": 32}
+class RMSprop32bit(_RMSprop, fields=_rmsprop_fields(optim_bits=False), optim_bits=32): ...
 
 
 # ---------------------------------------------------------------- Adagrad
@@ -461,11 +462,9 @@ class _Adagrad(_Compat, d8.Adagrad):
     """bitsandbytes' Adagrad: lr_decay and initial_accumulator_value must be 0 (ValueError otherwise)."""
 
     def _hyper(self, values: dict[str, Any]) -> dict[str, Any]:
-        name = type(self).__name__
-        if values["initial_accumulator_value"] != 0:
-            raise ValueError(f"{name}: initial_accumulator_value != 0 is not supported (as in bitsandbytes)")
-        if values["lr_decay"] != 0:
-            raise ValueError(f"{name}: lr_decay != 0 is not supported (as in bitsandbytes)")
+        for key in ("initial_accumulator_value", "lr_decay"):
+            if values[key] != 0:
+                raise ValueError(f"{type(self).__name__}: {key} != 0 is not supported (as in bitsandbytes)")
         return {"lr": values["lr"], "weight_decay": values["weight_decay"], "eps": values["eps"]}
 
 
@@ -474,99 +473,15 @@ def _adagrad_fields(optim_bits: int) -> tuple[tuple[str, Any], ...]:
     return (*fields, ("optim_bits", optim_bits), ("args", None), ("min_8bit_size", 4096))
 
 
-class Adagrad(_Adagrad):
+class Adagrad(_Adagrad, fields=_adagrad_fields(32)):
     """bitsandbytes.optim.Adagrad."""
 
-    bnb_fields = _adagrad_fields(32)
+
+class Adagrad8bit(_Adagrad, fields=_adagrad_fields(8), optim_bits=8): ...
 
 
-class Adagrad8bit(_Adagrad):
-    bnb_fields, fixed = _adagrad_fields(8), {"optim_bits": 8}
+class Adagrad32bit(_Adagrad, fields=_adagrad_fields(32), optim_bits=32): ...
 
 
-class Adagrad32bit(_Adagrad):
-    bnb_fields, fixed = _adagrad_fields(32), {"optim_bits": 32}
-
-
-# --------------------------------------------------------------- AdEMAMix
-class _AdEMAMix(_Compat, d8.AdEMAMix):
-    def _hyper(self, values: dict[str, Any]) -> dict[str, Any]:
-        keys = ("lr", "alpha", "t_alpha", "t_beta3", "eps", "weight_decay")
-        return {"betas": _betas(values["betas"]), **{key: values[key] for key in keys}}
-
-
-def _ademamix_fields(*, optim_bits: bool, is_paged: bool) -> tuple[tuple[str, Any], ...]:
-    fields = [("lr", 1e-3), ("betas", (0.9, 0.999, 0.9999)), ("alpha", 5.0), ("t_alpha", None), ("t_beta3", None)]
-    fields += [("eps", 1e-8), ("weight_decay", 1e-2)] + ([("optim_bits", 32)] if optim_bits else [])
-    return (*fields, ("min_8bit_size", 4096), *([("is_paged", False)] if is_paged else []))
-
-
-class AdEMAMix(_AdEMAMix):
-    """bitsandbytes.optim.AdEMAMix."""
-
-    bnb_fields = _ademamix_fields(optim_bits=True, is_paged=True)
-
-
-class AdEMAMix8bit(_AdEMAMix):
-    bnb_fields, fixed = _ademamix_fields(optim_bits=False, is_paged=True), {"optim_bits": 8}
-
-
-class AdEMAMix32bit(_AdEMAMix):
-    bnb_fields, fixed = _ademamix_fields(optim_bits=False, is_paged=True), {"optim_bits": 32}
-
-
-class PagedAdEMAMix(_AdEMAMix):
-    bnb_fields, fixed = _ademamix_fields(optim_bits=True, is_paged=False), {"is_paged": True}
-
-
-class PagedAdEMAMix8bit(_AdEMAMix):
-    bnb_fields, fixed = _ademamix_fields(optim_bits=False, is_paged=False), {"optim_bits": 8, "is_paged": True}
-
-
-class PagedAdEMAMix32bit(_AdEMAMix):
-    bnb_fields, fixed = _ademamix_fields(optim_bits=False, is_paged=False), {"optim_bits": 32, "is_paged": True}
-
-
-__all__ = [
-    "LAMB",
-    "LARS",
-    "SGD",
-    "AdEMAMix",
-    "AdEMAMix8bit",
-    "AdEMAMix32bit",
-    "Adagrad",
-    "Adagrad8bit",
-    "Adagrad32bit",
-    "Adam",
-    "Adam8bit",
-    "Adam32bit",
-    "AdamW",
-    "AdamW8bit",
-    "AdamW32bit",
-    "GlobalOptimManager",
-    "LAMB8bit",
-    "LAMB32bit",
-    "LARS8bit",
-    "LARS32bit",
-    "Lion",
-    "Lion8bit",
-    "Lion32bit",
-    "PagedAdEMAMix",
-    "PagedAdEMAMix8bit",
-    "PagedAdEMAMix32bit",
-    "PagedAdam",
-    "PagedAdam8bit",
-    "PagedAdam32bit",
-    "PagedAdamW",
-    "PagedAdamW8bit",
-    "PagedAdamW32bit",
-    "PagedLion",
-    "PagedLion8bit",
-    "PagedLion32bit",
-    "PytorchLARS",
-    "RMSprop",
-    "RMSprop8bit",
-    "RMSprop32bit",
-    "SGD8bit",
-    "SGD32bit",
-]
+# dist8bit.optim's public names (bitsandbytes' names) less its base class, plus bitsandbytes' PytorchLARS.
+__all__ = sorted((set(d8.__all__) - {"Optimizer8bit"}) | {"PytorchLARS"})
