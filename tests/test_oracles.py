@@ -149,13 +149,7 @@ CASES = [
         LAMB_NO_BC,
         {"bias correction": LAMB},
     ),
-    Case(
-        "LAMB-max_unorm",
-        (d8.LAMB32bit, d8.LAMB8bit),
-        {**LAMB_KW, "max_unorm": 0.5},
-        LAMB_UNORM,
-        {"no update-norm clip": LAMB},
-    ),
+    Case("LAMB-max_unorm", (d8.LAMB32bit, d8.LAMB8bit), {**LAMB_KW, "max_unorm": 0.5}, LAMB_UNORM, {"no update-norm clip": LAMB}),
     Case(
         # ||p|| / ||r|| is about 40 here (||r|| >= wd ||p||, so wd must be small
         # for it to exceed 10): dist8bit applies it unclamped (the paper's
