@@ -1,11 +1,13 @@
 // What the operator schemas of dist8bit/backends/ops.py allow, as plain C++17
 // (no torch), so that the host-side argument checks (binding/kernel_contract.h)
 // and the kernels (CPU and nvcc) read the same facts from one place: the float
-// element types and their dispatch, the state slots a rule takes, the 8-bit
-// blocksizes of fused_step, and how many scales a tensor of n codes has.
+// element types and their dispatch, the state slots a rule takes and the
+// dispatch over them, the 8-bit blocksizes of fused_step, and how many scales a
+// tensor of n codes has.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/update_rules.h"
 
@@ -69,6 +71,28 @@ constexpr bool rule_takes_states(Rule rule, int num_states) {
       return num_states == 3;
   }
   return false;
+}
+
+// The one switch from a run-time (rule, slot count) to the code instantiated
+// for it, so that every backend instantiates exactly the pairs that
+// rule_takes_states admits: fn(std::integral_constant<Rule, R>{},
+// std::integral_constant<int, NS>{}) for rule == R and num_states == NS, and
+// `otherwise` for a pair the rule does not take.
+template <int kRule = 0, int kStates = 0, typename Result, typename Fn>
+Result visit_rule_states(Rule rule, int num_states, Result otherwise, Fn&& fn) {
+  if constexpr (kRule == kRuleCount) {
+    return otherwise;
+  } else if constexpr (kStates > kMaxStates) {
+    return visit_rule_states<kRule + 1, 0>(rule, num_states, otherwise, static_cast<Fn&&>(fn));
+  } else {
+    constexpr Rule kR = static_cast<Rule>(kRule);
+    if constexpr (rule_takes_states(kR, kStates)) {
+      if (rule == kR && num_states == kStates) {
+        return fn(std::integral_constant<Rule, kR>{}, std::integral_constant<int, kStates>{});
+      }
+    }
+    return visit_rule_states<kRule, kStates + 1>(rule, num_states, otherwise, static_cast<Fn&&>(fn));
+  }
 }
 
 // Scales of n codes in blocks of `blocksize` (>= 1): ceil(n / blocksize).

@@ -14,6 +14,7 @@
 namespace dist8bit {
 
 enum class Rule : int { kAdam = 0, kSgd = 1, kRmsprop = 2, kAdagrad = 3, kLion = 4, kAdemamix = 5, kLars = 6 };
+constexpr int kRuleCount = 7;  // the rules are numbered 0 .. kRuleCount - 1
 enum class WeightDecayMode : int { kL2 = 0, kDecoupled = 1, kInDirection = 2 };
 
 // Slots of the constant vector (dist8bit.backends.rules.Hyper).

@@ -551,50 +551,30 @@ RangeFn pick_precision(bool eight_bit, bool norm, FloatType param_type) {
 // Only Adam reads kInDirection; the other rules only ask "L2 or not", and Lion
 // and AdEMAMix not even that, so they are instantiated for fewer modes.
 template <Rule R, int NS>
-RangeFn pick_l2(WeightDecayMode wd_mode, bool eight_bit, bool norm, FloatType param_type) {
-  return wd_mode == WeightDecayMode::kL2
-             ? pick_precision<R, WeightDecayMode::kL2, NS>(eight_bit, norm, param_type)
-             : pick_precision<R, WeightDecayMode::kDecoupled, NS>(eight_bit, norm, param_type);
+RangeFn pick_wd_mode(WeightDecayMode wd_mode, bool eight_bit, bool norm, FloatType param_type) {
+  if constexpr (R == Rule::kAdam) {
+    switch (wd_mode) {
+      case WeightDecayMode::kL2:
+        return pick_precision<R, WeightDecayMode::kL2, NS>(eight_bit, norm, param_type);
+      case WeightDecayMode::kDecoupled:
+        return pick_precision<R, WeightDecayMode::kDecoupled, NS>(eight_bit, norm, param_type);
+      default:
+        return pick_precision<R, WeightDecayMode::kInDirection, NS>(eight_bit, norm, param_type);
+    }
+  } else if constexpr (R == Rule::kLion || R == Rule::kAdemamix) {
+    return pick_precision<R, WeightDecayMode::kDecoupled, NS>(eight_bit, norm, param_type);
+  } else {
+    return wd_mode == WeightDecayMode::kL2
+               ? pick_precision<R, WeightDecayMode::kL2, NS>(eight_bit, norm, param_type)
+               : pick_precision<R, WeightDecayMode::kDecoupled, NS>(eight_bit, norm, param_type);
+  }
 }
 
 // The instantiation for a rule and state count, or nullptr when the rule does not take that many states.
 RangeFn pick(Rule rule, WeightDecayMode wd_mode, int num_states, bool eight_bit, bool norm, FloatType param_type) {
-  switch (rule) {
-    case Rule::kAdam:
-      if (num_states != 2) return nullptr;
-      switch (wd_mode) {
-        case WeightDecayMode::kL2:
-          return pick_precision<Rule::kAdam, WeightDecayMode::kL2, 2>(eight_bit, norm, param_type);
-        case WeightDecayMode::kDecoupled:
-          return pick_precision<Rule::kAdam, WeightDecayMode::kDecoupled, 2>(eight_bit, norm, param_type);
-        default:
-          return pick_precision<Rule::kAdam, WeightDecayMode::kInDirection, 2>(eight_bit, norm, param_type);
-      }
-    case Rule::kSgd:
-      if (num_states == 0) return pick_l2<Rule::kSgd, 0>(wd_mode, eight_bit, norm, param_type);
-      if (num_states == 1) return pick_l2<Rule::kSgd, 1>(wd_mode, eight_bit, norm, param_type);
-      return nullptr;
-    case Rule::kLars:
-      if (num_states == 0) return pick_l2<Rule::kLars, 0>(wd_mode, eight_bit, norm, param_type);
-      if (num_states == 1) return pick_l2<Rule::kLars, 1>(wd_mode, eight_bit, norm, param_type);
-      return nullptr;
-    case Rule::kRmsprop:
-      if (num_states == 1) return pick_l2<Rule::kRmsprop, 1>(wd_mode, eight_bit, norm, param_type);
-      if (num_states == 2) return pick_l2<Rule::kRmsprop, 2>(wd_mode, eight_bit, norm, param_type);
-      return nullptr;
-    case Rule::kAdagrad:
-      if (num_states == 1) return pick_l2<Rule::kAdagrad, 1>(wd_mode, eight_bit, norm, param_type);
-      return nullptr;
-    case Rule::kLion:
-      if (num_states == 1) return pick_precision<Rule::kLion, WeightDecayMode::kDecoupled, 1>(eight_bit, norm, param_type);
-      return nullptr;
-    case Rule::kAdemamix:
-      if (num_states == 3) {
-        return pick_precision<Rule::kAdemamix, WeightDecayMode::kDecoupled, 3>(eight_bit, norm, param_type);
-      }
-      return nullptr;
-  }
-  return nullptr;
+  return visit_rule_states(rule, num_states, RangeFn{nullptr}, [&](auto r, auto ns) {
+    return pick_wd_mode<decltype(r)::value, decltype(ns)::value>(wd_mode, eight_bit, norm, param_type);
+  });
 }
 
 // ---------------------------------------------------------------------------

@@ -59,10 +59,12 @@
 // warp and segment. No host synchronisation anywhere.
 //
 // Registers (ptxas, sm_90, -O3 --fmad=false), capped at 128 by
-// __launch_bounds__, no spills: Adam 104..108, SGD/RMSprop/Adagrad/Lion
-// with one slot 88..95, RMSprop with two 105..108, AdEMAMix 118..128 (4096:
-// Adam 106, AdEMAMix 118, down from 154 / 179 with 4 rows per lane). So 16
-// warps are resident per SM for every variant.
+// __launch_bounds__, no spills: Adam 105..108, SGD/LARS without momentum 71,
+// SGD/LARS/RMSprop/Adagrad/Lion with one slot 88..95, RMSprop with two
+// 105..112, AdEMAMix 118..128 (4096: Adam 106, AdEMAMix 118, down from 154 /
+// 179 with 4 rows per lane). So 16 warps are resident per SM for every
+// variant. The per-phase device functions below are force-inlined: splitting
+// the kernel into them moved single-slot variants by -2..+4 registers.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -425,6 +427,205 @@ constexpr size_t quant_table_bytes(int num_states) {
 }
 
 // ---------------------------------------------------------------------------
+// The kernel's phases, one device function each. They are force-inlined and
+// take the kernel's own arrays by reference, so the arrays stay in registers
+// exactly as in one body (ptxas reports the same registers, no spills).
+
+// Stages the tables of the NS used slots (layout above); every thread then
+// finds its slot s at lane_code[s] (its lane's column), thresholds[s],
+// encoder[s] and, for count_thresholds_below, address[s].
+template <int NS, int kThreads>
+__device__ __forceinline__ void stage_tables(const KernelArgs& args, float* s_tables, int lane,
+                                             const float* (&lane_code)[NS], const float* (&thresholds)[NS],
+                                             const float* (&encoder)[NS], unsigned (&address)[NS]) {
+#pragma unroll
+  for (int s = 0; s < NS; ++s) {
+    float* const s_private = s_tables + s * kPrivateCodeWords;
+    float* const s_thresholds = s_tables + NS * kPrivateCodeWords + s * kCodeSize;
+    float* const s_encoder = s_tables + NS * (kPrivateCodeWords + kCodeSize) + s * kEncoderWords;
+    stage_private_code(args.code[s], s_private, kThreads);
+    for (int i = threadIdx.x; i < kCodeSize; i += kThreads) s_thresholds[i] = args.thresholds[s][i];
+    stage_encoder(args.encoder[s], s_encoder, static_cast<int>(threadIdx.x), kThreads);
+    lane_code[s] = s_private + lane;
+    thresholds[s] = s_thresholds;
+    encoder[s] = s_encoder;
+    address[s] = shared_address(s_thresholds);
+  }
+  __syncthreads();
+}
+
+// Every load of the lane's rows, before any arithmetic: where each row starts
+// (first[j]) and how many of its elements lie inside the segment (count[j]),
+// then parameters, gradients, and the codes with their old scales (8-bit
+// states) or the float32 states.
+template <int NS, typename L, int kSlots>
+__device__ __forceinline__ void load_rows(const FusedSegment& record, FloatType param_type, FloatType grad_type,
+                                          int64_t base, int lane, bool vector_ok, int (&count)[kRows],
+                                          int64_t (&first)[kRows], Row (&p_raw)[kRows], Row (&g_raw)[kRows],
+                                          uint32_t (&codes)[kSlots][kRows], float (&old_scale)[kSlots][kRows],
+                                          float (&old_value)[kSlots][kRows][kVec]) {
+#pragma unroll
+  for (int j = 0; j < kRows; ++j) {
+    first[j] = base + j * kRow + lane * kVec;
+    const int64_t left = record.numel - first[j];
+    count[j] = left <= 0 ? 0 : (left >= kVec ? kVec : static_cast<int>(left));
+    p_raw[j] = load_row(param_type, record.param, first[j], count[j], vector_ok);
+    g_raw[j] = load_row(grad_type, record.grad, first[j], count[j], vector_ok);
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      if constexpr (L::kQuant) {
+        codes[s][j] = load_codes(static_cast<const uint8_t*>(record.state[s]), first[j], count[j], vector_ok);
+        old_scale[s][j] = count[j] > 0 ? __ldcs(record.absmax[s] + (first[j] >> L::kLog2Block)) : 0.0f;
+      } else {
+        load_state_row(static_cast<const float*>(record.state[s]), first[j], count[j], vector_ok, old_value[s][j]);
+      }
+    }
+  }
+}
+
+// The update of the lane's rows, element by element: the rule's direction,
+// then (norm mode) its square into norm_sum, or the new parameter (stored
+// here), the new states in `kept` (stored here for float32 states) and the
+// count of non-finite gradients. The rows come as loaded (p_raw, g_raw, and
+// codes with their old scales, or float32 states in old_value, where 8-bit
+// states are decoded here), count[j] of their elements inside the segment
+// from element first[j] on.
+template <Rule R, int NS, bool kQuant, int kSlots>
+__device__ __forceinline__ void update_row(int j, const KernelArgs& args, FloatType param_type, FloatType grad_type,
+                                            const FusedSegment& record, void* param, bool vector_ok,
+                                            const float* const (&lane_code)[kSlots], float grad_scale, float lr,
+                                            float decay, bool norm_mode, const Row (&p_raw)[kRows],
+                                            const Row (&g_raw)[kRows], const uint32_t (&codes)[kSlots][kRows],
+                                            const float (&old_scale)[kSlots][kRows], const int (&count)[kRows],
+                                            const int64_t (&first)[kRows], float (&old_value)[kSlots][kRows][kVec],
+                                            float (&kept)[kSlots][kRows][kVec], double& norm_sum,
+                                            unsigned& nonfinite) {
+  float p_row[kVec];
+  float g_row[kVec];
+  float p_new[kVec];
+  row_values(param_type, p_raw[j], p_row);
+  row_values(grad_type, g_raw[j], g_row);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    const bool valid = k < count[j];
+    const float p = p_row[k];
+    // Without grad_scale the factor is 1: exact for every finite g, and
+    // a non-finite g stays non-finite.
+    const float g = __fmul_rn(g_row[k], grad_scale);
+    const bool finite = valid && is_finite(g);
+    float state[kMaxStates] = {0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      if constexpr (kQuant) {
+        old_value[s][j][k] =
+            __fmul_rn(private_code(lane_code[s], (codes[s][j] >> (8 * k)) & 0xffu), old_scale[s][j]);
+      }
+      state[s] = old_value[s][j][k];
+    }
+    const float d = update_element(R, args.wd_mode, args.hyper, finite ? g : 0.0f, p, state, NS, lr);
+    if (norm_mode) {
+      if (finite) norm_sum = __dadd_rn(norm_sum, __dmul_rn(static_cast<double>(d), static_cast<double>(d)));
+    } else {
+      p_new[k] = finite ? apply_direction(p, decay, write_rate(R, lr), d) : p;
+#pragma unroll
+      for (int s = 0; s < NS; ++s) kept[s][j][k] = valid ? (finite ? state[s] : old_value[s][j][k]) : 0.0f;
+      nonfinite += valid && !finite ? 1u : 0u;
+    }
+  }
+  if (!norm_mode) {
+    store_param_row(param_type, param, first[j], count[j], vector_ok, p_new, args.stochastic, args.key,
+                    static_cast<uint64_t>(record.first_index + first[j]));
+    if constexpr (!kQuant) {
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        store_state_row(static_cast<float*>(record.state[s]), first[j], count[j], vector_ok, kept[s][j]);
+      }
+    }
+  }
+}
+
+// Block maxima of |kept|: within the lane, then across the block's lanes of the warp.
+template <int NS, typename L, int kSlots>
+__device__ __forceinline__ void warp_block_maxima(const float (&kept)[kSlots][kRows][kVec],
+                                                  unsigned (&block_max)[kSlots][kRows]) {
+#pragma unroll
+  for (int s = 0; s < NS; ++s) {
+#pragma unroll
+    for (int j0 = 0; j0 < kRows; j0 += L::kRowsPerBlock) {
+      unsigned m = 0;
+#pragma unroll
+      for (int r = 0; r < L::kRowsPerBlock; ++r) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) m = max(m, abs_bits(kept[s][j0 + r][k]));
+      }
+      m = group_max<L::kLanesPerBlock>(m);
+#pragma unroll
+      for (int r = 0; r < L::kRowsPerBlock; ++r) block_max[s][j0 + r] = m;
+    }
+  }
+}
+
+// The block maxima across the warps of a group, in shared memory. Double
+// buffered by step parity: a warp cannot run two steps ahead of another of
+// its group, so one barrier per step suffices. Every warp of the group calls
+// it (the barrier), active or not.
+template <int NS, typename L, int kSlots>
+__device__ __forceinline__ void group_block_maxima(unsigned (&s_partial)[2][L::kWarps][kSlots], int parity, int warp,
+                                                   int part, int group, int lane, bool active,
+                                                   unsigned (&block_max)[kSlots][kRows]) {
+  if (active && lane == 0) {
+#pragma unroll
+    for (int s = 0; s < NS; ++s) s_partial[parity][warp][s] = block_max[s][0];
+  }
+  group_barrier<L::kGroupWarps, L::kWarps>(group);
+  if (active) {
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      unsigned m = 0;
+#pragma unroll
+      for (int w = 0; w < L::kGroupWarps; ++w) m = max(m, s_partial[parity][warp - part + w][s]);
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) block_max[s][j] = m;
+    }
+  }
+}
+
+// Encodes the kept values with the blocks' new scales and writes codes and
+// scales (the segment record is read again: an L1 hit, and no registers held
+// meanwhile).
+template <int NS, typename L, int kSlots>
+__device__ __forceinline__ void encode_rows(const FusedSegment& record, const float* const (&s_encoder)[kSlots],
+                                            const float* const (&s_thresholds)[kSlots],
+                                            const unsigned (&table_address)[kSlots], int part, int lane,
+                                            bool vector_ok, const int (&count)[kRows], const int64_t (&first)[kRows],
+                                            const float (&kept)[kSlots][kRows][kVec],
+                                            const unsigned (&block_max)[kSlots][kRows]) {
+#pragma unroll
+  for (int s = 0; s < NS; ++s) {
+    uint8_t* const codes = static_cast<uint8_t*>(record.state[s]);
+    float* const scales = record.absmax[s];
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) {
+      const float scale = __uint_as_float(canonical_bits(block_max[s][j]));
+      const float inv = reciprocal(scale);
+      float x[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) x[k] = scaled_value(kept[s][j][k], inv);
+      uint32_t c[kVec];
+      nearest_codes<kVec>(s_encoder[s], s_thresholds[s], table_address[s], x, c);
+      uint32_t word = 0;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) word |= c[k] << (8 * k);
+      store_code_word(codes, first[j], count[j], vector_ok, word);
+      // The lane holding a block's first element writes its scale.
+      if (part == 0 && lane % L::kLanesPerBlock == 0 && j % L::kRowsPerBlock == 0 && count[j] > 0) {
+        __stcs(scales + (first[j] >> L::kLog2Block), scale);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
 // The kernel: rule R with NS state slots, blocksize BS (0: float32 states).
 //
 // __launch_bounds__(threads, blocks/SM) caps the registers at 128 per thread
@@ -448,22 +649,8 @@ __global__ void __launch_bounds__(Layout<BS>::kThreads, Layout<BS>::kBlocksPerSM
   const float* s_thresholds[kSlots];
   const float* s_encoder[kSlots];
   unsigned table_address[kSlots];     // shared address of s_thresholds, for count_thresholds_below
-  if constexpr (kQuant) {
-#pragma unroll
-    for (int s = 0; s < NS; ++s) {
-      float* const s_private = s_tables + s * kPrivateCodeWords;
-      float* const thresholds = s_tables + NS * kPrivateCodeWords + s * kCodeSize;
-      float* const encoder = s_tables + NS * (kPrivateCodeWords + kCodeSize) + s * kEncoderWords;
-      stage_private_code(args.code[s], s_private, L::kThreads);
-      for (int i = threadIdx.x; i < kCodeSize; i += L::kThreads) thresholds[i] = args.thresholds[s][i];
-      stage_encoder(args.encoder[s], encoder, static_cast<int>(threadIdx.x), L::kThreads);
-      lane_code[s] = s_private + lane;
-      s_thresholds[s] = thresholds;
-      s_encoder[s] = encoder;
-      table_address[s] = shared_address(thresholds);
-    }
-    __syncthreads();
-  }
+  if constexpr (kQuant) stage_tables<NS, L::kThreads>(args, s_tables, lane, lane_code, s_thresholds, s_encoder,
+                                                       table_address);
 
   const int part = warp % L::kGroupWarps;  // this warp's share of the unit
   const int group = warp / L::kGroupWarps;
@@ -493,36 +680,17 @@ __global__ void __launch_bounds__(Layout<BS>::kThreads, Layout<BS>::kBlocksPerSM
     if (active) {
       seg = find_segment(args.prefix, args.num_segments, unit, seg, lane);
       const FusedSegment& record = args.segments[seg];
-      const int64_t n = record.numel;
       const int64_t base = (unit - args.prefix[seg]) * L::kUnit + part * kWarpElems;
       void* const param = record.param;
-      const void* const grad = record.grad;
       vector_ok = record.vector_ok != 0;
 
-      // Every load of the unit first, then the arithmetic.
       Row p_raw[kRows];
       Row g_raw[kRows];
       uint32_t codes[kSlots][kRows];
       float old_scale[kSlots][kRows];
       float old_value[kSlots][kRows][kVec];
-#pragma unroll
-      for (int j = 0; j < kRows; ++j) {
-        first[j] = base + j * kRow + lane * kVec;
-        const int64_t left = n - first[j];
-        count[j] = left <= 0 ? 0 : (left >= kVec ? kVec : static_cast<int>(left));
-        p_raw[j] = load_row(param_type, param, first[j], count[j], vector_ok);
-        g_raw[j] = load_row(grad_type, grad, first[j], count[j], vector_ok);
-#pragma unroll
-        for (int s = 0; s < NS; ++s) {
-          if constexpr (kQuant) {
-            codes[s][j] = load_codes(static_cast<const uint8_t*>(record.state[s]), first[j], count[j], vector_ok);
-            old_scale[s][j] = count[j] > 0 ? __ldcs(record.absmax[s] + (first[j] >> L::kLog2Block)) : 0.0f;
-          } else {
-            load_state_row(static_cast<const float*>(record.state[s]), first[j], count[j], vector_ok,
-                           old_value[s][j]);
-          }
-        }
-      }
+      load_rows<NS, L>(record, param_type, grad_type, base, lane, vector_ok, count, first, p_raw, g_raw, codes,
+                       old_scale, old_value);
       const float grad_scale = args.grad_scale != nullptr ? args.grad_scale[seg] : 1.0f;
       const float lr = args.update_scale != nullptr ? __fmul_rn(args.hyper.v[kLr], args.update_scale[seg])
                                                     : args.hyper.v[kLr];
@@ -535,124 +703,27 @@ __global__ void __launch_bounds__(Layout<BS>::kThreads, Layout<BS>::kBlocksPerSM
 
 #pragma unroll
       for (int j = 0; j < kRows; ++j) {
-        float p_row[kVec];
-        float g_row[kVec];
-        float p_new[kVec];
-        row_values(param_type, p_raw[j], p_row);
-        row_values(grad_type, g_raw[j], g_row);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          const bool valid = k < count[j];
-          const float p = p_row[k];
-          // Without grad_scale the factor is 1: exact for every finite g, and
-          // a non-finite g stays non-finite.
-          const float g = __fmul_rn(g_row[k], grad_scale);
-          const bool finite = valid && is_finite(g);
-          float state[kMaxStates] = {0.0f, 0.0f, 0.0f};
-#pragma unroll
-          for (int s = 0; s < NS; ++s) {
-            if constexpr (kQuant) {
-              old_value[s][j][k] =
-                  __fmul_rn(private_code(lane_code[s], (codes[s][j] >> (8 * k)) & 0xffu), old_scale[s][j]);
-            }
-            state[s] = old_value[s][j][k];
-          }
-          const float d = update_element(R, args.wd_mode, args.hyper, finite ? g : 0.0f, p, state, NS, lr);
-          if (norm_mode) {
-            if (finite) norm_sum = __dadd_rn(norm_sum, __dmul_rn(static_cast<double>(d), static_cast<double>(d)));
-          } else {
-            p_new[k] = finite ? apply_direction(p, decay, write_rate(R, lr), d) : p;
-#pragma unroll
-            for (int s = 0; s < NS; ++s) kept[s][j][k] = valid ? (finite ? state[s] : old_value[s][j][k]) : 0.0f;
-            nonfinite += valid && !finite ? 1u : 0u;
-          }
-        }
-        if (!norm_mode) {
-          store_param_row(param_type, param, first[j], count[j], vector_ok, p_new, args.stochastic, args.key,
-                          static_cast<uint64_t>(record.first_index + first[j]));
-          if constexpr (!kQuant) {
-#pragma unroll
-            for (int s = 0; s < NS; ++s) {
-              store_state_row(static_cast<float*>(record.state[s]), first[j], count[j], vector_ok, kept[s][j]);
-            }
-          }
-        }
+        update_row<R, NS, kQuant>(j, args, param_type, grad_type, record, param, vector_ok, lane_code, grad_scale, lr,
+                                  decay, norm_mode, p_raw, g_raw, codes, old_scale, count, first, old_value, kept,
+                                  norm_sum, nonfinite);
       }
 
-      if (kQuant && !norm_mode) {
-        // Block maxima of |kept|: within the lane, then across the block's lanes.
-#pragma unroll
-        for (int s = 0; s < NS; ++s) {
-#pragma unroll
-          for (int j0 = 0; j0 < kRows; j0 += L::kRowsPerBlock) {
-            unsigned m = 0;
-#pragma unroll
-            for (int r = 0; r < L::kRowsPerBlock; ++r) {
-#pragma unroll
-              for (int k = 0; k < kVec; ++k) m = max(m, abs_bits(kept[s][j0 + r][k]));
-            }
-            m = group_max<L::kLanesPerBlock>(m);
-#pragma unroll
-            for (int r = 0; r < L::kRowsPerBlock; ++r) block_max[s][j0 + r] = m;
-          }
-        }
-      }
+      if (kQuant && !norm_mode) warp_block_maxima<NS, L>(kept, block_max);
     }
 
+    // The loop bound is uniform over the CUDA block and norm_mode over the
+    // grid, so every warp of a group reaches every barrier.
     if constexpr (kCrossWarp) {
-      // The warps of a group meet in shared memory. Double buffered by step
-      // parity: a warp cannot run two steps ahead of another of its group,
-      // so one barrier per step suffices. The loop bound is uniform over the
-      // CUDA block and norm_mode over the grid, so every warp of a group
-      // reaches every barrier.
       if (!norm_mode) {
-        if (active && lane == 0) {
-#pragma unroll
-          for (int s = 0; s < NS; ++s) s_partial[parity][warp][s] = block_max[s][0];
-        }
-        group_barrier<L::kGroupWarps, L::kWarps>(group);
-        if (active) {
-#pragma unroll
-          for (int s = 0; s < NS; ++s) {
-            unsigned m = 0;
-#pragma unroll
-            for (int w = 0; w < L::kGroupWarps; ++w) m = max(m, s_partial[parity][warp - part + w][s]);
-#pragma unroll
-            for (int j = 0; j < kRows; ++j) block_max[s][j] = m;
-          }
-        }
+        group_block_maxima<NS, L>(s_partial, parity, warp, part, group, lane, active, block_max);
         parity ^= 1;
       }
     }
 
     if constexpr (kQuant) {
       if (active && !norm_mode) {
-        // Encode the kept values with the blocks' new scales (the segment
-        // record is read again: an L1 hit, and no registers held meanwhile).
-        const FusedSegment& record = args.segments[seg];
-#pragma unroll
-        for (int s = 0; s < NS; ++s) {
-          uint8_t* const codes = static_cast<uint8_t*>(record.state[s]);
-          float* const scales = record.absmax[s];
-#pragma unroll
-          for (int j = 0; j < kRows; ++j) {
-            const float scale = __uint_as_float(canonical_bits(block_max[s][j]));
-            const float inv = reciprocal(scale);
-            float x[kVec];
-#pragma unroll
-            for (int k = 0; k < kVec; ++k) x[k] = scaled_value(kept[s][j][k], inv);
-            uint32_t c[kVec];
-            nearest_codes<kVec>(s_encoder[s], s_thresholds[s], table_address[s], x, c);
-            uint32_t word = 0;
-#pragma unroll
-            for (int k = 0; k < kVec; ++k) word |= c[k] << (8 * k);
-            store_code_word(codes, first[j], count[j], vector_ok, word);
-            // The lane holding a block's first element writes its scale.
-            if (part == 0 && lane % L::kLanesPerBlock == 0 && j % L::kRowsPerBlock == 0 && count[j] > 0) {
-              __stcs(scales + (first[j] >> L::kLog2Block), scale);
-            }
-          }
-        }
+        encode_rows<NS, L>(args.segments[seg], s_encoder, s_thresholds, table_address, part, lane, vector_ok, count,
+                           first, kept, block_max);
       }
     }
   }
@@ -715,35 +786,10 @@ cudaError_t launch_blocksize(bool eight_bit, int64_t blocksize, const KernelArgs
 }
 
 cudaError_t launch_rule(const FusedStepConfig& config, const KernelArgs& args, cudaStream_t stream) {
-  const bool q = config.eight_bit;
-  const int64_t bs = config.blocksize;
-  switch (config.rule) {
-    case Rule::kAdam:
-      if (config.num_states == 2) return launch_blocksize<Rule::kAdam, 2>(q, bs, args, stream);
-      break;
-    case Rule::kSgd:
-      if (config.num_states == 0) return launch_blocksize<Rule::kSgd, 0>(false, bs, args, stream);
-      if (config.num_states == 1) return launch_blocksize<Rule::kSgd, 1>(q, bs, args, stream);
-      break;
-    case Rule::kLars:
-      if (config.num_states == 0) return launch_blocksize<Rule::kLars, 0>(false, bs, args, stream);
-      if (config.num_states == 1) return launch_blocksize<Rule::kLars, 1>(q, bs, args, stream);
-      break;
-    case Rule::kRmsprop:
-      if (config.num_states == 1) return launch_blocksize<Rule::kRmsprop, 1>(q, bs, args, stream);
-      if (config.num_states == 2) return launch_blocksize<Rule::kRmsprop, 2>(q, bs, args, stream);
-      break;
-    case Rule::kAdagrad:
-      if (config.num_states == 1) return launch_blocksize<Rule::kAdagrad, 1>(q, bs, args, stream);
-      break;
-    case Rule::kLion:
-      if (config.num_states == 1) return launch_blocksize<Rule::kLion, 1>(q, bs, args, stream);
-      break;
-    case Rule::kAdemamix:
-      if (config.num_states == 3) return launch_blocksize<Rule::kAdemamix, 3>(q, bs, args, stream);
-      break;
-  }
-  return cudaErrorInvalidValue;
+  return visit_rule_states(config.rule, config.num_states, cudaErrorInvalidValue, [&](auto rule, auto states) {
+    return launch_blocksize<decltype(rule)::value, decltype(states)::value>(config.eight_bit, config.blocksize, args,
+                                                                             stream);
+  });
 }
 
 int element_bytes(FloatType type) { return type == FloatType::kFloat32 ? 4 : 2; }
