@@ -19,6 +19,7 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 
 #include <array>
 #include <cmath>
@@ -376,8 +377,9 @@ inline FusedStepCall check_fused_step(const char* op, at::DeviceType backend, bo
 //   static void quantize(const QuantizeCall&, x, codes, absmax, blocksize, seed);
 //   static void dequantize(const DequantizeCall&, codes, code, absmax, blocksize, out);
 //   static void fused_step(const FusedStepCall&, segment_offsets, blocksize, seed);
-// and registers quantize_op<Backend> etc. (TORCH_LIBRARY_IMPL). The backend
-// functions run only for checked, non-empty calls.
+// and registers them in TORCH_LIBRARY_IMPL (register_quantize_ops<Backend>,
+// fused_step_op<Backend>). The backend functions run only for checked,
+// non-empty calls.
 
 struct BackendInfo {
   const char* op;         // message prefix
@@ -398,6 +400,14 @@ void dequantize_op(const at::Tensor& codes, const at::Tensor& code, const at::Te
                    const at::Tensor& out) {
   const DequantizeCall call = check_dequantize(Backend::kInfo.op, Backend::kInfo.device, codes, code, absmax, blocksize, out);
   if (call.n != 0) Backend::dequantize(call, codes, code, absmax, blocksize, out);
+}
+
+// Registers quantize_op<Backend> and dequantize_op<Backend> in the backend's
+// TORCH_LIBRARY_IMPL block (the two operators share one backend struct).
+template <typename Backend>
+void register_quantize_ops(torch::Library& m) {
+  m.impl("quantize_blockwise", &quantize_op<Backend>);
+  m.impl("dequantize_blockwise", &dequantize_op<Backend>);
 }
 
 template <typename Backend>

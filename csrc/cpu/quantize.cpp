@@ -353,7 +353,4 @@ struct QuantizeCpu {
 }  // namespace cpu
 }  // namespace dist8bit
 
-TORCH_LIBRARY_IMPL(dist8bit, CPU, m) {
-  m.impl("quantize_blockwise", &dist8bit::binding::quantize_op<dist8bit::cpu::QuantizeCpu>);
-  m.impl("dequantize_blockwise", &dist8bit::binding::dequantize_op<dist8bit::cpu::QuantizeCpu>);
-}
+TORCH_LIBRARY_IMPL(dist8bit, CPU, m) { dist8bit::binding::register_quantize_ops<dist8bit::cpu::QuantizeCpu>(m); }

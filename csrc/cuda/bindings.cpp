@@ -63,7 +63,4 @@ struct QuantizeCuda {
 }  // namespace cuda
 }  // namespace dist8bit
 
-TORCH_LIBRARY_IMPL(dist8bit, CUDA, m) {
-  m.impl("quantize_blockwise", &dist8bit::binding::quantize_op<dist8bit::cuda::QuantizeCuda>);
-  m.impl("dequantize_blockwise", &dist8bit::binding::dequantize_op<dist8bit::cuda::QuantizeCuda>);
-}
+TORCH_LIBRARY_IMPL(dist8bit, CUDA, m) { dist8bit::binding::register_quantize_ops<dist8bit::cuda::QuantizeCuda>(m); }
