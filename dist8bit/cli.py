@@ -1,4 +1,5 @@
-"""The `dist8bit` command: `dist8bit convert SRC DST --to fp32|8bit ...` (docs/checkpoints.md)."""
+"""The `dist8bit` command: `dist8bit convert SRC DST --to fp32|8bit ...` (docs/checkpoints.md) and
+`dist8bit plan --model llama-7b --gpus 8 ...` (docs/planner.md)."""
 
 from __future__ import annotations
 
@@ -60,12 +61,18 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .planner.cli import add_plan_arguments, run_plan
+
     parser = argparse.ArgumentParser(prog="dist8bit", description="dist8bit command-line tools")
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert", help="convert optimizer checkpoints between 8-bit and fp32 states")
     add_convert_arguments(convert)
+    convert.set_defaults(run=run_convert)
+    planner = commands.add_parser("plan", help="estimate per-GPU and per-host memory of a training run")
+    add_plan_arguments(planner)
+    planner.set_defaults(run=run_plan)
     args = parser.parse_args(argv)
-    return run_convert(args)
+    return args.run(args)
 
 
 if __name__ == "__main__":
