@@ -17,7 +17,8 @@ DeepSpeedEngine
   _configure_basic_optimizer  builds it from "params" (unknown keys: clear error)
   is_zero_supported_optimizer (engine module) no zero_allow_untested_optimizer needed
   _do_optimizer_sanity_check  refuses configs whose checkpoints would corrupt packed state, ZeRO-3 NVMe/partial offload
-  _configure_optimizer        links whole parameters when ZeRO is off (fp32)
+  _configure_optimizer        links whole parameters when ZeRO is off (fp32); lets a dist8bit client
+                              optimizer through ZeRO-Offload's zero_force_ds_cpu_optimizer check
   _configure_fp16_optimizer   bf16/fp16 without ZeRO: fp32 master copies keep the overrides
   _configure_zero_optimizer   ZeRO 1/2/3 partitions -> segments
   _configure_bf16_optimizer   BF16_Optimizer partitions -> segments
@@ -145,13 +146,40 @@ def _do_optimizer_sanity_check(call: Call) -> Any:
 # --------------------------------------------------------- partitions -> segments
 @patch(ENGINE + "_configure_optimizer", signature="(self, client_optimizer, model_parameters)")
 def _configure_optimizer(call: Call) -> Any:
-    result = call.proceed()
     engine = call["self"]
+    with _host_step_allowed(engine, call["client_optimizer"]):
+        result = call.proceed()
     basic = _basic(engine)
     if _ours(basic) and engine.optimizer is basic:
         for index, group in enumerate(basic.param_groups):
             segments.link_whole(basic, group["params"], group["params"], index)
     return result
+
+
+# Read by _configure_optimizer's ZeRO-Offload check; shadowed per engine by _host_step_allowed.
+PATCHES.record(ENGINE + "zero_force_ds_cpu_optimizer", "(self)")
+
+
+@contextlib.contextmanager
+def _host_step_allowed(engine: Any, client_optimizer: Any) -> Iterator[None]:
+    """Let a dist8bit optimizer object (or class) passed to deepspeed.initialize run under ZeRO-Offload.
+
+    DeepSpeed refuses a client optimizer other than DeepSpeedCPUAdam / DeepSpeedCPULion under
+    ZeRO-Offload unless the config sets zero_force_ds_cpu_optimizer=false, because a generic
+    optimizer steps slowly on the host. A dist8bit optimizer steps the host partitions with its
+    fused CPU kernel, so the guard does not apply: while the optimizer is configured, this
+    engine's zero_force_ds_cpu_optimizer() answers False. (An optimizer named in the config
+    never meets that check.)
+    """
+    ours = _ours(client_optimizer) or (isinstance(client_optimizer, type) and issubclass(client_optimizer, Optimizer8bit))
+    if not ours:
+        yield
+        return
+    engine.zero_force_ds_cpu_optimizer = lambda: False
+    try:
+        yield
+    finally:
+        del engine.zero_force_ds_cpu_optimizer
 
 
 @patch(ENGINE + "_configure_fp16_optimizer", signature="(self, optimizer, low_precision_dtype)")
