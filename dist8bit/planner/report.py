@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..bench.report import format_table, pyplot, save_figure
-from .bytes_model import COMPONENTS, OPTIONS_ORDER, Cluster, Option, Plan, largest_fitting_params, plan
+from .bytes_model import COMPONENTS, OFFLOADS, OPTIONS_ORDER, Cluster, Option, Plan, largest_fitting_params, plan
 from .model_shapes import ModelShape
 from .state_bytes import STATE_PRECISIONS
 
@@ -66,7 +66,8 @@ def option_rows(model: ModelShape, cluster: Cluster, base: Option, gpu_memory: i
         option = replace(base, strategy=strategy, states=states, offload=offload)
         row: dict[str, object] = {"strategy": strategy, "states": states, "offload": offload}
         if not STATE_PRECISIONS[states].available:
-            rows.append({**row, "GiB/GPU": "n/a", "note": STATE_PRECISIONS[states].note})
+            if offload == OFFLOADS[0]:  # one row per strategy says why
+                rows.append({**row, "GiB/GPU": "n/a", "note": STATE_PRECISIONS[states].note})
             continue
         result = plan(model, cluster, option)
         largest = largest_fitting_params(result, gpu_memory, host_memory)
