@@ -94,8 +94,9 @@ def test_override_keeps_32bit_state_under_offload_and_after_resume(offload):
         assert precision["emb.weight"] == {False}, phase  # StableEmbedding's own override
 
 
-def test_client_optimizer_needs_no_zero_force_ds_cpu_optimizer(offload):
-    result = offload["client_optimizer"]
+@pytest.mark.parametrize("kind", ["object", "class"])
+def test_client_optimizer_needs_no_zero_force_ds_cpu_optimizer(offload, kind):
+    result = offload["client_optimizer"][kind]
     assert result["error"] == ("no error", ""), result["error"]
     assert result["offload"] and result["state_devices"] == ["cpu"]
 

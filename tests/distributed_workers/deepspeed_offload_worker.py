@@ -95,14 +95,14 @@ def override_case(workdir: str) -> dict:
     return result
 
 
-def client_optimizer_case() -> dict:
-    """A dist8bit optimizer object passed to deepspeed.initialize under ZeRO-Offload (HF Trainer's way),
-    without zero_force_ds_cpu_optimizer=false in the config."""
+def client_optimizer_case(kind: str) -> dict:
+    """A dist8bit optimizer passed to deepspeed.initialize under ZeRO-Offload, as an object (HF Trainer's
+    way) or as a class DeepSpeed instantiates, without zero_force_ds_cpu_optimizer=false in the config."""
     torch.manual_seed(0)
     model = TinyLM()
     cfg = config(2, False, OFFLOAD, {}, "AdamW8bit")
     del cfg["optimizer"]
-    optimizer = dist8bit.optim.AdamW8bit(model.parameters(), lr=1e-3)
+    optimizer = dist8bit.optim.AdamW8bit(model.parameters(), lr=1e-3) if kind == "object" else dist8bit.optim.AdamW8bit
 
     def run() -> dict:
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
@@ -124,7 +124,7 @@ def main() -> None:
         results["cases"][case[0]] = {**result, "facts": [offload_facts(engine) for engine in BUILT]}  # trained, resumed
         BUILT.clear()
     results["override"] = override_case(workdir)
-    results["client_optimizer"] = client_optimizer_case()
+    results["client_optimizer"] = {kind: client_optimizer_case(kind) for kind in ("object", "class")}
     if rank() == 0:
         torch.save(results, out)
     torch.distributed.barrier()  # leave together (see deepspeed_worker.py)
