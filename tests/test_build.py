@@ -304,12 +304,13 @@ def test_running_in_ci_reads_the_ci_variable(monkeypatch, value, expected):
 
 def test_ci_turns_a_build_failure_into_a_failure(monkeypatch):
     import conftest
+    import helpers
 
     def broken(name: str) -> None:
         raise RuntimeError(f"the {name} backend is unavailable on this machine: compile step failed")
 
-    monkeypatch.setattr(conftest, "load_backend", broken)
-    failure = conftest.build_failure("cpu")
+    monkeypatch.setattr(helpers, "load_backend", broken)
+    failure = helpers.build_failure.__wrapped__("cpu")  # past the per-process cache
     assert failure is not None and "compile step failed" in failure
     conftest.require_build_in_ci("cpu", failure, ci=False)  # a developer machine skips instead
     with pytest.raises(pytest.exit.Exception, match="CI=true and the cpu extension failed to build") as raised:
