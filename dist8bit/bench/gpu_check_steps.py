@@ -37,10 +37,12 @@ LAUNCH_STRATEGIES = ("ddp", "fsdp", "deepspeed")
 LAUNCH_STEPS = 200
 ZERO2_CONFIG = "launch/configs/zero2_adamw8bit.json"
 GPU_TEST_FILES = (
+    "tests/test_compat_functional.py",
     "tests/test_cuda_kernels.py",
     "tests/test_cuda_fused_step.py",
     "tests/test_encoder_exhaustive.py",
     "tests/test_functional.py",
+    "tests/test_oracles.py",
     "tests/test_optim_*.py",
     "tests/test_paging.py",
 )
