@@ -33,6 +33,14 @@ CASES = {
         "impl",
         {"dist8bit AdamW8bit", "dist8bit AdamW32bit", "torch AdamW fused", "torch AdamW foreach"},
     ),
+    "offload": (
+        ["--presets", "gpt-small-test", "--budget", "0"],
+        "offload-gpt-small-test.json",
+        {"benchmark", "preset", "numel", "copy_bandwidth_GBps", "rmw_bandwidth_GBps", "machine", "bars", "rows"},
+        {"impl"},
+        "impl",
+        {"dist8bit AdamW8bit", "dist8bit AdamW32bit", "DeepSpeedCPUAdam", "torch AdamW fused", "torch AdamW foreach"},
+    ),
     "quantiles": (
         ["--log2-numel", "14", "--budget", "0"],
         "quantiles.json",
@@ -82,6 +90,10 @@ def test_benchmark_writes_its_json(name, tmp_path):
     if name == "optim":  # ours must run (a peer that cannot is reported in its row)
         ours = [row for row in rows if row["impl"].startswith("dist8bit")]
         assert all(row["ms"] > 0 and row["state_bytes_per_param"] > 0 for row in ours), ours
+    if name == "offload":  # master + state from the real tensors: 4 + 2.03 (8-bit) / 4 + 8 (32-bit), small tensors 32-bit
+        hosts = {row["impl"]: row.get("host_bytes_per_param") for row in rows}
+        assert 6.0 < hosts["dist8bit AdamW8bit"] < 6.1 and hosts["dist8bit AdamW32bit"] == pytest.approx(12.0, abs=1e-9)
+        assert result["bars"]["host_bytes_per_param_met"] is True
     if name == "quantiles":
         assert result["numel"] == 1 << 14
         exact = {row["impl"]: row["max_abs_err_inner"] for row in rows}

@@ -1,14 +1,15 @@
-"""python -m dist8bit.bench {quantize,optim,quantiles,paged,convert,gpu-check} [--out DIR] ..."""
+"""python -m dist8bit.bench {quantize,optim,offload,quantiles,paged,convert,gpu-check} [--out DIR] ..."""
 
 from __future__ import annotations
 
 import argparse
 
-from . import convert, gpu_check, optim, paged, quantiles, quantize
+from . import convert, gpu_check, offload, optim, paged, quantiles, quantize
 
 BENCHMARKS = {
     "quantize": (quantize, "quantize/dequantize throughput per backend vs bitsandbytes and copy bandwidth"),
     "optim": (optim, "AdamW step time and state memory vs torch, bitsandbytes and torchao"),
+    "offload": (offload, "ZeRO-Offload host step: fp32 master + 8-bit state vs DeepSpeedCPUAdam and torch fused AdamW"),
     "quantiles": (quantiles, "estimate_quantiles vs torch.quantile and a full sort"),
     "paged": (paged, "paged optimizer states: overhead when everything fits, step time with a fraction evicted"),
     "convert": (convert, "checkpoint conversion throughput and peak memory on a synthetic AdamW checkpoint"),
