@@ -76,6 +76,12 @@ class HostMirror:
         if free_device_grad:
             self.param.grad = None
 
+    def before_accumulate(self) -> None:
+        """Order the next write into the device gradient after the copy still reading it (a tensor hook,
+        which autograd runs before it accumulates into .grad): a stream dependency, not a host wait."""
+        if self._event is not None:
+            torch.cuda.current_stream(self.param.device).wait_event(self._event)
+
     def wait(self) -> None:
         """Block until the gradient's device-to-host copy has landed."""
         if self._event is not None:

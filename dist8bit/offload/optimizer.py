@@ -88,6 +88,8 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         mirror = self._mirrors[param] = HostMirror(param, self._stream)
         if param.requires_grad:
             self._hooks.append(param.register_post_accumulate_grad_hook(self._on_grad))
+            if mirror.stream is not None:  # gradient accumulation: see HostMirror.before_accumulate
+                self._hooks.append(param.register_hook(lambda grad, m=mirror: m.before_accumulate()))
         return mirror
 
     def _on_grad(self, param: torch.Tensor) -> None:
