@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .. import optim as d8
 from ..backends import backend_for
 from .optim import PRESETS, bytes_per_param, state_bytes
-from .report import format_table, machine_description, pyplot, save_figure, write_json
+from .report import format_table, machine_description, plot_time_and_bytes, write_json
 from .timing import busy_cores, copy_bandwidth_gbs, rmw_bandwidth_gbs
 
 DEEPSPEED = "DeepSpeedCPUAdam"
@@ -231,15 +231,12 @@ def _summary(results: dict[str, dict]) -> None:
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
-    timed = [r for r in rows if "ms" in r]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    names = [r["impl"].replace(" ", "\n", 1) for r in timed]
-    left.barh(names, [r["ms"] for r in timed], color="C0")
-    left.set_xlabel("host step time (ms, lower is better)")
-    right.barh(names, [r["host_bytes_per_param"] for r in timed], color="C2")
-    right.axvline(HOST_BYTES_BAR, color="k", linestyle="--", linewidth=1)
-    right.set_xlabel("host bytes per parameter (fp32 master + optimizer state)")
-    save_figure(fig, path, title)
+    plot_time_and_bytes(
+        rows,
+        path,
+        title,
+        "host step time (ms, lower is better)",
+        "host_bytes_per_param",
+        "host bytes per parameter (fp32 master + optimizer state)",
+        bytes_bar=HOST_BYTES_BAR,
+    )

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .. import optim as d8
-from .report import format_table, machine_description, pyplot, save_figure, write_json
+from .report import format_table, machine_description, plot_time_and_bytes, write_json
 from .timing import busy_cores, copy_bandwidth_gbs, rmw_bandwidth_gbs, time_call
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -182,14 +182,6 @@ def _measure(
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
-    timed = [r for r in rows if "ms" in r]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    names = [r["impl"].replace(" ", "\n", 1) for r in timed]
-    left.barh(names, [r["ms"] for r in timed], color="C0")
-    left.set_xlabel("step time (ms, lower is better)")
-    right.barh(names, [r["state_bytes_per_param"] for r in timed], color="C2")
-    right.set_xlabel("optimizer state bytes per parameter")
-    save_figure(fig, path, title)
+    plot_time_and_bytes(
+        rows, path, title, "step time (ms, lower is better)", "state_bytes_per_param", "optimizer state bytes per parameter"
+    )

@@ -94,3 +94,31 @@ def save_figure(figure, path: Path, title: str | None = None, dpi: int = 120) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi)
     plt.close(figure)
+
+
+def plot_time_and_bytes(
+    rows: Sequence[dict[str, object]],
+    path: Path,
+    title: str,
+    time_label: str,
+    bytes_key: str,
+    bytes_label: str,
+    bytes_bar: float | None = None,
+) -> None:
+    """Two bar charts per implementation: step time (left) and bytes per parameter (right, with an optional bar line).
+
+    One figure layout for the optimizer benchmarks (bench optim, bench offload); rows without
+    a time (failed or skipped implementations) are left out. No-op without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return
+    timed = [r for r in rows if "ms" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    names = [str(r["impl"]).replace(" ", "\n", 1) for r in timed]
+    left.barh(names, [r["ms"] for r in timed], color="C0")
+    left.set_xlabel(time_label)
+    right.barh(names, [r[bytes_key] for r in timed], color="C2")
+    if bytes_bar is not None:
+        right.axvline(bytes_bar, color="k", linestyle="--", linewidth=1)
+    right.set_xlabel(bytes_label)
+    save_figure(fig, path, title)
