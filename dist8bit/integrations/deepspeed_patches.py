@@ -175,11 +175,8 @@ def _host_step_allowed(engine: Any, client_optimizer: Any) -> Iterator[None]:
     if not ours:
         yield
         return
-    engine.zero_force_ds_cpu_optimizer = lambda: False
-    try:
+    with _shadowed(engine, "zero_force_ds_cpu_optimizer", lambda: False):
         yield
-    finally:
-        del engine.zero_force_ds_cpu_optimizer
 
 
 @patch(ENGINE + "_configure_fp16_optimizer", signature="(self, optimizer, low_precision_dtype)")
@@ -191,7 +188,7 @@ def _configure_fp16_optimizer(call: Call) -> Any:
     # it is built, to create state. For dist8bit that step would create the
     # state before the fp32 copies carry their parameters' overrides, count a
     # step and apply weight decay; state is created by the first real step.
-    with _no_step(optimizer):
+    with _shadowed(optimizer, "step", types.MethodType(lambda self, closure=None: None, optimizer)):
         wrapper = call.proceed()
     if not (hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups")):
         raise segments.DeepSpeedLayoutError(f"unexpected DeepSpeed mixed-precision optimizer {type(wrapper).__name__}")
@@ -202,12 +199,13 @@ def _configure_fp16_optimizer(call: Call) -> Any:
 
 
 @contextlib.contextmanager
-def _no_step(optimizer: Optimizer8bit) -> Iterator[None]:
-    optimizer.step = types.MethodType(lambda self, closure=None: None, optimizer)
+def _shadowed(instance: Any, name: str, value: Any) -> Iterator[None]:
+    """Shadow a class attribute on one instance for the duration; the class (and other instances) keep theirs."""
+    setattr(instance, name, value)
     try:
         yield
     finally:
-        del optimizer.step
+        delattr(instance, name)
 
 
 @patch(ENGINE + "_configure_zero_optimizer", signature="(self, optimizer)")
