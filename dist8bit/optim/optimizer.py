@@ -231,8 +231,11 @@ class Optimizer8bit(torch.optim.Optimizer):
         """Per-segment trust ratio of a layer-wise adaptive rule (LAMB, LARS); None (1) for the others."""
         return None
 
-    def update_scale(self, config: dict[str, Any], norms: SegmentNorms) -> torch.Tensor | None:
-        """Per-segment multiplier of the step: the trust ratio, then max_unorm on the scaled update; None when 1."""
+    def update_scale(self, config: dict[str, Any], norms: SegmentNorms, step: int, eight_bit: bool) -> torch.Tensor | None:
+        """Per-segment multiplier of the step: the trust ratio, then max_unorm on the scaled update; None when 1.
+
+        `step` and `eight_bit` describe the batch: dist8bit's rules do not need them, bitsandbytes'
+        clipping does (dist8bit.compat.bitsandbytes.optim)."""
         scale = self.trust_ratio(config, norms)
         if config["max_unorm"] <= 0.0:
             return scale
@@ -533,7 +536,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             return sums
 
         norms = SegmentNorms(list(call.params), list(call.grads), direction_sums)
-        update_scale = self.update_scale(config, norms)
+        update_scale = self.update_scale(config, norms, step, eight_bit)
         counter = self.nonfinite_counts.get(device)
         if counter is None:  # allocated once per device, not per step
             counter = self.nonfinite_counts[device] = torch.zeros(1, dtype=torch.int64, device=device)

@@ -43,14 +43,14 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 
 from ... import optim as d8
 from ...optim import GlobalOptimManager as GlobalOptimManager  # re-exported, as bitsandbytes.optim does
-from ...optim.norms import clip_update_norm, l2_norms
+from ...optim.norms import clip_update_norm
 
 _REQUIRED = inspect.Parameter.empty
 # Keyword-only options of bitsandbytes releases before 0.45 (gone from 0.50.2's signatures).
@@ -164,26 +164,15 @@ class _Compat:
 class _MaxUnormClipping:
     """bitsandbytes' max_unorm: the step is scaled so that the update's norm is at most max_unorm * ||p||,
     with ||p|| taken before the step. Its 8-bit update has no max_unorm: only 32-bit states clip.
-
-    dist8bit's `update_scale` hook is told neither the batch's step (LAMB's norm
-    needs it) nor its precision, so `_launch`, which is, records them for it.
     """
 
     clips_eight_bit_states: ClassVar[bool] = False
-    _batch: tuple[int, bool, list[torch.Tensor]] = (0, False, [])
 
-    def _launch(
-        self, device: torch.device, eight_bit: bool, blocksize: int, hyper: Sequence[float], step: int, units: list[Any]
-    ) -> None:
-        self._batch = (step, eight_bit, [unit.param for unit in units])
-        super()._launch(device, eight_bit, blocksize, hyper, step, units)
-
-    def update_scale(self, config: dict[str, Any], norms: Any) -> torch.Tensor | None:
-        step, eight_bit, params = self._batch
+    def update_scale(self, config: dict[str, Any], norms: Any, step: int, eight_bit: bool) -> torch.Tensor | None:
         if config["max_unorm"] <= 0.0 or (eight_bit and not self.clips_eight_bit_states):
             return None
         update_norms = norms.directions * self._norm_ratio(config, step)
-        return clip_update_norm(config["max_unorm"], l2_norms(params), update_norms)
+        return clip_update_norm(config["max_unorm"], norms.params, update_norms)
 
     def _norm_ratio(self, config: dict[str, Any], step: int) -> float:
         """The norm of what bitsandbytes clips, over the norm of dist8bit's direction."""
