@@ -19,25 +19,30 @@ from functools import lru_cache
 
 import torch
 
-from .backends import backend_for
+from .backends import REFERENCE, backend_for
 from .quant.codebook import Codebook, build_codebook
 from .quant.layout import DEFAULT_BLOCKSIZE, QUANTIZE_BLOCKSIZES, check_blocksize, num_blocks
 from .quant.maps import (
     create_dynamic_map,
+    create_dynamic_map_4bit,
     create_fp8_map,
     create_linear_map,
+    create_linear_map_4bit,
     create_normal_map,
     create_quantile_map,
     validate_map,
 )
+from .quant.packing import code_bytes
 from .quant.quantiles import estimate_quantiles
 from .quant.state import QuantState
 
 __all__ = [
     "QuantState",
     "create_dynamic_map",
+    "create_dynamic_map_4bit",
     "create_fp8_map",
     "create_linear_map",
+    "create_linear_map_4bit",
     "create_normal_map",
     "create_quantile_map",
     "dequantize",
@@ -68,6 +73,15 @@ def codebook_for(code: torch.Tensor | None, device: torch.device, name: str = "c
     validate_map(code, name)
     bits = tuple(code.detach().reshape(-1).cpu().view(torch.int32).tolist())
     return _cached_codebook(bits, device)
+
+
+def _backend(device: torch.device, codebook: Codebook):
+    """The backend for `device`; 4-bit maps go through the reference backend.
+
+    The compiled quantize operators take 256-entry maps only; the optimizer's
+    4-bit states are encoded inside the fused step kernels. The reference
+    path is exact and runs on every device, so results are the same bits."""
+    return backend_for(device) if codebook.bits == 8 else REFERENCE
 
 
 def _check_float_tensor(tensor: object, name: str) -> torch.Tensor:
@@ -107,7 +121,9 @@ def quantize_blockwise(
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantize A to uint8 codes with one float32 absmax per block.
 
-    `code` defaults to the signed dynamic map. `absmax` and `out` are optional
+    `code` defaults to the signed dynamic map. A 16-value map (e.g.
+    create_dynamic_map_4bit()) gives 4-bit codes packed two per byte
+    (dist8bit.quant.packing): a 1-D tensor of ceil(numel / 2) bytes. `absmax` and `out` are optional
     output buffers. With `stochastic_rounding`, each value rounds to the code
     above or below with probability given by its distance; `seed` (default 0)
     makes that reproducible and identical on every backend.
@@ -121,11 +137,10 @@ def quantize_blockwise(
     _check_float_tensor(A, "A")
     check_blocksize(blocksize, supported=QUANTIZE_BLOCKSIZES)
     device = A.device
-    backend = backend_for(device)
     codebook = codebook_for(code, device)
     n = A.numel()
     blocks = num_blocks(n, blocksize)
-    _check_out(out, "out", n, (torch.uint8,), device)
+    _check_out(out, "out", code_bytes(n, codebook.bits), (torch.uint8,), device)
     _check_out(absmax, "absmax", blocks, (torch.float32,), device)
     if nested and absmax is not None:
         raise ValueError("absmax= cannot be combined with nested=True: a nested state keeps its scales as uint8 codes")
@@ -136,9 +151,12 @@ def quantize_blockwise(
         from .quant.stochastic import seed_key
 
         seed_key(rounding_seed)  # validates the seed
-    codes = out if out is not None else torch.empty(A.shape, dtype=torch.uint8, device=device)
+    shape = A.shape if codebook.bits == 8 else (code_bytes(n, 4),)
+    codes = out if out is not None else torch.empty(shape, dtype=torch.uint8, device=device)
     scales = absmax if absmax is not None else torch.empty(blocks, dtype=torch.float32, device=device)
-    backend.quantize_blockwise(A.contiguous().view(-1), codebook, blocksize, rounding_seed, codes.view(-1), scales)
+    _backend(device, codebook).quantize_blockwise(
+        A.contiguous().view(-1), codebook, blocksize, rounding_seed, codes.view(-1), scales
+    )
     state = QuantState(scales, A.shape, codebook.code.clone(), blocksize, None, A.dtype)
     if nested:
         _nest_absmax(state)
@@ -174,7 +192,9 @@ def dequantize_blockwise(
     Pass either the QuantState returned by quantize_blockwise (nested or not)
     or `absmax` (and optionally `code`, default the signed dynamic map, and
     `blocksize`). The result has A's shape and the original dtype (float32
-    without a state).
+    without a state). With a 16-value map A holds packed 4-bit codes; the
+    element count then comes from the state's shape, or `out`, or is
+    2 * A.numel().
     """
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"A must be a torch.Tensor of uint8 codes, got {type(A).__name__}")
@@ -192,32 +212,52 @@ def dequantize_blockwise(
             )
         absmax, code, blocksize = _decoded_absmax(quant_state), quant_state.code, quant_state.blocksize
         dtype = dtype or quant_state.dtype
-        if quant_state.shape is not None and quant_state.shape.numel() != A.numel():
-            raise ValueError(f"A has {A.numel()} codes but quant_state describes a tensor of shape {tuple(quant_state.shape)}")
     elif absmax is None:
         raise ValueError("dequantize_blockwise needs quant_state or absmax")
     check_blocksize(blocksize, supported=QUANTIZE_BLOCKSIZES)
     device = A.device
+    codebook = codebook_for(code, device)
+    shape = _decoded_shape(A, codebook, quant_state, out)
     if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32:
         raise TypeError(f"absmax must be a float32 tensor, got {getattr(absmax, 'dtype', type(absmax).__name__)}")
-    expected_blocks = num_blocks(A.numel(), blocksize)
+    n = shape.numel()
+    expected_blocks = num_blocks(n, blocksize)
     if absmax.numel() != expected_blocks:
         raise ValueError(
-            f"absmax has {absmax.numel()} scales but {A.numel()} codes with blocksize={blocksize} need {expected_blocks}; "
+            f"absmax has {absmax.numel()} scales but {n} codes with blocksize={blocksize} need {expected_blocks}; "
             "were they quantized with another blocksize?"
         )
     if absmax.device != device:
         raise ValueError(f"absmax is on {absmax.device} but the codes are on {device}")
-    codebook = codebook_for(code, device)
     dtype = dtype or (out.dtype if out is not None else torch.float32)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    _check_out(out, "out", A.numel(), (dtype,), device)
-    result = out if out is not None else torch.empty(A.shape, dtype=dtype, device=device)
-    backend_for(device).dequantize_blockwise(
+    _check_out(out, "out", n, (dtype,), device)
+    result = out if out is not None else torch.empty(shape, dtype=dtype, device=device)
+    _backend(device, codebook).dequantize_blockwise(
         A.contiguous().view(-1), codebook.code, absmax.contiguous(), blocksize, result.view(-1)
     )
     return result
+
+
+def _decoded_shape(A: torch.Tensor, codebook: Codebook, quant_state: QuantState | None, out: torch.Tensor | None) -> torch.Size:
+    """Shape of the decoded tensor: A's for 8-bit codes; for packed 4-bit codes the
+    state's shape, else out's, else 2 * A.numel() elements."""
+    if quant_state is not None and quant_state.shape is not None:
+        expected = code_bytes(quant_state.shape.numel(), codebook.bits)
+        if expected != A.numel():
+            raise ValueError(
+                f"A has {A.numel()} code bytes but quant_state describes a tensor of shape {tuple(quant_state.shape)} "
+                f"({expected} bytes of {codebook.bits}-bit codes)"
+            )
+        return quant_state.shape if codebook.bits == 4 else A.shape
+    if codebook.bits == 8:
+        return A.shape
+    if out is not None:
+        if code_bytes(out.numel(), 4) != A.numel():
+            raise ValueError(f"out has {out.numel()} elements but A holds {A.numel()} bytes of packed 4-bit codes")
+        return out.shape
+    return torch.Size([2 * A.numel()])
 
 
 def quantize(
@@ -227,6 +267,8 @@ def quantize(
     _check_float_tensor(A, "A")
     device = A.device
     codebook = codebook_for(code, device)
+    if codebook.bits != 8:
+        raise ValueError("quantize() takes 256-value maps; use quantize_blockwise for 4-bit maps")
     _check_out(out, "out", A.numel(), (torch.uint8,), device)
     codes = out if out is not None else torch.empty(A.shape, dtype=torch.uint8, device=device)
     absmax = torch.empty(min(A.numel(), 1), dtype=torch.float32, device=device)

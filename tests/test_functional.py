@@ -181,8 +181,8 @@ def test_rejects_mismatched_codes_and_absmax():
 
 
 def test_rejects_bad_maps_by_name():
-    with pytest.raises(ValueError, match="code must hold exactly 256"):
-        F.quantize_blockwise(torch.randn(16), code=torch.linspace(-1, 1, 16))
+    with pytest.raises(ValueError, match="code must hold exactly 256 values \\(8-bit\\) or 16 \\(4-bit\\)"):
+        F.quantize_blockwise(torch.randn(16), code=torch.linspace(-1, 1, 17))
     with pytest.raises(ValueError, match="code must be sorted"):
         F.quantize_blockwise(torch.randn(16), code=torch.linspace(1, -1, 256))
 

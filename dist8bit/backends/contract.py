@@ -31,8 +31,11 @@ class FusedStepCall:
     states[S][k]: uint8 codes with absmaxes[S][k] = float32 scales, one per
     block of `blocksize` starting at the segment's first element, or float32
     values with absmaxes[S] empty. An empty states[S] means slot S is unused.
-    All segments share one precision; `codebooks[S]` is the codebook of an
-    8-bit slot, None for 32-bit or unused slots.
+    All segments share one precision; `codebooks[S]` is the codebook of a
+    quantized slot, None for 32-bit or unused slots. A 16-value codebook
+    (Codebook.bits == 4) means 4-bit codes packed two per byte
+    (dist8bit.quant.packing): states[S][k] then holds ceil(numel / 2) bytes.
+    Every quantized slot of a call has the same bits.
 
     Per element, with d the direction of `rule` (dist8bit.backends.rules,
     csrc/common/update_rules.h, reference_optim.py):

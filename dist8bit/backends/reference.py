@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from ..quant.codebook import Codebook, nearest_code_index
 from ..quant.layout import num_blocks
+from ..quant.maps import MAP_SIZE_4BIT
+from ..quant.packing import pack_nibbles, unpack_nibbles
 from ..quant.stochastic import uniform_for_indices
 
 
@@ -57,7 +59,8 @@ def quantize_blockwise(
     index = nearest_code_index(s, codebook.thresholds)
     if seed is not None:
         index = round_stochastically(s, index, codebook.code, seed)
-    codes.view(-1).copy_(index.to(torch.uint8))
+    index = index.to(torch.uint8)
+    codes.view(-1).copy_(pack_nibbles(index) if codebook.bits == 4 else index)
     absmax.copy_(block_absmax)
 
 
@@ -68,9 +71,11 @@ def dequantize_blockwise(
     blocksize: int,
     out: torch.Tensor,
 ) -> None:
-    n = codes.numel()
+    """out[i] = code[c_i] * absmax[i // blocksize]; codes are packed two per byte for a 16-value `code`."""
+    n = out.numel()
     if n == 0:
         return
-    values = code[codes.reshape(-1).long()]
+    flat = unpack_nibbles(codes, n) if code.numel() == MAP_SIZE_4BIT else codes.reshape(-1)
+    values = code[flat.long()]
     scales = absmax.repeat_interleave(blocksize)[:n]
     out.view(-1).copy_(values * scales)

@@ -116,10 +116,11 @@ def write_rate(rule: Rule, lr):
     return 1.0 if rule == Rule.LARS else lr
 
 
-def _load_state(state: torch.Tensor, absmax: torch.Tensor | None, codebook: Codebook | None, blocksize: int) -> torch.Tensor:
+def _load_state(
+    state: torch.Tensor, absmax: torch.Tensor | None, codebook: Codebook | None, blocksize: int, n: int
+) -> torch.Tensor:
     if state.dtype == torch.float32:
         return state.reshape(-1).clone()
-    n = state.numel()
     out = torch.empty(n, dtype=torch.float32, device=state.device)
     reference.dequantize_blockwise(state.reshape(-1), codebook.code, absmax, blocksize, out)
     return out
@@ -162,7 +163,10 @@ def fused_step(call: FusedStepCall) -> None:
         finite = torch.isfinite(g)
         g = torch.where(finite, g, torch.zeros_like(g))
         absmax_of = [call.absmaxes[k][index] if len(call.absmaxes[k]) else None for k in slots]
-        old = [_load_state(call.states[k][index], absmax_of[i], call.codebooks[k], call.blocksize) for i, k in enumerate(slots)]
+        old = [
+            _load_state(call.states[k][index], absmax_of[i], call.codebooks[k], call.blocksize, p.numel())
+            for i, k in enumerate(slots)
+        ]
         lr = h[HyperSlot.LR]
         if call.update_scale is not None:
             lr = torch.tensor(lr, dtype=torch.float32) * call.update_scale[index]

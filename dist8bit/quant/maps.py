@@ -1,9 +1,13 @@
-"""Quantization maps: the 256 values an 8-bit code can decode to.
+"""Quantization maps: the values a code can decode to.
 
-Every map is a sorted float32 tensor of exactly 256 values (maps with fewer
-bits are padded with zeros, so kernels always index a 256-entry table). This
-module is the only place maps are built; the CPU, CUDA and reference paths all
-receive the tensor it returns.
+An 8-bit map is a sorted float32 tensor of exactly 256 values (bitsandbytes'
+maps with fewer bits are padded with zeros, so kernels index a 256-entry
+table). A 4-bit map is a sorted float32 tensor of exactly 16 values, unpadded:
+padding zeros would put 0 back among the candidates, and the 4-bit second-
+moment map exists to keep 0 out (Li, Chen, Zhu 2023, the zero-point problem).
+The kernels tell the two apart by the map's size. This module is the only
+place maps are built; the CPU, CUDA and reference paths all receive the
+tensor it returns.
 """
 
 from __future__ import annotations
@@ -11,32 +15,31 @@ from __future__ import annotations
 import torch
 
 MAP_SIZE = 256
+MAP_SIZE_4BIT = 16
+MAP_SIZES = {MAP_SIZE: 8, MAP_SIZE_4BIT: 4}  # entries -> bits per code
 
 
-def _pad_and_sort(values: list[float] | torch.Tensor) -> torch.Tensor:
-    """Zero-pad to 256 entries and sort, so kernels can assume one layout."""
+def map_bits(code: torch.Tensor) -> int:
+    """Bits per code of a map: 8 for 256 entries, 4 for 16."""
+    bits = MAP_SIZES.get(code.numel())
+    if bits is None:
+        raise ValueError(f"a map holds {MAP_SIZE} (8-bit) or {MAP_SIZE_4BIT} (4-bit) values, got {code.numel()}")
+    return bits
+
+
+def _pad_and_sort(values: list[float] | torch.Tensor, size: int = MAP_SIZE) -> torch.Tensor:
+    """Zero-pad to `size` entries and sort, so kernels can assume one layout."""
     data = torch.as_tensor(values, dtype=torch.float32).flatten()
-    if data.numel() > MAP_SIZE:
-        raise ValueError(f"a map holds at most {MAP_SIZE} values, got {data.numel()}")
-    padded = torch.cat([data, torch.zeros(MAP_SIZE - data.numel(), dtype=torch.float32)])
+    if data.numel() > size:
+        raise ValueError(f"a map holds at most {size} values, got {data.numel()}")
+    padded = torch.cat([data, torch.zeros(size - data.numel(), dtype=torch.float32)])
     # Stable: a map holding both +0.0 and -0.0 (the signed fp8 maps) keeps
     # their order, so the bits of the map are reproducible.
     return torch.sort(padded, stable=True).values
 
 
-def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
-    """Dynamic tree quantization map (Dettmers 2015; used by 8-bit Adam).
-
-    Each decade 10^-k gets its own run of linearly spaced values, so the map
-    resolves both tiny and large magnitudes after block-wise absmax scaling.
-    The signed map serves first moments; the unsigned one spends the sign bit
-    on extra resolution for non-negative second moments. Values are
-    bit-identical to bitsandbytes' map, so its checkpoints decode unchanged,
-    over bitsandbytes' whole argument range: a signed map may use every bit
-    for the exponent (`max_exponent_bits == total_bits`: the smallest decade
-    is then empty). Unsigned maps with fewer exponent bits than
-    `total_bits - 1`, which bitsandbytes refuses, come out zero-padded.
-    """
+def _dynamic_values(signed: bool, max_exponent_bits: int, total_bits: int) -> torch.Tensor:
+    """The dynamic map's values, unsorted and unpadded (see create_dynamic_map)."""
     if not 1 <= total_bits <= 8:
         raise ValueError(f"total_bits must be in [1, 8], got {total_bits}")
     non_sign_bits = total_bits - 1
@@ -65,7 +68,49 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     if extra_items > 0:
         add_decade(10.0 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1), extra_items)
     values.append(torch.tensor([0.0, 1.0]))
-    return _pad_and_sort(torch.cat(values))
+    return torch.cat(values)
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """Dynamic tree quantization map (Dettmers 2015; used by 8-bit Adam).
+
+    Each decade 10^-k gets its own run of linearly spaced values, so the map
+    resolves both tiny and large magnitudes after block-wise absmax scaling.
+    The signed map serves first moments; the unsigned one spends the sign bit
+    on extra resolution for non-negative second moments. Values are
+    bit-identical to bitsandbytes' map, so its checkpoints decode unchanged,
+    over bitsandbytes' whole argument range: a signed map may use every bit
+    for the exponent (`max_exponent_bits == total_bits`: the smallest decade
+    is then empty). Unsigned maps with fewer exponent bits than
+    `total_bits - 1`, which bitsandbytes refuses, come out zero-padded.
+    """
+    return _pad_and_sort(_dynamic_values(signed, max_exponent_bits, total_bits))
+
+
+def create_dynamic_map_4bit(signed: bool = True) -> torch.Tensor:
+    """The 16-value dynamic map: the same recipe at 4 bits (3 exponent bits), unpadded.
+
+    Signed, it is the first-moment map of 4-bit optimizer states (Li, Chen,
+    Zhu 2023's "DE": decades 10^-2, 10^-1, 10^0 with 1, 2 and 4 values per
+    sign, plus 0 and 1).
+    """
+    return _pad_and_sort(_dynamic_values(signed, 3, 4), MAP_SIZE_4BIT)
+
+
+def create_linear_map_4bit(add_zero: bool = False) -> torch.Tensor:
+    """The 16-value unsigned linear map: k/16 for k = 1..16, or k/15 for k = 0..15 with `add_zero`.
+
+    Without zero it is the second-moment map of 4-bit optimizer states: a
+    second moment that rounds to 0 turns m / sqrt(v) into m / eps, the
+    zero-point problem Li, Chen, Zhu (2023) found to destabilise 4-bit Adam;
+    here the smallest value a non-empty block can decode to is absmax / 16.
+    """
+    steps = MAP_SIZE_4BIT - 1
+    if add_zero:
+        grid = torch.arange(0, steps + 1, dtype=torch.float64) / steps
+    else:
+        grid = torch.arange(1, steps + 2, dtype=torch.float64) / (steps + 1)
+    return _pad_and_sort(grid.float(), MAP_SIZE_4BIT)
 
 
 def create_linear_map(signed: bool = True, total_bits: int = 8, add_zero: bool = True) -> torch.Tensor:
@@ -166,13 +211,16 @@ def create_quantile_map(A: torch.Tensor, total_bits: int = 8) -> torch.Tensor:
 
 
 def validate_map(code: torch.Tensor, name: str = "code") -> None:
-    """Raise a clear error unless `code` is 256 sorted finite float32 values."""
+    """Raise a clear error unless `code` is 256 (8-bit) or 16 (4-bit) sorted finite float32 values."""
     if not isinstance(code, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of {MAP_SIZE} float32 values, got {type(code).__name__}")
     if code.dtype != torch.float32:
         raise TypeError(f"{name} must be float32, got {code.dtype}; build it with dist8bit.functional.create_dynamic_map()")
-    if code.numel() != MAP_SIZE:
-        raise ValueError(f"{name} must hold exactly {MAP_SIZE} values, got {code.numel()}; pad shorter maps with zeros")
+    if code.numel() not in MAP_SIZES:
+        raise ValueError(
+            f"{name} must hold exactly {MAP_SIZE} values (8-bit) or {MAP_SIZE_4BIT} (4-bit), got {code.numel()}; "
+            "pad shorter 8-bit maps with zeros"
+        )
     flat = code.reshape(-1)
     if not bool(torch.isfinite(flat).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
