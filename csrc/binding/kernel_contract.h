@@ -12,7 +12,8 @@
 // The backends differ only in what they are handed here: the device type their
 // tensors live on, a message prefix, and (CUDA) whether every gradient must
 // share one dtype. The torch-free facts behind the checks (slot counts per
-// rule, 8-bit blocksizes, the float dispatch) are common/op_contract.h.
+// rule, quantized blocksizes, code bytes, the float dispatch) are
+// common/op_contract.h; map sizes and bits are common/code_search.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -120,29 +121,41 @@ class ArgChecks {
 
   // A codebook as dist8bit.quant.codebook.Codebook hands it to the kernels:
   // 256 code values, 256 thresholds, and the encoder table (131 float32
-  // values, dist8bit.quant.encoder_table; empty: binary search only). Any
+  // values, dist8bit.quant.encoder_table; empty: binary search only), or for
+  // a 4-bit map 16 code values, 16 thresholds and an empty encoder. Any
   // table of the right size is memory-safe: every index the encoder computes
   // is masked into range, and a wrong table only sends values to the search.
   // `index` is the code's position in the fused_step codebooks list, or -1.
   Codebook codebook(const at::Tensor& code, const at::Tensor& thresholds, const at::Tensor& encoder,
                     int64_t index = -1) const {
     const bool listed = index >= 0;
-    sized(code, listed ? ArgName{"codebooks", index} : ArgName{"code"}, at::kFloat, kMapSize);
+    const ArgName code_name = listed ? ArgName{"codebooks", index} : ArgName{"code"};
+    typed(code, code_name, at::kFloat);
+    const int bits = map_bits(code.numel());
+    TORCH_CHECK(bits != 0, op_, ": ", code_name, " must hold ", kMapSize, " values (an 8-bit map) or ", kMapSize4,
+                " (a 4-bit map), got ", code.numel(), "; build it with dist8bit.functional.create_dynamic_map()");
+    const int64_t entries = code.numel();
     const ArgName thresholds_name = listed ? ArgName{"codebooks", index + 1} : ArgName{"thresholds"};
-    sized(thresholds, thresholds_name, at::kFloat, kMapSize);
+    sized(thresholds, thresholds_name, at::kFloat, entries);
     if (device_.is_cpu()) {
-      const float last = thresholds.const_data_ptr<float>()[kLastCode];
-      TORCH_CHECK(std::isinf(last) && last > 0.0f, op_, ": ", thresholds_name, "[255] must be +inf, got ", last);
+      const float last = thresholds.const_data_ptr<float>()[entries - 1];
+      TORCH_CHECK(std::isinf(last) && last > 0.0f, op_, ": ", thresholds_name, "[", entries - 1,
+                  "] must be +inf, got ", last);
     }
     const ArgName encoder_name = listed ? ArgName{"codebooks", index + 2} : ArgName{"encoder"};
     TORCH_CHECK(encoder.scalar_type() == at::kFloat, op_, ": ", encoder_name, " (encoder table) must be float32, got ",
                 encoder.scalar_type());
+    TORCH_CHECK(bits == 8 || encoder.numel() == 0, op_, ": ", encoder_name,
+                " (encoder table) must be empty for a 4-bit map, got ", encoder.numel(), " values");
     TORCH_CHECK(encoder.numel() == 0 || encoder.numel() == kEncoderTableSize, op_, ": ", encoder_name,
                 " (encoder table) must hold ", kEncoderTableSize,
                 " values (dist8bit.quant.encoder_table.TABLE_SIZE) or none, got ", encoder.numel());
-    if (encoder.numel() == 0) return Codebook{code.const_data_ptr<float>(), thresholds.const_data_ptr<float>(), nullptr};
-    placed(encoder, encoder_name);
-    return Codebook{code.const_data_ptr<float>(), thresholds.const_data_ptr<float>(), encoder.const_data_ptr<float>()};
+    const float* table = nullptr;
+    if (encoder.numel() != 0) {
+      placed(encoder, encoder_name);
+      table = encoder.const_data_ptr<float>();
+    }
+    return Codebook{code.const_data_ptr<float>(), thresholds.const_data_ptr<float>(), table, bits};
   }
 
   // An optional per-call tensor: nullptr when absent, else checked by sized().
@@ -183,6 +196,8 @@ inline QuantizeCall check_quantize(const char* op, at::DeviceType backend, const
   QuantizeCall call;
   call.x_type = checks.floating(x, ArgName{"x"});
   call.book = checks.codebook(code, thresholds, encoder);
+  TORCH_CHECK(call.book.bits == 8, op, ": code must hold ", kMapSize,
+              " values; 4-bit maps are quantized by dist8bit.functional.quantize_blockwise (reference backend)");
   checks.blocksize_positive(blocksize);
   checks.seed(seed);
   call.n = x.numel();
@@ -238,14 +253,19 @@ struct FusedStepCall {
   FloatType grad_type;  // of grads[0]; with mixed_grads, each grads[k] has its own
   int num_states;
   std::array<int, kMaxStates> used;
-  bool eight_bit;
-  std::array<Codebook, kMaxStates> books;  // 8-bit: slot i's codebook
+  // The states' precision, one for every used slot: 32 (float32 values), or
+  // 8 or 4 (uint8 codes, 4-bit ones packed two per byte, with float32 absmax
+  // per block), from the size of the slots' maps.
+  int state_bits;
+  bool eight_bit;                          // state_bits == 8 (until the CUDA binding reads state_bits)
+  std::array<Codebook, kMaxStates> books;  // quantized: slot i's codebook
   const at::Tensor* grad_scale;            // nullptr when absent
   const at::Tensor* update_scale;
   const at::Tensor* norm_out;
   const at::Tensor* nonfinite_count;
   const FusedStepTensors* tensors;
 
+  bool quantized() const { return state_bits != 32; }
   const at::Tensor& state(int slot, int64_t k) const { return tensors->states[used[slot]][k]; }
   const at::Tensor& absmax(int slot, int64_t k) const { return tensors->absmaxes[used[slot]][k]; }
 };
@@ -275,7 +295,9 @@ inline void check_fused_scalars(const char* op, int64_t rule, int64_t wd_mode, c
   TORCH_CHECK(!seed.has_value() || *seed >= 0, op, ": seed must be non-negative, got ", seed.value_or(0));
 }
 
-// The used slots, their precision and the blocksize; fills used, num_states, eight_bit.
+// The used slots, whether they are quantized and the blocksize; fills used,
+// num_states, and state_bits = 32 (float32) or 8 (uint8 codes; the codebooks
+// may make it 4, check_fused_extras).
 inline void check_fused_slots(const char* op, Rule rule, int64_t blocksize, const FusedStepTensors& t,
                               FusedStepCall* call) {
   const int64_t segments = static_cast<int64_t>(t.params.size());
@@ -288,32 +310,40 @@ inline void check_fused_slots(const char* op, Rule rule, int64_t blocksize, cons
   }
   const at::ScalarType state_dtype = call->num_states > 0 ? t.states[call->used[0]][0].scalar_type() : at::kFloat;
   TORCH_CHECK(state_dtype == at::kByte || state_dtype == at::kFloat, op,
-              ": states must be uint8 (8-bit) or float32, got ", state_dtype);
-  call->eight_bit = call->num_states > 0 && state_dtype == at::kByte;
+              ": states must be uint8 (8- or 4-bit codes) or float32, got ", state_dtype);
+  const bool quantized = call->num_states > 0 && state_dtype == at::kByte;
+  call->state_bits = quantized ? 8 : 32;
   TORCH_CHECK(rule_takes_states(rule, call->num_states), op, ": rule ", static_cast<int>(rule), " does not take ",
               call->num_states, " state slots");
-  TORCH_CHECK(!call->eight_bit || is_state_blocksize(blocksize), op,
-              ": blocksize must be a power of two in [64, 4096] for 8-bit states, got ", blocksize);
+  TORCH_CHECK(!quantized || is_state_blocksize(blocksize), op,
+              ": blocksize must be a power of two in [64, 4096] for 8- and 4-bit states, got ", blocksize);
   for (int s = 0; s < kMaxStates; ++s) {
-    const int64_t wanted = call->eight_bit && !t.states[s].empty() ? segments : 0;
+    const int64_t wanted = quantized && !t.states[s].empty() ? segments : 0;
     TORCH_CHECK(static_cast<int64_t>(t.absmaxes[s].size()) == wanted, op, ": ", kAbsmaxNames[s], " must hold ",
-                wanted, " tensors (one per segment of an 8-bit slot, else none), got ", t.absmaxes[s].size());
+                wanted, " tensors (one per segment of an 8- or 4-bit slot, else none), got ", t.absmaxes[s].size());
   }
 }
 
-// The codebooks of the used 8-bit slots and the optional per-call tensors.
+// The codebooks of the used quantized slots (their size sets state_bits: 256
+// values 8, 16 values 4, the same for every slot) and the optional per-call tensors.
 inline void check_fused_extras(const ArgChecks& checks, const FusedStepTensors& t, FusedStepCall* call) {
-  if (call->eight_bit) {
+  if (call->quantized()) {
     constexpr size_t kPerBook = 3;  // code, thresholds, encoder
     TORCH_CHECK(t.codebooks.size() == kPerBook * kMaxStates, checks.op(), ": codebooks must hold [code, thresholds, ",
                 "encoder] for each of the ", kMaxStates, " slots (", kPerBook * kMaxStates,
-                " tensors) for 8-bit states, got ", t.codebooks.size());
+                " tensors) for 8- and 4-bit states, got ", t.codebooks.size());
     for (int i = 0; i < call->num_states; ++i) {
       const size_t first = kPerBook * static_cast<size_t>(call->used[i]);
       call->books[i] = checks.codebook(t.codebooks[first], t.codebooks[first + 1], t.codebooks[first + 2],
                                        static_cast<int64_t>(first));
+      TORCH_CHECK(call->books[i].bits == call->books[0].bits, checks.op(), ": codebooks[", first, "] is a ",
+                  call->books[i].bits, "-bit map but codebooks[", kPerBook * static_cast<size_t>(call->used[0]),
+                  "] is a ", call->books[0].bits,
+                  "-bit map; every quantized slot of a call must have the same bits (step them in separate calls)");
     }
+    call->state_bits = call->books[0].bits;
   }
+  call->eight_bit = call->state_bits == 8;
   const int64_t segments = call->num_segments;
   call->grad_scale = checks.optional(t.grad_scale, "grad_scale", at::kFloat, segments);
   call->update_scale = checks.optional(t.update_scale, "update_scale", at::kFloat, segments);
@@ -337,8 +367,17 @@ inline void check_fused_segment(const ArgChecks& checks, const FusedStepCall& ca
               "], got ", grad.numel());
   for (int i = 0; i < call.num_states; ++i) {
     const int s = call.used[i];
-    checks.sized(call.state(i, k), ArgName{kStateNames[s], k}, call.eight_bit ? at::kByte : at::kFloat, n);
-    if (call.eight_bit) checks.scales(call.absmax(i, k), ArgName{kAbsmaxNames[s], k}, n, blocksize);
+    const ArgName state_name{kStateNames[s], k};
+    if (!call.quantized()) {
+      checks.sized(call.state(i, k), state_name, at::kFloat, n);
+      continue;
+    }
+    const int64_t bytes = code_bytes(n, call.state_bits);
+    checks.typed(call.state(i, k), state_name, at::kByte);
+    TORCH_CHECK(call.state(i, k).numel() == bytes, checks.op(), ": ", state_name, " must hold ", bytes, " bytes (",
+                n, " ", call.state_bits, "-bit codes", call.state_bits == 4 ? ", two per byte" : "", "), got ",
+                call.state(i, k).numel());
+    checks.scales(call.absmax(i, k), ArgName{kAbsmaxNames[s], k}, n, blocksize);
   }
 }
 
@@ -382,9 +421,10 @@ inline FusedStepCall check_fused_step(const char* op, at::DeviceType backend, bo
 // non-empty calls.
 
 struct BackendInfo {
-  const char* op;         // message prefix
-  at::DeviceType device;  // where its tensors live
-  bool mixed_grads;       // fused_step: grads may differ in dtype
+  const char* op;          // message prefix
+  at::DeviceType device;   // where its tensors live
+  bool mixed_grads;        // fused_step: grads may differ in dtype
+  bool four_bit = false;   // fused_step: runs 4-bit states (else refuses them)
 };
 
 template <typename Backend>
@@ -422,6 +462,8 @@ void fused_step_op(int64_t rule, int64_t wd_mode, c10::ArrayRef<double> hyper, a
                                  update_scale, norm_out, nonfinite_count};
   const FusedStepCall call = check_fused_step(Backend::kInfo.op, Backend::kInfo.device, Backend::kInfo.mixed_grads, rule, wd_mode,
                                               hyper, tensors, segment_offsets, blocksize, seed);
+  TORCH_CHECK(call.state_bits != 4 || Backend::kInfo.four_bit, Backend::kInfo.op,
+              ": this backend does not run 4-bit states yet; use the reference backend (DIST8BIT_BACKEND=reference)");
   if (call.num_segments != 0) Backend::fused_step(call, segment_offsets, blocksize, seed);
 }
 

@@ -1,10 +1,12 @@
 // The rounding rule of dist8bit/quant/codebook.py, element by element (host and device).
 //
 //   s    = x * (1 / absmax), float32, and 0 when that is NaN
-//   code = #{ j : thresholds[j] < s }, thresholds sorted, thresholds[255] = +inf
+//   code = #{ j : thresholds[j] < s }, thresholds sorted, last threshold +inf
 //
-// Two ways to find that count, which agree for every s that is not NaN:
-//   * binary search: 8 branch-free steps over the 256 thresholds;
+// A map has 256 values (8-bit codes, one per byte) or 16 (4-bit codes, two per
+// byte: dist8bit/quant/packing.py). Ways to find the count, which agree for
+// every s that is not NaN:
+//   * binary search: 8 (4-bit: 4) branch-free steps over the thresholds;
 //   * the encoder table (dist8bit/quant/encoder_table.py): a straight line per
 //     piece of |s| gives the count unless it lands near a jump, where the
 //     binary search decides. A map without a table (nullptr) always searches.
@@ -20,6 +22,16 @@ namespace dist8bit {
 
 constexpr int kMapSize = 256;
 constexpr int kLastCode = kMapSize - 1;
+constexpr int kMapSize4 = 16;  // a 4-bit map
+constexpr int kLastCode4 = kMapSize4 - 1;
+
+// Bits per code of a map with `entries` values: 8, 4, or 0 for any other size.
+constexpr int map_bits(int64_t entries) {
+  return entries == kMapSize ? 8 : entries == kMapSize4 ? 4 : 0;
+}
+
+// The 4-bit code of element i of a packed run (op_contract.h code_bytes: the layout).
+D8_HD int nibble_at(const uint8_t* codes, int64_t i) { return (codes[i >> 1] >> ((i & 1) * 4)) & 15; }
 constexpr int kFloat32ExponentOne = 127;  // biased exponent of 1.0f
 
 // s = x * inv with NaN mapped to 0 (inv = 1 / absmax, computed once per block).
@@ -28,17 +40,25 @@ D8_HD float scaled_value(float x, float inv) {
   return s != s ? 0.0f : s;
 }
 
-// #{ j : thresholds[j] < s } by an 8-step branch-free binary search. Only the
-// first 255 thresholds are ever read (the last one is +inf), so the result is
-// in [0, 255]. Equals torch.searchsorted(thresholds, s, side="left").
-D8_HD int nearest_code_index(const float* thresholds, float s) {
+// #{ j : thresholds[j] < s } over a map of kSize (256 or 16) values by a
+// log2(kSize)-step branch-free binary search. Only the first kSize - 1
+// thresholds are ever read (the last one is +inf), so the result is in
+// [0, kSize - 1]. Equals torch.searchsorted(thresholds, s, side="left").
+template <int kSize>
+D8_HD int search_thresholds(const float* thresholds, float s) {
   int idx = 0;
 #ifdef __CUDACC__
 #pragma unroll
 #endif
-  for (int step = kMapSize / 2; step > 0; step >>= 1) idx += s > thresholds[idx + step - 1] ? step : 0;
+  for (int step = kSize / 2; step > 0; step >>= 1) idx += s > thresholds[idx + step - 1] ? step : 0;
   return idx;
 }
+
+// The 8-bit search (256 thresholds, 8 steps).
+D8_HD int nearest_code_index(const float* thresholds, float s) { return search_thresholds<kMapSize>(thresholds, s); }
+
+// The 4-bit search (16 thresholds, 4 steps; a 4-bit map has no encoder table).
+D8_HD int nearest_code_index4(const float* thresholds, float s) { return search_thresholds<kMapSize4>(thresholds, s); }
 
 // The encoder table of dist8bit/quant/encoder_table.py (kEncoderTableSize
 // floats; see that module for how it is built and why it is exact):
@@ -104,23 +124,29 @@ D8_HD int nearest_code_index(const float* thresholds, const float* table, float 
 }
 
 // A codebook as the kernels take it (dist8bit.quant.codebook.Codebook): 256
-// sorted code values, their 256 thresholds, and the encoder table or nullptr.
+// (4-bit: 16) sorted code values, as many thresholds, and the encoder table
+// or nullptr (always nullptr for a 4-bit map).
 struct Codebook {
   const float* code;
   const float* thresholds;
   const float* encoder;  // the encoder table (kEncoderTableSize floats); nullptr: binary search only
+  int bits = 8;          // 8: 256 values; 4: 16 values, codes packed two per byte
 
-  D8_HD int nearest(float s) const { return nearest_code_index(thresholds, encoder, s); }
+  D8_HD int last_code() const { return bits == 4 ? kLastCode4 : kLastCode; }
+  D8_HD int nearest(float s) const {
+    return bits == 4 ? nearest_code_index4(thresholds, s) : nearest_code_index(thresholds, encoder, s);
+  }
 };
 
 // Stochastic rounding (reference.round_stochastically): between the codes
 // `low` and `high` = low + 1 that bracket s, pick `high` when
 //   u < (s - code[low]) / (code[high] - code[low])
-// (float32 subtractions and division; a NaN fraction picks `low`).
-D8_HD int stochastic_code_index(const float* code, int nearest, float s, float u) {
+// (float32 subtractions and division; a NaN fraction picks `low`). `last`:
+// the map's last code (kLastCode4 for a 4-bit map).
+D8_HD int stochastic_code_index(const float* code, int nearest, float s, float u, int last = kLastCode) {
   int low = s >= code[nearest] ? nearest : nearest - 1;
   low = low < 0 ? 0 : low;
-  const int high = low + 1 > kLastCode ? kLastCode : low + 1;
+  const int high = low + 1 > last ? last : low + 1;
   const float code_low = code[low];
   const float code_high = code[high];
   const float fraction = (s - code_low) / (code_high - code_low);

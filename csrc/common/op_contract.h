@@ -2,8 +2,8 @@
 // (no torch), so that the host-side argument checks (binding/kernel_contract.h)
 // and the kernels (CPU and nvcc) read the same facts from one place: the float
 // element types and their dispatch, the state slots a rule takes and the
-// dispatch over them, the 8-bit blocksizes of fused_step, and how many scales a
-// tensor of n codes has.
+// dispatch over them, the quantized blocksizes of fused_step, and how many
+// scales and code bytes a tensor of n codes has.
 #pragma once
 
 #include <cstdint>
@@ -43,12 +43,13 @@ decltype(auto) visit_float_type(FloatType type, Fn&& fn) {
   }
 }
 
-// fused_step: state slots (AdEMAMix uses all 3) and 8-bit blocksizes.
+// fused_step: state slots (AdEMAMix uses all 3) and quantized (8- and 4-bit) blocksizes.
 constexpr int kMaxStates = 3;
 constexpr int64_t kMinStateBlocksize = 64;
 constexpr int64_t kMaxStateBlocksize = 4096;
 
-// 8-bit states: a power of two in [64, 4096] (the kernels index blocks by shifts).
+// Quantized states: a power of two in [64, 4096] (the kernels index blocks by
+// shifts; even, so a 4-bit block's codes start on a byte boundary).
 constexpr bool is_state_blocksize(int64_t blocksize) {
   return blocksize >= kMinStateBlocksize && blocksize <= kMaxStateBlocksize && (blocksize & (blocksize - 1)) == 0;
 }
@@ -99,5 +100,11 @@ Result visit_rule_states(Rule rule, int num_states, Result otherwise, Fn&& fn) {
 constexpr int64_t block_count(int64_t n, int64_t blocksize) {
   return n / blocksize + (n % blocksize != 0 ? 1 : 0);
 }
+
+// Bytes the codes of n elements take at `bits` (8 or 4) per code
+// (dist8bit/quant/packing.py): 4-bit codes are packed two per byte, element
+// 2j in the low nibble of byte j and element 2j + 1 in the high nibble; an
+// odd n leaves the last high nibble 0.
+constexpr int64_t code_bytes(int64_t n, int bits) { return bits == 4 ? n / 2 + n % 2 : n; }
 
 }  // namespace dist8bit
