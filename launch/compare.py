@@ -1,17 +1,21 @@
-"""Train the same model twice, 8-bit vs 32-bit AdamW (same seed, data and steps), and compare the loss curves.
+"""Train the same model with several optimizers (same seeds, data and steps), and compare the loss curves.
 
-    python launch/compare.py --nproc 2 --steps 400
+    python launch/compare.py --nproc 2 --steps 400                       # adamw8bit vs adamw32bit
+    python launch/compare.py --nproc 1 --optims adamw4bit,adamw8bit,adamw32bit --seeds 1337,1338,1339
     python launch/compare.py --nproc 2 --strategy fsdp --out-dir results/compare-fsdp
     python launch/compare.py --nproc 2 --strategy deepspeed -- --deepspeed_config launch/configs/zero2_adamw8bit.json
     python launch/compare.py --nproc 1 --steps 100 -- --n-layer 2     # after --: passed on to pretrain.py
 
 Under --strategy deepspeed each run's --optim replaces the config's optimizer
 type (its params, scheduler and ZeRO settings stay), so both runs differ only
-in the optimizer's precision.
+in the optimizer's precision. Every optimizer is compared with the last one
+of --optims (the baseline).
 
-Writes OUT_DIR/<optim>/metrics.json (+ ckpt.pt) per run, OUT_DIR/loss.png
-(train and validation curves) and OUT_DIR/summary.json, and prints the final
-losses with their relative difference. --plot-only redraws from existing runs.
+Writes OUT_DIR/<optim>/ per run (OUT_DIR/<optim>/seed-<seed>/ with several
+--seeds), OUT_DIR/loss.png (train and validation curves, averaged over the
+seeds) and OUT_DIR/summary.json, and prints the final losses (mean and spread
+over the seeds) with their relative difference from the baseline. --plot-only
+redraws from existing runs.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +42,7 @@ PRETRAIN = Path(__file__).resolve().with_name("pretrain.py")
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
-        description="8-bit vs 32-bit AdamW on the same pretraining run; extra arguments go to pretrain.py.",
+        description="Compare optimizers on the same pretraining runs; extra arguments go to pretrain.py.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun --standalone when > 1)")
@@ -44,31 +50,56 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "--strategy",
         choices=("auto", "none", "ddp", "fsdp", "deepspeed"),
         default="auto",
-        help="pretrain.py's --strategy for both runs (auto: ddp with --nproc > 1, else none)",
+        help="pretrain.py's --strategy for every run (auto: ddp with --nproc > 1, else none)",
     )
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seed", type=int, default=1337, help="the seed of every run (unless --seeds)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds: every optimizer runs each, results are averaged")
     parser.add_argument(
-        "--optims", default="adamw8bit,adamw32bit", help="the two --optim values to compare, the first against the second"
+        "--optims", default="adamw8bit,adamw32bit", help="comma-separated --optim values (two or more); the last is the baseline"
     )
     parser.add_argument("--out-dir", type=Path, default=Path("results/compare"))
     parser.add_argument("--plot-only", action="store_true", help="do not train; plot and summarise the runs already in OUT_DIR")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     args.optims = [name.strip() for name in args.optims.split(",") if name.strip()]
-    if len(args.optims) != 2:
-        parser.error(f"--optims takes exactly two names, got {args.optims}")
+    if len(args.optims) < 2 or len(set(args.optims)) != len(args.optims):
+        parser.error(f"--optims takes two or more distinct names, got {args.optims}")
+    args.seeds = [args.seed] if args.seeds is None else [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds takes one or more distinct seeds, got {args.seeds}")
     if args.nproc < 1 or args.steps < 1:
         parser.error("--nproc and --steps must be >= 1")
     return args, extra
 
 
-def pretrain_command(args: argparse.Namespace, optim: str, extra: list[str]) -> list[str]:
+@dataclass(frozen=True)
+class RunLayout:
+    """Where each (optimizer, seed) run lives: OUT_DIR/<optim>, or OUT_DIR/<optim>/seed-<seed> when there are
+    several seeds (or `per_seed`), so that one-seed comparisons keep the directories they always had."""
+
+    out_dir: Path
+    optims: list[str]
+    seeds: list[int]
+    per_seed: bool = False
+
+    def run_dir(self, optim: str, seed: int) -> Path:
+        if len(self.seeds) == 1 and not self.per_seed:
+            return self.out_dir / optim
+        return self.out_dir / optim / f"seed-{seed}"
+
+    @property
+    def baseline(self) -> str:
+        return self.optims[-1]
+
+
+def pretrain_command(args: argparse.Namespace, optim: str, extra: list[str], seed: int | None = None) -> list[str]:
+    seed = args.seeds[0] if seed is None else seed
     launcher = [sys.executable]
     if args.nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)]
-    run_args = ["--strategy", args.strategy, "--optim", optim, "--steps", str(args.steps), "--seed", str(args.seed)]
-    run_args += ["--out-dir", str(args.out_dir / optim)]
+    run_args = ["--strategy", args.strategy, "--optim", optim, "--steps", str(args.steps), "--seed", str(seed)]
+    run_args += ["--out-dir", str(RunLayout(args.out_dir, args.optims, args.seeds).run_dir(optim, seed))]
     return [*launcher, str(PRETRAIN), *run_args, *extra]
 
 
@@ -88,6 +119,7 @@ def ema(values: list[float], decay: float = 0.9) -> list[float]:
 
 
 def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
+    """One run's final numbers."""
     train = [e["loss"] for e in metrics["train"]]
     summary = metrics.get("summary", {})
     return {
@@ -103,8 +135,35 @@ def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def plot(runs: dict[str, dict[str, Any]], path: Path, title: str) -> None:
-    """Three panels: training loss (raw, faint, and EMA), validation loss, and the first run minus the second."""
+LOSSES = ("final_val_loss", "final_train_loss")
+
+
+def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One optimizer over its seeds: the mean of each loss with its sample standard deviation (0 for one seed)
+    and range; the rest (state bytes, strategy, ...) from the first seed, tokens/s averaged."""
+    runs = list(per_seed.values())
+    result = {key: value for key, value in runs[0].items() if key not in LOSSES}
+    for key in LOSSES:
+        values = [run[key] for run in runs]
+        result[key] = statistics.fmean(values)
+        result[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        result[f"{key}_range"] = [min(values), max(values)]
+    speeds = [run["tokens_per_s"] for run in runs if run["tokens_per_s"] is not None]
+    result["tokens_per_s"] = statistics.fmean(speeds) if speeds else None
+    result["seeds"] = per_seed
+    return result
+
+
+def mean_curve(curves: list[list[dict[str, float]]]) -> tuple[list[int], list[float]]:
+    """Steps and the per-step mean loss over the seeds (the steps all runs share)."""
+    steps = sorted(set.intersection(*({e["step"] for e in curve} for curve in curves)))
+    by_step = [{e["step"]: e["loss"] for e in curve} for curve in curves]
+    return steps, [statistics.fmean(run[step] for run in by_step) for step in steps]
+
+
+def plot(runs: dict[str, list[dict[str, Any]]], path: Path, title: str, baseline: str) -> None:
+    """Three panels: training loss (raw, faint, and EMA), validation loss, and each run minus the baseline;
+    with several seeds every curve is the mean over them."""
     try:
         import matplotlib
     except ImportError:
@@ -113,95 +172,126 @@ def plot(runs: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     from matplotlib import pyplot as plt
 
     figure, (train_axes, val_axes, diff_axes) = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     curves = {}
-    for (name, metrics), color, style in zip(runs.items(), ("tab:red", "tab:blue"), ("-", "--"), strict=False):
-        steps = [e["step"] for e in metrics["train"]]
-        smoothed = ema([e["loss"] for e in metrics["train"]])
-        val_steps, val_losses = [e["step"] for e in metrics["val"]], [e["loss"] for e in metrics["val"]]
-        curves[name] = (steps, smoothed, val_steps, val_losses)
-        mib = (metrics.get("summary", {}).get("state_bytes") or 0) / 2**20
-        train_axes.plot(steps, [e["loss"] for e in metrics["train"]], color=color, alpha=0.15, linewidth=0.8)
-        train_axes.plot(steps, smoothed, style, color=color, label=f"{name} (state {mib:.2f} MiB/rank)")
-        val_axes.plot(val_steps, val_losses, "o" + style, color=color, label=name)
-    train_axes.set_title("training loss (faint: per step; line: EMA 0.9)")
-    val_axes.set_title("validation loss")
-    (first, (steps, train_a, val_steps, val_a)), (second, (steps_b, train_b, val_steps_b, val_b)) = curves.items()
-    if steps == steps_b:
-        diff_axes.plot(steps, [a - b for a, b in zip(train_a, train_b, strict=True)], color="tab:purple", label="training (EMA)")
-    if val_steps == val_steps_b:
-        diff_axes.plot(val_steps, [a - b for a, b in zip(val_a, val_b, strict=True)], "o-", color="tab:green", label="validation")
+    for index, (name, seeds) in enumerate(runs.items()):
+        color, style = colors[index % len(colors)], ("-", "--", "-.", ":")[index % 4]
+        steps, train = mean_curve([metrics["train"] for metrics in seeds])
+        val_steps, val = mean_curve([metrics["val"] for metrics in seeds])
+        curves[name] = (steps, ema(train), val_steps, val)
+        mib = (seeds[0].get("summary", {}).get("state_bytes") or 0) / 2**20
+        train_axes.plot(steps, train, color=color, alpha=0.15, linewidth=0.8)
+        train_axes.plot(steps, curves[name][1], style, color=color, label=f"{name} (state {mib:.2f} MiB/rank)")
+        val_axes.plot(val_steps, val, "o" + style, color=color, label=name)
+    seeds_note = f", mean of {len(next(iter(runs.values())))} seeds" if len(next(iter(runs.values()))) > 1 else ""
+    train_axes.set_title(f"training loss (faint: per step; line: EMA 0.9{seeds_note})")
+    val_axes.set_title(f"validation loss{seeds_note}")
+    base_steps, base_train, base_val_steps, base_val = curves[baseline]
+    for index, (name, (steps, train, val_steps, val)) in enumerate(curves.items()):
+        if name == baseline:
+            continue
+        color = colors[index % len(colors)]
+        if steps == base_steps:
+            diff_axes.plot(steps, [a - b for a, b in zip(train, base_train, strict=True)], color=color, alpha=0.6)
+        if val_steps == base_val_steps:
+            diff = [a - b for a, b in zip(val, base_val, strict=True)]
+            diff_axes.plot(val_steps, diff, "o-", color=color, label=f"{name} (line: training EMA, dots: validation)")
     diff_axes.axhline(0.0, color="black", linewidth=0.8)
-    diff_axes.set_title(f"{first} minus {second}")
+    diff_axes.set_title(f"minus {baseline}")
     for axes in (train_axes, val_axes, diff_axes):
         axes.set_xlabel("step")
         axes.set_ylabel("loss (nats/char)")
         axes.grid(alpha=0.3)
-        axes.legend()
+        axes.legend(fontsize=8)
     save_figure(figure, path, title, dpi=110)
+
+
+def report(layout: RunLayout, commands: dict[tuple[str, int], list[str]], seconds: dict[tuple[str, int], float],
+           title: str | None = None) -> int:  # fmt: skip
+    """Read every run's metrics.json, write OUT_DIR/summary.json and OUT_DIR/loss.png, print the table."""
+    previous = layout.out_dir / "summary.json"
+    if not seconds and previous.exists():  # keep the wall times of the runs being re-plotted
+        old = json.loads(previous.read_text()).get("runs", {})
+        seconds = {(optim, int(seed)): run.get("seconds") for optim in old for seed, run in old[optim].get("seeds", {}).items()}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for optim in layout.optims:
+        runs[optim] = []
+        for seed in layout.seeds:
+            path = layout.run_dir(optim, seed) / "metrics.json"
+            if not path.exists():
+                print(f"error: no metrics at {path}; run without --plot-only first", file=sys.stderr)
+                return 1
+            runs[optim].append(json.loads(path.read_text()))
+    finals = {
+        optim: aggregate(
+            {
+                seed: {**summarise(metrics), "seconds": seconds.get((optim, seed)), "command": commands.get((optim, seed))}
+                for seed, metrics in zip(layout.seeds, runs[optim], strict=True)
+            }
+        )
+        for optim in layout.optims
+    }
+    base = finals[layout.baseline]
+    relative = {
+        optim: {key: (finals[optim][key] - base[key]) / base[key] for key in LOSSES}
+        for optim in layout.optims
+        if optim != layout.baseline
+    }
+    # "ddp x2", or "fsdp x2 / fsdp x1" when the runs differ (e.g. a run resumed on another world size)
+    setups = dict.fromkeys(f"{finals[optim]['strategy']} x{finals[optim]['world_size']}" for optim in layout.optims)
+    seeds = f"seed {layout.seeds[0]}" if len(layout.seeds) == 1 else f"{len(layout.seeds)} seeds"
+    plot_path = layout.out_dir / "loss.png"
+    title = title or f"{' vs '.join(layout.optims)}: {base['steps']} steps, {' / '.join(setups)}, same data, {seeds}"
+    plot(runs, plot_path, title, layout.baseline)
+    summary = {
+        "optims": layout.optims,
+        "seeds": layout.seeds,
+        "baseline": layout.baseline,
+        "runs": finals,
+        "relative_difference": relative,
+        "relative_difference_means": f"(mean of optim - mean of {layout.baseline}) / mean of {layout.baseline}",
+        "plot": str(plot_path),
+    }
+    write_json_atomic(summary, layout.out_dir / "summary.json")
+
+    window = base["train_loss_window"]
+    spread = len(layout.seeds) > 1
+    width = max(12, *(len(optim) for optim in layout.optims))
+    val_header = "val loss ± std" if spread else "val loss"
+    print(
+        f"{'':{width}} {val_header:>{19 if spread else 10}} {f'train loss (last {window})':>24} {'state MiB/rank':>15} {'tokens/s':>10} {'vs ' + layout.baseline:>20}"
+    )
+    for optim in layout.optims:
+        final, state, tokens = finals[optim], finals[optim]["state_bytes_per_rank"], finals[optim]["tokens_per_s"]
+        std = f" ± {final['final_val_loss_std']:.4f}" if spread else ""
+        versus = "baseline" if optim == layout.baseline else f"val {relative[optim]['final_val_loss']:+.2%}"
+        print(
+            f"{optim:{width}} {final['final_val_loss']:10.4f}{std} {final['final_train_loss']:24.4f} "
+            f"{'n/a' if state is None else f'{state / 2**20:.2f}':>15} {'n/a' if tokens is None else f'{tokens:,.0f}':>10} "
+            f"{versus:>20}"
+        )
+    print(f"seeds {layout.seeds} | plot {plot_path} | summary {layout.out_dir / 'summary.json'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
-    commands = {optim: pretrain_command(args, optim, extra) for optim in args.optims}
-    seconds: dict[str, float] = {}
-    previous = args.out_dir / "summary.json"
-    if args.plot_only:
-        if previous.exists():  # keep the wall times of the runs being re-plotted
-            seconds = {name: run.get("seconds") for name, run in json.loads(previous.read_text()).get("runs", {}).items()}
-    else:
-        for optim, command in commands.items():
-            print(f"== {optim}: {' '.join(command)}", flush=True)
+    layout = RunLayout(args.out_dir, args.optims, args.seeds)
+    commands = {(optim, seed): pretrain_command(args, optim, extra, seed) for optim in args.optims for seed in args.seeds}
+    seconds: dict[tuple[str, int], float] = {}
+    if not args.plot_only:
+        for (optim, seed), command in commands.items():
+            print(f"== {optim} seed {seed}: {' '.join(command)}", flush=True)
             started = time.perf_counter()
             env = dict(os.environ)
             if args.nproc > 1:  # torchrun's default (and its warning about it); pretrain.py sets its threads itself
                 env.setdefault("OMP_NUM_THREADS", "1")
             result = subprocess.run(command, check=False, env=env)
-            seconds[optim] = time.perf_counter() - started
+            seconds[optim, seed] = time.perf_counter() - started
             if result.returncode != 0:
-                print(f"error: the {optim} run failed (exit code {result.returncode}); see its output above", file=sys.stderr)
+                print(f"error: the {optim} run (seed {seed}) failed (exit code {result.returncode}); see above", file=sys.stderr)
                 return 1
-
-    runs: dict[str, dict[str, Any]] = {}
-    for optim in args.optims:
-        path = args.out_dir / optim / "metrics.json"
-        if not path.exists():
-            print(f"error: no metrics at {path}; run without --plot-only first", file=sys.stderr)
-            return 1
-        runs[optim] = json.loads(path.read_text())
-    finals = {optim: summarise(metrics) for optim, metrics in runs.items()}
-    first, second = args.optims
-    relative = {
-        key: (finals[first][key] - finals[second][key]) / finals[second][key] for key in ("final_val_loss", "final_train_loss")
-    }
-    # "ddp x2", or "fsdp x2 / fsdp x1" when the runs differ (e.g. a run resumed on another world size)
-    setups = dict.fromkeys(f"{finals[optim]['strategy']} x{finals[optim]['world_size']}" for optim in args.optims)
-    plot_path = args.out_dir / "loss.png"
-    title = f"{first} vs {second}: {finals[first]['steps']} steps, {' / '.join(setups)}, same seed and data"
-    plot(runs, plot_path, title)
-    summary = {
-        "optims": args.optims,
-        "runs": {optim: {**finals[optim], "seconds": seconds.get(optim), "command": commands[optim]} for optim in args.optims},
-        "relative_difference": relative,
-        "relative_difference_means": f"({first} - {second}) / {second}",
-        "plot": str(plot_path),
-    }
-    write_json_atomic(summary, args.out_dir / "summary.json")
-
-    window = finals[first]["train_loss_window"]
-    print(f"{'':12} {'val loss':>10} {f'train loss (last {window})':>24} {'state MiB/rank':>15} {'tokens/s':>10}")
-    for optim in args.optims:
-        final = finals[optim]
-        state = final["state_bytes_per_rank"]
-        tokens = final["tokens_per_s"]
-        print(
-            f"{optim:12} {final['final_val_loss']:10.4f} {final['final_train_loss']:24.4f} "
-            f"{'n/a' if state is None else f'{state / 2**20:.2f}':>15} {'n/a' if tokens is None else f'{tokens:,.0f}':>10}"
-        )
-    print(
-        f"relative difference ({first} vs {second}): val {relative['final_val_loss']:+.2%}, train {relative['final_train_loss']:+.2%} "
-        f"| plot {plot_path} | summary {args.out_dir / 'summary.json'}"
-    )
-    return 0
+    return report(layout, commands, seconds)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,15 @@ DEEPSPEED_TYPES: dict[str, str] = {
 }
 
 
+def register_optimizer(name: str, constructor: Any, lr: float, weight_decay: float, replace: bool = False) -> None:
+    """Offer one more --optim (e.g. launch/quantization_study.py's emulated optimizers) to runs started in this
+    process; `constructor(groups, lr=..., betas=...)` builds it. A name already offered is replaced only
+    with `replace` (the study re-registers its own names; the launcher's own stay fixed)."""
+    if name in OPTIMIZERS and not replace:
+        raise ValueError(f"--optim {name!r} is already offered")
+    OPTIMIZERS[name] = (constructor, lr, weight_decay)
+
+
 def optimizer_family(name: str) -> str:
     """adamw8bit, adamw32bit and torch-adamw are one algorithm at different state precisions."""
     return name.removeprefix("torch-").removesuffix("8bit").removesuffix("32bit")

@@ -610,23 +610,27 @@ def test_ranks_with_different_models_are_a_clear_error(tmp_path, data_dir, run_e
     assert "build different models" in result.stderr and "same model" in result.stderr, result.stderr[-2000:]
 
 
+def _fake_metrics(final: float, strategy: str = "fsdp") -> dict:
+    return {
+        "world_size": 2,
+        "strategy": strategy,
+        "train": [{"step": s, "loss": 4.0 - s * (4.0 - final) / 20} for s in range(1, 21)],
+        "val": [{"step": 0, "loss": 4.0}, {"step": 20, "loss": final}],
+        "summary": {"state_bytes": 2**20, "tokens_per_s": 1000.0},
+    }
+
+
 def test_compare_plots_and_summarises(tmp_path, capsys):
     from launch import compare
 
     for optim, final in (("adamw8bit", 2.02), ("adamw32bit", 2.0)):
-        metrics = {
-            "world_size": 2,
-            "strategy": "fsdp",
-            "train": [{"step": s, "loss": 4.0 - s * (4.0 - final) / 20} for s in range(1, 21)],
-            "val": [{"step": 0, "loss": 4.0}, {"step": 20, "loss": final}],
-            "summary": {"state_bytes": 2**20, "tokens_per_s": 1000.0},
-        }
         (tmp_path / optim).mkdir()
-        (tmp_path / optim / "metrics.json").write_text(json.dumps(metrics))
+        (tmp_path / optim / "metrics.json").write_text(json.dumps(_fake_metrics(final)))
     assert compare.main(["--plot-only", "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "loss.png").stat().st_size > 10_000
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["relative_difference"]["final_val_loss"] == pytest.approx(0.01)
+    assert summary["baseline"] == "adamw32bit"
+    assert summary["relative_difference"]["adamw8bit"]["final_val_loss"] == pytest.approx(0.01, abs=1e-12)
     assert summary["runs"]["adamw8bit"]["strategy"] == "fsdp"
     assert "val +1.00%" in capsys.readouterr().out
     args, extra = compare.parse_args(["--nproc", "2", "--steps", "7", "--strategy", "deepspeed", "--", "--n-layer", "2"])
@@ -634,3 +638,101 @@ def test_compare_plots_and_summarises(tmp_path, capsys):
     assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     assert command[-4:] == ["--out-dir", str(Path("results/compare/adamw8bit")), "--n-layer", "2"]
     assert command[command.index("--steps") + 1] == "7" and command[command.index("--strategy") + 1] == "deepspeed"
+
+
+def test_compare_three_optimizers_over_seeds(tmp_path, capsys):
+    """N optimizers x several seeds: OUT_DIR/<optim>/seed-<seed>/, means and sample std over the seeds,
+    every optimizer against the last one."""
+    from launch import compare
+
+    finals = {"adamw4bit": (2.03, 2.05), "adamw8bit": (2.01, 2.03), "adamw32bit": (2.0, 2.0)}
+    for optim, per_seed in finals.items():
+        for seed, final in zip((1, 2), per_seed, strict=True):
+            (tmp_path / optim / f"seed-{seed}").mkdir(parents=True)
+            (tmp_path / optim / f"seed-{seed}" / "metrics.json").write_text(json.dumps(_fake_metrics(final, "none")))
+    argv = ["--plot-only", "--out-dir", str(tmp_path), "--optims", "adamw4bit,adamw8bit,adamw32bit", "--seeds", "1,2"]
+    assert compare.main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["runs"]["adamw4bit"]["final_val_loss"] == pytest.approx(2.04, abs=1e-12)
+    assert summary["runs"]["adamw4bit"]["final_val_loss_std"] == pytest.approx(0.02 / math.sqrt(2), abs=1e-12)
+    assert summary["relative_difference"]["adamw4bit"]["final_val_loss"] == pytest.approx(0.02, abs=1e-12)
+    assert summary["relative_difference"]["adamw8bit"]["final_val_loss"] == pytest.approx(0.01, abs=1e-12)
+    assert "adamw32bit" not in summary["relative_difference"]
+    out = capsys.readouterr().out
+    assert "val +2.00%" in out and "val +1.00%" in out and "baseline" in out
+    args, extra = compare.parse_args([*argv[1:], "--nproc", "1"])
+    assert compare.pretrain_command(args, "adamw4bit", extra, 2)[-2:] == ["--out-dir", str(tmp_path / "adamw4bit" / "seed-2")]
+    for bad in (["--optims", "adamw8bit"], ["--optims", "adamw8bit,adamw8bit"], ["--seeds", "1,1"]):
+        with pytest.raises(SystemExit):
+            compare.parse_args(bad)
+
+
+# ------------------------------------------------ 4-bit quantization study
+def test_emulated_adamw_without_quantization_is_torch_adamw():
+    """The study's optimizer with float32 'schemes' is AdamW: the emulation adds only the rounding under study."""
+    from launch.quantization_study import EmulatedAdamW, Float32
+
+    torch.manual_seed(0)
+    params = [torch.randn(300, 20, requires_grad=True), torch.randn(20, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_(True) for p in params]
+    settings = {"lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 0.1}
+    emulated = EmulatedAdamW(params, Float32(), Float32(), **settings)
+    reference = torch.optim.AdamW(twins, eps=1e-8, **settings)
+    for _ in range(5):
+        for p, q in zip(params, twins, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        emulated.step()
+        reference.step()
+    for p, q in zip(params, twins, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert emulated.state_bytes() == 2 * 4 * (300 * 20 + 20)
+
+
+def test_rank_one_normalization_rounds_within_half_a_step_of_min_row_column_max():
+    """Element (i, j) is scaled by min(row max, column max) and rounded to k/16 (k = 1..16): error at most 1/32 of
+    that scale, 1/16 below s = 1/32 (everything rounds up to 1/16: no zero), and an all-zero row stays 0."""
+    from launch.quantization_study import RankOne, schemes
+
+    torch.manual_seed(0)
+    rank_one = schemes()["rank1-linear"][1]
+    assert isinstance(rank_one, RankOne)
+    v = torch.rand(64, 48) ** 6 * torch.logspace(-6, 0, 48)  # columns over six decades
+    v[5] = 0.0
+    decoded = rank_one.roundtrip(v)
+    scale = torch.minimum(v.amax(1, keepdim=True), v.amax(0, keepdim=True))
+    s = v / scale.clamp_min(1e-30)
+    bound = scale * torch.where(s >= 1 / 32, 1 / 32, 1 / 16) * (1 + 1e-5)
+    assert ((decoded - v).abs() <= bound).all()
+    assert (decoded[v > 0] > 0).all() and (decoded[5] == 0).all()
+    assert rank_one.nbytes(v.shape) == 64 * 48 // 2 + 4 * (64 + 48)
+    assert torch.equal(rank_one.roundtrip(v[0]), rank_one.vectors.roundtrip(v[0]))  # vectors: block-wise
+
+
+def test_unsigned_dynamic_map_with_zero_decodes_small_second_moments_to_zero():
+    """The zero-point problem the study measures: in a block whose absmax is 1, a second moment of 1e-4 decodes
+    to 0 with the unsigned dynamic map (which has 0), to absmax / 16 with the linear map without zero."""
+    from launch.quantization_study import schemes
+
+    v = torch.full((128,), 1e-4)
+    v[0] = 1.0
+    with_zero, without_zero = schemes()["b128-de-zero"][1], schemes()["b128-linear"][1]
+    assert with_zero.roundtrip(v)[1:].eq(0).all()
+    assert without_zero.roundtrip(v)[1:].eq(1 / 16).all()
+
+
+def test_quantization_study_trains_and_summarises(tmp_path, data_dir):
+    """Two variants x one seed on a tiny model, in this process: pretrain.py's runs and compare.py's summary."""
+    from launch import quantization_study
+
+    tiny = [a for a in TINY if a not in ("--optim", "adamw8bit", "--no-progress")]
+    argv = ["--variants", "rank1-linear,fp32", "--steps", "3", "--out-dir", str(tmp_path), "--"]
+    argv += [*tiny, "--data-dir", str(data_dir), "--threads", str(torch.get_num_threads())]
+    assert quantization_study.main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["baseline"] == "fp32" and set(summary["runs"]) == {"rank1-linear", "fp32"}
+    metrics = _metrics(tmp_path / "rank1-linear" / "seed-1337")
+    assert metrics["optimizer"] == "EmulatedAdamW" and metrics["train"][-1]["step"] == 3
+    assert all(math.isfinite(e["loss"]) for e in metrics["train"])
+    state = {name: summary["runs"][name]["state_bytes_per_rank"] for name in ("rank1-linear", "fp32")}
+    assert state["rank1-linear"] < state["fp32"] / 3  # small vectors keep float32 state
