@@ -22,7 +22,8 @@ namespace dist8bit {
 namespace cuda {
 
 constexpr int kWarpSize = 32;
-constexpr int kCodeSize = 256;  // entries of a map and of its threshold table
+constexpr int kCodeSize = 256;  // entries of an 8-bit map and of its threshold table
+// (a 4-bit map and its thresholds: kMapSize4 = 16 entries, common/code_search.h)
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---------------------------------------------------------------------------
@@ -165,26 +166,29 @@ __device__ __forceinline__ void search_step(unsigned& a, float s) {
       : "memory");
 }
 
-// #{ j : thresholds[j] < s } for the table at shared address `table`: exactly
-// nearest_code_index(thresholds, s) of common/code_search.h, 8 branch-free
-// steps, reads thresholds[0..254] only, result in [0, 255]. Build with
-// -DD8_CUDA_PORTABLE_SEARCH to call the shared header's function instead.
+// The steps of count_thresholds_below from kStep down to 1, halving.
+template <int kStep>
+__device__ __forceinline__ void search_steps(unsigned& a, float s) {
+  search_step<kStep>(a, s);
+  if constexpr (kStep > 1) search_steps<kStep / 2>(a, s);
+}
+
+// #{ j : thresholds[j] < s } for the table of kEntries thresholds (256, or 16
+// for a 4-bit map) at shared address `table`: exactly search_thresholds<kEntries>
+// of common/code_search.h (nearest_code_index, nearest_code_index4),
+// log2(kEntries) branch-free steps, reading thresholds[0 .. kEntries - 2]
+// only, result in [0, kEntries - 1]. Build with -DD8_CUDA_PORTABLE_SEARCH to
+// call the shared header's function instead.
+template <int kEntries = kCodeSize>
 __device__ __forceinline__ int count_thresholds_below(const float* s_thresholds, unsigned table, float s) {
+  static_assert(kEntries == kCodeSize || kEntries == kMapSize4, "a map has 256 or 16 entries");
 #ifdef D8_CUDA_PORTABLE_SEARCH
   (void)table;
-  return nearest_code_index(s_thresholds, s);
+  return search_thresholds<kEntries>(s_thresholds, s);
 #else
   (void)s_thresholds;
-  static_assert(kCodeSize == 256, "8 steps cover 256 thresholds");
   unsigned a = table;
-  search_step<128>(a, s);
-  search_step<64>(a, s);
-  search_step<32>(a, s);
-  search_step<16>(a, s);
-  search_step<8>(a, s);
-  search_step<4>(a, s);
-  search_step<2>(a, s);
-  search_step<1>(a, s);
+  search_steps<kEntries / 2>(a, s);
   return static_cast<int>((a - table) / 4);
 #endif
 }
@@ -251,19 +255,25 @@ __device__ __forceinline__ void stage_encoder(const float* __restrict__ encoder,
   }
 }
 
-// Copy the 256 code values to the lane-private layout (word c * 32 + lane =
-// code[c]) by the warps of a CUDA block of `threads` threads (a multiple of
-// 32, called by all of them). A warp takes 32 codes at a time: lane r loads
-// code[c0 + r] and 32 shuffles hand each value to every lane, whose store
-// goes to bank `lane`, so no store conflicts either.
-__device__ __forceinline__ void stage_private_code(const float* __restrict__ code, float* s_private, int threads) {
+// Copy the `entries` code values (256, or 16 for a 4-bit map) to the
+// lane-private layout (word c * 32 + lane = code[c]) by the warps of a CUDA
+// block of `threads` threads (a multiple of 32, called by all of them). A warp
+// takes up to 32 codes at a time: lane r loads code[c0 + r] and shuffles hand
+// each value to every lane, whose store goes to bank `lane`, so no store
+// conflicts either.
+__device__ __forceinline__ void stage_private_code(const float* __restrict__ code, float* s_private, int threads,
+                                                   int entries = kCodeSize) {
   const int lane = threadIdx.x % kWarpSize;
   const int warps = threads / kWarpSize;
-  for (int chunk = threadIdx.x / kWarpSize; chunk < kCodeSize / kWarpSize; chunk += warps) {
+  for (int chunk = threadIdx.x / kWarpSize; chunk * kWarpSize < entries; chunk += warps) {
     const int c0 = chunk * kWarpSize;
-    const float mine = code[c0 + lane];
+    const int rows = entries - c0 < kWarpSize ? entries - c0 : kWarpSize;
+    const float mine = lane < rows ? code[c0 + lane] : 0.0f;
 #pragma unroll 8
-    for (int r = 0; r < kWarpSize; ++r) s_private[(c0 + r) * kWarpSize + lane] = __shfl_sync(kFullMask, mine, r);
+    for (int r = 0; r < kWarpSize; ++r) {
+      const float value = __shfl_sync(kFullMask, mine, r);
+      if (r < rows) s_private[(c0 + r) * kWarpSize + lane] = value;
+    }
   }
 }
 

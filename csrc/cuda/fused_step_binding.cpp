@@ -12,7 +12,9 @@
 // pinned buffer again at every replay, long after it was reused. Like
 // quantize_blockwise,
 // each codebook's encoder table (131 float32 values, or empty: binary search
-// only) goes to the kernel with its code and thresholds. The current stream comes from
+// only) goes to the kernel with its code and thresholds. 8- and 4-bit states
+// (checked.state_bits, from the size of the slots' maps) run the same kernels,
+// told the code width. The current stream comes from
 // c10/cuda/CUDAStream.h, which keeps this file free of ATen/cuda/CUDAContext.h.
 
 #include <ATen/core/CachingHostAllocator.h>
@@ -77,9 +79,10 @@ FusedStepConfig make_config(const binding::FusedStepCall& checked, int64_t block
   config.param_type = checked.param_type;
   config.grad_type = checked.grad_type;
   config.num_states = checked.num_states;
-  config.eight_bit = checked.eight_bit;
+  config.quantized = checked.quantized();
+  config.code_bits = checked.quantized() ? checked.state_bits : 0;  // 8 or 4 (packed codes)
   config.blocksize = blocksize;
-  for (int i = 0; checked.eight_bit && i < checked.num_states; ++i) {
+  for (int i = 0; config.quantized && i < checked.num_states; ++i) {
     config.code[i] = checked.books[i].code;
     config.thresholds[i] = checked.books[i].thresholds;
     config.encoder[i] = checked.books[i].encoder;
@@ -103,7 +106,7 @@ std::vector<FusedSegment> make_segments(const binding::FusedStepCall& checked,
     segment.grad = checked.tensors->grads[k].const_data_ptr();
     for (int i = 0; i < checked.num_states; ++i) {
       segment.state[i] = checked.state(i, k).mutable_data_ptr();
-      if (checked.eight_bit) segment.absmax[i] = checked.absmax(i, k).mutable_data_ptr<float>();
+      if (checked.quantized()) segment.absmax[i] = checked.absmax(i, k).mutable_data_ptr<float>();
     }
     segment.numel = checked.tensors->params[k].numel();
     segment.first_index = segment_offsets[k];
@@ -114,7 +117,8 @@ std::vector<FusedSegment> make_segments(const binding::FusedStepCall& checked,
 // The CUDA backend of binding::fused_step_op. The kernel reads one gradient
 // dtype per call (FusedStepConfig::grad_type).
 struct FusedStepCuda {
-  static constexpr binding::BackendInfo kInfo = {"dist8bit CUDA fused_step", at::kCUDA, /*mixed_grads=*/false};
+  static constexpr binding::BackendInfo kInfo = {"dist8bit CUDA fused_step", at::kCUDA, /*mixed_grads=*/false,
+                                                 /*four_bit=*/true};
 
   static void fused_step(const binding::FusedStepCall& checked, c10::ArrayRef<int64_t> segment_offsets,
                          int64_t blocksize, std::optional<int64_t> seed) {

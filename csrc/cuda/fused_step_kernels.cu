@@ -5,7 +5,7 @@
 //   g       float(grad) * grad_scale[k] (__fmul_rn); finite = g is not inf/NaN;
 //           a non-finite g enters the math as 0 and the element keeps its old
 //           parameter and state values, and is counted.
-//   old     8-bit: code[c] * absmax[block] (__fmul_rn, like dequantize);
+//   old     quantized: code[c] * absmax[block] (__fmul_rn, like dequantize);
 //           32-bit: the stored float32.
 //   d       dist8bit::update_element of common/update_rules.h (the file is
 //           built with --fmad=false, so no product is contracted into an FMA;
@@ -17,15 +17,19 @@
 //           (bits + (r(i) & 0xFFFF)) >> 16 with r the hash of
 //           common/stochastic_rounding.h at segment_offsets[k] + i, non-finite
 //           values rounded to nearest.
-//   states  8-bit: the block's new absmax is the NaN-propagating max of |kept|
-//           over the block (unsigned max of the bits, canonical NaN), then
-//           code = #thresholds below kept * (1 / absmax) with NaN -> 0:
+//   states  quantized: the block's new absmax is the NaN-propagating max of
+//           |kept| over the block (unsigned max of the bits, canonical NaN),
+//           then code = #thresholds below kept * (1 / absmax) with NaN -> 0:
 //           the same helpers as quantize_kernels.cu (device_quant.cuh).
+//           4-bit (16-entry maps): the same operations, the count over the 16
+//           thresholds, codes packed two per byte (dist8bit/quant/packing.py:
+//           element 2j in the low nibble of byte j, an odd segment's last
+//           high nibble 0).
 //   norm    with norm_out: sum of (double) d * d over the finite elements of
 //           each segment, nothing else written (float64 atomics: the order of
 //           the sum differs from the reference, the terms do not).
 //
-// Work layout. The segments are cut into work units: with 8-bit states a unit
+// Work layout. The segments are cut into work units: with quantized states a unit
 // is max(blocksize, 256) elements starting at a block boundary of its segment,
 // with 32-bit states 256 elements. A group of warps owns one unit at a time
 // (one warp for blocksize <= 256, blocksize / 256 warps for 512..4096; for
@@ -39,7 +43,7 @@
 // previous unit's segment.
 //   Per unit: every load first (parameters, gradients, codes or float32
 //   states, old scales), then the update per element, the parameter store,
-//   and for 8-bit states the block maxima: within a lane, then across the 16
+//   and for quantized states the block maxima: within a lane, then across the 16
 //   or 32 lanes of the block (shuffles / redux), then across the warps of
 //   the group through shared memory (double-buffered, one named barrier per
 //   group and step).
@@ -51,7 +55,17 @@
 //   copies of the code, encoding the encoder table's 32-entry arrays
 //   (nearest_codes), and only values near a jump of the rounding rule take
 //   the threshold search (count_thresholds_below).
-//   Vector accesses (16 bytes of float32, 8 of 16-bit, 4 codes) need aligned
+//   4-bit states run the same kernels (the code width is a uniform argument,
+//   not a template parameter, so the 66 instantiations serve both widths):
+//   a lane's 4 elements of a row are 2 whole bytes of codes, loaded and spread
+//   to one code per byte so that decoding is the 8-bit path, and packed back
+//   after the 4-step search over the slot's 16 thresholds. The 4-bit tables
+//   are 2 KB per slot (lane-private code 16 x 32 words, 16 thresholds); every
+//   read stays within 16 consecutive words or a lane's own bank, so no bank
+//   conflicts. At blocksize 128 (the 4-bit default) a block is one warp row:
+//   its maximum is one redux.sync, and a warp writes 64 contiguous code bytes
+//   per row.
+//   Vector accesses (16 bytes of float32, 8 of 16-bit, 4 or 2 code bytes) need aligned
 //   pointers (checked per segment on the host) and a whole row; the last row
 //   of a segment and unaligned segments take per-element accesses.
 // The non-finite count is summed per warp and added once per warp (int64
@@ -94,8 +108,8 @@ constexpr int kMaxBlockThreads = 512;
 constexpr int log2_of(int v) { return v <= 1 ? 0 : 1 + log2_of(v / 2); }
 
 // Elements of one work unit (host and device agree through this function).
-constexpr int64_t unit_elements(bool eight_bit, int64_t blocksize) {
-  return eight_bit && blocksize > kUnit32 ? blocksize : kUnit32;
+constexpr int64_t unit_elements(bool quantized, int64_t blocksize) {
+  return quantized && blocksize > kUnit32 ? blocksize : kUnit32;
 }
 
 // The layout of a work unit for blocksize BS (0: float32 states).
@@ -150,7 +164,8 @@ struct KernelArgs {
   int64_t total_units;
   const float* code[kMaxStates];
   const float* thresholds[kMaxStates];
-  const float* encoder[kMaxStates];  // nullptr: binary search only
+  const float* encoder[kMaxStates];  // nullptr: binary search only (always for 4-bit maps)
+  int code_bits;                     // quantized kernels: 8 (256-entry maps) or 4 (16-entry maps, packed codes)
   const float* grad_scale;
   const float* update_scale;
   double* norm_out;
@@ -233,6 +248,42 @@ __device__ __forceinline__ uint32_t load_codes(const uint8_t* base, int64_t firs
     if (k < count) word |= uint32_t{__ldcs(p + k)} << (8 * k);
   }
   return word;
+}
+
+// Four 4-bit codes of elements first .. first + 3 (first even: rows start at
+// multiples of 4), two bytes of packed codes, spread to one code per byte of
+// the returned word, so that decoding reads them like 8-bit codes. Only the
+// bytes holding the `count` elements inside the segment are read.
+__device__ __forceinline__ uint32_t load_nibbles(const uint8_t* base, int64_t first, int count, bool vector_ok) {
+  const uint8_t* p = base + first / 2;
+  uint32_t packed = 0;
+  if (whole_vector(vector_ok, count)) {
+    packed = __ldcs(reinterpret_cast<const unsigned short*>(p));
+  } else {
+#pragma unroll
+    for (int b = 0; b < kVec / 2; ++b) {
+      if (2 * b < count) packed |= uint32_t{__ldcs(p + b)} << (8 * b);
+    }
+  }
+  packed = (packed | (packed << 8)) & 0x00ff00ffu;  // byte 1 to byte 2
+  return (packed | (packed << 4)) & 0x0f0f0f0fu;    // the high nibbles of bytes 0 and 2 to bytes 1 and 3
+}
+
+// Stores four 4-bit codes, nibble k of `packed` = element first + k, as two
+// bytes (dist8bit/quant/packing.py: element 2j is the low nibble of byte j).
+// The caller zeroes the nibbles of elements past the segment's end, so an odd
+// segment's last byte gets a high nibble of 0.
+__device__ __forceinline__ void store_nibbles(uint8_t* base, int64_t first, int count, bool vector_ok,
+                                              uint32_t packed) {
+  uint8_t* p = base + first / 2;
+  if (whole_vector(vector_ok, count)) {
+    __stcs(reinterpret_cast<unsigned short*>(p), static_cast<unsigned short>(packed));
+    return;
+  }
+#pragma unroll
+  for (int b = 0; b < kVec / 2; ++b) {
+    if (2 * b < count) __stcs(p + b, static_cast<unsigned char>(packed >> (8 * b)));
+  }
 }
 
 __device__ __forceinline__ void store_code_word(uint8_t* base, int64_t first, int count, bool vector_ok,
@@ -407,23 +458,30 @@ __device__ __forceinline__ int64_t find_segment(const int64_t* __restrict__ pref
 }
 
 // ---------------------------------------------------------------------------
-// The tables of the 8-bit states, per used slot, in dynamic shared memory
-// (device_quant.cuh explains why each read is conflict-free):
-//   [0, NS * kPrivateCodeWords)   the code, lane-private (word c * 32 + lane), for decoding
-//   then NS * kCodeSize           the thresholds, for the values the encoder table leaves to the search
-//   then NS * kEncoderWords       the encoder table
-// 34,320 bytes per slot: Adam 68.6 KB, AdEMAMix 103 KB per CUDA block. Two
-// blocks per SM (BS <= 2048) take at most 2 x (103 + 1) KB of the 228 KB of an
-// SM of sm_90 (1 KB per block is reserved by the runtime), one 512-thread
-// block (BS = 4096) half of that, so the tables never limit the 16 warps per
-// SM that the registers allow; the kernels ask for the maximum shared-memory
-// carveout (they stream every tensor once with evict-first hints, so L1 has
-// little to cache). Registers and shuffles instead of the lane-private code
-// would cost 8 SHFL + 8 selects per decoded element (MIO-bound at 3 slots).
-constexpr int kSlotTableWords = kPrivateCodeWords + kCodeSize + kEncoderWords;
+// The tables of the quantized states, per used slot, in dynamic shared memory
+// (device_quant.cuh explains why each read is conflict-free), for maps of E
+// entries (256, or 16 for 4-bit maps):
+//   [0, NS * E * 32)         the code, lane-private (word c * 32 + lane), for decoding
+//   then NS * E              the thresholds, for the values the encoder table leaves to the search
+//                            (4-bit: for every value, 4 steps)
+//   then NS * kEncoderWords  the encoder table (8-bit only: 4-bit maps have none)
+// 8-bit: 34,320 bytes per slot: Adam 68.6 KB, AdEMAMix 103 KB per CUDA block.
+// Two blocks per SM (BS <= 2048) take at most 2 x (103 + 1) KB of the 228 KB
+// of an SM of sm_90 (1 KB per block is reserved by the runtime), one
+// 512-thread block (BS = 4096) half of that, so the tables never limit the 16
+// warps per SM that the registers allow; the kernels ask for the maximum
+// shared-memory carveout (they stream every tensor once with evict-first
+// hints, so L1 has little to cache). Registers and shuffles instead of the
+// lane-private code would cost 8 SHFL + 8 selects per decoded element
+// (MIO-bound at 3 slots). 4-bit: 2,112 bytes per slot.
+__host__ __device__ constexpr int map_entries(int code_bits) { return code_bits == 4 ? kMapSize4 : kCodeSize; }
 
-constexpr size_t quant_table_bytes(int num_states) {
-  return static_cast<size_t>(num_states) * kSlotTableWords * sizeof(float);
+__host__ __device__ constexpr int slot_table_words(int code_bits) {
+  return map_entries(code_bits) * (kWarpSize + 1) + (code_bits == 4 ? 0 : kEncoderWords);
+}
+
+constexpr size_t quant_table_bytes(int num_states, int code_bits) {
+  return static_cast<size_t>(num_states) * static_cast<size_t>(slot_table_words(code_bits)) * sizeof(float);
 }
 
 // ---------------------------------------------------------------------------
@@ -431,21 +489,23 @@ constexpr size_t quant_table_bytes(int num_states) {
 // take the kernel's own arrays by reference, so the arrays stay in registers
 // exactly as in one body (ptxas reports the same registers, no spills).
 
-// Stages the tables of the NS used slots (layout above); every thread then
-// finds its slot s at lane_code[s] (its lane's column), thresholds[s],
-// encoder[s] and, for count_thresholds_below, address[s].
+// Stages the tables of the NS used slots (layout above, for maps of 256 or,
+// with four_bit, 16 entries); every thread then finds its slot s at
+// lane_code[s] (its lane's column), thresholds[s], encoder[s] (8-bit only)
+// and, for count_thresholds_below, address[s].
 template <int NS, int kThreads>
-__device__ __forceinline__ void stage_tables(const KernelArgs& args, float* s_tables, int lane,
+__device__ __forceinline__ void stage_tables(const KernelArgs& args, bool four_bit, float* s_tables, int lane,
                                              const float* (&lane_code)[NS], const float* (&thresholds)[NS],
                                              const float* (&encoder)[NS], unsigned (&address)[NS]) {
+  const int entries = four_bit ? kMapSize4 : kCodeSize;
 #pragma unroll
   for (int s = 0; s < NS; ++s) {
-    float* const s_private = s_tables + s * kPrivateCodeWords;
-    float* const s_thresholds = s_tables + NS * kPrivateCodeWords + s * kCodeSize;
-    float* const s_encoder = s_tables + NS * (kPrivateCodeWords + kCodeSize) + s * kEncoderWords;
-    stage_private_code(args.code[s], s_private, kThreads);
-    for (int i = threadIdx.x; i < kCodeSize; i += kThreads) s_thresholds[i] = args.thresholds[s][i];
-    stage_encoder(args.encoder[s], s_encoder, static_cast<int>(threadIdx.x), kThreads);
+    float* const s_private = s_tables + s * entries * kWarpSize;
+    float* const s_thresholds = s_tables + NS * entries * kWarpSize + s * entries;
+    float* const s_encoder = s_tables + NS * entries * (kWarpSize + 1) + s * kEncoderWords;
+    stage_private_code(args.code[s], s_private, kThreads, entries);
+    for (int i = threadIdx.x; i < entries; i += kThreads) s_thresholds[i] = args.thresholds[s][i];
+    if (!four_bit) stage_encoder(args.encoder[s], s_encoder, static_cast<int>(threadIdx.x), kThreads);
     lane_code[s] = s_private + lane;
     thresholds[s] = s_thresholds;
     encoder[s] = s_encoder;
@@ -456,11 +516,12 @@ __device__ __forceinline__ void stage_tables(const KernelArgs& args, float* s_ta
 
 // Every load of the lane's rows, before any arithmetic: where each row starts
 // (first[j]) and how many of its elements lie inside the segment (count[j]),
-// then parameters, gradients, and the codes with their old scales (8-bit
-// states) or the float32 states.
+// then parameters, gradients, and the codes with their old scales (quantized
+// states: 4-bit codes spread to one per byte, so that they decode like 8-bit
+// ones) or the float32 states.
 template <int NS, typename L, int kSlots>
 __device__ __forceinline__ void load_rows(const FusedSegment& record, FloatType param_type, FloatType grad_type,
-                                          int64_t base, int lane, bool vector_ok, int (&count)[kRows],
+                                          bool four_bit, int64_t base, int lane, bool vector_ok, int (&count)[kRows],
                                           int64_t (&first)[kRows], Row (&p_raw)[kRows], Row (&g_raw)[kRows],
                                           uint32_t (&codes)[kSlots][kRows], float (&old_scale)[kSlots][kRows],
                                           float (&old_value)[kSlots][kRows][kVec]) {
@@ -474,7 +535,9 @@ __device__ __forceinline__ void load_rows(const FusedSegment& record, FloatType 
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
       if constexpr (L::kQuant) {
-        codes[s][j] = load_codes(static_cast<const uint8_t*>(record.state[s]), first[j], count[j], vector_ok);
+        const uint8_t* const state = static_cast<const uint8_t*>(record.state[s]);
+        codes[s][j] = four_bit ? load_nibbles(state, first[j], count[j], vector_ok)
+                               : load_codes(state, first[j], count[j], vector_ok);
         old_scale[s][j] = count[j] > 0 ? __ldcs(record.absmax[s] + (first[j] >> L::kLog2Block)) : 0.0f;
       } else {
         load_state_row(static_cast<const float*>(record.state[s]), first[j], count[j], vector_ok, old_value[s][j]);
@@ -590,11 +653,26 @@ __device__ __forceinline__ void group_block_maxima(unsigned (&s_partial)[2][L::k
   }
 }
 
+// The packed 4-bit codes of a row's kVec scaled values: the 4-step search
+// over the slot's 16 thresholds (all reads within 16 consecutive words: no
+// bank conflicts), elements past the segment's end (k >= count) given 0.
+__device__ __forceinline__ uint32_t nearest_nibbles(const float* s_thresholds, unsigned thresholds_address,
+                                                    const float (&x)[kVec], int count) {
+  uint32_t packed = 0;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    const uint32_t c = static_cast<uint32_t>(count_thresholds_below<kMapSize4>(s_thresholds, thresholds_address, x[k]));
+    packed |= (k < count ? c : 0u) << (4 * k);
+  }
+  return packed;
+}
+
 // Encodes the kept values with the blocks' new scales and writes codes and
 // scales (the segment record is read again: an L1 hit, and no registers held
 // meanwhile).
 template <int NS, typename L, int kSlots>
-__device__ __forceinline__ void encode_rows(const FusedSegment& record, const float* const (&s_encoder)[kSlots],
+__device__ __forceinline__ void encode_rows(const FusedSegment& record, bool four_bit,
+                                            const float* const (&s_encoder)[kSlots],
                                             const float* const (&s_thresholds)[kSlots],
                                             const unsigned (&table_address)[kSlots], int part, int lane,
                                             bool vector_ok, const int (&count)[kRows], const int64_t (&first)[kRows],
@@ -611,12 +689,16 @@ __device__ __forceinline__ void encode_rows(const FusedSegment& record, const fl
       float x[kVec];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) x[k] = scaled_value(kept[s][j][k], inv);
-      uint32_t c[kVec];
-      nearest_codes<kVec>(s_encoder[s], s_thresholds[s], table_address[s], x, c);
-      uint32_t word = 0;
+      if (four_bit) {
+        store_nibbles(codes, first[j], count[j], vector_ok, nearest_nibbles(s_thresholds[s], table_address[s], x, count[j]));
+      } else {
+        uint32_t c[kVec];
+        nearest_codes<kVec>(s_encoder[s], s_thresholds[s], table_address[s], x, c);
+        uint32_t word = 0;
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) word |= c[k] << (8 * k);
-      store_code_word(codes, first[j], count[j], vector_ok, word);
+        for (int k = 0; k < kVec; ++k) word |= c[k] << (8 * k);
+        store_code_word(codes, first[j], count[j], vector_ok, word);
+      }
       // The lane holding a block's first element writes its scale.
       if (part == 0 && lane % L::kLanesPerBlock == 0 && j % L::kRowsPerBlock == 0 && count[j] > 0) {
         __stcs(scales + (first[j] >> L::kLog2Block), scale);
@@ -649,8 +731,9 @@ __global__ void __launch_bounds__(Layout<BS>::kThreads, Layout<BS>::kBlocksPerSM
   const float* s_thresholds[kSlots];
   const float* s_encoder[kSlots];
   unsigned table_address[kSlots];     // shared address of s_thresholds, for count_thresholds_below
-  if constexpr (kQuant) stage_tables<NS, L::kThreads>(args, s_tables, lane, lane_code, s_thresholds, s_encoder,
-                                                       table_address);
+  const bool four_bit = kQuant && args.code_bits == 4;  // uniform over the grid
+  if constexpr (kQuant) stage_tables<NS, L::kThreads>(args, four_bit, s_tables, lane, lane_code, s_thresholds,
+                                                       s_encoder, table_address);
 
   const int part = warp % L::kGroupWarps;  // this warp's share of the unit
   const int group = warp / L::kGroupWarps;
@@ -689,8 +772,8 @@ __global__ void __launch_bounds__(Layout<BS>::kThreads, Layout<BS>::kBlocksPerSM
       uint32_t codes[kSlots][kRows];
       float old_scale[kSlots][kRows];
       float old_value[kSlots][kRows][kVec];
-      load_rows<NS, L>(record, param_type, grad_type, base, lane, vector_ok, count, first, p_raw, g_raw, codes,
-                       old_scale, old_value);
+      load_rows<NS, L>(record, param_type, grad_type, four_bit, base, lane, vector_ok, count, first, p_raw, g_raw,
+                       codes, old_scale, old_value);
       const float grad_scale = args.grad_scale != nullptr ? args.grad_scale[seg] : 1.0f;
       const float lr = args.update_scale != nullptr ? __fmul_rn(args.hyper.v[kLr], args.update_scale[seg])
                                                     : args.hyper.v[kLr];
@@ -722,8 +805,8 @@ __global__ void __launch_bounds__(Layout<BS>::kThreads, Layout<BS>::kBlocksPerSM
 
     if constexpr (kQuant) {
       if (active && !norm_mode) {
-        encode_rows<NS, L>(args.segments[seg], s_encoder, s_thresholds, table_address, part, lane, vector_ok, count,
-                           first, kept, block_max);
+        encode_rows<NS, L>(args.segments[seg], four_bit, s_encoder, s_thresholds, table_address, part, lane,
+                           vector_ok, count, first, kept, block_max);
       }
     }
   }
@@ -739,32 +822,41 @@ __global__ void __launch_bounds__(Layout<BS>::kThreads, Layout<BS>::kBlocksPerSM
 // ---------------------------------------------------------------------------
 // Launch.
 
+// Resident CUDA blocks per multiprocessor of `kernel` with `table_bytes` of
+// dynamic shared memory (at least 1).
+template <typename Kernel>
+int resident_blocks(Kernel kernel, int threads, size_t table_bytes) {
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, table_bytes) != cudaSuccess || blocks < 1) {
+    (void)cudaGetLastError();  // clear a failed query; the launch reports real errors
+    blocks = 1;
+  }
+  return blocks;
+}
+
 template <Rule R, int NS, int BS>
 cudaError_t launch_kernel(const KernelArgs& args, cudaStream_t stream) {
   using L = Layout<BS>;
   const auto kernel = fused_step_kernel<R, NS, BS>;
-  const size_t table_bytes = L::kQuant ? quant_table_bytes(NS) : 0;
+  // One kernel serves 8- and 4-bit maps; only its tables' size differs.
+  const size_t table_bytes = L::kQuant ? quant_table_bytes(NS, args.code_bits) : 0;
   if (L::kQuant) {
     // More than the default 48 KB of dynamic shared memory, and the largest
     // carveout: function attributes of the current device's module, so they
-    // are set on every launch (cheap host calls, no synchronisation).
-    cudaError_t error =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(table_bytes));
+    // are set on every launch (cheap host calls, no synchronisation). The
+    // limit is always the 8-bit tables' size, the larger, so that a 4-bit
+    // launch never lowers it under an 8-bit launch of another host thread.
+    cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(quant_table_bytes(NS, 8)));
     if (error != cudaSuccess) return error;
     error = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     if (error != cudaSuccess) return error;
   }
   // Resident CUDA blocks per multiprocessor: a property of the compiled kernel
-  // (registers, shared memory), asked once per kernel and process.
-  static const int per_multiprocessor = [kernel, table_bytes] {
-    int blocks = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, L::kThreads, table_bytes) != cudaSuccess ||
-        blocks < 1) {
-      (void)cudaGetLastError();  // clear a failed query; the launch reports real errors
-      blocks = 1;
-    }
-    return blocks;
-  }();
+  // (registers, shared memory), asked once per kernel, code width and process.
+  static const int per_multiprocessor_8 = resident_blocks(kernel, L::kThreads, L::kQuant ? quant_table_bytes(NS, 8) : 0);
+  static const int per_multiprocessor_4 = resident_blocks(kernel, L::kThreads, L::kQuant ? quant_table_bytes(NS, 4) : 0);
+  const int per_multiprocessor = L::kQuant && args.code_bits == 4 ? per_multiprocessor_4 : per_multiprocessor_8;
   // A persistent grid: one wave of resident CUDA blocks (fewer for small
   // calls), every block walking the units grid-stride.
   const int64_t steps = (args.total_units + L::kGroups - 1) / L::kGroups;
@@ -775,8 +867,8 @@ cudaError_t launch_kernel(const KernelArgs& args, cudaStream_t stream) {
 }
 
 template <Rule R, int NS>
-cudaError_t launch_blocksize(bool eight_bit, int64_t blocksize, const KernelArgs& args, cudaStream_t stream) {
-  if (!eight_bit) return launch_kernel<R, NS, 0>(args, stream);
+cudaError_t launch_blocksize(bool quantized, int64_t blocksize, const KernelArgs& args, cudaStream_t stream) {
+  if (!quantized) return launch_kernel<R, NS, 0>(args, stream);
   if constexpr (NS == 0) {
     return cudaErrorInvalidValue;
   } else {
@@ -787,7 +879,7 @@ cudaError_t launch_blocksize(bool eight_bit, int64_t blocksize, const KernelArgs
 
 cudaError_t launch_rule(const FusedStepConfig& config, const KernelArgs& args, cudaStream_t stream) {
   return visit_rule_states(config.rule, config.num_states, cudaErrorInvalidValue, [&](auto rule, auto states) {
-    return launch_blocksize<decltype(rule)::value, decltype(states)::value>(config.eight_bit, config.blocksize, args,
+    return launch_blocksize<decltype(rule)::value, decltype(states)::value>(config.quantized, config.blocksize, args,
                                                                              stream);
   });
 }
@@ -796,9 +888,9 @@ int element_bytes(FloatType type) { return type == FloatType::kFloat32 ? 4 : 2; 
 
 }  // namespace
 
-bool fused_step_supported(Rule rule, int num_states, bool eight_bit, int64_t blocksize) {
+bool fused_step_supported(Rule rule, int num_states, bool quantized, int64_t blocksize, int code_bits) {
   if (!rule_takes_states(rule, num_states)) return false;
-  return !eight_bit || (num_states > 0 && is_state_blocksize(blocksize));
+  return !quantized || (num_states > 0 && is_state_blocksize(blocksize) && (code_bits == 8 || code_bits == 4));
 }
 
 size_t fused_step_table_bytes(int64_t num_segments) {
@@ -809,10 +901,11 @@ int64_t fill_fused_step_table(const FusedStepConfig& config, const FusedSegment*
                               void* table) {
   auto* prefix = static_cast<int64_t*>(table);
   auto* records = reinterpret_cast<FusedSegment*>(static_cast<unsigned char*>(table) + prefix_bytes(num_segments));
-  const int64_t unit = unit_elements(config.eight_bit, config.blocksize);
+  const int64_t unit = unit_elements(config.quantized, config.blocksize);
   const uintptr_t param_bytes = static_cast<uintptr_t>(kVec * element_bytes(config.param_type));
   const uintptr_t grad_bytes = static_cast<uintptr_t>(kVec * element_bytes(config.grad_type));
-  const uintptr_t state_bytes = static_cast<uintptr_t>(config.eight_bit ? kVec : kVec * 4);
+  // A row's codes: kVec bytes (8-bit) or kVec / 2 (4-bit, packed), or kVec float32 values.
+  const uintptr_t state_bytes = static_cast<uintptr_t>(config.quantized ? kVec * config.code_bits / 8 : kVec * 4);
   prefix[0] = 0;
   for (int64_t k = 0; k < num_segments; ++k) {
     FusedSegment record = segments[k];
@@ -830,7 +923,7 @@ cudaError_t launch_fused_step(const FusedStepConfig& config, const void* device_
                               int64_t total_units, cudaStream_t stream) {
   if (num_segments < 0 || total_units < 0) return cudaErrorInvalidValue;
   if (num_segments == 0) return cudaSuccess;
-  if (!fused_step_supported(config.rule, config.num_states, config.eight_bit, config.blocksize)) {
+  if (!fused_step_supported(config.rule, config.num_states, config.quantized, config.blocksize, config.code_bits)) {
     return cudaErrorInvalidValue;
   }
   if (config.norm_out != nullptr) {
@@ -848,11 +941,12 @@ cudaError_t launch_fused_step(const FusedStepConfig& config, const void* device_
   args.num_segments = num_segments;
   args.total_units = total_units;
   for (int s = 0; s < kMaxStates; ++s) {
-    const bool used = config.eight_bit && s < config.num_states;
+    const bool used = config.quantized && s < config.num_states;
     args.code[s] = used ? config.code[s] : nullptr;
     args.thresholds[s] = used ? config.thresholds[s] : nullptr;
-    args.encoder[s] = used ? config.encoder[s] : nullptr;
+    args.encoder[s] = used && config.code_bits == 8 ? config.encoder[s] : nullptr;
   }
+  args.code_bits = config.quantized ? config.code_bits : 0;
   args.grad_scale = config.grad_scale;
   args.update_scale = config.update_scale;
   args.norm_out = config.norm_out;

@@ -5,8 +5,9 @@
 // only) meet here through raw pointers, int64_t sizes and a cudaStream_t.
 //
 // The contract is the fused_step schema of dist8bit/backends/ops.py; the
-// element math is csrc/common/update_rules.h, the rounding rule of the 8-bit
-// states dist8bit/quant/codebook.py, and the results are bit-identical to
+// element math is csrc/common/update_rules.h, the rounding rule of the
+// quantized (8- or 4-bit) states dist8bit/quant/codebook.py, the packing of
+// 4-bit codes dist8bit/quant/packing.py, and the results are bit-identical to
 // dist8bit/backends/reference_optim.py run on the CPU.
 //
 // How a call goes:
@@ -36,8 +37,9 @@ namespace cuda {
 struct FusedSegment {
   void* param;                     // numel elements of FusedStepConfig::param_type, updated in place
   const void* grad;                // numel elements of FusedStepConfig::grad_type
-  void* state[kMaxStates];         // used slots, in order: uint8 codes (8-bit) or float32 values (32-bit)
-  float* absmax[kMaxStates];       // 8-bit: ceil(numel / blocksize) scales per used slot; else unused
+  void* state[kMaxStates];         // used slots, in order: uint8 codes (8-bit: numel bytes, 4-bit:
+                                   // ceil(numel / 2) bytes, packed) or float32 values (32-bit)
+  float* absmax[kMaxStates];       // quantized: ceil(numel / blocksize) scales per used slot; else unused
   int64_t numel;                   // >= 0
   int64_t first_index;             // segment_offsets[k]: element i draws stochastic rounding bits at first_index + i
   int64_t vector_ok;               // set by fill_fused_step_table: every pointer allows vector access
@@ -53,12 +55,15 @@ struct FusedStepConfig {
   FloatType param_type;                    // one dtype for every parameter
   FloatType grad_type;                     // one dtype for every gradient
   int num_states;                          // used slots (0 to 3), as update_element counts them
-  bool eight_bit;                          // uint8 codes + absmax, else float32 states
-  int64_t blocksize;                       // 8-bit: a power of two in [64, 4096]; ignored for 32-bit states
-  const float* code[kMaxStates];           // 8-bit: 256 sorted code values per used slot
-  const float* thresholds[kMaxStates];     // 8-bit: 256 midpoints per used slot, thresholds[255] = +inf
+  bool quantized;                          // uint8 codes + absmax, else float32 states
+  int code_bits;                           // quantized: 8 (256-entry maps) or 4 (16-entry maps, codes packed
+                                           // two per byte, element 2j in the low nibble of byte j)
+  int64_t blocksize;                       // quantized: a power of two in [64, 4096]; ignored for 32-bit states
+  const float* code[kMaxStates];           // quantized: 256 (4-bit: 16) sorted code values per used slot
+  const float* thresholds[kMaxStates];     // quantized: as many midpoints per used slot, the last one +inf
   const float* encoder[kMaxStates];        // 8-bit: encoder table per used slot (131 float32 values,
-                                           // dist8bit/quant/encoder_table.py), or nullptr: binary search only
+                                           // dist8bit/quant/encoder_table.py), or nullptr: binary search
+                                           // only; ignored for 4-bit maps
   const float* grad_scale;                 // float32 per segment, or nullptr
   const float* update_scale;               // float32 per segment, or nullptr
   double* norm_out;                        // float64 per segment, or nullptr (then only sum(d^2) is written)
@@ -67,9 +72,10 @@ struct FusedStepConfig {
   uint64_t seed;                           // in [0, 2**63), when stochastic
 };
 
-// Whether the kernels cover this rule, slot count and (8-bit) blocksize:
-// Adam 2 states, SGD 0 or 1, RMSprop 1 or 2, Adagrad 1, Lion 1, AdEMAMix 3.
-bool fused_step_supported(Rule rule, int num_states, bool eight_bit, int64_t blocksize);
+// Whether the kernels cover this rule, slot count and (quantized) blocksize
+// and code width: Adam 2 states, SGD 0 or 1, RMSprop 1 or 2, Adagrad 1,
+// Lion 1, AdEMAMix 3; 8- or 4-bit codes.
+bool fused_step_supported(Rule rule, int num_states, bool quantized, int64_t blocksize, int code_bits = 8);
 
 // Bytes of the segment table for `num_segments` segments.
 size_t fused_step_table_bytes(int64_t num_segments);
