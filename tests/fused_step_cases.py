@@ -12,7 +12,7 @@ from dist8bit.backends.contract import FusedStepCall
 from dist8bit.backends.rules import Rule, StepConstants, WeightDecay
 from dist8bit.functional import codebook_for
 from dist8bit.quant.codebook import Codebook
-from dist8bit.quant.maps import create_dynamic_map
+from dist8bit.quant.maps import create_dynamic_map, create_dynamic_map_4bit, create_linear_map_4bit
 
 
 @dataclass(frozen=True)
@@ -136,9 +136,17 @@ CASES_BY_NAME = {case.name: case for case in CASES}
 
 
 @cache
-def state_codebook(signed: bool, device: torch.device) -> Codebook:
-    """The dynamic map's codebook for a state slot (built once per device)."""
-    return codebook_for(create_dynamic_map(signed=signed), device)
+def state_codebook(signed: bool, device: torch.device, bits: int = 8) -> Codebook:
+    """The codebook of a state slot (built once per device).
+
+    8-bit: the signed or unsigned dynamic map. 4-bit: the optimizers' choice
+    (issue 15): the signed 4-bit dynamic map for signed slots, the linear map
+    without zero for unsigned ones (second moments, sums of squares)."""
+    if bits == 4:
+        code = create_dynamic_map_4bit(signed=True) if signed else create_linear_map_4bit()
+    else:
+        code = create_dynamic_map(signed=signed)
+    return codebook_for(code, device)
 
 
 @dataclass
@@ -149,10 +157,11 @@ class StepTensors:
     grads: list[torch.Tensor]
     states: list[list[torch.Tensor]]
     absmaxes: list[list[torch.Tensor]]
-    signed: tuple[bool, ...]  # one per used state slot: which dynamic map it uses
-    eight_bit: bool
+    signed: tuple[bool, ...]  # one per used state slot: which map it uses (state_codebook)
+    quantized: bool  # uint8 codes + absmax (of `bits`), else float32 states
     blocksize: int
     offsets: list[int] | None = None  # segment_offsets; None: all 0
+    bits: int = 8  # quantized: 8 or 4 (codes packed two per byte)
 
     def copy(self, device: torch.device | None = None) -> StepTensors:
         """A deep copy (on `device`, default: where the tensors are): fresh, contiguous, aligned tensors."""
@@ -166,16 +175,17 @@ class StepTensors:
             [[copy(t) for t in slot] for slot in self.states],
             [[copy(t) for t in slot] for slot in self.absmaxes],
             self.signed,
-            self.eight_bit,
+            self.quantized,
             self.blocksize,
             None if self.offsets is None else list(self.offsets),
+            self.bits,
         )
 
     def codebooks(self, device: torch.device) -> list[Codebook | None]:
         books: list[Codebook | None] = [None, None, None]
-        if self.eight_bit:
+        if self.quantized:
             for slot, signed in enumerate(self.signed):
-                books[slot] = state_codebook(signed, device)
+                books[slot] = state_codebook(signed, device, self.bits)
         return books
 
     def call(self, case: Case, **fields: Any) -> FusedStepCall:

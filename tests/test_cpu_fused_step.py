@@ -2,7 +2,8 @@
 
 Every case runs load_backend("cpu").fused_step and REFERENCE.fused_step on
 clones of the same inputs (several segments of odd sizes in one call) and
-compares parameters, 8-bit codes and absmax, float32 states and the
+compares parameters, 8- and 4-bit codes (4-bit: packed bytes, so an odd
+segment's unused high nibble too) and absmax, float32 states and the
 non-finite count to the last bit, NaN payloads included, and norm_out to
 float64 rounding (the kernel adds in another order).
 
@@ -25,15 +26,17 @@ from fused_step_cases import CASES, CASES_BY_NAME, Case, StepTensors, state_code
 
 from dist8bit.backends import BACKEND_ENV, REFERENCE, load_backend
 from dist8bit.backends.rules import Rule
+from dist8bit.quant.codebook import Codebook
 from dist8bit.quant.layout import num_blocks
+from dist8bit.quant.packing import code_bytes
 
 pytestmark = pytest.mark.skipif(CPU_BUILD_FAILURE is not None, reason="the CPU extension could not be built")
 
 CPU = torch.device("cpu")
 SIZES = (0, 1, 255, 256, 257, 5000, 70000)
 BITS_DTYPE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-# (eight_bit, blocksize); 32-bit states ignore the blocksize.
-PRECISIONS = [(True, 64), (True, 256), (True, 4096), (False, 256)]
+# (state bits, blocksize); 32-bit states ignore the blocksize.
+PRECISIONS = [(8, 64), (8, 256), (8, 4096), (32, 256)]
 PRECISION_IDS = ["8bit-64", "8bit-256", "8bit-4096", "32bit"]
 # (param dtype, grad dtype)
 DTYPES = [
@@ -58,7 +61,7 @@ def reference():
 
 def make_inputs(
     case: Case,
-    eight_bit: bool,
+    state_bits: int,
     blocksize: int,
     param_dtype: torch.dtype,
     grad_dtype: torch.dtype,
@@ -83,15 +86,17 @@ def make_inputs(
             value = torch.randn(n, generator=gen) * torch.exp(torch.empty(n).uniform_(-8, 0, generator=gen))
             if not signed:
                 value = value.abs()
-            if eight_bit:
-                codes = torch.empty(n, dtype=torch.uint8)
+            if state_bits != 32:
+                codes = torch.empty(code_bytes(n, state_bits), dtype=torch.uint8)
                 absmax = torch.empty(num_blocks(n, blocksize))
-                REFERENCE.quantize_blockwise(value, state_codebook(signed, CPU), blocksize, None, codes, absmax)
+                book = state_codebook(signed, CPU, state_bits)
+                REFERENCE.quantize_blockwise(value, book, blocksize, None, codes, absmax)
                 states[slot].append(codes)
                 absmaxes[slot].append(absmax)
             else:
                 states[slot].append(value)
-    return StepTensors(params, grads, states, absmaxes, case.signed, eight_bit, blocksize)
+    quantized = state_bits != 32
+    return StepTensors(params, grads, states, absmaxes, case.signed, quantized, blocksize, bits=state_bits if quantized else 8)
 
 
 def run_step(backend, case: Case, inputs: StepTensors, **fields) -> None:
@@ -122,11 +127,39 @@ def assert_same(actual: StepTensors, expected: StepTensors, what: str = "") -> N
 
 
 @pytest.mark.parametrize("param_dtype,grad_dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("eight_bit,blocksize", PRECISIONS, ids=PRECISION_IDS)
+@pytest.mark.parametrize("state_bits,blocksize", PRECISIONS, ids=PRECISION_IDS)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_matches_reference(cpu, reference, case, eight_bit, blocksize, param_dtype, grad_dtype):
+def test_matches_reference(cpu, reference, case, state_bits, blocksize, param_dtype, grad_dtype):
     """Two consecutive steps with non-finite gradients, grad_scale and update_scale."""
-    inputs = make_inputs(case, eight_bit, blocksize, param_dtype, grad_dtype)
+    check_two_steps(cpu, reference, case, make_inputs(case, state_bits, blocksize, param_dtype, grad_dtype))
+
+
+# 4-bit states: every rule at the 4-bit default blocksize in float32; the
+# other dtypes and blocksizes on the rules with the most slots (the parameter
+# side is the 8-bit tests' code, shared).
+FOUR_BIT = [(name, 128, torch.float32, torch.float32) for name in CASES_BY_NAME] + [
+    ("adamw", 64, torch.float16, torch.float16),
+    ("adamw", 256, torch.bfloat16, torch.float32),
+    ("adamw", 4096, torch.float32, torch.bfloat16),
+    ("ademamix", 64, torch.bfloat16, torch.bfloat16),
+    ("ademamix", 2048, torch.float16, torch.float32),
+    ("rmsprop-momentum", 4096, torch.bfloat16, torch.float16),
+]
+
+
+@pytest.mark.parametrize(
+    "name,blocksize,param_dtype,grad_dtype",
+    FOUR_BIT,
+    ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]}".replace("torch.", "") for c in FOUR_BIT],
+)
+def test_4bit_matches_reference(cpu, reference, name, blocksize, param_dtype, grad_dtype):
+    """4-bit states, packed two per byte: two steps with non-finite gradients, grad_scale and update_scale."""
+    case = CASES_BY_NAME[name]
+    check_two_steps(cpu, reference, case, make_inputs(case, 4, blocksize, param_dtype, grad_dtype))
+
+
+def check_two_steps(cpu, reference, case: Case, inputs: StepTensors) -> None:
+    """Two steps of `case` on the CPU and the reference (the first with grad_scale and update_scale) agree bit for bit."""
     mine, theirs = inputs.copy(), inputs.copy()
     n = len(SIZES)
     gen = torch.Generator().manual_seed(1)
@@ -141,11 +174,18 @@ def test_matches_reference(cpu, reference, case, eight_bit, blocksize, param_dty
     assert counts[0].item() == counts[1].item() > 0
 
 
-@pytest.mark.parametrize("eight_bit,blocksize", PRECISIONS, ids=PRECISION_IDS)
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_norm_out_only_sums(cpu, reference, case, eight_bit, blocksize):
+NORM_PRECISIONS = [(*precision, name) for precision in PRECISIONS for name in CASES_BY_NAME] + [
+    (4, 128, name) for name in ("lamb-in-direction", "lars", "ademamix")
+]
+
+
+@pytest.mark.parametrize(
+    "state_bits,blocksize,name", NORM_PRECISIONS, ids=[f"{name}-{bits}bit-{size}" for bits, size, name in NORM_PRECISIONS]
+)
+def test_norm_out_only_sums(cpu, reference, name, state_bits, blocksize):
     """norm_out: sum(d^2) over finite elements per segment, nothing else written."""
-    inputs = make_inputs(case, eight_bit, blocksize, torch.float32, torch.float32)
+    case = CASES_BY_NAME[name]
+    inputs = make_inputs(case, state_bits, blocksize, torch.float32, torch.float32)
     mine = inputs.copy()
     n = len(SIZES)
     norms = [torch.full((n,), -1.0, dtype=torch.float64) for _ in range(2)]
@@ -160,26 +200,26 @@ def test_norm_out_only_sums(cpu, reference, case, eight_bit, blocksize):
 
 
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=["fp32grad", "bf16grad"])
-@pytest.mark.parametrize("eight_bit,blocksize", [(True, 256), (False, 256)], ids=["8bit", "32bit"])
+@pytest.mark.parametrize("state_bits,blocksize", [(8, 256), (32, 256), (4, 128)], ids=["8bit", "32bit", "4bit"])
 @pytest.mark.parametrize("name", ["adamw", "sgd", "lion", "ademamix"])
-def test_bf16_stochastic_rounding(cpu, reference, name, eight_bit, blocksize, grad_dtype):
+def test_bf16_stochastic_rounding(cpu, reference, name, state_bits, blocksize, grad_dtype):
     """Parameters rounded by the hash of (seed, segment_offsets[k] + i), also across a 2^32 boundary."""
     case = CASES_BY_NAME[name]
-    inputs = make_inputs(case, eight_bit, blocksize, torch.bfloat16, grad_dtype)
+    inputs = make_inputs(case, state_bits, blocksize, torch.bfloat16, grad_dtype)
     offsets = [(1 << 32) - 300 + 7 * k if k % 2 else (k << 40) + 12345 for k in range(len(SIZES))]
     mine, theirs = inputs.copy(), inputs.copy()
     for seed in (0, 2**62 + 12345):
         run_step(cpu, case, mine, segment_offsets=offsets, seed=seed)
         run_step(reference, case, theirs, segment_offsets=offsets, seed=seed)
         assert_same(mine, theirs, f"seed {seed}")
-    rounded = make_inputs(case, eight_bit, blocksize, torch.bfloat16, grad_dtype)
+    rounded = make_inputs(case, state_bits, blocksize, torch.bfloat16, grad_dtype)
     run_step(cpu, case, rounded, segment_offsets=offsets)
     assert not all(torch.equal(a, b) for a, b in zip(rounded.params, inputs.params, strict=True))
 
 
 def test_seed_is_ignored_for_float16(cpu, reference):
     case = CASES_BY_NAME["adamw"]
-    inputs = make_inputs(case, True, 256, torch.float16, torch.float16)
+    inputs = make_inputs(case, 8, 256, torch.float16, torch.float16)
     mine, theirs = inputs.copy(), inputs.copy()
     run_step(cpu, case, mine, seed=5)
     run_step(reference, case, theirs, seed=5)
@@ -187,22 +227,24 @@ def test_seed_is_ignored_for_float16(cpu, reference):
 
 
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("eight_bit,blocksize", [(True, 64), (True, 256), (False, 256)], ids=["8bit-64", "8bit-256", "32bit"])
+@pytest.mark.parametrize(
+    "state_bits,blocksize", [(8, 64), (8, 256), (32, 256), (4, 64)], ids=["8bit-64", "8bit-256", "32bit", "4bit-64"]
+)
 @pytest.mark.parametrize("name", ["adamw", "sgd-momentum", "rmsprop-momentum", "lion", "ademamix"])
-def test_special_values(cpu, reference, name, eight_bit, blocksize, param_dtype):
+def test_special_values(cpu, reference, name, state_bits, blocksize, param_dtype):
     """NaN/Inf parameters and states, all-zero and tiny blocks (absmax 0, 1/absmax = inf), huge gradients."""
     case = CASES_BY_NAME[name]
-    sizes = (300, 1000, 4096)
-    inputs = make_inputs(case, eight_bit, blocksize, param_dtype, torch.float32, sizes=sizes, seed=3)
+    sizes = (300, 1000, 4095)
+    inputs = make_inputs(case, state_bits, blocksize, param_dtype, torch.float32, sizes=sizes, seed=3)
     inputs.params[0][:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0]).to(param_dtype)
     inputs.params[2][7] = float("nan")
     inputs.grads[1][:64] = 0.0  # zero gradients over a zero state: an all-zero block
     inputs.grads[1][64:70] = torch.tensor([3e38, -3e38, 1e30, -1e-30, 1e-40, 0.0])
     inputs.grads[2][:300] = torch.randn(300) * 1e-39  # subnormal gradients
     for slot in range(len(case.signed)):
-        if eight_bit:
+        if state_bits != 32:
             zero_code = int(torch.searchsorted(inputs.codebooks(CPU)[slot].thresholds, torch.tensor([0.0])).item())
-            inputs.states[slot][1][:64] = zero_code
+            inputs.states[slot][1][: code_bytes(64, state_bits)] = zero_code | (zero_code << 4 if state_bits == 4 else 0)
             inputs.absmaxes[slot][1][0] = 0.0
             inputs.absmaxes[slot][2][1] = 1e-40  # 1 / absmax overflows
             inputs.absmaxes[slot][2][2] = float("inf")
@@ -221,12 +263,13 @@ def test_special_values(cpu, reference, name, eight_bit, blocksize, param_dtype)
     assert counts[0].item() == counts[1].item() >= sizes[2]
 
 
-def test_many_segments_and_empty_calls(cpu, reference):
+@pytest.mark.parametrize("state_bits", [8, 4], ids=["8bit", "4bit"])
+def test_many_segments_and_empty_calls(cpu, reference, state_bits):
     """Hundreds of small segments (parallel work split across them) and calls with nothing to do."""
     case = CASES_BY_NAME["adamw"]
     gen = torch.Generator().manual_seed(7)
     sizes = [int(x) for x in torch.randint(0, 700, (300,), generator=gen)]
-    inputs = make_inputs(case, True, 64, torch.float32, torch.float32, sizes=sizes)
+    inputs = make_inputs(case, state_bits, 64, torch.float32, torch.float32, sizes=sizes)
     mine, theirs = inputs.copy(), inputs.copy()
     norms = [torch.zeros(len(sizes), dtype=torch.float64) for _ in range(2)]
     run_step(cpu, case, mine.copy(), norm_out=norms[0])
@@ -235,14 +278,15 @@ def test_many_segments_and_empty_calls(cpu, reference):
     run_step(cpu, case, mine)
     run_step(reference, case, theirs)
     assert_same(mine, theirs)
-    empty = make_inputs(case, True, 64, torch.float32, torch.float32, sizes=(0, 0))
+    empty = make_inputs(case, state_bits, 64, torch.float32, torch.float32, sizes=(0, 0))
     run_step(cpu, case, empty, norm_out=torch.zeros(2, dtype=torch.float64))
-    run_step(cpu, case, make_inputs(case, True, 64, torch.float32, torch.float32, sizes=()))
+    run_step(cpu, case, make_inputs(case, state_bits, 64, torch.float32, torch.float32, sizes=()))
 
 
-def test_thread_count_does_not_change_results(cpu, reference):
+@pytest.mark.parametrize("state_bits", [8, 4], ids=["8bit", "4bit"])
+def test_thread_count_does_not_change_results(cpu, reference, state_bits):
     case = CASES_BY_NAME["ademamix"]
-    inputs = make_inputs(case, True, 256, torch.bfloat16, torch.float32, sizes=(100000, 3, 40000))
+    inputs = make_inputs(case, state_bits, 256, torch.bfloat16, torch.float32, sizes=(100000, 3, 40000))
     results = []
     threads = torch.get_num_threads()
     try:
@@ -261,7 +305,7 @@ def test_thread_count_does_not_change_results(cpu, reference):
 
 def test_rejects_bad_arguments(cpu):
     case = CASES_BY_NAME["adamw"]
-    good = make_inputs(case, True, 256, torch.float32, torch.float32, sizes=(300,))
+    good = make_inputs(case, 8, 256, torch.float32, torch.float32, sizes=(300,))
 
     def call(inputs, rule=Rule.ADAM, blocksize=None, **kwargs):
         inputs = inputs.copy()
@@ -292,6 +336,42 @@ def test_rejects_bad_arguments(cpu):
         call(good, nonfinite_count=torch.zeros(1, dtype=torch.int32))
 
 
+def test_4bit_adagrad_initial_accumulator(cpu, reference):
+    """Adagrad's initial_accumulator_value in 4-bit: codes filled with 0xFF (two 15s, the code of 1.0 in the
+    linear map) and absmax = the value. An odd segment's fill leaves 15 in the unused high nibble; the step
+    writes it back as 0, like the reference."""
+    case = CASES_BY_NAME["adagrad"]
+    inputs = make_inputs(case, 4, 128, torch.float32, torch.float32, sizes=(1, 255, 1000))
+    for codes, absmax in zip(inputs.states[0], inputs.absmaxes[0], strict=True):
+        codes.fill_(0xFF)
+        absmax.fill_(0.1)
+    mine, theirs = inputs.copy(), inputs.copy()
+    run_step(cpu, case, mine)
+    run_step(reference, case, theirs)
+    assert_same(mine, theirs)
+    assert [int(codes[-1]) >> 4 for codes in mine.states[0][:2]] == [0, 0]
+
+
+def test_rejects_bad_4bit_arguments(cpu):
+    """Wrong code byte counts, mixed 8-/4-bit slots and a 4-bit map with an encoder table fail with the argument's name."""
+    case = CASES_BY_NAME["adamw"]
+    good = make_inputs(case, 4, 128, torch.float32, torch.float32, sizes=(301,))
+    run_step(cpu, case, good.copy())
+    bad = good.copy()
+    bad.states[0][0] = torch.zeros(301, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=r"state1\[0\] must hold 151 bytes"):
+        run_step(cpu, case, bad)
+    eight = state_codebook(False, CPU, 8)
+    with pytest.raises(RuntimeError, match="same bits"):
+        run_step(cpu, case, good.copy(), codebooks=[state_codebook(True, CPU, 4), eight, None])
+    book = state_codebook(True, CPU, 4)
+    with_table = Codebook(book.code, book.thresholds, eight.encoder)
+    with pytest.raises(RuntimeError, match="empty for a 4-bit map"):
+        run_step(cpu, case, good.copy(), codebooks=[with_table, state_codebook(False, CPU, 4), None])
+    with pytest.raises(RuntimeError, match="blocksize"):
+        run_step(cpu, case, good.copy(), blocksize=100)
+
+
 PORTABLE_CHECK = textwrap.dedent(
     """
     import sys
@@ -306,9 +386,9 @@ PORTABLE_CHECK = textwrap.dedent(
 
     cpu = compiled_backend("cpu")
     for case in t.CASES:
-        for eight_bit, blocksize in ((True, 64), (False, 256)):
+        for state_bits, blocksize in ((8, 64), (32, 256), (4, 128)):
             for param_dtype, grad_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float16)):
-                inputs = t.make_inputs(case, eight_bit, blocksize, param_dtype, grad_dtype, sizes=(0, 1, 257, 3000))
+                inputs = t.make_inputs(case, state_bits, blocksize, param_dtype, grad_dtype, sizes=(0, 1, 257, 3000))
                 mine, theirs = inputs.copy(), inputs.copy()
                 counts = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
                 seed = 3 if param_dtype == torch.bfloat16 else None

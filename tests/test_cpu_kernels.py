@@ -23,7 +23,7 @@ import dist8bit.functional as F
 from dist8bit.backends import BACKEND_ENV, load_backend
 from dist8bit.quant.codebook import Codebook
 from dist8bit.quant.layout import SUPPORTED_BLOCKSIZES, num_blocks
-from dist8bit.quant.maps import create_dynamic_map, create_linear_map, create_quantile_map
+from dist8bit.quant.maps import create_dynamic_map, create_dynamic_map_4bit, create_linear_map, create_quantile_map
 from dist8bit.quant.stochastic import uniform_for_indices
 
 pytestmark = needs_compiled("cpu")
@@ -283,6 +283,7 @@ def test_empty(cpu):
 
 def test_input_checks(cpu):
     book = codebook("dynamic-signed")
+    book4 = F.codebook_for(create_dynamic_map_4bit(), torch.device("cpu"))
     x = torch.randn(300)
     codes = torch.empty(300, dtype=torch.uint8)
     absmax = torch.empty(2)
@@ -306,6 +307,8 @@ def test_input_checks(cpu):
         "encoder dtype": dict(args=(book.code, book.thresholds, book.encoder.double())),
         "thresholds end": dict(args=(book.code, book.thresholds.clamp(max=1.0), *args[2:])),
         "code size": dict(args=(book.code[:-1], *args[1:])),
+        # 4-bit maps are quantized by the reference backend (functional routes them there).
+        "4-bit map": dict(args=(book4.code, book4.thresholds, book4.encoder)),
     }
     for what, kwargs in bad_calls.items():
         with pytest.raises(RuntimeError):

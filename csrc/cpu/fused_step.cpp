@@ -1,14 +1,16 @@
 // CPU kernel of dist8bit::fused_step: one optimizer step over many segments.
 //
 // Contract: the fused_step schema of dist8bit/backends/ops.py. Results are bit
-// for bit those of dist8bit/backends/reference_optim.py (parameters, 8-bit
-// codes and absmax, float32 states, the non-finite count; norm_out up to the
-// order of its float64 sum):
+// for bit those of dist8bit/backends/reference_optim.py (parameters, 8- and
+// 4-bit codes and absmax, float32 states, the non-finite count; norm_out up to
+// the order of its float64 sum):
 //   g       float(grad) * grad_scale[k]; a non-finite g counts as 0 in the
 //           update and its element keeps its parameter and old state values
-//   states  8-bit: code[c] * absmax[block] on the way in; on the way out the
-//           block's new absmax (unsigned max over |x| bits, NaN-propagating)
-//           and the codebook's rounding rule, exactly as quantize.cpp encodes
+//   states  8- and 4-bit: code[c] * absmax[block] on the way in; on the way
+//           out the block's new absmax (unsigned max over |x| bits,
+//           NaN-propagating) and the codebook's rounding rule, exactly as
+//           quantize.cpp encodes (4-bit: nibble_simd.h, codes packed two per
+//           byte, an odd segment's last high nibble 0)
 //   d       dist8bit::update_value of common/update_rules.h, the rules every
 //           backend shares, here on 16-lane vectors (Vec16 below); sqrt and
 //           division are IEEE (vsqrtps, vdivps), as sqrtf and / in the header.
@@ -22,20 +24,24 @@
 //           for bfloat16 with a seed, stochastically (reference_optim.
 //           round_bf16_stochastically, element index segment_offsets[k] + i)
 //
-// Work layout. The call's segments are cut into units: the 8-bit blocks
+// Work layout. The call's segments are cut into units: the quantized blocks
 // (blocks of `blocksize` start at each segment's first element) or, for
 // 32-bit states, runs of kChunk32 elements. A prefix sum over the segments'
 // unit counts numbers all units of the call; one task per thread
 // (at::parallel_for) takes chunks of consecutive units from a shared counter
 // until none are left. A unit is processed 64 elements at a time: load g and
-// p, decode the states (VBMI byte-plane lookups), run the rule on four 16-lane
-// vectors, store p, keep the new 8-bit states in a local buffer (at most 4096
+// p, decode the states (8-bit: VBMI byte-plane lookups; 4-bit: one permute of
+// the block's scaled 16-entry table), run the rule on four 16-lane vectors,
+// store p, keep the new quantized states in a local buffer (at most 4096
 // floats per slot, in L1) while taking their absmax, and at the end of the
 // unit encode the buffer as quantize.cpp does (quant_simd.h: the encoder
-// table's lines, the permute-based binary search near jumps). The inner loops are templated on the rule, the weight-decay
-// mode, the state count, the state precision and the parameter and gradient
-// dtypes (norm passes look the gradient dtype up at run time), so the rule's
-// switch folds away at compile time. Norm mode (norm_out
+// table's lines, the permute-based binary search near jumps; nibble_simd.h: a
+// 4-step search in registers). The inner loops are templated on the rule, the
+// weight-decay mode, the state count, whether states are quantized and the
+// parameter and gradient dtypes (norm passes look the gradient dtype up at run
+// time), so the rule's switch folds away at compile time; 8 or 4 bits is a
+// run-time choice per group of 64 (one predictable branch, no extra
+// instantiations). Norm mode (norm_out
 // given) runs the same loop, writes nothing but one float64 partial sum per
 // unit and adds the partials per segment in unit order, so its result does not
 // depend on the thread count or the chunking.
@@ -64,6 +70,7 @@
 #include "common/op_contract.h"
 #include "common/stochastic_rounding.h"
 #include "common/update_rules.h"
+#include "nibble_simd.h"
 #include "quant_simd.h"
 
 namespace dist8bit {
@@ -83,8 +90,8 @@ struct Segment {
   void* param;
   const void* grad;
   FloatType grad_kind;
-  void* state[kMaxStates];    // uint8 codes (8-bit) or float32 values
-  float* absmax[kMaxStates];  // 8-bit: one scale per block
+  void* state[kMaxStates];    // uint8 codes (8- or 4-bit) or float32 values
+  float* absmax[kMaxStates];  // quantized: one scale per block
   int64_t numel;
   int64_t first_index;  // segment_offsets[k]: stochastic rounding index of element 0
   float grad_scale;     // 1 when the call has none (never applied then)
@@ -93,12 +100,13 @@ struct Segment {
   int64_t units;
 };
 
-// The codebook of one used 8-bit slot.
+// The codebook of one used quantized slot (8-bit: encode and decode tables; 4-bit: nibble).
 struct SlotCode {
   Codebook book;
   uint8_t zero_code;  // the code of s = 0 (blocks whose absmax is 0, Inf or NaN)
 #if D8_AVX512
   const EncodeTables* encode;
+  const NibbleTables* nibble;
 #endif
 #if D8_AVX512_VBMI
   const DecodeTables* decode;
@@ -109,6 +117,7 @@ struct Call {
   StepConstants c;
   float decay;
   int64_t unit;  // elements per unit
+  bool four_bit;  // quantized states hold 4-bit codes, two per byte (else 8-bit)
   bool has_grad_scale;
   bool stochastic;  // bfloat16 parameters with stochastic rounding
   uint32_t key;
@@ -119,22 +128,35 @@ struct Call {
 
 // The codes of `len` kept state values with the block's new absmax: quantize.cpp's
 // round-to-nearest path (Quantizer::encode), on a buffer already in L1.
-void encode_state(const SlotCode& slot, const float* x, int64_t len, float absmax, uint8_t* out) {
+// 8-bit: one code per byte; 4-bit: code_bytes(len, 4) packed bytes.
+void encode_state(const SlotCode& slot, bool four_bit, const float* x, int64_t len, float absmax, uint8_t* out) {
   const float inv = 1.0f / absmax;
-  if (std::isfinite(absmax) && std::isfinite(inv)) {
-#if D8_AVX512
-    encode_avx512_impl<false, false>(*slot.encode, x, len, &inv, kOneScale, out);
-#else
-    encode_portable(slot.book, x, len, inv, out);
-#endif
-    return;
-  }
-  if (absmax == 0.0f || !std::isfinite(absmax)) {
+  const bool scale_finite = std::isfinite(absmax) && std::isfinite(inv);
+  if (!scale_finite && (absmax == 0.0f || !std::isfinite(absmax))) {
     // Every s is +-0 or NaN, which rounds as 0.
-    std::memset(out, slot.zero_code, static_cast<size_t>(len));
+    if (four_bit) {
+      fill_nibbles(slot.zero_code, len, out);
+    } else {
+      std::memset(out, slot.zero_code, static_cast<size_t>(len));
+    }
     return;
   }
-  encode_portable(slot.book, x, len, inv, out);  // 1 / absmax overflows
+  // Otherwise 1 / absmax may overflow: the scalar loops handle that s.
+  if (four_bit) {
+#if D8_AVX512
+    if (scale_finite) return encode_nibbles_avx512(*slot.nibble, x, len, inv, out);
+#endif
+    return encode_nibbles_portable(slot.book, x, len, inv, out);
+  }
+#if D8_AVX512
+  if (scale_finite) return encode_avx512_impl<false, false>(*slot.encode, x, len, &inv, kOneScale, out);
+#endif
+  encode_portable(slot.book, x, len, inv, out);
+}
+
+// The quantized slot's codes of element `start` of a segment (start is even for 4-bit: a block's first).
+inline uint8_t* codes_at(void* state, bool four_bit, int64_t start) {
+  return static_cast<uint8_t*>(state) + (four_bit ? start / 2 : start);
 }
 
 // The bfloat16 bits of a float under stochastic rounding (scalar).
@@ -187,7 +209,9 @@ void unit_scalar(const Call& call, const Segment& seg, int64_t u, float (*kept)[
     float old[kSlots], state[kSlots];
     for (int k = 0; k < NS; ++k) {
       if (kQuant) {
-        old[k] = call.slot[k].book.code[static_cast<const uint8_t*>(seg.state[k])[start + i]] * scale[k];
+        const uint8_t* codes = static_cast<const uint8_t*>(seg.state[k]);
+        const int c = call.four_bit ? nibble_at(codes, start + i) : codes[start + i];
+        old[k] = call.slot[k].book.code[c] * scale[k];
       } else {
         old[k] = static_cast<const float*>(seg.state[k])[start + i];
       }
@@ -219,7 +243,7 @@ void unit_scalar(const Call& call, const Segment& seg, int64_t u, float (*kept)[
     for (int k = 0; k < NS; ++k) {
       const float absmax = absmax_from_bits(absmax_bits_portable(kept[k], len));
       seg.absmax[k][b] = absmax;
-      encode_state(call.slot[k], kept[k], len, absmax, static_cast<uint8_t*>(seg.state[k]) + start);
+      encode_state(call.slot[k], call.four_bit, kept[k], len, absmax, codes_at(seg.state[k], call.four_bit, start));
     }
   }
 }
@@ -358,6 +382,8 @@ class UnitAvx512 {
     for (int k = 0; k < NS; ++k) {
       scale_[k] = kQuant ? seg.absmax[k][block_] : 0.0f;
       absmax_[k] = _mm512_setzero_si512();
+      // 4-bit: code[c] * scale for the 16 codes, the same float32 products as per element.
+      if (kQuant && call.four_bit) scaled_code_[k] = _mm512_mul_ps(call.slot[k].nibble->code, _mm512_set1_ps(scale_[k]));
     }
   }
 
@@ -374,7 +400,8 @@ class UnitAvx512 {
       for (int k = 0; k < NS; ++k) {
         const float block_absmax = absmax_from_bits(_mm512_reduce_max_epu32(absmax_[k]));
         seg_.absmax[k][block_] = block_absmax;
-        encode_state(call_.slot[k], kept_[k], len_, block_absmax, static_cast<uint8_t*>(seg_.state[k]) + start_);
+        encode_state(call_.slot[k], call_.four_bit, kept_[k], len_, block_absmax,
+                     codes_at(seg_.state[k], call_.four_bit, start_));
       }
     }
   }
@@ -393,7 +420,7 @@ class UnitAvx512 {
       prefetch_range(param_ + i + kPrefetchAhead, kGroup * static_cast<int64_t>(sizeof(P)));
       for (int k = 0; k < NS; ++k) {
         if (kQuant) {
-          prefetch_range(static_cast<const uint8_t*>(seg_.state[k]) + at + kPrefetchAhead, kGroup);
+          prefetch_range(codes_at(seg_.state[k], call_.four_bit, at + kPrefetchAhead), call_.four_bit ? kGroup / 2 : kGroup);
         } else {
           prefetch_range(static_cast<const float*>(seg_.state[k]) + at + kPrefetchAhead, kGroup * 4);
         }
@@ -402,7 +429,9 @@ class UnitAvx512 {
     const __mmask64 valid = kFull ? ~__mmask64(0) : first_bits(count);
     __m512 old[kSlots][4];
     for (int k = 0; k < NS; ++k) {
-      if (kQuant) {
+      if (kQuant && call_.four_bit) {
+        decode_nibble_group<kFull>(codes_at(seg_.state[k], true, at), count, scaled_code_[k], old[k]);
+      } else if (kQuant) {
         decode_group(call_.slot[k], static_cast<const uint8_t*>(seg_.state[k]) + at, valid, scale_[k], old[k]);
       } else {
         const float* state = static_cast<const float*>(seg_.state[k]) + at;
@@ -491,8 +520,9 @@ class UnitAvx512 {
   const char* const grad_;  // the unit's first gradient
   float (*const kept_)[kMaxBlock];
   const __m512 grad_scale_;
-  float scale_[kSlots] = {};  // 8-bit: the old absmax of each slot
-  __m512i absmax_[kSlots];    // 8-bit: max of |kept value| bits so far
+  float scale_[kSlots] = {};  // quantized: the old absmax of each slot
+  __m512 scaled_code_[kSlots];  // 4-bit: code[c] * scale_, c = 0..15
+  __m512i absmax_[kSlots];    // quantized: max of |kept value| bits so far
   __m512d norm_ = _mm512_setzero_pd();
   int64_t bad_ = 0;
 };
@@ -516,7 +546,7 @@ using RangeFn = void (*)(const Call&, int64_t, int64_t, int64_t, int64_t*);
 
 template <Rule R, WeightDecayMode W, int NS, bool kQuant, bool kNorm, typename P>
 void run_units(const Call& call, int64_t num_segments, int64_t first, int64_t last, int64_t* nonfinite) {
-  alignas(64) float kept[kQuant && NS > 0 ? NS : 1][kMaxBlock];  // 8-bit: the kept states of one block
+  alignas(64) float kept[kQuant && NS > 0 ? NS : 1][kMaxBlock];  // quantized: the kept states of one block
   // The segment holding unit `first`: the last one starting at or before it.
   const Segment* segments = call.segments;
   int64_t s = std::upper_bound(segments, segments + num_segments, first,
@@ -541,9 +571,9 @@ RangeFn pick_dtype(bool norm, FloatType param_type) {
 }
 
 template <Rule R, WeightDecayMode W, int NS>
-RangeFn pick_precision(bool eight_bit, bool norm, FloatType param_type) {
+RangeFn pick_precision(bool quantized, bool norm, FloatType param_type) {
   if constexpr (NS > 0) {
-    if (eight_bit) return pick_dtype<R, W, NS, true>(norm, param_type);
+    if (quantized) return pick_dtype<R, W, NS, true>(norm, param_type);
   }
   return pick_dtype<R, W, NS, false>(norm, param_type);
 }
@@ -551,43 +581,44 @@ RangeFn pick_precision(bool eight_bit, bool norm, FloatType param_type) {
 // Only Adam reads kInDirection; the other rules only ask "L2 or not", and Lion
 // and AdEMAMix not even that, so they are instantiated for fewer modes.
 template <Rule R, int NS>
-RangeFn pick_wd_mode(WeightDecayMode wd_mode, bool eight_bit, bool norm, FloatType param_type) {
+RangeFn pick_wd_mode(WeightDecayMode wd_mode, bool quantized, bool norm, FloatType param_type) {
   if constexpr (R == Rule::kAdam) {
     switch (wd_mode) {
       case WeightDecayMode::kL2:
-        return pick_precision<R, WeightDecayMode::kL2, NS>(eight_bit, norm, param_type);
+        return pick_precision<R, WeightDecayMode::kL2, NS>(quantized, norm, param_type);
       case WeightDecayMode::kDecoupled:
-        return pick_precision<R, WeightDecayMode::kDecoupled, NS>(eight_bit, norm, param_type);
+        return pick_precision<R, WeightDecayMode::kDecoupled, NS>(quantized, norm, param_type);
       default:
-        return pick_precision<R, WeightDecayMode::kInDirection, NS>(eight_bit, norm, param_type);
+        return pick_precision<R, WeightDecayMode::kInDirection, NS>(quantized, norm, param_type);
     }
   } else if constexpr (R == Rule::kLion || R == Rule::kAdemamix) {
-    return pick_precision<R, WeightDecayMode::kDecoupled, NS>(eight_bit, norm, param_type);
+    return pick_precision<R, WeightDecayMode::kDecoupled, NS>(quantized, norm, param_type);
   } else {
     return wd_mode == WeightDecayMode::kL2
-               ? pick_precision<R, WeightDecayMode::kL2, NS>(eight_bit, norm, param_type)
-               : pick_precision<R, WeightDecayMode::kDecoupled, NS>(eight_bit, norm, param_type);
+               ? pick_precision<R, WeightDecayMode::kL2, NS>(quantized, norm, param_type)
+               : pick_precision<R, WeightDecayMode::kDecoupled, NS>(quantized, norm, param_type);
   }
 }
 
 // The instantiation for a rule and state count, or nullptr when the rule does not take that many states.
-RangeFn pick(Rule rule, WeightDecayMode wd_mode, int num_states, bool eight_bit, bool norm, FloatType param_type) {
+RangeFn pick(Rule rule, WeightDecayMode wd_mode, int num_states, bool quantized, bool norm, FloatType param_type) {
   return visit_rule_states(rule, num_states, RangeFn{nullptr}, [&](auto r, auto ns) {
-    return pick_wd_mode<decltype(r)::value, decltype(ns)::value>(wd_mode, eight_bit, norm, param_type);
+    return pick_wd_mode<decltype(r)::value, decltype(ns)::value>(wd_mode, quantized, norm, param_type);
   });
 }
 
 // ---------------------------------------------------------------------------
 // Operator: check (binding/kernel_contract.h), tables, segments, run, results.
 
-// The encode and decode tables of the used 8-bit slots, built once per call;
-// the call's SlotCode records point into them, so they must outlive the run.
+// The encode and decode tables of the used quantized slots, built once per
+// call; the call's SlotCode records point into them, so they must outlive the run.
 class SlotTables {
  public:
   SlotTables(const binding::FusedStepCall& checked, Call* call) {
-    if (!checked.eight_bit) return;
+    if (!checked.quantized()) return;
 #if D8_AVX512
     encode_.reserve(kMaxStates);
+    nibble_.reserve(kMaxStates);
 #endif
 #if D8_AVX512_VBMI
     decode_.reserve(kMaxStates);
@@ -596,6 +627,13 @@ class SlotTables {
       SlotCode& slot = call->slot[k];
       slot.book = checked.books[k];
       slot.zero_code = static_cast<uint8_t>(slot.book.nearest(0.0f));
+      if (call->four_bit) {
+#if D8_AVX512
+        nibble_.emplace_back(slot.book.code, slot.book.thresholds);
+        slot.nibble = &nibble_.back();
+#endif
+        continue;
+      }
 #if D8_AVX512
       encode_.emplace_back(slot.book.thresholds, slot.book.encoder);
       slot.encode = &encode_.back();
@@ -612,6 +650,7 @@ class SlotTables {
  private:
 #if D8_AVX512
   std::vector<EncodeTables> encode_;
+  std::vector<NibbleTables> nibble_;
 #endif
 #if D8_AVX512_VBMI
   std::vector<DecodeTables> decode_;
@@ -623,7 +662,8 @@ Call make_call(const binding::FusedStepCall& checked, int64_t blocksize, std::op
   Call call{};
   call.c = checked.hyper;
   call.decay = call.c.v[kDecay];
-  call.unit = checked.eight_bit ? blocksize : kChunk32;
+  call.unit = checked.quantized() ? blocksize : kChunk32;
+  call.four_bit = checked.state_bits == 4;
   call.has_grad_scale = checked.grad_scale != nullptr;
   call.stochastic = seed.has_value() && checked.param_type == FloatType::kBFloat16;
   call.key = call.stochastic ? seed_key(static_cast<uint64_t>(*seed)) : 0u;
@@ -647,7 +687,7 @@ int64_t fill_segments(const binding::FusedStepCall& checked, const Call& call,
     binding::float_type_of(grad.scalar_type(), &seg.grad_kind);
     for (int s = 0; s < checked.num_states; ++s) {
       seg.state[s] = checked.state(s, k).mutable_data_ptr();
-      seg.absmax[s] = checked.eight_bit ? checked.absmax(s, k).mutable_data_ptr<float>() : nullptr;
+      seg.absmax[s] = checked.quantized() ? checked.absmax(s, k).mutable_data_ptr<float>() : nullptr;
     }
     seg.numel = param.numel();
     seg.first_index = call.stochastic ? segment_offsets[k] : 0;
@@ -697,11 +737,12 @@ void write_norms(const std::vector<Segment>& segments, const std::vector<double>
 
 // The CPU backend of binding::fused_step_op: each gradient may have its own dtype.
 struct FusedStepCpu {
-  static constexpr binding::BackendInfo kInfo = {"dist8bit CPU kernel", at::kCPU, /*mixed_grads=*/true};
+  static constexpr binding::BackendInfo kInfo = {"dist8bit CPU kernel", at::kCPU, /*mixed_grads=*/true,
+                                                 /*four_bit=*/true};
 
   static void fused_step(const binding::FusedStepCall& checked, c10::ArrayRef<int64_t> segment_offsets,
                          int64_t blocksize, std::optional<int64_t> seed) {
-    const RangeFn run = pick(checked.rule, checked.wd_mode, checked.num_states, checked.eight_bit,
+    const RangeFn run = pick(checked.rule, checked.wd_mode, checked.num_states, checked.quantized(),
                              checked.norm_out != nullptr, checked.param_type);
     TORCH_INTERNAL_ASSERT(run != nullptr, "check_fused_step let through a rule with ", checked.num_states, " slots");
     Call call = make_call(checked, blocksize, seed);
