@@ -6,6 +6,11 @@ parameters, codes, absmax, float32 states and the non-finite count to the last
 bit (NaN only has to meet NaN: its payload is not part of the contract), and
 norm_out to float64 rounding (the kernel sums in another order).
 
+States come in three precisions (`bits`): 32 (float32 values), 8 (one code
+per byte) and 4 (16-entry maps, codes packed two per byte, the optimizers'
+maps: signed dynamic for signed slots, linear without zero for unsigned ones).
+Every 4-bit case has "4bit" in its id, so `-k 4bit` runs exactly them.
+
 The oracle runs on the CPU, where every reference operation rounds like the
 kernels' (IEEE division, sqrt, no contraction); on CUDA tensors ATen may
 rewrite a division by a Python scalar as a multiplication by its reciprocal.
@@ -25,16 +30,27 @@ from fused_step_cases import CASES, Case, StepTensors, state_codebook
 from dist8bit.backends import REFERENCE, load_backend, reference
 from dist8bit.backends.rules import Rule
 from dist8bit.quant.layout import num_blocks
+from dist8bit.quant.packing import code_bytes
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CPU = torch.device("cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BITS_DTYPE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-SIZES = (1, 255, 256, 257, 5000, 70000)
-# (eight_bit, blocksize): every 8-bit layout family (one warp with several blocks,
-# one warp per block, a group of warps, a group with four rows per lane) and 32-bit.
-PRECISIONS = [(True, 64), (True, 256), (True, 2048), (True, 4096), (False, 256)]
+SIZES = (1, 255, 256, 257, 5000, 70000)  # odd sizes end in a half-used byte of 4-bit codes
+# (bits, blocksize): every layout family of the quantized kernels (one warp with
+# several blocks, one warp per block, a group of warps, the 512-thread group of
+# 4096) at 8 bits; 4 bits at 64, its default 128 and 4096; and float32 states.
+PRECISIONS = [(8, 64), (8, 256), (8, 2048), (8, 4096), (4, 64), (4, 128), (4, 4096), (32, 256)]
 FLOAT32_MAX = 3.4028234663852886e38
+ODD_TAIL_GARBAGE = 0xA0  # planted in the unused high nibble of odd 4-bit runs: the step must write 0 there
+
+
+def precision_id(value) -> str:
+    """Test ids like `4bit-128` (quantized) or `32bit` (float32 states)."""
+    if isinstance(value, tuple):
+        bits, blocksize = value
+        return f"{bits}bit" if bits == 32 else f"{bits}bit-{blocksize}"
+    return f"{value}bit" if isinstance(value, int) else str(value)
 
 
 CASE_BY_NAME = {case.name: case for case in CASES}
@@ -51,12 +67,17 @@ def make_inputs(
     sizes,
     param_dtype: torch.dtype,
     grad_dtype: torch.dtype,
-    eight_bit: bool,
+    bits: int,
     blocksize: int,
     seed: int = 0,
     nonfinite: bool = False,
 ) -> StepTensors:
-    """Random parameters, gradients and states on the CPU; 8-bit states are encoded by the reference."""
+    """Random parameters, gradients and states on the CPU, states of `bits` (32, 8 or 4).
+
+    Quantized states are encoded by the reference; 4-bit ones are 1-D packed
+    codes whose odd tail carries ODD_TAIL_GARBAGE in its unused high nibble
+    (the reference writes 0 there, so a kernel that keeps it fails)."""
+    quantized = bits != 32
     g = torch.Generator().manual_seed(seed)
     params, grads = [], []
     for n in sizes:
@@ -71,23 +92,25 @@ def make_inputs(
     states: list[list[torch.Tensor]] = [[], [], []]
     absmaxes: list[list[torch.Tensor]] = [[], [], []]
     for slot, signed in enumerate(case.signed):
-        book = state_codebook(signed, CPU) if eight_bit else None
+        book = state_codebook(signed, CPU, bits) if quantized else None
         for n, param in zip(sizes, params, strict=True):
             values = spread(n, g, -6, -1)
             if not signed:
                 values = values.abs()
-            if not eight_bit:
+            if not quantized:
                 states[slot].append(values.reshape(param.shape))
                 continue
-            codes = torch.zeros(n, dtype=torch.uint8)
+            codes = torch.zeros(code_bytes(n, bits), dtype=torch.uint8)
             scales = torch.zeros(num_blocks(n, blocksize), dtype=torch.float32)
             reference.quantize_blockwise(values, book, blocksize, None, codes, scales)
             if scales.numel() > 2:
                 scales[1] = 0.0  # a block of zeros (1 / absmax = inf on the way back)
-            states[slot].append(codes.reshape(param.shape))
+            if bits == 4 and n % 2:
+                codes[-1] |= ODD_TAIL_GARBAGE
+            states[slot].append(codes.reshape(param.shape) if bits == 8 else codes)
             absmaxes[slot].append(scales)
     offsets = [(k << 33) + 12345 * k for k in range(len(sizes))]  # uses the high 32 bits of the index
-    return StepTensors(params, grads, states, absmaxes, case.signed, eight_bit, blocksize, offsets)
+    return StepTensors(params, grads, states, absmaxes, case.signed, quantized, blocksize, offsets, bits=bits)
 
 
 def run(
@@ -174,23 +197,25 @@ def check(case: Case, inputs: StepTensors, what: str, **options) -> None:
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("eight_bit", "blocksize"), PRECISIONS, ids=lambda v: str(v))
+@pytest.mark.parametrize(("bits", "blocksize"), PRECISIONS, ids=precision_id)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_matches_reference(case, eight_bit, blocksize, dtype):
-    if not case.signed and eight_bit:
+def test_matches_reference(case, bits, blocksize, dtype):
+    if not case.signed and bits != 32:
         pytest.skip("no state: the precision does not apply")
-    inputs = make_inputs(case, SIZES, dtype, dtype, eight_bit, blocksize, seed=blocksize + len(case.name))
-    check(case, inputs, f"{case.name} eight_bit={eight_bit} blocksize={blocksize} {dtype}")
+    inputs = make_inputs(case, SIZES, dtype, dtype, bits, blocksize, seed=blocksize + len(case.name) + bits)
+    check(case, inputs, f"{case.name} {bits}-bit blocksize={blocksize} {dtype}")
 
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("blocksize", [128, 512, 1024])
+@pytest.mark.parametrize(
+    ("bits", "blocksize"), [(8, 128), (8, 512), (8, 1024), (4, 256), (4, 512), (4, 1024), (4, 2048)], ids=precision_id
+)
 @pytest.mark.parametrize("case", ["adamw", "ademamix", "rmsprop-momentum"])
-def test_other_blocksizes(case, blocksize):
+def test_other_blocksizes(case, bits, blocksize):
     case = CASE_BY_NAME[case]
-    inputs = make_inputs(case, SIZES, torch.float32, torch.float32, True, blocksize, seed=blocksize)
-    check(case, inputs, f"{case.name} blocksize={blocksize}")
+    inputs = make_inputs(case, SIZES, torch.float32, torch.float32, bits, blocksize, seed=blocksize)
+    check(case, inputs, f"{case.name} {bits}-bit blocksize={blocksize}")
 
 
 @pytest.mark.gpu
@@ -206,11 +231,11 @@ def test_other_blocksizes(case, blocksize):
     ],
     ids=str,
 )
-@pytest.mark.parametrize("eight_bit", [True, False])
-def test_mixed_param_and_grad_dtypes(param_dtype, grad_dtype, eight_bit):
+@pytest.mark.parametrize("bits", [8, 4, 32], ids=precision_id)
+def test_mixed_param_and_grad_dtypes(param_dtype, grad_dtype, bits):
     case = CASE_BY_NAME["adamw"]
-    inputs = make_inputs(case, SIZES, param_dtype, grad_dtype, eight_bit, 256, seed=3)
-    check(case, inputs, f"params {param_dtype}, grads {grad_dtype}")
+    inputs = make_inputs(case, SIZES, param_dtype, grad_dtype, bits, 256 if bits == 8 else 128, seed=3)
+    check(case, inputs, f"params {param_dtype}, grads {grad_dtype}, {bits}-bit")
 
 
 # ---------------------------------------------------------------------------
@@ -229,13 +254,13 @@ def segment_scales(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("eight_bit", "blocksize"), [(True, 256), (True, 2048), (False, 256)], ids=str)
+@pytest.mark.parametrize(("bits", "blocksize"), [(8, 256), (8, 2048), (4, 128), (32, 256)], ids=precision_id)
 @pytest.mark.parametrize("case", ["adamw", "lamb-in-direction", "sgd", "sgd-momentum", "lion", "ademamix"])
-def test_scales_and_nonfinite_gradients(case, eight_bit, blocksize, dtype):
+def test_scales_and_nonfinite_gradients(case, bits, blocksize, dtype):
     case = CASE_BY_NAME[case]
-    inputs = make_inputs(case, SIZES, dtype, dtype, eight_bit, blocksize, seed=7, nonfinite=True)
+    inputs = make_inputs(case, SIZES, dtype, dtype, bits, blocksize, seed=7, nonfinite=True)
     grad_scale, update_scale = segment_scales(len(SIZES), seed=blocksize)
-    what = f"{case.name} eight_bit={eight_bit} blocksize={blocksize} {dtype}"
+    what = f"{case.name} {bits}-bit blocksize={blocksize} {dtype}"
     check(case, inputs, what + " (no scales)", count=True)
     check(case, inputs, what + " (grad_scale)", grad_scale=grad_scale, count=True)
     check(case, inputs, what + " (update_scale)", update_scale=update_scale, count=True)
@@ -244,12 +269,12 @@ def test_scales_and_nonfinite_gradients(case, eight_bit, blocksize, dtype):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize(("eight_bit", "blocksize"), [(True, 64), (True, 4096), (False, 256)], ids=str)
+@pytest.mark.parametrize(("bits", "blocksize"), [(8, 64), (8, 4096), (4, 128), (32, 256)], ids=precision_id)
 @pytest.mark.parametrize("case", ["lamb-in-direction", "adamw", "sgd-momentum", "ademamix"])
-def test_norm_out_writes_only_the_norms(case, eight_bit, blocksize):
+def test_norm_out_writes_only_the_norms(case, bits, blocksize):
     case = CASE_BY_NAME[case]
     sizes = (*SIZES, 0, 3)  # an empty segment has norm 0
-    inputs = make_inputs(case, sizes, torch.float32, torch.float32, eight_bit, blocksize, seed=11, nonfinite=True)
+    inputs = make_inputs(case, sizes, torch.float32, torch.float32, bits, blocksize, seed=11, nonfinite=True)
     grad_scale, _ = segment_scales(len(sizes), seed=2)
     check(case, inputs, f"{case.name} norm", norm=True, count=True)
     check(case, inputs, f"{case.name} norm with grad_scale", norm=True, grad_scale=grad_scale)
@@ -262,22 +287,22 @@ def test_norm_out_writes_only_the_norms(case, eight_bit, blocksize):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("eight_bit", [True, False])
+@pytest.mark.parametrize("bits", [8, 4, 32], ids=precision_id)
 @pytest.mark.parametrize("seed", [0, 12345, 2**63 - 1])
-def test_stochastic_rounding(seed, eight_bit, dtype):
+def test_stochastic_rounding(seed, bits, dtype):
     """bfloat16 parameters round stochastically at segment_offsets[k] + i; other dtypes ignore the seed."""
     case = CASE_BY_NAME["adamw"]
-    inputs = make_inputs(case, SIZES, dtype, torch.float32, eight_bit, 256, seed=5, nonfinite=True)
-    check(case, inputs, f"seed={seed} {dtype}", seed=seed, count=True)
+    inputs = make_inputs(case, SIZES, dtype, torch.float32, bits, 256, seed=5, nonfinite=True)
+    check(case, inputs, f"seed={seed} {dtype} {bits}-bit", seed=seed, count=True)
     lion = CASE_BY_NAME["lion"]
-    check(lion, make_inputs(lion, SIZES, dtype, dtype, eight_bit, 64, seed=6), f"lion seed={seed}", seed=seed)
+    check(lion, make_inputs(lion, SIZES, dtype, dtype, bits, 64, seed=6), f"lion seed={seed} {bits}-bit", seed=seed)
 
 
 @pytest.mark.gpu
 @needs_gpu
 def test_stochastic_rounding_uses_the_seed():
     case = CASE_BY_NAME["sgd"]
-    inputs = make_inputs(case, (50_000,), torch.bfloat16, torch.float32, False, 256, seed=1)
+    inputs = make_inputs(case, (50_000,), torch.bfloat16, torch.float32, 32, 256, seed=1)
     cuda = load_backend("cuda")
     device = torch.device("cuda")
     a, _, _ = run(cuda, device, case, inputs, seed=1)
@@ -312,9 +337,10 @@ def unaligned(inputs: StepTensors, shift: int) -> StepTensors:
         [pack(slot) for slot in inputs.states],
         [pack(slot) for slot in inputs.absmaxes],
         inputs.signed,
-        inputs.eight_bit,
+        inputs.quantized,
         inputs.blocksize,
         inputs.offsets,
+        inputs.bits,
     )
 
 
@@ -322,11 +348,11 @@ def unaligned(inputs: StepTensors, shift: int) -> StepTensors:
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shift", [1, 2, 3])
-@pytest.mark.parametrize(("eight_bit", "blocksize"), [(True, 64), (True, 256), (True, 2048), (False, 256)], ids=str)
-def test_unaligned_segments(eight_bit, blocksize, shift, dtype):
-    """Segments that start inside a vector take the per-element accesses and still agree."""
+@pytest.mark.parametrize(("bits", "blocksize"), [(8, 64), (8, 256), (8, 2048), (4, 128), (32, 256)], ids=precision_id)
+def test_unaligned_segments(bits, blocksize, shift, dtype):
+    """Segments that start inside a vector take the per-element accesses and still agree (4-bit: codes at odd bytes)."""
     case = CASE_BY_NAME["ademamix"]
-    inputs = make_inputs(case, SIZES, dtype, dtype, eight_bit, blocksize, seed=shift, nonfinite=True)
+    inputs = make_inputs(case, SIZES, dtype, dtype, bits, blocksize, seed=shift, nonfinite=True)
     views = unaligned(inputs.copy(torch.device("cuda")), shift)
     assert views.params[0].data_ptr() % 16 != 0
     got, _, got_count = run_in_place(load_backend("cuda"), case, views, count=True, seed=9)
@@ -337,15 +363,15 @@ def test_unaligned_segments(eight_bit, blocksize, shift, dtype):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize(("eight_bit", "blocksize"), [(True, 64), (True, 1024), (False, 256)], ids=str)
-def test_many_segments(eight_bit, blocksize):
+@pytest.mark.parametrize(("bits", "blocksize"), [(8, 64), (8, 1024), (4, 128), (32, 256)], ids=precision_id)
+def test_many_segments(bits, blocksize):
     """Thousands of segments, empty ones among them: the unit-to-segment search over a long table."""
     g = torch.Generator().manual_seed(blocksize)
     sizes = [int(v) for v in torch.randint(0, 700, (3000,), generator=g)]
     sizes[::7] = [0] * len(sizes[::7])
     sizes[1::97] = [blocksize * 3 + 1] * len(sizes[1::97])
     case = CASE_BY_NAME["adamw"]
-    inputs = make_inputs(case, sizes, torch.bfloat16, torch.bfloat16, eight_bit, blocksize, seed=4, nonfinite=True)
+    inputs = make_inputs(case, sizes, torch.bfloat16, torch.bfloat16, bits, blocksize, seed=4, nonfinite=True)
     check(case, inputs, "3000 segments", count=True, seed=3)
     check(case, inputs, "3000 segments, norm", norm=True)
 
@@ -354,8 +380,8 @@ def test_many_segments(eight_bit, blocksize):
 @needs_gpu
 def test_empty_segments_and_calls():
     case = CASE_BY_NAME["adamw"]
-    for eight_bit in (True, False):
-        inputs = make_inputs(case, (0, 0, 0), torch.float32, torch.float32, eight_bit, 256)
+    for bits in (8, 4, 32):
+        inputs = make_inputs(case, (0, 0, 0), torch.float32, torch.float32, bits, 256)
         check(case, inputs, "only empty segments", count=True)
         check(case, inputs, "only empty segments, norm", norm=True)
     cuda = load_backend("cuda")
@@ -365,12 +391,12 @@ def test_empty_segments_and_calls():
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("eight_bit", [True, False])
+@pytest.mark.parametrize("bits", [8, 4, 32], ids=precision_id)
 @pytest.mark.parametrize("case", ["adamw", "ademamix", "sgd-momentum", "adagrad"])
-def test_several_steps(case, eight_bit):
+def test_several_steps(case, bits):
     """Each backend feeds its own outputs into its next step; every step agrees."""
     case = CASE_BY_NAME[case]
-    inputs = make_inputs(case, SIZES, torch.bfloat16, torch.float32, eight_bit, 256, seed=21)
+    inputs = make_inputs(case, SIZES, torch.bfloat16, torch.float32, bits, 256 if bits == 8 else 128, seed=21)
     cuda_backend = load_backend("cuda")
     got = inputs.copy(torch.device("cuda"))
     want = inputs.copy(CPU)
@@ -386,15 +412,15 @@ def test_several_steps(case, eight_bit):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("eight_bit", [True, False])
-def test_special_values(eight_bit):
+@pytest.mark.parametrize("bits", [8, 4, 32], ids=precision_id)
+def test_special_values(bits):
     """inf/NaN/huge parameters, NaN and subnormal scales, states at the float32 limits."""
     case = CASE_BY_NAME["adamw"]
-    inputs = make_inputs(case, SIZES, torch.float32, torch.float32, eight_bit, 64, seed=8)
+    inputs = make_inputs(case, SIZES, torch.float32, torch.float32, bits, 64, seed=8)
     p = inputs.params[4]
     p[:6] = torch.tensor([float("inf"), float("-inf"), float("nan"), FLOAT32_MAX, -1e-45, 0.0])
     inputs.grads[4][:6] = torch.tensor([1.0, -1.0, 2.0, 1e30, 3.0, -0.0])
-    if eight_bit:
+    if bits != 32:
         inputs.absmaxes[0][4][3] = float("nan")
         inputs.absmaxes[1][4][4] = 1e-45
         inputs.absmaxes[0][5][2] = FLOAT32_MAX
@@ -412,7 +438,7 @@ def test_special_values(eight_bit):
 @needs_gpu
 def test_runs_on_the_current_stream():
     case = CASE_BY_NAME["adamw"]
-    inputs = make_inputs(case, (1 << 20, 777), torch.float32, torch.float32, True, 256, seed=12)
+    inputs = make_inputs(case, (1 << 20, 777), torch.float32, torch.float32, 8, 256, seed=12)
     want, _, _ = run(REFERENCE, CPU, case, inputs)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -427,7 +453,7 @@ def test_runs_on_the_current_stream():
 @needs_gpu
 def test_rejects_bad_arguments():
     case = CASE_BY_NAME["adamw"]
-    inputs = make_inputs(case, (300,), torch.float32, torch.float32, True, 256).copy(torch.device("cuda"))
+    inputs = make_inputs(case, (300,), torch.float32, torch.float32, 8, 256).copy(torch.device("cuda"))
     good = inputs.call(case, segment_offsets=[0], blocksize=256)
     cuda = load_backend("cuda")
 
@@ -452,3 +478,47 @@ def test_rejects_bad_arguments():
         call(params=[inputs.params[0].cpu()])
     with pytest.raises(RuntimeError, match="seed"):
         call(seed=-1)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_rejects_bad_4bit_arguments():
+    """The shared contract holds on CUDA: 4-bit codes take ceil(n / 2) bytes, and one call has one code width."""
+    case = CASE_BY_NAME["adamw"]
+    inputs = make_inputs(case, (301,), torch.float32, torch.float32, 4, 128).copy(torch.device("cuda"))
+    good = inputs.call(case, segment_offsets=[0])
+    cuda = load_backend("cuda")
+    with pytest.raises(RuntimeError, match=r"state1\[0\] must hold 151 bytes"):
+        cuda.fused_step(replace(good, states=[[torch.zeros(301, dtype=torch.uint8, device="cuda")], *inputs.states[1:]]))
+    eight_bit_book = state_codebook(False, torch.device("cuda"), 8)
+    with pytest.raises(RuntimeError, match="same bits"):
+        cuda.fused_step(replace(good, codebooks=[good.codebooks[0], eight_bit_book, None]))
+
+
+# ---------------------------------------------------------------------------
+# The oracle side, on the CPU: what the 4-bit GPU cases compare against
+
+
+def test_4bit_inputs_and_the_comparison_catch_a_wrong_nibble():
+    """The reference rewrites the planted odd-tail nibble to 0 and assert_same_step sees a one-nibble difference.
+
+    Runs without a GPU: it checks the inputs and the comparison the CUDA 4-bit
+    cases rely on (a kernel that kept the padding nibble, or got one code
+    wrong, must fail them)."""
+    case = CASE_BY_NAME["adamw"]
+    inputs = make_inputs(case, (257, 1, 300), torch.float32, torch.float32, 4, 128, seed=2)
+    assert [t.numel() for t in inputs.states[0]] == [129, 1, 150]
+    assert int(inputs.states[0][0][-1]) >> 4 == ODD_TAIL_GARBAGE >> 4
+    want, _, _ = run(REFERENCE, CPU, case, inputs)
+    for slot in range(len(case.signed)):
+        for codes, n in zip(want.states[slot], (257, 1, 300), strict=True):
+            if n % 2:
+                assert int(codes[-1]) >> 4 == 0, "the unused high nibble of an odd run must be written 0"
+    kept_padding = want.copy()
+    kept_padding.states[0][0][-1] |= ODD_TAIL_GARBAGE
+    with pytest.raises(AssertionError, match=r"state1\[0\]: 1 of 129 differ"):
+        assert_same_step(kept_padding, want, "planted padding nibble")
+    wrong_code = want.copy()
+    wrong_code.states[1][2][7] ^= 0x10  # element 15's code, one nibble
+    with pytest.raises(AssertionError, match=r"state2\[2\]: 1 of 150 differ"):
+        assert_same_step(wrong_code, want, "planted wrong code")
