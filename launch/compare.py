@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     parser.add_argument("--out-dir", type=Path, default=Path("results/compare"))
     parser.add_argument("--plot-only", action="store_true", help="do not train; plot and summarise the runs already in OUT_DIR")
+    parser.add_argument(
+        "--skip-finished",
+        action="store_true",
+        help="keep runs whose metrics.json already reached --steps (continue a comparison)",
+    )
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     args.optims = [name.strip() for name in args.optims.split(",") if name.strip()]
@@ -101,6 +106,12 @@ def pretrain_command(args: argparse.Namespace, optim: str, extra: list[str], see
     run_args = ["--strategy", args.strategy, "--optim", optim, "--steps", str(args.steps), "--seed", str(seed)]
     run_args += ["--out-dir", str(RunLayout(args.out_dir, args.optims, args.seeds).run_dir(optim, seed))]
     return [*launcher, str(PRETRAIN), *run_args, *extra]
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    """A run that already reached `steps`: its metrics.json has a summary (written at the end of a run)."""
+    path = run_dir / "metrics.json"
+    return path.exists() and json.loads(path.read_text()).get("summary", {}).get("steps") == steps
 
 
 def tail_mean(values: list[float], fraction: float = 0.1) -> float:
@@ -281,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[tuple[str, int], float] = {}
     if not args.plot_only:
         for (optim, seed), command in commands.items():
+            if args.skip_finished and finished(layout.run_dir(optim, seed), args.steps):
+                print(f"== {optim} seed {seed}: already finished in {layout.run_dir(optim, seed)}", flush=True)
+                continue
             print(f"== {optim} seed {seed}: {' '.join(command)}", flush=True)
             started = time.perf_counter()
             env = dict(os.environ)

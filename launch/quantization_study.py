@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import sys
 from collections.abc import Callable, Iterable
@@ -204,12 +203,6 @@ def register_variants(min_size: int) -> None:
         register_optimizer(optim_name(variant), constructor, lr=2e-3, weight_decay=0.1, replace=True)
 
 
-def finished(run_dir: Path, steps: int) -> bool:
-    """A run that already reached `steps` (its metrics.json has a summary): a stopped study resumes by variant."""
-    path = run_dir / "metrics.json"
-    return path.exists() and json.loads(path.read_text()).get("summary", {}).get("steps") == steps
-
-
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
     register_variants(args.min_size)
@@ -220,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             run_args = ["--optim", optim_name(variant), "--steps", str(args.steps), "--seed", str(seed)]
             run_args += ["--out-dir", str(layout.run_dir(variant, seed)), "--no-checkpoint", "--no-progress", *extra]
             commands[variant, seed] = ["launch/pretrain.py", *run_args]
-            if args.plot_only or finished(layout.run_dir(variant, seed), args.steps):
+            if args.plot_only or compare.finished(layout.run_dir(variant, seed), args.steps):
                 continue
             print(f"== {variant} seed {seed}: {' '.join(commands[variant, seed])}", flush=True)
             if pretrain.main(run_args) != 0:
