@@ -130,6 +130,39 @@ def test_pytest_summary_and_junit_parsers(tmp_path):
     assert result["headline"].startswith("1 passed, 1 failed")
 
 
+def test_tests_step_counts_the_4bit_fused_step_cases_on_their_own(tmp_path):
+    """The `tests` step's parser reports the CUDA fused step's 4-bit cases apart (gpu_check_steps.TEST_SUBSETS)."""
+    module, _ = gpu_check_steps.TEST_SUBSETS["fused_step_4bit"]
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / f"{module}.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.parametrize('bits', [8, 4, 32], ids=lambda b: f'{b}bit')\n"
+        "def test_step(bits): assert bits != 4\n"
+        "def test_4bit_ok(): pass\n"
+    )
+    (cases / "test_other.py").write_text("def test_4bit_elsewhere(): pass\n")
+    out = tmp_path / "out"
+    step = next(s for s in gpu_check_steps.plan(out, 600.0) if s.name == "tests")
+    junit = out / "tests" / "tests.xml"
+    junit.parent.mkdir(parents=True)
+    command = [PYTHON, "-m", "pytest", str(cases), "-p", "no:cacheprovider", "-q", "--rootdir", str(cases)]
+    output = subprocess.run([*command, "--junitxml", str(junit)], capture_output=True, text=True, timeout=60).stdout
+    result = step.parse(output)
+    part = result["fused_step_4bit"]
+    assert {k: part[k] for k in ("tests", "passed", "failures", "errors", "skipped")} == {
+        "tests": 2,
+        "passed": 1,
+        "failures": 1,
+        "errors": 0,
+        "skipped": 0,
+    }
+    assert part["failing"] == [f"{module}::test_step[4bit]"]
+    assert result["junit"]["tests"] == 5
+    assert result["headline"].endswith("; fused_step_4bit 1/2 passed")
+    assert "fused_step_4bit" not in gpu_check_parse.tests(output, junit)
+
+
 def test_bench_and_launcher_parsers(tmp_path):
     optim = tmp_path / "optim.json"
     rows = [

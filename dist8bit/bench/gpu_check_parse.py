@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from pathlib import Path
 
 RESULT_MARK = "GPU_CHECK_RESULT "  # a step script prints this prefix and one JSON object
@@ -53,31 +54,62 @@ def pytest_summary_counts(output: str) -> dict[str, int]:
     return {}
 
 
+def _case_id(case: ET.Element) -> str:
+    return f"{case.get('classname', '')}::{case.get('name', '')}"
+
+
+def _failed(case: ET.Element) -> bool:
+    return case.find("failure") is not None or case.find("error") is not None
+
+
 def junit_counts(path: Path) -> dict:
     """tests/failures/errors/skipped summed over every testsuite, and the ids of the failing cases."""
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     counts = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
-    failing = [
-        f"{case.get('classname', '')}::{case.get('name', '')}"
-        for case in root.iter("testcase")
-        if case.find("failure") is not None or case.find("error") is not None
-    ]
+    failing = [_case_id(case) for case in root.iter("testcase") if _failed(case)]
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     counts["failing"] = failing[:MAX_LISTED_FAILURES]
     return counts
 
 
-def tests(output: str, junit: Path) -> dict:
+def junit_subset(path: Path, module: str, contains: str) -> dict:
+    """The counts of junit_counts over the cases of test module `module` whose name contains `contains`
+    (e.g. the 4-bit cases of the CUDA fused step), so that a run says how that family fared on its own."""
+    cases = [
+        case
+        for case in ET.parse(path).getroot().iter("testcase")
+        if case.get("classname", "").split(".")[-1] == module and contains in case.get("name", "")
+    ]
+    counts = {
+        "tests": len(cases),
+        "failures": sum(case.find("failure") is not None for case in cases),
+        "errors": sum(case.find("error") is not None for case in cases),
+        "skipped": sum(case.find("skipped") is not None for case in cases),
+    }
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    counts["failing"] = [_case_id(case) for case in cases if _failed(case)][:MAX_LISTED_FAILURES]
+    return counts
+
+
+def tests(output: str, junit: Path, subsets: Mapping[str, tuple[str, str]] | None = None) -> dict:
+    """The pytest step's counts; `subsets` (name -> (test module, substring of the test name)) are
+    also counted on their own from the junit XML (junit_subset) and named in the headline."""
     summary = pytest_summary_counts(output)
     result: dict = {"summary_line": summary}
     if junit.exists():
         result["junit"] = junit_counts(junit)
+        for name, (module, contains) in (subsets or {}).items():
+            result[name] = junit_subset(junit, module, contains)
     counts = result.get("junit") or summary
     result["headline"] = (
         f"{counts.get('passed', 0)} passed, {counts.get('failures', counts.get('failed', 0))} failed, "
         f"{counts.get('errors', 0)} errors, {counts.get('skipped', 0)} skipped"
     )
+    for name in subsets or {}:
+        part = result.get(name)
+        if part and part["tests"]:
+            result["headline"] += f"; {name} {part['passed']}/{part['tests']} passed"
     return result
 
 

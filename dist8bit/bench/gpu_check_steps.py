@@ -49,6 +49,10 @@ GPU_TEST_FILES = (
 # pyproject.toml declares both markers; the >2^31-element cases are marked slow.
 FAST_GPU_TESTS = "gpu and not slow"
 SLOW_GPU_TESTS = "gpu and slow"
+# Families counted on their own in the tests steps' metrics: name -> (test module, substring of
+# the test name). The CUDA fused step's 4-bit cases (issue 15) run in the `tests` step with the
+# rest of tests/test_cuda_fused_step.py; their ids contain "4bit".
+TEST_SUBSETS = {"fused_step_4bit": ("test_cuda_fused_step", "4bit")}
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ def _pytest(name: str, marker: str, out: Path, root: Path, budget_s: float) -> S
     junit = out / "tests" / f"{name}.xml"
     command = [sys.executable, "-m", "pytest", *gpu_test_files(root), "-m", marker, "-p", "no:cacheprovider"]
     command += ["-q", "--junitxml", str(junit)]
-    return Step(name, command, budget_s, parse=lambda output: parse.tests(output, junit))
+    return Step(name, command, budget_s, parse=lambda output: parse.tests(output, junit, TEST_SUBSETS))
 
 
 def _optim(preset: str, dtype: str, element: int, bench: Path, budget_s: float) -> Step:
