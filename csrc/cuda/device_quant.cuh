@@ -228,6 +228,11 @@ __device__ __forceinline__ unsigned shared_address(const float* p) {
 //   register holding code[c] differs from lane to lane), 8 times the MIO
 //   traffic of one LDS; 32 KB of shared memory per map fits every kernel at
 //   its intended occupancy (see fused_step_kernels.cu and dequantize).
+//
+// 4-bit maps (16 entries): every threshold read of the 4-step search lies in
+//   16 consecutive words (16 distinct banks), so it is conflict-free like
+//   the encoder table's arrays; decoding uses the lane-private layout for
+//   the 16 codes (512 words), the same instructions as 8-bit.
 
 // Words of the encoder table as staged in shared memory (kEncoderTableSize
 // rounded up to 16 bytes, so that consecutive tables stay 16-byte aligned).

@@ -73,11 +73,11 @@
 // warp and segment. No host synchronisation anywhere.
 //
 // Registers (ptxas, sm_90, -O3 --fmad=false), capped at 128 by
-// __launch_bounds__, no spills: Adam 105..108, SGD/LARS without momentum 71,
-// SGD/LARS/RMSprop/Adagrad/Lion with one slot 88..95, RMSprop with two
-// 105..112, AdEMAMix 118..128 (4096: Adam 106, AdEMAMix 118, down from 154 /
-// 179 with 4 rows per lane). So 16 warps are resident per SM for every
-// variant. The per-phase device functions below are force-inlined: splitting
+// __launch_bounds__, no spills, each kernel serving 8- and 4-bit states:
+// Adam 105..116, SGD/LARS without momentum 71, SGD/LARS/RMSprop/Adagrad/Lion
+// with one slot 88..95, RMSprop with two 105..112, AdEMAMix 122..128 (4096:
+// Adam 110, AdEMAMix 122; 154 / 179 with 4 rows per lane). So 16 warps are
+// resident per SM for every variant (docs/cuda_encoder.md has the table). The per-phase device functions below are force-inlined: splitting
 // the kernel into them moved single-slot variants by -2..+4 registers.
 
 #include <cuda_bf16.h>
