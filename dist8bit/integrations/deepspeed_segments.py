@@ -49,7 +49,6 @@ from ..optim import Optimizer8bit
 from ..optim import state as state_layout
 from ..optim.overrides import GlobalOptimManager
 from ..optim.segments import Segment
-from ..quant.maps import create_dynamic_map
 from . import zero_partition
 
 
@@ -242,12 +241,15 @@ def _whole_state(optimizer: Optimizer8bit, tensor: torch.Tensor, group: dict[str
     if key in state:
         return state[key].detach().float().reshape(-1).clone()
     config = optimizer.resolved_config(tensor, group, GlobalOptimManager.get_instance().overrides())
-    spec = next(s for s in optimizer.state_specs(config) if s.name == key)
+    specs = optimizer.state_specs(config)
+    spec = next(s for s in specs if s.name == key)
+    bits = state_layout.stored_bits(state, specs, tensor.shape, optimizer.state_bits(tensor, config))
     codes = state[key + state_layout.CODES_SUFFIX]
     absmax = state[key + state_layout.ABSMAX_SUFFIX]
     return dequantize_blockwise(
         codes.reshape(-1),
         absmax=absmax,
-        code=create_dynamic_map(signed=spec.signed).to(codes.device),
+        code=state_layout.state_map(spec.signed, bits).to(codes.device),
+        out=torch.empty(tensor.numel(), dtype=torch.float32, device=codes.device),
         blocksize=config["blocksize"],
     ).float()

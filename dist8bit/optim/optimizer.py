@@ -26,12 +26,22 @@ from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
 from ..functional import codebook_for, dequantize_blockwise
 from ..quant.codebook import Codebook
 from ..quant.layout import DEFAULT_BLOCKSIZE, check_blocksize, num_blocks
-from ..quant.maps import create_dynamic_map
 from . import sharded
 from . import state as state_layout
 from .norms import HISTORY, SegmentNorms, clip_update_norm, percentile_clip
 from .overrides import GlobalOptimManager
-from .segments import PADDED_VERSION, Segment, check_segments, packed_layout, repack, segment_table
+from .segments import (
+    PADDED_VERSION,
+    TABLE_COLUMNS,
+    Segment,
+    check_segments,
+    packed_layout,
+    repack,
+    segment_table,
+    table_bits,
+    upgraded_table,
+)
+from .state import is_quantized, precision_name
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SEGMENT_STRIDE = 1 << 40  # random-number counter range reserved per parameter
@@ -51,13 +61,44 @@ TORCH_ONLY_FLAGS = (
 # Group keys that are this optimizer's choice, never the checkpoint's (a
 # paged checkpoint loads into an unpaged optimizer and vice versa).
 PRECISION_KEYS = ("optim_bits", "min_8bit_size", "blocksize", "is_paged")
+# Parameters smaller than this keep 32-bit state unless min_8bit_size / min_quantized_size says otherwise.
+DEFAULT_MIN_QUANTIZED_SIZE = 4096
+# The block size an optimizer uses when none is given, by optim_bits: 4-bit states use Li, Chen, Zhu
+# (2023)'s 128-element blocks (16 values per map need smaller blocks for the same error), the others 256.
+DEFAULT_BLOCKSIZES = {4: 128, 8: DEFAULT_BLOCKSIZE, 32: DEFAULT_BLOCKSIZE}
+
+
+class _UnsetBlocksize(int):
+    """The `blocksize` argument's default: 256 wherever it is read as a number (signatures, docs), and
+    recognised by identity in the constructor, so that optim_bits=4 without a blocksize gets 128."""
+
+
+UNSET_BLOCKSIZE = _UnsetBlocksize(DEFAULT_BLOCKSIZE)
+
+
+def default_blocksize(optim_bits: int) -> int:
+    """The block size an optimizer constructed with `optim_bits` and no blocksize argument uses."""
+    return DEFAULT_BLOCKSIZES[optim_bits]
+
+
+def resolve_min_quantized_size(min_8bit_size: int, alias: int | None) -> int:
+    """The smallest parameter (in elements) that gets quantized state: `min_8bit_size`
+    (bitsandbytes' name, for every quantized precision) or its alias `min_quantized_size`;
+    both given with different values (min_8bit_size other than its default) is an error."""
+    if alias is None:
+        return min_8bit_size
+    if min_8bit_size not in (alias, DEFAULT_MIN_QUANTIZED_SIZE):
+        raise ValueError(
+            f"min_8bit_size={min_8bit_size!r} and min_quantized_size={alias!r} name the same setting; pass one of them"
+        )
+    return alias
 
 
 def _check_common(optim_bits: int, min_8bit_size: int, percentile_clipping: int, max_unorm: float, block_wise: bool) -> None:
-    if optim_bits not in (8, 32):
-        raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits!r}")
+    if isinstance(optim_bits, bool) or optim_bits not in state_layout.PRECISIONS:
+        raise ValueError(f"optim_bits must be one of {state_layout.PRECISIONS}, got {optim_bits!r}")
     if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-        raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
+        raise ValueError(f"min_8bit_size (min_quantized_size) must be a non-negative int, got {min_8bit_size!r}")
     if not isinstance(percentile_clipping, int) or not 1 <= percentile_clipping <= 100:
         raise ValueError(f"percentile_clipping must be an int in [1, 100] (100 = off), got {percentile_clipping!r}")
     if not max_unorm >= 0.0:
@@ -117,7 +158,7 @@ class _Unit:
     history: torch.Tensor | None
     config: dict[str, Any]
     specs: tuple[StateSpec, ...]
-    eight_bit: bool
+    bits: int  # of the state: 32, 8 or 4
     blocksize: int
     step: int
     rounding_offset: int
@@ -137,21 +178,29 @@ class Optimizer8bit(torch.optim.Optimizer):
         *,
         optim_bits: int = 32,
         args: Any = None,
-        min_8bit_size: int = 4096,
+        min_8bit_size: int = DEFAULT_MIN_QUANTIZED_SIZE,
         percentile_clipping: int = 100,
         block_wise: bool = True,
         max_unorm: float = 0.0,
         is_paged: bool = False,
-        blocksize: int = DEFAULT_BLOCKSIZE,
+        blocksize: int = UNSET_BLOCKSIZE,
         stochastic_rounding: bool = False,
+        min_quantized_size: int | None = None,
     ) -> None:
         """Options every optimizer takes as keywords (bitsandbytes' names, plus
-        `blocksize` and `stochastic_rounding`); subclasses pass them through."""
+        `blocksize`, `stochastic_rounding` and `min_quantized_size`); subclasses pass them through.
+
+        optim_bits: 32, 8 or 4 bits per state element. min_8bit_size (alias min_quantized_size,
+        default 4096): parameters with fewer elements keep 32-bit state, at any optim_bits.
+        blocksize: elements per quantization block; when not given, 128 for optim_bits=4 and 256
+        otherwise. A per-parameter override of optim_bits keeps the group's blocksize.
+        """
         if args is not None:
             raise ValueError("args= (bitsandbytes' argument namespace) is not supported; pass keyword arguments")
         check_lr(defaults["lr"])
+        min_8bit_size = resolve_min_quantized_size(min_8bit_size, min_quantized_size)
         _check_common(optim_bits, min_8bit_size, percentile_clipping, max_unorm, block_wise)
-        check_blocksize(blocksize)
+        blocksize = check_blocksize(default_blocksize(optim_bits) if blocksize is UNSET_BLOCKSIZE else blocksize)
         if is_paged:
             paging.warn_if_unavailable()  # one warning per process where states cannot be paged
         defaults = {
@@ -231,10 +280,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         """Per-segment trust ratio of a layer-wise adaptive rule (LAMB, LARS); None (1) for the others."""
         return None
 
-    def update_scale(self, config: dict[str, Any], norms: SegmentNorms, step: int, eight_bit: bool) -> torch.Tensor | None:
+    def update_scale(self, config: dict[str, Any], norms: SegmentNorms, step: int, bits: int) -> torch.Tensor | None:
         """Per-segment multiplier of the step: the trust ratio, then max_unorm on the scaled update; None when 1.
 
-        `step` and `eight_bit` describe the batch: dist8bit's rules do not need them, bitsandbytes'
+        `step` and `bits` (the states' precision: 32, 8 or 4) describe the batch: dist8bit's rules do not need them, bitsandbytes'
         clipping does (dist8bit.compat.bitsandbytes.optim)."""
         scale = self.trust_ratio(config, norms)
         if config["max_unorm"] <= 0.0:
@@ -257,11 +306,18 @@ class Optimizer8bit(torch.optim.Optimizer):
             )
         return {**group, **override}
 
-    def uses_eight_bit(self, param: torch.Tensor, config: dict[str, Any]) -> bool:
+    def state_bits(self, param: torch.Tensor, config: dict[str, Any]) -> int:
+        """The precision of this parameter's state (32, 8 or 4), decided by its full size
+        (recorded before any sharding) and, for a DTensor, by whether a row-aligned block exists."""
         numel = self._logical_numel.get(param, param.numel())
-        if config["optim_bits"] != 8 or numel < config["min_8bit_size"]:
-            return False
-        return self._state_blocksize(param, config) is not None
+        bits = _precision(numel, config)
+        if is_quantized(bits) and self._state_blocksize(param, config) is None:
+            return 32
+        return bits
+
+    def uses_eight_bit(self, param: torch.Tensor, config: dict[str, Any]) -> bool:
+        """Whether this parameter's state is 8-bit (kept for callers that know only 8/32: see state_bits)."""
+        return self.state_bits(param, config) == 8
 
     # ------------------------------------------------------------- segments
     def set_segments(self, flat: torch.Tensor, segments: Sequence[Segment]) -> None:
@@ -283,11 +339,11 @@ class Optimizer8bit(torch.optim.Optimizer):
     def segment_states(
         self, flat: torch.Tensor, source: torch.Tensor | None = None
     ) -> list[tuple[Segment, bool, dict[str, torch.Tensor]]]:
-        """Each segment of a flat buffer (only `source`'s, when given), whether its
-        state is 8-bit, and its state as float32 values.
+        """Each segment of a flat buffer (only `source`'s, when given), its state's
+        bits (32, 8 or 4), and its state as float32 values.
 
         The equivalent of DeepSpeed's per-parameter state fragments for packed
-        8-bit state (which DeepSpeed's own fragment API cannot read); `source`
+        quantized state (which DeepSpeed's own fragment API cannot read); `source`
         keeps gathering every parameter's state linear in the partition size.
         """
         segments = self._segments.get(flat)
@@ -299,22 +355,23 @@ class Optimizer8bit(torch.optim.Optimizer):
         group = self._group_of(flat)
         overrides = GlobalOptimManager.get_instance().overrides()
         result = []
-        for segment, eight_bit, views in self._segment_views(flat, segments, state, group):
+        for segment, bits, views in self._segment_views(flat, segments, state, group):
             if source is not None and segment.source is not source:
                 continue
             config = self.resolved_config(segment.source, group, overrides)
             values = {}
             for spec in self.state_specs(config):
-                if eight_bit:
+                if is_quantized(bits):
                     values[spec.name] = dequantize_blockwise(
                         views[spec.name + state_layout.CODES_SUFFIX],
                         absmax=views[spec.name + state_layout.ABSMAX_SUFFIX],
-                        code=_state_codebook(spec.signed, flat.device).code,
+                        code=_state_codebook(spec.signed, bits, flat.device).code,
+                        out=torch.empty(segment.length, dtype=torch.float32, device=flat.device),
                         blocksize=config["blocksize"],
                     )
                 else:
                     values[spec.name] = views[spec.name].clone()
-            result.append((segment, eight_bit, values))
+            result.append((segment, bits, values))
         return result
 
     def _group_of(self, param: torch.Tensor) -> dict[str, Any]:
@@ -323,33 +380,29 @@ class Optimizer8bit(torch.optim.Optimizer):
                 return group
         raise KeyError("the tensor is not in any param group of this optimizer")
 
-    def _segment_eight_bit(self, segment: Segment, config: dict[str, Any]) -> bool:
-        return config["optim_bits"] == 8 and segment.logical_numel >= config["min_8bit_size"]
-
     def _segment_views(
         self, flat: torch.Tensor, segments: list[Segment], state: dict[str, Any], group: dict[str, Any]
-    ) -> list[tuple[Segment, bool, dict[str, torch.Tensor]]]:
-        """Per-segment views into a flat buffer's packed state (see segments.py)."""
-        table = state["segment_table"]
-        eight_bits = [bool(q) for q in table[:, 4].tolist()]
+    ) -> list[tuple[Segment, int, dict[str, torch.Tensor]]]:
+        """Per-segment views into a flat buffer's packed state (see segments.py), with each segment's bits."""
+        bits = table_bits(state["segment_table"])
         blocksize = group["blocksize"]
-        layout = packed_layout(segments, eight_bits, blocksize)
+        layout = packed_layout(segments, bits, blocksize)
         specs = self.state_specs(group)
         views = []
         for index, segment in enumerate(segments):
             entry: dict[str, torch.Tensor] = {}
             offset = layout.value_offsets[index]
             for spec in specs:
-                if eight_bits[index]:
+                if layout.quantized[index]:
                     entry[spec.name + state_layout.CODES_SUFFIX] = state[spec.name + state_layout.CODES_SUFFIX].narrow(
-                        0, offset, segment.length
+                        0, offset, layout.code_bytes(index)
                     )
                     entry[spec.name + state_layout.ABSMAX_SUFFIX] = state[spec.name + state_layout.ABSMAX_SUFFIX].narrow(
                         0, layout.block_offsets[index], num_blocks(segment.length, blocksize)
                     )
                 else:
                     entry[spec.name] = state[spec.name].narrow(0, offset, segment.length)
-            views.append((segment, eight_bits[index], entry))
+            views.append((segment, bits[index], entry))
         return views
 
     def _init_flat_state(
@@ -364,8 +417,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                 )
             if self._needs_whole_parameter_norms(config):
                 raise ValueError(_NORMS_UNDER_SHARDING)
-        eight_bits = [self._segment_eight_bit(s, c) for s, c in zip(segments, configs, strict=True)]
-        layout = packed_layout(segments, eight_bits, group["blocksize"])
+        bits = [_precision(s.logical_numel, c) for s, c in zip(segments, configs, strict=True)]
+        layout = packed_layout(segments, bits, group["blocksize"])
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state.update(
             state_layout.allocate_packed(
@@ -378,13 +431,13 @@ class Optimizer8bit(torch.optim.Optimizer):
                 paged=self.defaults["is_paged"],
             )
         )
-        state["segment_table"] = segment_table(segments, eight_bits)
+        state["segment_table"] = segment_table(segments, bits)
 
     def _needs_whole_parameter_norms(self, config: dict[str, Any]) -> bool:
         return self.uses_parameter_norms or config["percentile_clipping"] < 100 or config["max_unorm"] > 0
 
     def _state_blocksize(self, param: torch.Tensor, config: dict[str, Any]) -> int | None:
-        """Block size of this parameter's 8-bit state; None when it must stay 32-bit."""
+        """Block size of this parameter's quantized state; None when it must stay 32-bit."""
         if sharded.is_dtensor(param):
             return sharded.row_aligned_blocksize(param.shape, config["blocksize"])
         return config["blocksize"]
@@ -416,15 +469,15 @@ class Optimizer8bit(torch.optim.Optimizer):
                         unit.param.device,
                         unit.param.dtype,
                         unit.grad.dtype,
-                        unit.eight_bit,
+                        unit.bits,
                         unit.blocksize,
                         hyper,
                         unit.step,
                         _batch_key(unit.config),
                     )
                     batches[key].append(unit)
-        for (device, _, _, eight_bit, blocksize, hyper, step, _), units in batches.items():
-            self._launch(device, eight_bit, blocksize, hyper, step, units)
+        for (device, _, _, bits, blocksize, hyper, step, _), units in batches.items():
+            self._launch(device, bits, blocksize, hyper, step, units)
         return loss
 
     def _whole_parameter_unit(self, param: torch.Tensor, state: dict[str, Any], group, overrides) -> list[_Unit]:
@@ -437,8 +490,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         local_param = sharded.local(param)
         if local_param.numel() == 0:
             return []
-        eight_bit = state_layout.is_eight_bit(state, specs)
-        names = [name for spec in specs for name in state_layout.expected_entries(spec, eight_bit)]
+        bits = state_layout.stored_bits(state, specs, local_param.shape, self.state_bits(param, config))
+        names = [name for spec in specs for name in state_layout.expected_entries(spec, bits)]
         target = local_param
         updated = local_param if local_param.is_contiguous() else local_param.contiguous()
         return [
@@ -450,8 +503,10 @@ class Optimizer8bit(torch.optim.Optimizer):
                 history=state.get("grad_norm_history"),
                 config=config,
                 specs=specs,
-                eight_bit=eight_bit,
-                blocksize=(self._state_blocksize(param, config) or config["blocksize"]) if eight_bit else config["blocksize"],
+                bits=bits,
+                blocksize=(self._state_blocksize(param, config) or config["blocksize"])
+                if is_quantized(bits)
+                else config["blocksize"],
                 step=step,
                 rounding_offset=self._param_uid.get(param, 0) * SEGMENT_STRIDE,
             )
@@ -466,7 +521,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         grad = flat.grad
         units = []
         views = self._segment_views(flat, segments, state, group)
-        for (segment, eight_bit, entry), config in zip(views, configs, strict=True):
+        for (segment, bits, entry), config in zip(views, configs, strict=True):
             units.append(
                 _Unit(
                     param=flat.narrow(0, segment.start, segment.length),
@@ -476,7 +531,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                     history=None,
                     config=config,
                     specs=self.state_specs(config),
-                    eight_bit=eight_bit,
+                    bits=bits,
                     blocksize=config["blocksize"],
                     step=step,
                     rounding_offset=self._param_uid.get(segment.source, 0) * SEGMENT_STRIDE + segment.param_offset,
@@ -508,23 +563,23 @@ class Optimizer8bit(torch.optim.Optimizer):
             sharded.check_placements(param)
             if sharded.is_sharded(param) and self._needs_whole_parameter_norms(config):
                 raise ValueError(_NORMS_UNDER_SHARDING)
-        eight_bit = self.uses_eight_bit(param, config)
+        bits = self.state_bits(param, config)
         local_param = sharded.local(param)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        blocksize = self._state_blocksize(param, config) if eight_bit else config["blocksize"]
+        blocksize = self._state_blocksize(param, config) if is_quantized(bits) else config["blocksize"]
         state.update(
             state_layout.allocate(
-                local_param, specs, eight_bit, blocksize, self.initial_state_value(config), paged=self.defaults["is_paged"]
+                local_param, specs, bits, blocksize, self.initial_state_value(config), paged=self.defaults["is_paged"]
             )
         )
         if config["percentile_clipping"] < 100:
             state["grad_norm_history"] = torch.full((HISTORY,), math.inf, dtype=torch.float32, device=local_param.device)
 
     def _launch(
-        self, device: torch.device, eight_bit: bool, blocksize: int, hyper: Sequence[float], step: int, units: list[_Unit]
+        self, device: torch.device, bits: int, blocksize: int, hyper: Sequence[float], step: int, units: list[_Unit]
     ) -> None:
         config = units[0].config
-        call = self._fused_step_call(device, eight_bit, blocksize, hyper, step, units)
+        call = self._fused_step_call(device, bits, blocksize, hyper, step, units)
         backend = backend_for(device)
         if config["percentile_clipping"] < 100:
             grad_scale = percentile_clip([u.history for u in units], call.grads, step, config["percentile_clipping"])
@@ -536,7 +591,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             return sums
 
         norms = SegmentNorms(list(call.params), list(call.grads), direction_sums)
-        update_scale = self.update_scale(config, norms, step, eight_bit)
+        update_scale = self.update_scale(config, norms, step, bits)
         counter = self.nonfinite_counts.get(device)
         if counter is None:  # allocated once per device, not per step
             counter = self.nonfinite_counts[device] = torch.zeros(1, dtype=torch.int64, device=device)
@@ -546,7 +601,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 unit.write_back.copy_(unit.param)
 
     def _fused_step_call(
-        self, device: torch.device, eight_bit: bool, blocksize: int, hyper: Sequence[float], step: int, units: list[_Unit]
+        self, device: torch.device, bits: int, blocksize: int, hyper: Sequence[float], step: int, units: list[_Unit]
     ) -> FusedStepCall:
         """The kernel call for one batch of units (scales and outputs are added per pass)."""
         config, specs = units[0].config, units[0].specs
@@ -554,10 +609,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         absmaxes: list[list[torch.Tensor]] = [[] for _ in range(NUM_SLOTS)]
         codebooks: list[Codebook | None] = [None] * NUM_SLOTS
         for slot, spec in enumerate(specs):
-            if eight_bit:
+            if is_quantized(bits):
                 states[slot] = [u.state[spec.name + state_layout.CODES_SUFFIX] for u in units]
                 absmaxes[slot] = [u.state[spec.name + state_layout.ABSMAX_SUFFIX] for u in units]
-                codebooks[slot] = _state_codebook(spec.signed, device)
+                codebooks[slot] = _state_codebook(spec.signed, bits, device)
             else:
                 states[slot] = [u.state[spec.name] for u in units]
         seed = None
@@ -587,22 +642,22 @@ class Optimizer8bit(torch.optim.Optimizer):
         for group in self.param_groups:
             for param in group["params"]:
                 if sharded.is_dtensor(param) and index in state_dict["state"]:
-                    blocksize = self._state_blocksize(param, self.resolved_config(param, group, overrides))
-                    state_dict["state"][index] = self._dtensor_state(param, state_dict["state"][index], blocksize)
+                    config = self.resolved_config(param, group, overrides)
+                    state_dict["state"][index] = self._dtensor_state(param, state_dict["state"][index], config)
                 index += 1
         return state_dict
 
-    @staticmethod
-    def _dtensor_state(param: torch.Tensor, state: dict[str, Any], blocksize: int | None) -> dict[str, Any]:
+    def _dtensor_state(self, param: torch.Tensor, state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
         """A DTensor parameter's local state as DTensors laid out like it (see sharded.py)."""
+        blocksize = self._state_blocksize(param, config)
+        specs = self.state_specs(config)
+        bits = state_layout.stored_bits(state, specs, sharded.local(param).shape, self.state_bits(param, config))
         exported = {}
         for key, value in state.items():
             if key == "step" or not isinstance(value, torch.Tensor) or key == "grad_norm_history":
                 exported[key] = value
-            elif key.endswith(state_layout.ABSMAX_SUFFIX):
-                exported[key] = sharded.state_to_dtensor(param, value, blocksize)
             else:
-                exported[key] = sharded.state_to_dtensor(param, value, None)
+                exported[key] = sharded.state_to_dtensor(param, value, sharded.elements_per_entry(key, bits, blocksize))
         return exported
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -657,11 +712,12 @@ class Optimizer8bit(torch.optim.Optimizer):
         for saved_id, entries in originals.items():
             param = id_to_param[saved_id]
             if sharded.is_dtensor(param):
-                blocksize = self._state_blocksize(param, self.resolved_config(param, group_of[id(param)], overrides))
+                config = self.resolved_config(param, group_of[id(param)], overrides)
+                blocksize, bits = self._state_blocksize(param, config), self.state_bits(param, config)
                 for key, value in entries.items():
                     if isinstance(value, torch.Tensor) and key not in ("step", "grad_norm_history"):
-                        scales = key.endswith(state_layout.ABSMAX_SUFFIX)
-                        entries[key] = sharded.local_state(param, value, blocksize if scales else None, key)
+                        per_entry = sharded.elements_per_entry(key, bits, blocksize)
+                        entries[key] = sharded.local_state(param, value, per_entry, key)
         super().load_state_dict(state_dict)
         # torch casts floating-point state to the parameter's dtype; dist8bit keeps
         # float32 states and scales whatever the parameter dtype is.
@@ -709,18 +765,12 @@ class Optimizer8bit(torch.optim.Optimizer):
             self._check_saved_flat_state(param, saved, config)
             return
         specs = self.state_specs(config)
-        eight_bit = self.uses_eight_bit(param, config)
-        expected = {name for spec in specs for name in state_layout.expected_entries(spec, eight_bit)}
-        other = {name for spec in specs for name in state_layout.expected_entries(spec, not eight_bit)}
+        bits = self.state_bits(param, config)
+        expected = {name for spec in specs for name in state_layout.expected_entries(spec, bits)}
+        other = {name for spec in specs for name in state_layout.expected_entries(spec, 8 if bits == 32 else 32)}
         present = {k for k, v in saved.items() if isinstance(v, torch.Tensor) and k not in ("step", "grad_norm_history")}
         if present & other and specs:
-            have, want = ("8-bit", "32-bit") if eight_bit is False else ("32-bit", "8-bit")
-            raise ValueError(
-                f"{where}: the state dict holds {have} state ({sorted(present & other)}) but {type(self).__name__} keeps "
-                f"{want} state for it (optim_bits={config['optim_bits']}, min_8bit_size={config['min_8bit_size']}); "
-                f"convert the checkpoint (dist8bit convert --to {'fp32' if want == '32-bit' else '8bit'}) "
-                f"or construct the optimizer with matching optim_bits"
-            )
+            self._refuse_precision(where, _saved_bits(param, saved, specs), bits, config)
         if present != expected:
             raise ValueError(
                 f"{where}: the state dict holds {sorted(present)} but {type(self).__name__} expects {sorted(expected)}; "
@@ -729,14 +779,22 @@ class Optimizer8bit(torch.optim.Optimizer):
         if "step" not in saved:
             raise ValueError(f"{where}: the state dict has no 'step'")
         for spec in specs:
-            if eight_bit:
+            if is_quantized(bits):
                 codes = saved[spec.name + state_layout.CODES_SUFFIX]
                 absmax = saved[spec.name + state_layout.ABSMAX_SUFFIX]
                 blocksize = self._state_blocksize(param, config)
                 blocks = num_blocks(param.numel(), blocksize)
-                if codes.dtype != torch.uint8 or codes.shape != param.shape:
+                shape = state_layout.codes_shape(param.shape, bits)
+                if codes.dtype == torch.uint8 and not sharded.is_dtensor(param) and tuple(codes.shape) != shape:
+                    saved_bits = _saved_bits(param, saved, specs)
+                    if tuple(codes.shape) == state_layout.codes_shape(param.shape, saved_bits):
+                        self._refuse_precision(where, saved_bits, bits, config)
+                if sharded.is_dtensor(param) and bits == 4:  # exported as [rows, row_elems / 2] (sharded.py)
+                    shape = (param.shape[0], sharded.row_elems(param.shape) // 2)
+                if codes.dtype != torch.uint8 or tuple(codes.shape) != shape:
                     raise ValueError(
-                        f"{where}: {spec.name}_codes must be uint8 of shape {tuple(param.shape)}, got {codes.dtype} {tuple(codes.shape)}"
+                        f"{where}: {spec.name}_codes must be uint8 of shape {shape} ({precision_name(bits)} codes), "
+                        f"got {codes.dtype} {tuple(codes.shape)}"
                     )
                 if absmax.dtype != torch.float32 or absmax.numel() != blocks:
                     raise ValueError(
@@ -750,31 +808,48 @@ class Optimizer8bit(torch.optim.Optimizer):
                         f"{where}: {spec.name} must be a float tensor of shape {tuple(param.shape)}, got {value.dtype} {tuple(value.shape)}"
                     )
 
-    def _flat_eight_bits(self, segments: list[Segment], group: dict[str, Any]) -> list[bool]:
+    def _refuse_precision(self, where: str, have: int, bits: int, config: dict[str, Any]) -> None:
+        """A saved state of another precision than this optimizer keeps for the parameter: an error naming the fix."""
+        target = {32: "fp32", 8: "8bit", 4: "4bit"}[bits]
+        raise ValueError(
+            f"{where}: the state dict holds {precision_name(have)} state but {type(self).__name__} keeps {precision_name(bits)} state "
+            f"for it (optim_bits={config['optim_bits']}, min_8bit_size={config['min_8bit_size']}); convert the "
+            f"checkpoint (dist8bit convert --to {target}) or construct the optimizer with matching optim_bits"
+        )
+
+    def _flat_bits(self, segments: list[Segment], group: dict[str, Any]) -> list[int]:
         overrides = GlobalOptimManager.get_instance().overrides()
         configs = [self.resolved_config(s.source, group, overrides) for s in segments]
-        return [self._segment_eight_bit(s, c) for s, c in zip(segments, configs, strict=True)]
+        return [_precision(s.logical_numel, c) for s, c in zip(segments, configs, strict=True)]
 
     def _upgrade_flat_state(self, flat: torch.Tensor, saved: dict[str, Any], group: dict[str, Any], version: int) -> dict:
-        """A flat buffer's saved state moved to the current packed layout: state
-        format 1 packed segments back to back, the current one pads each to 16
-        bytes (see segments.py). A table for other segments is left for the check."""
+        """A flat buffer's saved state moved to the current format: formats 1-2
+        stored 0/1 for 32/8-bit in the segment_table (now bits), format 1 packed
+        segments back to back where later ones pad each to 16 bytes (see
+        segments.py). A table for other segments is left for the check."""
+        table = saved.get("segment_table")
+        if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != len(TABLE_COLUMNS):
+            return saved
+        try:
+            saved = {**saved, "segment_table": upgraded_table(table, version)}
+        except ValueError:
+            return saved
         if version >= PADDED_VERSION:
             return saved
         segments = self._segments[flat]
-        eight_bits = self._flat_eight_bits(segments, group)
-        table, expected = saved.get("segment_table"), segment_table(segments, eight_bits)
-        if not isinstance(table, torch.Tensor) or table.shape != expected.shape or not torch.equal(table.cpu(), expected):
+        bits = self._flat_bits(segments, group)
+        table, expected = saved["segment_table"], segment_table(segments, bits)
+        if table.shape != expected.shape or not torch.equal(table.cpu(), expected):
             return saved
         names = [spec.name for spec in self.state_specs(group)]
-        old = packed_layout(segments, eight_bits, group["blocksize"], version=version)
-        return repack(saved, names, old, packed_layout(segments, eight_bits, group["blocksize"]))
+        old = packed_layout(segments, bits, group["blocksize"], version=version)
+        return repack(saved, names, old, packed_layout(segments, bits, group["blocksize"]))
 
     def _check_saved_flat_state(self, flat: torch.Tensor, saved: dict[str, Any], group: dict[str, Any]) -> None:
         """A flat buffer's saved state must have been laid out for exactly these segments."""
         segments = self._segments[flat]
-        eight_bits = self._flat_eight_bits(segments, group)
-        expected = segment_table(segments, eight_bits)
+        bits = self._flat_bits(segments, group)
+        expected = segment_table(segments, bits)
         table = saved.get("segment_table")
         if (
             not isinstance(table, torch.Tensor)
@@ -786,7 +861,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 "another world size, other parameters or other precision settings; load it with the same world size "
                 "and model, or reshard it first (dist8bit convert SRC DST --world-size M)"
             )
-        layout = packed_layout(segments, eight_bits, group["blocksize"])
+        layout = packed_layout(segments, bits, group["blocksize"])
         for spec in self.state_specs(group):
             sizes = {}
             if layout.codes_numel:
@@ -819,7 +894,24 @@ def _batch_key(config: dict[str, Any]) -> tuple:
     return tuple((k, repr(config[k])) for k in sorted(config) if k != "params")
 
 
+def _saved_bits(param: torch.Tensor, saved: dict[str, Any], specs: tuple[StateSpec, ...]) -> int:
+    """The precision a saved per-parameter state has, from its entries and code sizes (for messages)."""
+    codes = saved.get(specs[0].name + state_layout.CODES_SUFFIX)
+    if not isinstance(codes, torch.Tensor):
+        return 32
+    return 8 if codes.numel() == param.numel() else 4
+
+
+def _precision(numel: int, config: dict[str, Any]) -> int:
+    """A parameter's state precision from its full size and config: optim_bits, except that
+    parameters smaller than min_8bit_size (any quantized precision) keep 32-bit state."""
+    bits = config["optim_bits"]
+    if isinstance(bits, bool) or bits not in state_layout.PRECISIONS:
+        raise ValueError(f"optim_bits must be one of {state_layout.PRECISIONS}, got {bits!r} (from a param group or override)")
+    return 32 if numel < config["min_8bit_size"] else bits
+
+
 @lru_cache(maxsize=16)
-def _state_codebook(signed: bool, device: torch.device) -> Codebook:
-    """The dynamic map's codebook for a state slot, built once per device (not per step)."""
-    return codebook_for(create_dynamic_map(signed=signed), device)
+def _state_codebook(signed: bool, bits: int, device: torch.device) -> Codebook:
+    """The codebook of a quantized state slot (state.state_map), built once per device (not per step)."""
+    return codebook_for(state_layout.state_map(signed, bits), device)

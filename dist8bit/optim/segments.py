@@ -14,11 +14,14 @@ segment's first element, so no block mixes two parameters and any partition
 boundary works. Elements of the flat buffer outside every segment (alignment
 padding) are never read or written.
 
-A flat buffer's state is packed: the 8-bit segments' codes one after another
-in `<name>_codes` (absmax in `<name>_absmax`), the 32-bit segments' values in
-`<name>`, and the table below in `segment_table`, so a checkpoint describes
-itself and a mismatched layout (another world size, other parameters) is
-refused on load instead of silently misread.
+A flat buffer's state is packed: the quantized segments' codes one after
+another in `<name>_codes` (a 4-bit segment's run is its ceil(length / 2)
+packed bytes, dist8bit.quant.packing; absmax in `<name>_absmax`), the 32-bit
+segments' values in `<name>`, and the table below in `segment_table`, so a
+checkpoint describes itself and a mismatched layout (another world size,
+other parameters) is refused on load instead of silently misread. Its last
+column is each segment's bits (32, 8 or 4) from state format 3 on; formats
+1-2 stored 0/1 for 32/8, which `table_bits` reads as well.
 
 Each segment's run in every packed tensor starts on a 16-byte boundary
 (PACKED_ALIGNMENT): the kernels take their vector path only for aligned state
@@ -38,15 +41,18 @@ from typing import Any
 import torch
 
 from ..quant.layout import num_blocks
-from .state import ABSMAX_SUFFIX, CODES_SUFFIX, STATE_FORMAT_VERSION
+from ..quant.packing import code_bytes
+from .state import ABSMAX_SUFFIX, CODES_SUFFIX, PRECISIONS, STATE_FORMAT_VERSION, as_bits, is_quantized
 
 # Byte boundary of every segment's run in the packed tensors (state format >= 2).
 PACKED_ALIGNMENT = 16
 # The first state format version whose packed layout is padded.
 PADDED_VERSION = 2
+# The first state format version whose segment_table stores bits (32/8/4), not 0/1.
+BITS_TABLE_VERSION = 3
 
 # Columns of the int64 `segment_table` state entry, one row per segment.
-TABLE_COLUMNS = ("start", "length", "param_offset", "logical_numel", "eight_bit")
+TABLE_COLUMNS = ("start", "length", "param_offset", "logical_numel", "bits")
 
 
 @dataclass(frozen=True)
@@ -89,24 +95,34 @@ def check_segments(flat: torch.Tensor, segments: Sequence[Segment]) -> list[Segm
 class PackedLayout:
     """Where each segment's state lives in the packed per-buffer tensors."""
 
-    eight_bit: tuple[bool, ...]
-    value_offsets: tuple[int, ...]  # into <name>_codes (8-bit) or <name> (32-bit)
-    block_offsets: tuple[int, ...]  # into <name>_absmax (8-bit segments only)
-    codes_numel: int
+    bits: tuple[int, ...]  # per segment: 32, 8 or 4
+    value_offsets: tuple[int, ...]  # into <name>_codes (quantized, in bytes) or <name> (32-bit)
+    block_offsets: tuple[int, ...]  # into <name>_absmax (quantized segments only)
+    codes_numel: int  # bytes
     values_numel: int
     blocks: int
     lengths: tuple[int, ...]  # elements per segment
     block_counts: tuple[int, ...]  # scales per segment (0 for 32-bit segments)
 
+    @property
+    def quantized(self) -> tuple[bool, ...]:
+        """Per segment: whether its state is codes and scales (8- or 4-bit) rather than values."""
+        return tuple(is_quantized(b) for b in self.bits)
+
+    def code_bytes(self, index: int) -> int:
+        """Bytes of segment `index`'s run in <name>_codes (0 for a 32-bit segment)."""
+        return code_bytes(self.lengths[index], self.bits[index]) if self.quantized[index] else 0
+
     def runs(self, part: str) -> list[tuple[int, int]]:
         """(offset, numel) of each segment's run in one packed tensor, segment order, for
         part "codes", "absmax" or "values": what `repack` moves from one layout to another."""
+        indices = range(len(self.bits))
         if part == "values":
-            return [(o, n) for o, n, q in zip(self.value_offsets, self.lengths, self.eight_bit, strict=True) if not q]
+            return [(self.value_offsets[i], self.lengths[i]) for i in indices if not self.quantized[i]]
         if part == "codes":
-            return [(o, n) for o, n, q in zip(self.value_offsets, self.lengths, self.eight_bit, strict=True) if q]
+            return [(self.value_offsets[i], self.code_bytes(i)) for i in indices if self.quantized[i]]
         if part == "absmax":
-            return [(o, n) for o, n, q in zip(self.block_offsets, self.block_counts, self.eight_bit, strict=True) if q]
+            return [(self.block_offsets[i], self.block_counts[i]) for i in indices if self.quantized[i]]
         raise ValueError(f"a packed layout has parts 'codes', 'absmax' and 'values', not {part!r}")
 
     def numel(self, part: str) -> int:
@@ -127,21 +143,24 @@ def _aligned(offset: int, element_size: int, alignment: int) -> int:
 
 
 def packed_layout(
-    segments: Sequence[Segment], eight_bit: Sequence[bool], blocksize: int, *, version: int = STATE_FORMAT_VERSION
+    segments: Sequence[Segment], bits: Sequence[int | bool], blocksize: int, *, version: int = STATE_FORMAT_VERSION
 ) -> PackedLayout:
     """Offsets of every segment's codes, scales or values in the packed tensors of
-    state format `version` (the current, padded one unless reading an old checkpoint)."""
+    state format `version` (the current, padded one unless reading an old checkpoint).
+
+    `bits` per segment: 32, 8 or 4 (0/1 flags, as formats 1-2 stored them, mean 32/8)."""
+    bits = tuple(as_bits(b) for b in bits)
     alignment = alignment_for(version)
     codes = values = blocks = 0
     value_offsets, block_offsets, block_counts = [], [], []
-    for segment, quantized in zip(segments, eight_bit, strict=True):
-        if quantized:
+    for segment, precision in zip(segments, bits, strict=True):
+        if is_quantized(precision):
             codes = _aligned(codes, 1, alignment)
             blocks = _aligned(blocks, 4, alignment)
             value_offsets.append(codes)
             block_offsets.append(blocks)
             block_counts.append(num_blocks(segment.length, blocksize))
-            codes += segment.length
+            codes += code_bytes(segment.length, precision)
             blocks += block_counts[-1]
         else:
             values = _aligned(values, 4, alignment)
@@ -150,9 +169,7 @@ def packed_layout(
             block_counts.append(0)
             values += segment.length
     lengths = tuple(s.length for s in segments)
-    return PackedLayout(
-        tuple(eight_bit), tuple(value_offsets), tuple(block_offsets), codes, values, blocks, lengths, tuple(block_counts)
-    )
+    return PackedLayout(bits, tuple(value_offsets), tuple(block_offsets), codes, values, blocks, lengths, tuple(block_counts))
 
 
 def packed_entries(names: Iterable[str]) -> dict[str, str]:
@@ -187,6 +204,26 @@ def repack(state: Mapping[str, Any], names: Iterable[str], source: PackedLayout,
     return moved
 
 
-def segment_table(segments: Sequence[Segment], eight_bit: Sequence[bool]) -> torch.Tensor:
-    rows = [[s.start, s.length, s.param_offset, s.logical_numel, int(q)] for s, q in zip(segments, eight_bit, strict=True)]
+def segment_table(segments: Sequence[Segment], bits: Sequence[int | bool]) -> torch.Tensor:
+    """The current format's table: one row per segment, its last column the segment's bits."""
+    rows = [[s.start, s.length, s.param_offset, s.logical_numel, as_bits(b)] for s, b in zip(segments, bits, strict=True)]
     return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), len(TABLE_COLUMNS))
+
+
+def table_bits(table: torch.Tensor, version: int = STATE_FORMAT_VERSION) -> list[int]:
+    """Each segment's bits from a saved segment_table of state format `version`
+    (formats before BITS_TABLE_VERSION stored 0/1 for 32/8)."""
+    column = [int(v) for v in table[:, TABLE_COLUMNS.index("bits")].tolist()]
+    allowed = (0, 1) if version < BITS_TABLE_VERSION else PRECISIONS
+    if any(v not in allowed for v in column):
+        raise ValueError(f"a segment_table of state format {version} stores one of {allowed} per segment, got {column}")
+    return [as_bits(v) for v in column]
+
+
+def upgraded_table(table: torch.Tensor, version: int) -> torch.Tensor:
+    """A saved segment_table in the current format (bits in the last column)."""
+    if version >= BITS_TABLE_VERSION:
+        return table
+    upgraded = table.clone()
+    upgraded[:, TABLE_COLUMNS.index("bits")] = torch.tensor(table_bits(table, version), dtype=table.dtype)
+    return upgraded

@@ -168,8 +168,8 @@ class _MaxUnormClipping:
 
     clips_eight_bit_states: ClassVar[bool] = False
 
-    def update_scale(self, config: dict[str, Any], norms: Any, step: int, eight_bit: bool) -> torch.Tensor | None:
-        if config["max_unorm"] <= 0.0 or (eight_bit and not self.clips_eight_bit_states):
+    def update_scale(self, config: dict[str, Any], norms: Any, step: int, bits: int) -> torch.Tensor | None:
+        if config["max_unorm"] <= 0.0 or (bits != 32 and not self.clips_eight_bit_states):
             return None
         update_norms = norms.directions * self._norm_ratio(config, step)
         return clip_update_norm(config["max_unorm"], norms.params, update_norms)
