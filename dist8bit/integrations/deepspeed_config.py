@@ -4,14 +4,14 @@ Kept free of DeepSpeed imports so the rules can be tested (and read) alone.
 
 Names dist8bit claims, case-insensitively:
 - every dist8bit optimizer whose name DeepSpeed does not resolve itself
-  (`Adam8bit`, `AdamW32bit`, `Lion8bit`, `AdEMAMix8bit`, `PagedAdamW8bit`,
-  `LARS`, `AdEMAMix`, ...);
+  (`Adam8bit`, `AdamW4bit`, `AdamW32bit`, `Lion8bit`, `AdEMAMix8bit`,
+  `PagedAdamW8bit`, `LARS`, `AdEMAMix`, ...);
 - `dist8bit.<Name>` for any dist8bit optimizer, including the names DeepSpeed
   or torch.optim already use (`dist8bit.AdamW`, `dist8bit.LAMB`).
 A plain `Adam`, `AdamW`, `Lion`, `LAMB`, `SGD`, ... stays DeepSpeed's (or
 torch's): registering dist8bit must never change what an existing config does.
-A name that looks like ours but is not (`AdamW8bitt`: anything containing 8bit
-or 32bit, starting with Paged or with `dist8bit.`) is an error that lists the
+A name that looks like ours but is not (`AdamW8bitt`: anything containing 8bit,
+4bit or 32bit, starting with Paged or with `dist8bit.`) is an error that lists the
 known names, instead of DeepSpeed's generic "not a supported DeepSpeed Optimizer".
 """
 
@@ -27,7 +27,9 @@ import torch
 from .. import optim
 
 PREFIX = "dist8bit."
-FIXED_BY_NAME = (("8bit", "optim_bits"), ("32bit", "optim_bits"))
+FIXED_BY_NAME = (("8bit", "optim_bits"), ("4bit", "optim_bits"), ("32bit", "optim_bits"))
+# Name parts that make a type name dist8bit's (the precision suffixes of FIXED_BY_NAME).
+PRECISION_SUFFIXES = tuple(suffix for suffix, _ in FIXED_BY_NAME)
 INTERNAL_ARGUMENTS = {"self", "params", "defaults", "args"}
 
 
@@ -47,7 +49,7 @@ def optimizer_classes() -> dict[str, type]:
 
 def looks_like_ours(name: str) -> bool:
     lowered = name.lower()
-    return lowered.startswith((PREFIX, "paged")) or "8bit" in lowered or "32bit" in lowered
+    return lowered.startswith((PREFIX, "paged")) or any(suffix in lowered for suffix in PRECISION_SUFFIXES)
 
 
 def resolve(name: str, deepspeed_resolves: Callable[[str], bool]) -> type | None:
@@ -100,7 +102,7 @@ def accepted_arguments(cls: type) -> list[str]:
 
 
 def fixed_arguments(cls: type) -> set[str]:
-    """Arguments an X8bit / X32bit / PagedX class pins (passing them is an error)."""
+    """Arguments an X8bit / X4bit / X32bit / PagedX class pins (passing them is an error)."""
     fixed = {argument for suffix, argument in FIXED_BY_NAME if cls.__name__.endswith(suffix)}
     if cls.__name__.startswith("Paged"):
         fixed.add("is_paged")

@@ -46,5 +46,9 @@ class Adagrad8bit(FixedSettings, Adagrad, optim_bits=8):
     """Adagrad with an 8-bit block-wise accumulator. Rule and arguments: Adagrad."""
 
 
+class Adagrad4bit(FixedSettings, Adagrad, optim_bits=4):
+    """Adagrad with a 4-bit block-wise accumulator (linear map without zero). Rule and arguments: Adagrad."""
+
+
 class Adagrad32bit(FixedSettings, Adagrad, optim_bits=32):
     """Adagrad with a 32-bit accumulator. Rule and arguments: Adagrad."""

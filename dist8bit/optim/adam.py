@@ -72,12 +72,20 @@ class Adam8bit(FixedSettings, Adam, optim_bits=8):
     """Adam with 8-bit block-wise states. Rule and arguments: Adam."""
 
 
+class Adam4bit(FixedSettings, Adam, optim_bits=4):
+    """Adam with 4-bit block-wise states (Li, Chen, Zhu 2023 maps, blocksize 128). Rule and arguments: Adam."""
+
+
 class Adam32bit(FixedSettings, Adam, optim_bits=32):
     """Adam with 32-bit states. Rule and arguments: Adam."""
 
 
 class AdamW8bit(FixedSettings, AdamW, optim_bits=8):
     """AdamW with 8-bit block-wise states. Rule and arguments: AdamW."""
+
+
+class AdamW4bit(FixedSettings, AdamW, optim_bits=4):
+    """AdamW with 4-bit block-wise states (Li, Chen, Zhu 2023 maps, blocksize 128). Rule and arguments: AdamW."""
 
 
 class AdamW32bit(FixedSettings, AdamW, optim_bits=32):

@@ -75,5 +75,9 @@ class AdEMAMix8bit(FixedSettings, AdEMAMix, optim_bits=8):
     """AdEMAMix with 8-bit block-wise states. Rule and arguments: AdEMAMix."""
 
 
+class AdEMAMix4bit(FixedSettings, AdEMAMix, optim_bits=4):
+    """AdEMAMix with 4-bit block-wise states. Rule and arguments: AdEMAMix."""
+
+
 class AdEMAMix32bit(FixedSettings, AdEMAMix, optim_bits=32):
     """AdEMAMix with 32-bit states. Rule and arguments: AdEMAMix."""

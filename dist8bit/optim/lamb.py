@@ -71,5 +71,9 @@ class LAMB8bit(FixedSettings, LAMB, optim_bits=8):
     """LAMB with 8-bit block-wise states. Rule and arguments: LAMB."""
 
 
+class LAMB4bit(FixedSettings, LAMB, optim_bits=4):
+    """LAMB with 4-bit block-wise states. Rule and arguments: LAMB."""
+
+
 class LAMB32bit(FixedSettings, LAMB, optim_bits=32):
     """LAMB with 32-bit states. Rule and arguments: LAMB."""

@@ -82,5 +82,9 @@ class LARS8bit(FixedSettings, LARS, optim_bits=8):
     """LARS with an 8-bit block-wise momentum. Rule and arguments: LARS."""
 
 
+class LARS4bit(FixedSettings, LARS, optim_bits=4):
+    """LARS with a 4-bit block-wise momentum. Rule and arguments: LARS."""
+
+
 class LARS32bit(FixedSettings, LARS, optim_bits=32):
     """LARS with a 32-bit momentum. Rule and arguments: LARS."""

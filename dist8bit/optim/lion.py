@@ -42,5 +42,9 @@ class Lion8bit(FixedSettings, Lion, optim_bits=8):
     """Lion with an 8-bit block-wise momentum. Rule and arguments: Lion."""
 
 
+class Lion4bit(FixedSettings, Lion, optim_bits=4):
+    """Lion with a 4-bit block-wise momentum. Rule and arguments: Lion."""
+
+
 class Lion32bit(FixedSettings, Lion, optim_bits=32):
     """Lion with a 32-bit momentum. Rule and arguments: Lion."""

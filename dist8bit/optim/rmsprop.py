@@ -48,5 +48,9 @@ class RMSprop8bit(FixedSettings, RMSprop, optim_bits=8):
     """RMSprop with 8-bit block-wise states. Rule and arguments: RMSprop."""
 
 
+class RMSprop4bit(FixedSettings, RMSprop, optim_bits=4):
+    """RMSprop with 4-bit block-wise states. Rule and arguments: RMSprop."""
+
+
 class RMSprop32bit(FixedSettings, RMSprop, optim_bits=32):
     """RMSprop with 32-bit states. Rule and arguments: RMSprop."""

@@ -43,5 +43,9 @@ class SGD8bit(FixedSettings, SGD, optim_bits=8):
     """SGD with an 8-bit block-wise momentum buffer. Rule and arguments: SGD."""
 
 
+class SGD4bit(FixedSettings, SGD, optim_bits=4):
+    """SGD with a 4-bit block-wise momentum buffer. Rule and arguments: SGD."""
+
+
 class SGD32bit(FixedSettings, SGD, optim_bits=32):
     """SGD with a 32-bit momentum buffer. Rule and arguments: SGD."""
