@@ -218,9 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {variant} seed {seed}: {' '.join(commands[variant, seed])}", flush=True)
             if pretrain.main(run_args) != 0:
                 return 1
-    title = "emulated 4-bit AdamW states (m, v): " + ", ".join(
-        f"{v} = {first.name} / {second.name}" for v, (first, second) in schemes().items() if v in args.variants
+    seeds = f"seed {args.seeds[0]}" if len(args.seeds) == 1 else f"mean of seeds {', '.join(map(str, args.seeds))}"
+    variants = "; ".join(
+        f"{v}: m {first.name}, v {second.name}" for v, (first, second) in schemes().items() if v in args.variants
     )
+    title = f"emulated 4-bit AdamW states, {args.steps} steps, 1 process, {seeds}\n{variants}"
     return compare.report(layout, commands, {}, title=title)
 
 
