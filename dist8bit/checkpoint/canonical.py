@@ -6,7 +6,9 @@ each state buffer (torch's name: exp_avg, exp_avg_sq, momentum_buffer, ...) is
 either
 
     Quantized  uint8 codes in the parameter's own element order, one float32
-               absmax per `blocksize` elements, and the 256-value map, or
+               absmax per `blocksize` elements, and the map: 256 values for
+               8-bit codes (one per byte), 16 values for 4-bit codes (packed
+               two per byte, element 2j in the low nibble: quant/packing.py), or
     Dense      float values in the parameter's element order.
 
 Tensors are not copied: they may be slices of a memory-mapped file, read in
@@ -21,20 +23,37 @@ from typing import Any
 import torch
 
 from ..quant.layout import num_blocks
+from ..quant.maps import map_bits
+from ..quant.packing import code_bytes
 
 
 @dataclass(frozen=True)
 class Quantized:
-    """Block-wise 8-bit state: value[i] = code[codes[i]] * absmax[i // blocksize]."""
+    """Block-wise quantized state: value[i] = code[codes(i)] * absmax[i // blocksize].
+
+    `length` is the number of elements. 8-bit codes say it themselves (one
+    byte each); packed 4-bit codes cannot (ceil(n / 2) bytes hold 2k - 1 or 2k
+    elements), so 4-bit state must name it.
+    """
 
     codes: torch.Tensor
     absmax: torch.Tensor
     blocksize: int
     code: torch.Tensor
+    length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.length is None and self.bits == 4:
+            raise ValueError("4-bit state needs its element count: ceil(n / 2) code bytes do not say n")
+
+    @property
+    def bits(self) -> int:
+        """Bits per code: 8 (256-value map) or 4 (16-value map, packed)."""
+        return map_bits(self.code)
 
     @property
     def numel(self) -> int:
-        return self.codes.numel()
+        return self.codes.numel() if self.length is None else self.length
 
     def nbytes(self) -> int:
         return self.codes.numel() + 4 * self.absmax.numel()
@@ -44,10 +63,16 @@ class Quantized:
             raise ValueError(f"{where}: codes must be uint8, got {self.codes.dtype}")
         if self.absmax.dtype != torch.float32:
             raise ValueError(f"{where}: absmax must be float32, got {self.absmax.dtype}")
-        blocks = num_blocks(self.codes.numel(), self.blocksize)
+        expected = code_bytes(self.numel, self.bits)
+        if self.codes.numel() != expected:
+            raise ValueError(
+                f"{where}: {self.numel} elements take {expected} bytes of {self.bits}-bit codes, the checkpoint has "
+                f"{self.codes.numel()} (truncated, or saved at another precision?)"
+            )
+        blocks = num_blocks(self.numel, self.blocksize)
         if self.absmax.numel() != blocks:
             raise ValueError(
-                f"{where}: {self.codes.numel()} codes with blocksize {self.blocksize} need {blocks} absmax scales, "
+                f"{where}: {self.numel} codes with blocksize {self.blocksize} need {blocks} absmax scales, "
                 f"the checkpoint has {self.absmax.numel()} (truncated or written with another blocksize?)"
             )
 
@@ -71,8 +96,10 @@ class Pieced:
     """A parameter's state kept in pieces, as a sharded (ZeRO) checkpoint holds it.
 
     `pieces` are (offset in the parameter, Quantized or Dense piece), sorted,
-    disjoint and covering [0, numel). An 8-bit piece's blocks start at the
-    piece's first element, so pieces cannot be concatenated into one Quantized.
+    disjoint and covering [0, numel). A quantized piece's blocks (and, at 4
+    bits, its first byte) start at the piece's first element, so pieces cannot
+    be concatenated into one Quantized; a piece may have any length, odd ones
+    included (ZeRO cuts parameters anywhere).
     """
 
     numel: int

@@ -12,6 +12,12 @@ fixes the scale and still encodes to the lowest code) and accepted only if the
 result decodes to exactly the input bits. Genuine fp32 data never passes that
 test, so it is quantized exactly as the optimizer would (and after a probe of a
 few blocks fails, costs nothing more).
+
+4-bit maps (16 values) work the same way: codes come packed two per byte
+(quant/packing.py), an odd element count leaves the last high nibble 0, and
+the signed 4-bit map's most negative value (-0.8875) is recovered like the
+8-bit one's. The unsigned 4-bit map holds 1.0 and every block's largest
+element encodes to it, so its scales come back unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import torch
 
 from .. import functional as F
 from ..quant.layout import num_blocks
+from ..quant.maps import map_bits
+from ..quant.packing import code_bytes
 
 # Tried in this order around absmax / |lowest code|, in ulps.
 CANDIDATE_ULPS = (0, 1, -1, 2, -2)
@@ -30,13 +38,20 @@ PROBE = 32  # candidate blocks tried before deciding a chunk is genuine data
 PROBE_BLOCKS = 512  # where the probe looks for them
 
 
-def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
-    return F.dequantize_blockwise(codes.reshape(-1), absmax=absmax.reshape(-1), code=code, blocksize=blocksize)
+def dequantize(
+    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, numel: int | None = None
+) -> torch.Tensor:
+    """float32 values of 1-D codes; `numel` elements (needed for packed 4-bit codes, default all 8-bit codes)."""
+    out = None if map_bits(code) == 8 else torch.empty(2 * codes.numel() if numel is None else numel)
+    return F.dequantize_blockwise(codes.reshape(-1), absmax=absmax.reshape(-1), code=code, blocksize=blocksize, out=out)
 
 
 def quantize_exact(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise codes and scales of 1-D `values` (float32), exact on dequantized input."""
+    """Block-wise codes and scales of 1-D `values` (float32), exact on dequantized input.
+
+    Codes are one byte per element for a 256-value map, packed nibbles (ceil(n / 2) bytes) for a 16-value one."""
     n = values.numel()
+    bits = map_bits(code)
     blocks = num_blocks(n, blocksize)
     padded = values.float().reshape(-1)
     if blocks * blocksize != n:  # zero padding changes neither the scale nor the other codes
@@ -45,8 +60,12 @@ def quantize_exact(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> 
     absmax = state.absmax
     lowest = float(code.min())
     if -1.0 < lowest < 0.0 and n > 0:
-        _recover_scales(padded.view(blocks, blocksize), code, lowest, codes.view(blocks, blocksize), absmax)
-    return codes[:n], absmax
+        rows = codes.view(blocks, code_bytes(blocksize, bits))
+        _recover_scales(padded.view(blocks, blocksize), code, lowest, rows, absmax)
+    codes = codes[: code_bytes(n, bits)]
+    if bits == 4 and n % 2:  # the padding element's code: an odd tail leaves the last high nibble 0
+        codes[-1] &= 0x0F
+    return codes, absmax
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +99,7 @@ def _recover(
 
     Rows are gathered with index_select/index_copy_ (advanced indexing spins up a parallel
     region per call, which costs milliseconds on a busy machine)."""
-    blocksize = blocks.shape[1]
+    blocksize, width = blocks.shape[1], codes.shape[1]
     scale = (absmax.index_select(0, rows).double() / -lowest).float()
     recovered = 0
     for attempt, ulps in enumerate(CANDIDATE_ULPS):
@@ -95,7 +114,7 @@ def _recover(
         trial_decoded = dequantize(trial_codes, trial_state.absmax, code, blocksize).view(-1, blocksize)
         exact = (_bits(trial_decoded) == _bits(target)).all(1)
         hits = exact.nonzero().squeeze(1)
-        codes.index_copy_(0, rows.index_select(0, hits), trial_codes.view(-1, blocksize).index_select(0, hits))
+        codes.index_copy_(0, rows.index_select(0, hits), trial_codes.view(-1, width).index_select(0, hits))
         absmax.index_copy_(0, rows.index_select(0, hits), trial_state.absmax.index_select(0, hits))
         recovered += hits.numel()
         keep = ~exact
@@ -109,12 +128,13 @@ def _recover(
 def error_bound(code: torch.Tensor) -> float:
     """Largest |x - dequantize(quantize(x))| / absmax for x in the map's range.
 
-    Half the widest gap between neighbouring codes, or the distance from the
-    range end (1, or -1 for a signed map) to the nearest code, if larger.
+    Half the widest gap between neighbouring codes, or the distance from a
+    range end (1, and -1 for a signed map or 0 for an unsigned one) to the
+    nearest code, if larger: the 4-bit second-moment map has no 0, so a zero
+    decodes to its smallest value, 1/16.
     """
     values = code.double().sort().values
     bound = float((values[1:] - values[:-1]).max()) / 2
     bound = max(bound, 1.0 - float(values[-1]))
-    if float(values[0]) < 0:
-        bound = max(bound, 1.0 + float(values[0]))
-    return bound
+    lowest = float(values[0])
+    return max(bound, 1.0 + lowest if lowest < 0 else lowest)
