@@ -1,4 +1,4 @@
-"""The `dist8bit` command: `dist8bit convert SRC DST --to fp32|8bit ...` (docs/checkpoints.md) and
+"""The `dist8bit` command: `dist8bit convert SRC DST --to fp32|8bit|4bit ...` (docs/checkpoints.md) and
 `dist8bit plan --model llama-7b --gpus 8 ...` (docs/planner.md)."""
 
 from __future__ import annotations
@@ -8,17 +8,22 @@ import sys
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    from .checkpoint.conversion import TARGETS
+
     parser.add_argument(
-        "src", help="checkpoint to read: a torch.save file with an optimizer state dict, or a DeepSpeed checkpoint directory"
+        "src",
+        help="checkpoint to read: a torch.save file with an optimizer state dict, or a DeepSpeed or DCP checkpoint directory",
     )
     parser.add_argument("dst", help="where to write the converted checkpoint (refused if it exists, unless --overwrite)")
-    parser.add_argument("--to", required=True, choices=("fp32", "8bit"), help="target state precision")
+    parser.add_argument("--to", required=True, choices=TARGETS, help="target state precision")
     parser.add_argument(
         "--optimizer",
         help="optimizer kind (adamw, adam, sgd, lion, rmsprop, adagrad, lamb, lars, ademamix); needed for bitsandbytes",
     )
     parser.add_argument("--world-size", type=int, help="ranks of the output (DeepSpeed / DCP directories)")
-    parser.add_argument("--blocksize", type=int, help="8-bit block size (default: the source's, else 256)")
+    parser.add_argument(
+        "--blocksize", type=int, help="block size (default: the source's at that precision, else 256 for 8bit, 128 for 4bit)"
+    )
     parser.add_argument(
         "--min-8bit-size", type=int, help="parameters with fewer elements keep fp32 state (default: the source's, else 4096)"
     )
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="dist8bit", description="dist8bit command-line tools")
     commands = parser.add_subparsers(dest="command", required=True)
-    convert = commands.add_parser("convert", help="convert optimizer checkpoints between 8-bit and fp32 states")
+    convert = commands.add_parser("convert", help="convert optimizer checkpoints between 4-bit, 8-bit and fp32 states")
     add_convert_arguments(convert)
     convert.set_defaults(run=run_convert)
     planner = commands.add_parser("plan", help="estimate per-GPU and per-host memory of a training run")

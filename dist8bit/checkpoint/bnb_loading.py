@@ -16,7 +16,7 @@ from typing import Any
 from ..optim import GlobalOptimManager, Optimizer8bit, sharded
 from . import bnb_format, optimizers
 from .in_memory import materialize
-from .plan import Target, plan_optimizer
+from .plan import PRECISION_NAMES, Target, plan_optimizer
 
 WHERE = "bitsandbytes state dict"
 
@@ -51,12 +51,15 @@ def to_dist8bit(optimizer: Optimizer8bit, state_dict: dict[str, Any]) -> dict[st
         )
     state = bnb_format.read(state_dict, kind, WHERE)
     overrides = GlobalOptimManager.get_instance().overrides()
-    eight_bit = set()
+    quantized, bits = set(), 32
     for saved, current, group in zip(state_dict["param_groups"], optimizer.param_groups, state.param_groups, strict=False):
         group["blocksize"] = current["blocksize"]
+        group["optim_bits"] = current["optim_bits"]  # the blocksize above is this precision's
         for key, param in zip(saved["params"], current["params"], strict=False):
-            if optimizer.uses_eight_bit(param, optimizer.resolved_config(param, current, overrides)):
-                eight_bit.add(key)
+            param_bits = optimizer.state_bits(param, optimizer.resolved_config(param, current, overrides))
+            if param_bits < 32:
+                quantized.add(key)
+                bits = param_bits
     if kind == "adam" and any(g.get("weight_decay", 0) for g in state.param_groups):
         warnings.warn(
             f"{name} applies L2 weight decay (torch.optim.Adam); bitsandbytes' Adam and AdamW decay decoupled. "
@@ -65,13 +68,13 @@ def to_dist8bit(optimizer: Optimizer8bit, state_dict: dict[str, Any]) -> dict[st
             UserWarning,
             stacklevel=3,
         )
-    target = Target("8bit" if eight_bit else "fp32", eight_bit_keys=frozenset(eight_bit))
+    target = Target(PRECISION_NAMES[bits], quantized_keys=frozenset(quantized))
     return materialize(plan_optimizer(state, target, WHERE))
 
 
 def _mismatch(optimizer: Optimizer8bit, kind: str | None, fits: tuple[str, ...]) -> str:
     name = type(optimizer).__name__
-    to = "8bit" if optimizer.defaults["optim_bits"] == 8 else "fp32"
+    to = PRECISION_NAMES[optimizer.defaults["optim_bits"]]
     found = f"this bitsandbytes state dict's layout fits {bnb_format.describe(fits)}"
     offline = f"dist8bit convert SRC DST --to {to} --optimizer KIND (KIND: {', '.join(fits or bnb_format.SUPPORTED_KINDS)})"
     if kind is None:

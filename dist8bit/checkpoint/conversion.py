@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,12 @@ from . import bnb_format, dcp_format, deepspeed_format, loading, optimizers, tor
 from .atomic import atomic_output, check_destination
 from .canonical import OptimizerState
 from .errors import CheckpointError
-from .plan import Plan, Target, passthrough, plan_optimizer
+from .plan import PRECISION_BITS, Plan, Target, passthrough, plan_optimizer
 from .progress import Report, bar, finished
 from .verify import Agreement, compare_buffer, compare_carried, compare_optimizer
 from .writer import save_streaming
 
-TARGETS = ("fp32", "8bit")
+TARGETS = tuple(PRECISION_BITS)  # fp32, 8bit, 4bit
 DEEPSPEED_RANK_KEYS = ("ds_config", "ds_version", "zero_stage", "partition_count")
 
 
@@ -34,21 +34,25 @@ def convert(
     blocksize: int | None = None,
     min_8bit_size: int | None = None,
     keep_fp32: Iterable[Any] = (),
+    shapes: Mapping[Any, tuple[int, ...]] | None = None,
     verify: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Report:
-    """Convert an optimizer checkpoint between 8-bit and fp32 states.
+    """Convert an optimizer checkpoint between 4-bit, 8-bit and fp32 states.
 
     src: a torch.save file holding an optimizer state dict (torch.optim, dist8bit 8/32-bit,
          bitsandbytes 8-bit), alone or inside a training checkpoint (everything else is carried over);
          or a DeepSpeed checkpoint directory (ZeRO 0/1/2/3), written back for `world_size` ranks;
          or a torch.distributed.checkpoint (DCP) directory from FSDP2 (any world size: DCP reshards on load).
-    to: "fp32" (torch names; loads into torch.optim and dist8bit 32-bit optimizers) or "8bit"
-        (dist8bit's 8-bit layout; loads into dist8bit 8-bit optimizers).
+    to: "fp32" (torch names; loads into torch.optim and dist8bit 32-bit optimizers), "8bit" or "4bit"
+        (dist8bit's quantized layout; loads into dist8bit optimizers with that optim_bits).
     optimizer: the optimizer kind (adamw, sgd, ...); needed for bitsandbytes sources, checked otherwise.
-    blocksize: 8-bit block size (default: the source's, else 256); min_8bit_size: smaller parameters
-        stay fp32 (default: the source's setting, else 4096); keep_fp32: parameter indices (names for DeepSpeed) that stay fp32.
+    blocksize: block size (default: the source's at that precision, else 256 for 8-bit, 128 for 4-bit);
+        min_8bit_size: smaller parameters stay fp32 (default: the source's setting, else 4096);
+        keep_fp32: parameter indices (names for DeepSpeed) that stay fp32.
+    shapes: parameter index -> shape, for a torch state dict with 4-bit state whose shapes nothing
+        else says (packed codes are 1-D); DeepSpeed and DCP checkpoints record their shapes.
     verify: re-read the output and check it against the source before moving it into place.
     """
     started = time.perf_counter()
@@ -59,6 +63,8 @@ def convert(
         raise CheckpointError(f"{src}: the source and the destination are the same; write to a new path")
     check_destination(dst, overwrite)
     if src.is_dir():
+        if shapes is not None:
+            raise CheckpointError("shapes applies to torch state dict files; DeepSpeed and DCP checkpoints record their shapes")
         return _convert_directory(src, dst, target, kind, world_size, verify, overwrite, progress, started)
     if world_size is not None:
         raise CheckpointError("--world-size applies to DeepSpeed and DCP checkpoint directories, not to a single file")
@@ -70,17 +76,25 @@ def convert(
     # DeepSpeed without ZeRO keeps the optimizer state dict in its model states file (with DeepSpeed's classes)
     allowed = deepspeed_format.safe_globals() if deepspeed_format.MODEL_PATTERN.fullmatch(src.name) else []
     with torch.serialization.safe_globals(allowed):
-        return _convert_file(src, dst, target, kind, verify, overwrite, progress, started)
+        return _convert_file(src, dst, target, kind, verify, overwrite, progress, started, shapes)
 
 
 def _convert_file(
-    src: Path, dst: Path, target: Target, kind: str | None, verify: bool, overwrite: bool, progress: bool, started: float
+    src: Path,
+    dst: Path,
+    target: Target,
+    kind: str | None,
+    verify: bool,
+    overwrite: bool,
+    progress: bool,
+    started: float,
+    shapes: Mapping[Any, tuple[int, ...]] | None = None,
 ) -> Report:
     source = loading.load(src)
     read = loading.FileReader()
     try:
         read.add(src, source)
-        states = _read_optimizers(source, kind, str(src))
+        states = _read_optimizers(source, kind, str(src), shapes)
         plan = Plan(tree=None, read=read)
         plans = {path: plan_optimizer(state, target, _where(src, path), read) for path, state in states.items()}
         plan.tree = _rebuild(source, (), plans, plan)
@@ -101,7 +115,7 @@ def _convert_file(
         source=src,
         destination=dst,
         source_format=first.source_format if len(states) == 1 else "+".join(s.source_format for s in states.values()),
-        target=f"dist8bit-8bit (blocksize {_blocksizes(plans)})" if target.precision == "8bit" else "fp32 (torch names)",
+        target=f"{target.describe()} (blocksize {_blocksizes(plans)})" if target.quantized else "fp32 (torch names)",
         optimizer=first.optimizer,
         params=sum(len(s.params) for s in states.values()),
         tensors=len(jobs),
@@ -121,7 +135,7 @@ def _target(to: str, blocksize: int | None, min_8bit_size: int | None, keep_fp32
     if min_8bit_size is not None and (not isinstance(min_8bit_size, int) or min_8bit_size < 0):
         raise CheckpointError(f"--min-8bit-size must be a non-negative integer, got {min_8bit_size!r}")
     if to == "fp32" and (blocksize is not None or min_8bit_size is not None or keep_fp32):
-        raise CheckpointError("--blocksize, --min-8bit-size and --keep-fp32 only apply with --to 8bit")
+        raise CheckpointError("--blocksize, --min-8bit-size and --keep-fp32 only apply with --to 8bit or --to 4bit")
     return Target(to, blocksize, min_8bit_size, frozenset(keep_fp32))
 
 
@@ -138,7 +152,9 @@ def find_optimizer_state_dicts(tree: Any, path: tuple = ()) -> list[tuple]:
     return []
 
 
-def _read_optimizers(source: Any, kind: str | None, where: str) -> dict[tuple, OptimizerState]:
+def _read_optimizers(
+    source: Any, kind: str | None, where: str, shapes: Mapping[Any, tuple[int, ...]] | None = None
+) -> dict[tuple, OptimizerState]:
     if isinstance(source, dict) and any(key in source for key in DEEPSPEED_RANK_KEYS) and "optimizer_state_dict" in source:
         raise CheckpointError(
             f"{where} is one rank's file of a DeepSpeed checkpoint; its states are flat ZeRO partitions. Convert the "
@@ -154,9 +170,36 @@ def _read_optimizers(source: Any, kind: str | None, where: str) -> dict[tuple, O
     for path in paths:
         sd = _at(source, path)
         label = _where(Path(where), path)
-        reader = bnb_format.read if bnb_format.is_bnb(sd) else torch_format.read
-        states[path] = reader(sd, kind, label)
+        if bnb_format.is_bnb(sd):
+            states[path] = bnb_format.read(sd, kind, label)
+        else:
+            states[path] = torch_format.read(sd, kind, label, {**_named_shapes(source, sd), **(shapes or {})})
     return states
+
+
+def _named_shapes(source: Any, sd: dict[str, Any]) -> dict[Any, tuple[int, ...]]:
+    """Parameter key -> shape from the groups' `param_names` (optimizers built from named_parameters())
+    and a model state dict in the same checkpoint holding tensors under those names."""
+    names = {
+        key: name
+        for group in sd["param_groups"]
+        if isinstance(group, dict) and isinstance(group.get("param_names"), list)
+        for key, name in zip(group["params"], group["param_names"], strict=False)
+    }
+    if not names:
+        return {}
+    for _, tensors in _tensor_dicts(source):
+        if all(isinstance(tensors.get(name), torch.Tensor) for name in names.values()):
+            return {key: tuple(tensors[name].shape) for key, name in names.items()}
+    return {}
+
+
+def _tensor_dicts(tree: Any, path: tuple = ()) -> Iterable[tuple[tuple, dict]]:
+    if isinstance(tree, dict):
+        if any(isinstance(v, torch.Tensor) for v in tree.values()):
+            yield path, tree
+        for key, value in tree.items():
+            yield from _tensor_dicts(value, (*path, key))
 
 
 def _at(tree: Any, path: tuple) -> Any:
@@ -193,7 +236,8 @@ def _verify(
     agreement = Agreement()
     with bar(total, "verify", progress) as meter:
         for path, state in states.items():
-            converted = torch_format.read(_at(output, path), state.optimizer, _where(src, path))
+            shapes = {key: param.shape for key, param in state.params.items()}
+            converted = torch_format.read(_at(output, path), state.optimizer, _where(src, path), shapes)
             result = compare_optimizer(state, converted, _where(src, path), meter.update, read)
             agreement.add(result.max_error, result.bound_ratio)
         compare_carried(source, output, set(states), meter.update, read)
@@ -261,7 +305,7 @@ def _convert_directory(
         source=src,
         destination=dst,
         source_format=f"{checkpoint.state.source_format}, {checkpoint.world} ranks",
-        target=("dist8bit-8bit" if target.precision == "8bit" else "fp32") + f" DeepSpeed ZeRO, {world} ranks",
+        target=f"{target.describe()} DeepSpeed ZeRO, {world} ranks",
         optimizer=checkpoint.state.optimizer,
         params=len(checkpoint.state.params),
         tensors=len(jobs),

@@ -1,8 +1,9 @@
 """What each optimizer keeps as state, taken from dist8bit's optimizer classes.
 
 The converters need two facts per state buffer: its torch name and whether its
-8-bit map is signed (first moments) or unsigned (second moments, sums). Both
-come from the `StateSpec`s the optimizer classes themselves use, so a
+map is signed (first moments) or unsigned (second moments, sums). Both come
+from the `StateSpec`s the optimizer classes themselves use, and `state_map`
+gives the map the optimizer quantizes that buffer with at 8 or 4 bits, so a
 conversion quantizes exactly as the optimizer's own step would.
 """
 
@@ -13,8 +14,11 @@ from collections.abc import Iterable
 from functools import cache
 from typing import Any
 
+import torch
+
 from .. import optim
 from ..backends.rules import StateSpec
+from ..optim import state as state_layout
 from ..optim.optimizer import TORCH_ONLY_FLAGS
 from .errors import CheckpointError
 
@@ -50,7 +54,7 @@ def _hyper_defaults(kind: str) -> dict[str, Any]:
 def check_kind(kind: str | None) -> str | None:
     if kind is None:
         return None
-    name = kind.lower().removesuffix("8bit").removesuffix("32bit")
+    name = kind.lower().removesuffix("8bit").removesuffix("4bit").removesuffix("32bit")
     if name not in KINDS:
         raise CheckpointError(f"--optimizer {kind!r} is not known; choose one of {', '.join(KINDS)}")
     return name
@@ -85,6 +89,11 @@ def spec_of(name: str, where: str) -> StateSpec:
             "convert this checkpoint with --to fp32 only, or train with an optimizer dist8bit implements"
         )
     return StateSpec(name, signed)
+
+
+def state_map(name: str, bits: int, where: str) -> torch.Tensor:
+    """The map state `name` is quantized with at `bits` (8 or 4), as the optimizers quantize it."""
+    return state_layout.state_map(spec_of(name, where).signed, bits)
 
 
 def infer_kind(state_names: Iterable[str], groups: list[dict[str, Any]]) -> str | None:

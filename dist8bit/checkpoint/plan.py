@@ -8,15 +8,16 @@ output slots.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..optim.optimizer import default_blocksize
 from ..optim.state import ABSMAX_SUFFIX, CODES_SUFFIX, STATE_FORMAT_VERSION
-from ..quant.layout import DEFAULT_BLOCKSIZE, num_blocks
-from ..quant.maps import create_dynamic_map
+from ..quant.layout import num_blocks
+from ..quant.packing import code_bytes
 from . import codec, optimizers
 from .canonical import Buffer, Dense, OptimizerState, ParamState, Quantized
 from .loading import Read, slice_read
@@ -24,19 +25,45 @@ from .writer import Sink, Slot, map_leaves
 
 CHUNK = 1 << 20  # elements per read: 4 MiB of float32, a multiple of every block size
 DEFAULT_MIN_8BIT_SIZE = 4096
+PRECISION_BITS = {"fp32": 32, "8bit": 8, "4bit": 4}  # --to value -> optim_bits
+PRECISION_NAMES = {bits: name for name, bits in PRECISION_BITS.items()}
 
 
 @dataclass(frozen=True)
 class Target:
     """What to convert to; None fields mean "as the source has it, else the default"."""
 
-    precision: str  # "fp32" or "8bit"
+    precision: str  # "fp32", "8bit" or "4bit"
     blocksize: int | None = None
     min_8bit_size: int | None = None
     keep_fp32: frozenset = frozenset()
-    # With "8bit": exactly these parameter keys get 8-bit state, whatever the source had (an
-    # optimizer loading in memory has already decided each parameter's precision).
-    eight_bit_keys: frozenset | None = None
+    # With a quantized precision: exactly these parameter keys get quantized state, whatever the
+    # source had (an optimizer loading in memory has already decided each parameter's precision).
+    quantized_keys: frozenset | None = None
+
+    @property
+    def bits(self) -> int:
+        """optim_bits of the output: 32, 8 or 4."""
+        return PRECISION_BITS[self.precision]
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 32
+
+    def group_blocksize(self, group: dict[str, Any], params: Iterable[ParamState] = ()) -> int:
+        """The output block size of a param group: --blocksize, else the group's own when it was saved
+        at this precision (a 32-bit dist8bit group's is its 8-bit default), else the one block size of its
+        state at this precision, else the precision's default."""
+        if self.blocksize is not None or not self.quantized:
+            return self.blocksize or default_blocksize(self.bits)
+        saved = int(group.get("optim_bits", 8))
+        if "blocksize" in group and (saved == self.bits or (saved == 32 and self.bits == 8)):
+            return int(group["blocksize"])
+        sizes = {b.blocksize for p in params for b in p.buffers.values() if isinstance(b, Quantized) and b.bits == self.bits}
+        return sizes.pop() if len(sizes) == 1 else default_blocksize(self.bits)
+
+    def describe(self) -> str:
+        return {"fp32": "fp32", "8bit": "dist8bit-8bit", "4bit": "dist8bit-4bit"}[self.precision]
 
 
 @dataclass
@@ -56,15 +83,16 @@ class Plan:
 
 
 def read_values(buffer: Buffer, start: int, stop: int, read: Read = slice_read) -> torch.Tensor:
-    """Elements [start, stop) of a buffer's values as float32 (dequantized if 8-bit)."""
+    """Elements [start, stop) of a buffer's values as float32 (dequantized if quantized)."""
     if isinstance(buffer, Dense):
         return read(buffer.values, start, stop).float()
     if isinstance(buffer, Quantized):
-        blocksize = buffer.blocksize
+        blocksize, bits = buffer.blocksize, buffer.bits
         first, last = start // blocksize, num_blocks(stop, blocksize)
-        codes = read(buffer.codes, first * blocksize, min(last * blocksize, buffer.numel))
-        values = codec.dequantize(codes, read(buffer.absmax, first, last), buffer.code, blocksize)
-        return values[start - first * blocksize : stop - first * blocksize]
+        low, high = first * blocksize, min(last * blocksize, buffer.numel)  # low is even: a byte boundary at 4 bits
+        codes = read(buffer.codes, code_bytes(low, bits), code_bytes(high, bits))
+        values = codec.dequantize(codes, read(buffer.absmax, first, last), buffer.code, blocksize, high - low)
+        return values[start - low : stop - low]
     parts = []
     for offset, piece in buffer.pieces:
         low, high = max(start, offset), min(stop, offset + piece.numel)
@@ -74,7 +102,7 @@ def read_values(buffer: Buffer, start: int, stop: int, read: Read = slice_read) 
 
 
 def dense_chunks(buffer: Buffer, on_bytes: Callable[[int], None], read: Read = slice_read) -> Iterator[torch.Tensor]:
-    """float32 chunks of CHUNK elements of a buffer's values (dequantized if 8-bit); reports bytes read."""
+    """float32 chunks of CHUNK elements of a buffer's values (dequantized if quantized); reports bytes read."""
     total = buffer.numel
     for start in range(0, total, CHUNK):
         stop = min(start + CHUNK, total)
@@ -133,71 +161,68 @@ def to_quantized_job(
 
 
 # ----------------------------------------------------------------- optimizer
-def _blocksize_of(group: dict[str, Any], params: list[ParamState], target: Target) -> int:
-    if target.blocksize is not None:
-        return target.blocksize
-    if "blocksize" in group:
-        return int(group["blocksize"])
-    sizes = {b.blocksize for p in params for b in p.buffers.values() if isinstance(b, Quantized)}
-    return sizes.pop() if len(sizes) == 1 else DEFAULT_BLOCKSIZE
-
-
 def output_group(group: dict[str, Any], target: Target, blocksize: int, min_8bit_size: int) -> dict[str, Any]:
     hyper = {k: v for k, v in group.items() if k != "params"}
-    if target.precision == "8bit":
-        hyper |= {"optim_bits": 8, "min_8bit_size": min_8bit_size, "blocksize": blocksize}
+    if target.quantized:
+        hyper |= {"optim_bits": target.bits, "min_8bit_size": min_8bit_size, "blocksize": blocksize}
         hyper["dist8bit_state_version"] = STATE_FORMAT_VERSION
     elif "optim_bits" in hyper:
         hyper["optim_bits"] = 32
     return {**hyper, "params": list(group["params"])}
 
 
+def is_quantized(param: ParamState) -> bool:
+    return any(isinstance(b, Quantized) for b in param.buffers.values())
+
+
 def plan_optimizer(state: OptimizerState, target: Target, where: str, read: Read = slice_read) -> Plan:
-    """Output state dict (torch conventions; dist8bit's 8-bit names for 8-bit) and its jobs."""
-    if target.precision == "8bit" and state.source_format == "torch":
+    """Output state dict (torch conventions; dist8bit's codes/absmax names for quantized state) and its jobs."""
+    if target.quantized and state.source_format == "torch":
         optimizers.check_torch_flags(state.optimizer, state.param_groups, where)
+    source_quantized = any(is_quantized(p) for p in state.params.values())
     group_of = state.group_of()
     members: dict[int, list[ParamState]] = {}
     for key, param in state.params.items():
         members.setdefault(id(group_of[key]), []).append(param)
-    source_has_8bit = any(isinstance(b, Quantized) for p in state.params.values() for b in p.buffers.values())
     plan = Plan(tree=None, read=read)
     groups, layout = [], {}
     for group in state.param_groups:
-        blocksize = _blocksize_of(group, members.get(id(group), []), target)
+        blocksize = target.group_blocksize(group, members.get(id(group), []))
         min_8bit_size = target.min_8bit_size or int(group.get("min_8bit_size", DEFAULT_MIN_8BIT_SIZE))
         groups.append(output_group(group, target, blocksize, min_8bit_size))
         layout[id(group)] = (blocksize, min_8bit_size)
     entries = {}
     for key, param in state.params.items():
         blocksize, min_8bit_size = layout[id(group_of[key])]
-        if target.precision == "fp32":
-            eight_bit = False
-        elif target.eight_bit_keys is not None:
-            eight_bit = key in target.eight_bit_keys
-        elif any(isinstance(b, Quantized) for b in param.buffers.values()):
-            eight_bit = True
-        elif source_has_8bit and target.min_8bit_size is None:
-            eight_bit = False  # the source optimizer chose 32-bit for it (small tensor, or an override)
+        if not target.quantized:
+            quantized = False
+        elif target.quantized_keys is not None:
+            quantized = key in target.quantized_keys
+        elif is_quantized(param):
+            quantized = True
+        elif source_quantized and target.min_8bit_size is None:
+            quantized = False  # the source optimizer chose 32-bit for it (small tensor, or an override)
         else:
-            eight_bit = param.numel >= min_8bit_size and key not in target.keep_fp32
-        entries[key] = _plan_param(plan, param, eight_bit, blocksize, f"{where}: parameter {key!r}")
+            quantized = param.numel >= min_8bit_size and key not in target.keep_fp32
+        bits = target.bits if quantized else 32
+        entries[key] = _plan_param(plan, param, bits, blocksize, f"{where}: parameter {key!r}")
     plan.tree = {"state": entries, "param_groups": groups}
     return plan
 
 
-def _plan_param(plan: Plan, param: ParamState, eight_bit: bool, blocksize: int, where: str) -> dict[str, Any]:
+def _plan_param(plan: Plan, param: ParamState, bits: int, blocksize: int, where: str) -> dict[str, Any]:
     step = Slot((), torch.float32, f"{where}: step")
     # dist8bit needs a step; torch's SGD keeps none. State exists, so at least one step was taken.
     plan.jobs.append(value_job(step.label, torch.tensor(1.0 if param.step is None else param.step, dtype=torch.float32), step))
     entry: dict[str, Any] = {"step": step}
     for name, buffer in param.buffers.items():
         label = f"{where}: {name}"
-        if eight_bit:
-            spec = optimizers.spec_of(name, where)
-            codes = Slot(param.shape, torch.uint8, label + CODES_SUFFIX)
+        if bits < 32:
+            # 8-bit codes are shaped like the parameter; packed 4-bit codes are 1-D
+            shape = param.shape if bits == 8 else (code_bytes(param.numel, bits),)
+            codes = Slot(shape, torch.uint8, label + CODES_SUFFIX)
             absmax = Slot((num_blocks(param.numel, blocksize),), torch.float32, label + ABSMAX_SUFFIX)
-            code = create_dynamic_map(spec.signed)
+            code = optimizers.state_map(name, bits, where)
             plan.jobs.append(to_quantized_job(label, buffer, codes, absmax, blocksize, code, plan.read))
             entry[name + CODES_SUFFIX], entry[name + ABSMAX_SUFFIX] = codes, absmax
         else:
