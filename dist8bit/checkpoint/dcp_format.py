@@ -5,8 +5,14 @@ its global shape and dtype, and where each rank's chunks are) and one
 `__<rank>_0.distcp` file per writing rank. dist8bit's FSDP2 optimizer state is
 there under global shapes: for a parameter of shape S, 8-bit state is
 `<name>_codes` (uint8, S) and `<name>_absmax` (float32, [S[0], row / b]) with b
-the row-aligned block size (dist8bit/optim/sharded.py), 32-bit state is
-`<name>` (S), and `step` a scalar. torch.optim under FSDP2 writes `<name>` (S).
+the row-aligned block size (dist8bit/optim/sharded.py), 4-bit state the same
+but with codes packed two per byte per row ([S[0], row / 2]: rows hold whole
+blocks of even size, so FSDP2's row shards never split a byte), 32-bit state
+is `<name>` (S), and `step` a scalar. torch.optim under FSDP2 writes `<name>` (S).
+The param group's `optim_bits` says 8 or 4. Packed codes do not say S beyond
+its rows and row length: S is taken from a full-precision buffer of the same
+parameter, else from the model's tensor of that name in the same checkpoint,
+else it is [S[0], row] (right for every 2-D parameter).
 
 Because every key has a global shape, conversion needs no process group and
 no knowledge of how many ranks wrote it: each key is loaded whole
@@ -41,8 +47,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 
 from ..optim.sharded import row_aligned_blocksize, row_elems
 from ..optim.state import ABSMAX_SUFFIX, CODES_SUFFIX
-from ..quant.layout import DEFAULT_BLOCKSIZE
-from ..quant.maps import create_dynamic_map
+from ..quant.maps import map_bits
 from . import codec, optimizers
 from .atomic import atomic_output
 from .canonical import Dense, Quantized
@@ -66,10 +71,11 @@ TORCH_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
 # ------------------------------------------------------------- optimizer state
 @dataclass
 class ParamEntry:
-    """One parameter's optimizer state: flat keys of its buffers (8-bit pairs or dense), step and extras."""
+    """One parameter's optimizer state: flat keys of its buffers (quantized pairs or dense), step and extras."""
 
     fqn: str
     shape: tuple[int, ...]
+    bits: int  # of its quantized buffers: 8 or 4 (32 when it has none)
     step: str | None
     quantized: dict[str, tuple[str, str]]  # name -> (codes key, absmax key)
     dense: dict[str, str]  # name -> key
@@ -136,12 +142,13 @@ def _read_optimizer(source: Source, entry: OptimizerEntry, kind: str | None) -> 
     for fqn, names in per_param.items():
         if fqn not in owner:
             raise CheckpointError(f"{where}: the state holds parameter {fqn!r}, which no param group lists")
-        entry.params[fqn] = _read_param(source, fqn, names, known, f"{where}: parameter {fqn!r}")
+        bits = int(owner[fqn].get("optim_bits", 8))
+        entry.params[fqn] = _read_param(source, fqn, names, known, bits if bits in (8, 4) else 8, f"{where}: parameter {fqn!r}")
     state_names = {n for p in entry.params.values() for n in (*p.quantized, *p.dense)}
-    has_codes = any(p.quantized for p in entry.params.values())
+    quantized_bits = sorted({p.bits for p in entry.params.values() if p.quantized}, reverse=True)
     entry.source_format = (
-        "dist8bit-8bit"
-        if has_codes
+        "dist8bit-" + "/".join(f"{b}bit" for b in quantized_bits)
+        if quantized_bits
         else "dist8bit-32bit"
         if any("dist8bit_state_version" in g for g in entry.groups)
         else "torch"
@@ -154,7 +161,7 @@ def _read_optimizer(source: Source, entry: OptimizerEntry, kind: str | None) -> 
             optimizers.check_buffers(kind, owner[fqn], [*param.quantized, *param.dense], f"{where}: parameter {fqn!r}")
 
 
-def _read_param(source: Source, fqn: str, names: dict[str, str], known: set[str], where: str) -> ParamEntry:
+def _read_param(source: Source, fqn: str, names: dict[str, str], known: set[str], bits: int, where: str) -> ParamEntry:
     def tensor_meta(key: str) -> TensorStorageMetadata | None:
         meta = source.entry(key)
         return meta if isinstance(meta, TensorStorageMetadata) else None
@@ -167,7 +174,8 @@ def _read_param(source: Source, fqn: str, names: dict[str, str], known: set[str]
             if absmax is None or tensor_meta(absmax) is None or tensor_meta(key) is None:
                 raise CheckpointError(f"{where}: {name} needs a tensor {base + ABSMAX_SUFFIX} beside it (truncated state?)")
             quantized[base] = (key, absmax)
-            shapes[base] = tuple(tensor_meta(key).size)
+            if bits == 8:
+                shapes[base] = tuple(tensor_meta(key).size)
     for name, key in names.items():
         meta = tensor_meta(key)
         if (
@@ -184,22 +192,41 @@ def _read_param(source: Source, fqn: str, names: dict[str, str], known: set[str]
     if len(set(shapes.values())) > 1:
         raise CheckpointError(f"{where}: state buffers disagree on the parameter's shape: {shapes}")
     shape = next(iter(shapes.values()), ())
+    if quantized and bits == 4 and not shapes:
+        packed = tuple(tensor_meta(next(iter(quantized.values()))[0]).size)
+        shape = _packed_param_shape(source, fqn, packed, where)
     for name, key in list(extras.items()):  # state dist8bit has no 8-bit form for, shaped like the parameter
         meta = tensor_meta(key)
         if meta is not None and meta.properties.dtype.is_floating_point and shape and tuple(meta.size) == shape:
             dense[name] = extras.pop(name)
-    for name, (codes, absmax) in quantized.items():
-        _blocksize_of(source, shape, codes, absmax, f"{where}: {name}")
     step = names.get("step")
+    entry = ParamEntry(fqn, shape, bits if quantized else 32, step, quantized, dense, extras)
+    for name, (codes, absmax) in quantized.items():
+        _blocksize_of(source, entry, codes, absmax, f"{where}: {name}")
     if step is not None and (tensor_meta(step) is not None and math.prod(tensor_meta(step).size) != 1):
         raise CheckpointError(f"{where}: 'step' must be a scalar, got shape {tuple(tensor_meta(step).size)}")
-    return ParamEntry(fqn, shape, step, quantized, dense, extras)
+    return entry
 
 
-def _blocksize_of(source: Source, shape: tuple[int, ...], codes: str, absmax: str, where: str) -> int:
-    """The row-aligned block size of a saved 8-bit buffer: a row's elements / scales per row."""
+def _packed_param_shape(source: Source, fqn: str, packed: tuple[int, ...], where: str) -> tuple[int, ...]:
+    """A 4-bit parameter's shape from its packed codes [rows, row / 2]: the model's tensor of the same
+    name in the checkpoint when it fits (N-D parameters), else [rows, row]."""
+    if len(packed) != 2:
+        raise CheckpointError(f"{where}: 4-bit codes must be [rows, row_elems / 2] bytes, got shape {packed}")
+    rows, row = packed[0], 2 * packed[1]
+    for key, path in source.paths.items():
+        meta = source.entry(key)
+        if (path and path[-1] == fqn) or key.endswith("." + fqn):
+            size = tuple(getattr(meta, "size", ()))
+            if len(size) >= 2 and size[0] == rows and row_elems(torch.Size(size)) == row:
+                return size
+    return (rows, row)
+
+
+def _blocksize_of(source: Source, param: ParamEntry, codes: str, absmax: str, where: str) -> int:
+    """The row-aligned block size of a saved quantized buffer: a row's elements / scales per row."""
     codes_meta, absmax_meta = source.entry(codes), source.entry(absmax)
-    scales = tuple(absmax_meta.size)
+    scales, shape = tuple(absmax_meta.size), param.shape
     if codes_meta.properties.dtype != torch.uint8 or absmax_meta.properties.dtype != torch.float32:
         raise CheckpointError(
             f"{where}: codes must be uint8 and scales float32 (got {codes_meta.properties.dtype}, {absmax_meta.properties.dtype})"
@@ -210,14 +237,25 @@ def _blocksize_of(source: Source, shape: tuple[int, ...], codes: str, absmax: st
             f"{where}: scales of shape {scales} do not fit FSDP2's row-aligned layout for a parameter of shape {shape} "
             "([rows, row_elems / blocksize]); only dist8bit FSDP2 (DTensor) state is read from DCP checkpoints"
         )
+    expected = _codes_shape(shape, param.bits)
+    if tuple(codes_meta.size) != expected:
+        raise CheckpointError(
+            f"{where}: {param.bits}-bit codes of a parameter of shape {shape} are {expected} bytes, the checkpoint has "
+            f"{tuple(codes_meta.size)} (saved at another precision? the param group says optim_bits={param.bits})"
+        )
     return row // scales[1]
+
+
+def _codes_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
+    """Global shape of a DTensor parameter's codes: the parameter's at 8 bits, [rows, row / 2] at 4 (sharded.py)."""
+    return tuple(shape) if bits == 8 else (shape[0], row_elems(torch.Size(shape)) // 2)
 
 
 # ------------------------------------------------------------------------ plan
 def _group_defaults(kind: str | None, precision: str) -> dict[str, Any]:
     """Hyper-parameters the resuming optimizer's own state dict has: DCP loads exactly its keys, so each must exist."""
     dummy = [torch.nn.Parameter(torch.zeros(1))]
-    if precision == "8bit" and kind in optimizers.KINDS:
+    if precision != "fp32" and kind in optimizers.KINDS:
         return dict(optimizers.KINDS[kind](dummy).defaults)
     if precision == "fp32" and kind in TORCH_CLASSES:
         return dict(TORCH_CLASSES[kind](dummy).defaults)
@@ -228,12 +266,13 @@ def _group_defaults(kind: str | None, precision: str) -> dict[str, Any]:
 class Check:
     """What --verify compares for one output entry."""
 
-    key: str  # the output's flat key (codes key for 8-bit)
-    kind: str  # "carried", "fp32" or "8bit"
+    key: str  # the output's flat key (codes key for quantized state)
+    kind: str  # "carried", "fp32" or "quantized"
     values: Callable[[], torch.Tensor] | None = None  # the source values (float32), for converted state
     absmax_key: str = ""
     code: torch.Tensor | None = None
     blocksize: int = 0
+    numel: int = 0
 
 
 @dataclass
@@ -301,40 +340,48 @@ def _carry(source: Source, out: Output, key: str, path: tuple, meter: Callable[[
 
 def _plan_optimizer(source: Source, out: Output, entry: OptimizerEntry, target: Target, meter: Callable[[int], None]) -> None:
     where = f"{source.directory} [{'.'.join(map(str, entry.prefix)) or 'top level'}]"
-    if target.precision == "8bit" and entry.source_format == "torch":
+    if target.quantized and entry.source_format == "torch":
         optimizers.check_torch_flags(entry.kind, entry.groups, where)
     defaults = _group_defaults(entry.kind, target.precision)
     layout: dict[str, tuple[int, int]] = {}
     for index, group in enumerate(entry.groups):
-        blocksize = target.blocksize or int(group.get("blocksize", DEFAULT_BLOCKSIZE))
+        blocksize = target.group_blocksize(group)
         min_8bit_size = target.min_8bit_size or int(group.get("min_8bit_size", DEFAULT_MIN_8BIT_SIZE))
         converted = {**defaults, **output_group(group, target, blocksize, min_8bit_size)}
         for key, value in converted.items():
             out.put((*entry.prefix, "param_groups", index, key), value)
         layout.update({fqn: (blocksize, min_8bit_size) for fqn in group["params"]})
-    source_has_8bit = entry.source_format == "dist8bit-8bit"
+    source_quantized = any(p.quantized for p in entry.params.values())
     for fqn, param in entry.params.items():
         blocksize, min_8bit_size = layout[fqn]
         aligned = row_aligned_blocksize(torch.Size(param.shape), blocksize)
-        if target.precision == "fp32":
-            eight_bit = False
+        if not target.quantized:
+            quantized = False
         elif param.quantized:
-            eight_bit = True
-        elif source_has_8bit and target.min_8bit_size is None:
-            eight_bit = False  # the source optimizer chose 32-bit for it (1-D, small, or an override)
+            quantized = True
+        elif source_quantized and target.min_8bit_size is None:
+            quantized = False  # the source optimizer chose 32-bit for it (1-D, small, or an override)
         else:
-            eight_bit = math.prod(param.shape) >= min_8bit_size and aligned is not None and fqn not in target.keep_fp32
-        if eight_bit and aligned is None:
+            quantized = math.prod(param.shape) >= min_8bit_size and aligned is not None and fqn not in target.keep_fp32
+        if quantized and aligned is None:
             raise CheckpointError(
                 f"{where}: parameter {fqn!r} of shape {param.shape} has no row-aligned block size <= {blocksize}"
             )
-        _plan_param(source, out, entry.prefix, param, aligned if eight_bit else None, f"{where}: parameter {fqn!r}", meter)
+        bits = target.bits if quantized else 32
+        _plan_param(source, out, entry.prefix, param, bits, aligned, f"{where}: parameter {fqn!r}", meter)
 
 
 def _plan_param(
-    source: Source, out: Output, prefix: tuple, param: ParamEntry, blocksize: int | None, where: str, meter: Callable[[int], None]
+    source: Source,
+    out: Output,
+    prefix: tuple,
+    param: ParamEntry,
+    bits: int,
+    blocksize: int | None,
+    where: str,
+    meter: Callable[[int], None],
 ) -> None:
-    """One parameter's state: 8-bit (row-aligned `blocksize`) when blocksize is set, else float32."""
+    """One parameter's state: quantized at `bits` (row-aligned `blocksize`) when bits < 32, else float32."""
     state = (*prefix, "state", param.fqn)
     if param.step is not None:
         _carry(source, out, param.step, (*state, "step"), meter)
@@ -345,21 +392,23 @@ def _plan_param(
     for name in [*param.quantized, *param.dense]:
         values = _values(source, param, name, where)
         nbytes = sum(source.nbytes(k) for k in param.quantized.get(name, (param.dense.get(name),)) if k)
-        if blocksize is None:
+        if bits == 32 or blocksize is None:
             key = out.tensor((*state, name), param.shape, torch.float32, _metered(values, meter, nbytes), nbytes)
             out.checks.append(Check(key, "fp32", values))
             continue
-        code = create_dynamic_map(optimizers.spec_of(name, where).signed)
-        if name in param.quantized and _blocksize_of(source, param.shape, *param.quantized[name], where) == blocksize:
+        code = optimizers.state_map(name, bits, where)
+        same_bits = name in param.quantized and param.bits == bits
+        if same_bits and _blocksize_of(source, param, *param.quantized[name], where) == blocksize:
             codes_key, absmax_key = param.quantized[name]  # already in the target layout: copied as they are
             _carry(source, out, codes_key, (*state, name + CODES_SUFFIX), meter)
             _carry(source, out, absmax_key, (*state, name + ABSMAX_SUFFIX), meter)
             continue
         quantize = _Quantize(_metered(values, meter, nbytes), code, blocksize, param.shape)
         columns = row_elems(torch.Size(param.shape)) // blocksize
-        codes_key = out.tensor((*state, name + CODES_SUFFIX), param.shape, torch.uint8, quantize.codes, nbytes)
+        codes_shape = _codes_shape(param.shape, bits)
+        codes_key = out.tensor((*state, name + CODES_SUFFIX), codes_shape, torch.uint8, quantize.codes, nbytes)
         absmax_key = out.tensor((*state, name + ABSMAX_SUFFIX), (param.shape[0], columns), torch.float32, quantize.absmax, 0)
-        out.checks.append(Check(codes_key, "8bit", values, absmax_key, code, blocksize))
+        out.checks.append(Check(codes_key, "quantized", values, absmax_key, code, blocksize, math.prod(param.shape)))
 
 
 def _metered(values: Callable[[], torch.Tensor], meter: Callable[[int], None], nbytes: int) -> Callable[[], torch.Tensor]:
@@ -372,17 +421,18 @@ def _metered(values: Callable[[], torch.Tensor], meter: Callable[[int], None], n
 
 
 def _values(source: Source, param: ParamEntry, name: str, where: str) -> Callable[[], torch.Tensor]:
-    """The buffer's values as float32 of the parameter's shape (dequantized if 8-bit)."""
+    """The buffer's values as float32 of the parameter's shape (dequantized if quantized)."""
     if name in param.dense:
         key = param.dense[name]
         return lambda: source.tensor(key).float()
     codes_key, absmax_key = param.quantized[name]
-    blocksize = _blocksize_of(source, param.shape, codes_key, absmax_key, where)
-    code = create_dynamic_map(optimizers.spec_of(name, where).signed)
+    blocksize = _blocksize_of(source, param, codes_key, absmax_key, where)
+    code = optimizers.state_map(name, param.bits, where)
+    numel = math.prod(param.shape)
 
     def read() -> torch.Tensor:
         loaded = source.load([codes_key, absmax_key])
-        return codec.dequantize(loaded[codes_key], loaded[absmax_key], code, blocksize).view(param.shape)
+        return codec.dequantize(loaded[codes_key], loaded[absmax_key], code, blocksize, numel).view(param.shape)
 
     return read
 
@@ -402,7 +452,8 @@ class _Quantize:
         # rows are whole blocks, so quantizing the flat tensor gives exactly FSDP2's per-shard blocks
         codes, absmax = codec.quantize_exact(self.values().reshape(-1), self.code, self.blocksize)
         self.scales = absmax.view(self.shape[0], -1)
-        return codes.view(self.shape)
+        # 4-bit: rows hold whole even-sized blocks, so the packed bytes split into rows too
+        return codes.view(self.shape) if map_bits(self.code) == 8 else codes.view(self.shape[0], -1)
 
     def absmax(self) -> torch.Tensor:
         if self.scales is None:
@@ -435,7 +486,7 @@ def verify(source: Source, out: Output, written: Path, progress: bool) -> Agreem
             else:
                 loaded = result.load([check.key, check.absmax_key])
                 written_buffer = Quantized(
-                    loaded[check.key].reshape(-1), loaded[check.absmax_key].reshape(-1), check.blocksize, check.code
+                    loaded[check.key].reshape(-1), loaded[check.absmax_key].reshape(-1), check.blocksize, check.code, check.numel
                 )
             agreement.add(*compare_buffer(expected, written_buffer, check.key, meter.update, _slice))
     if agreement.bound_ratio > 1.0:
@@ -497,7 +548,7 @@ def convert(
         source=src,
         destination=dst,
         source_format=f"{'+'.join(o.source_format for o in found)}, DCP",
-        target=("dist8bit-8bit" if target.precision == "8bit" else "fp32 (torch names)") + f", {resharding}",
+        target=(target.describe() if target.quantized else "fp32 (torch names)") + f", {resharding}",
         optimizer=first.kind,
         params=sum(len(o.params) for o in found),
         tensors=out.tensors,

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO checkpoint directories: read N ranks, write M ranks, fp32 or 8-bit state.
+"""DeepSpeed ZeRO checkpoint directories: read N ranks, write M ranks, fp32, 8-bit or 4-bit state.
 
     <root>/latest                                          the tag of the newest checkpoint
     <root>/<tag>/mp_rank_00_model_states.pt                ZeRO 1/2: weights, param_shapes, dp_world_size, ...
@@ -12,7 +12,11 @@ torch-style flat exp_avg/exp_avg_sq of the flat's size, or dist8bit's packed
 codes/absmax/values with its `segment_table`) and the fp32 master weights
 (`single_partition_of_fp32_groups` without the tail padding, or
 `fp32_flat_groups`). ZeRO 1/2 also keeps `group_paddings` and
-`param_slice_mappings` (name -> numel and start of each piece).
+`param_slice_mappings` (name -> numel and start of each piece). The segment
+table's last column says each piece's precision (32, 8 or 4 bits; 0/1 before
+state format 3): a 4-bit piece's codes are its own ceil(length / 2) packed
+bytes, so a piece of odd length (ZeRO cuts parameters anywhere) ends in a
+half-used byte and the next piece starts on a fresh one.
 
 The reader recomputes the layout from `param_shapes` and checks it against
 every rank's flats, slice mappings and segment tables, so a layout it does not
@@ -31,10 +35,11 @@ from typing import Any
 
 import torch
 
-from ..optim.segments import PackedLayout, Segment, packed_entries, packed_layout, segment_table
+from ..optim.segments import PackedLayout, Segment, packed_entries, packed_layout, segment_table, table_bits
 from ..optim.state import ABSMAX_SUFFIX, CODES_SUFFIX, STATE_FORMAT_VERSION
 from ..quant.layout import num_blocks
-from ..quant.maps import create_dynamic_map
+from ..quant.maps import map_bits
+from ..quant.packing import code_bytes
 from . import codec, loading, optimizers
 from .canonical import Dense, OptimizerState, ParamState, Pieced, Quantized
 from .deepspeed_layout import Flat, Piece, ZeroLayout
@@ -113,7 +118,7 @@ class ZeroCheckpoint:
     layout: ZeroLayout
     state: OptimizerState  # keyed by parameter name; params lists hold names
     master: dict[str, Pieced]  # fp32 master weights
-    eight_bit: dict[str, bool] = field(default_factory=dict)  # the source's precision per parameter
+    bits: dict[str, int] = field(default_factory=dict)  # the source's precision per parameter (32, 8 or 4)
 
     @property
     def world(self) -> int:
@@ -216,7 +221,10 @@ def _assemble(checkpoint: ZeroCheckpoint, kind: str | None, where: str) -> None:
                     steps.setdefault(piece.name, state["step"])
             for piece, name, buffer in _state_pieces(state, flat, base["param_groups"][group], label):
                 buffers.setdefault(piece.name, {}).setdefault(name, []).append((piece.param_offset, buffer))
-                checkpoint.eight_bit[piece.name] = checkpoint.eight_bit.get(piece.name, False) or isinstance(buffer, Quantized)
+                if isinstance(buffer, Quantized):
+                    checkpoint.bits[piece.name] = buffer.bits
+                else:
+                    checkpoint.bits.setdefault(piece.name, 32)
     if len(base_groups) != len(layout.params):
         raise CheckpointError(f"{where}: {len(base_groups)} optimizer param groups but {len(layout.params)} in param_shapes")
     shapes = {name: tuple(shape) for shapes in checkpoint.model["param_shapes"] for name, shape in shapes.items()}
@@ -228,7 +236,8 @@ def _assemble(checkpoint: ZeroCheckpoint, kind: str | None, where: str) -> None:
         params[name] = ParamState(shape, None if step is None else float(step), found, {})
     groups = [{**g, "params": [name for name, _ in layout.params[i]]} for i, g in enumerate(base_groups)]
     names = {n for p in params.values() for n in p.buffers}
-    source = "dist8bit-8bit" if any(checkpoint.eight_bit.values()) else "fp32"
+    quantized = sorted({b for b in checkpoint.bits.values() if b < 32}, reverse=True)
+    source = "dist8bit-" + "/".join(f"{b}bit" for b in quantized) if quantized else "fp32"
     stage = "ZeRO-3" if layout.stage == 3 else "ZeRO 1/2"
     checkpoint.state = OptimizerState(
         f"DeepSpeed {stage} ({source})", kind or optimizers.infer_kind(names, groups), groups, params
@@ -275,10 +284,14 @@ def _state_pieces(state: dict[str, Any], flat: Flat, group: dict[str, Any], labe
     expected = [(p.start, p.length, p.param_offset) for p in flat.pieces]
     if [row[:3] for row in rows] != expected:
         raise CheckpointError(f"{label}: the dist8bit segment_table {rows} does not match the partition layout {expected}")
-    flags = [bool(row[4]) for row in rows]
+    version = _state_version(group, label)
+    try:
+        bits = table_bits(table, version)
+    except ValueError as error:
+        raise CheckpointError(f"{label}: {error}") from None
     blocksize = int(group.get("blocksize", 256))
     segments = [Segment(torch.empty(0), p.start, p.length, p.param_offset, rows[i][3]) for i, p in enumerate(flat.pieces)]
-    layout = packed_layout(segments, flags, blocksize, version=_state_version(group, label))
+    layout = packed_layout(segments, bits, blocksize, version=version)
     names = {k[: -len(CODES_SUFFIX)] for k in state if k.endswith(CODES_SUFFIX)}
     names |= {
         k
@@ -287,13 +300,13 @@ def _state_pieces(state: dict[str, Any], flat: Flat, group: dict[str, Any], labe
     }
     _check_packed_sizes(state, names, layout, label)
     for name in sorted(names):
-        spec = optimizers.spec_of(name, label)
         for index, piece in enumerate(flat.pieces):
             offset = layout.value_offsets[index]
-            if flags[index]:
-                codes = state[name + CODES_SUFFIX].narrow(0, offset, piece.length)
+            if bits[index] < 32:
+                codes = state[name + CODES_SUFFIX].narrow(0, offset, code_bytes(piece.length, bits[index]))
                 absmax = state[name + ABSMAX_SUFFIX].narrow(0, layout.block_offsets[index], num_blocks(piece.length, blocksize))
-                yield piece, name, Quantized(codes, absmax, blocksize, create_dynamic_map(spec.signed))
+                code = optimizers.state_map(name, bits[index], label)
+                yield piece, name, Quantized(codes, absmax, blocksize, code, piece.length)
             else:
                 yield piece, name, Dense(state[name].narrow(0, offset, piece.length))
 
@@ -331,14 +344,14 @@ class OutputFile:
 
 def output_group(group: dict[str, Any], target: Target, blocksize: int, min_8bit_size: int, where: str) -> dict:
     hyper = {k: v for k, v in group.items() if k != "params"}
-    if target.precision == "8bit":
+    if target.quantized:
         if hyper.get("bias_correction", True) is not True:
             raise CheckpointError(
                 f"{where}: a param group has bias_correction=False, which dist8bit's optimizers do not implement"
             )
         hyper = {k: v for k, v in hyper.items() if k not in DEEPSPEED_ADAM_GROUP_KEYS}
         hyper |= {
-            "optim_bits": 8,
+            "optim_bits": target.bits,
             "min_8bit_size": min_8bit_size,
             "blocksize": blocksize,
             "dist8bit_state_version": STATE_FORMAT_VERSION,
@@ -356,15 +369,15 @@ def plan_output(
     """Every file of the output tag directory for `world` ranks (optimizer files, then model states)."""
     layout = ckpt.layout.for_world(world)
     state = ckpt.state
-    if target.precision == "8bit":
+    if target.quantized:
         optimizers.check_torch_flags(state.optimizer, state.param_groups, where)
     hypers, settings = [], []
     for group in state.param_groups:
-        blocksize = target.blocksize or int(group.get("blocksize", 256))
+        blocksize = target.group_blocksize(group)
         min_8bit_size = target.min_8bit_size or int(group.get("min_8bit_size", DEFAULT_MIN_8BIT_SIZE))
         hypers.append(output_group(group, target, blocksize, min_8bit_size, where))
         settings.append((blocksize, min_8bit_size))
-    eight_bit = _precisions(ckpt, layout, target, settings)
+    bits = _precisions(ckpt, layout, target, settings)
     base_key, weights_key = ckpt.keys
     outputs = []
     for rank in range(world):
@@ -376,8 +389,8 @@ def plan_output(
             names = sorted({n for p in flat.pieces for n in ckpt.state.params[p.name].buffers})
             step = next((ckpt.state.params[p.name].step for p in flat.pieces if ckpt.state.params[p.name].step is not None), None)
             if step is not None:
-                if target.precision == "8bit":
-                    states[index] = _packed_entry(ckpt, flat, names, eight_bit, settings[flat.group][0], step, label, jobs, read)
+                if target.quantized:
+                    states[index] = _packed_entry(ckpt, flat, names, bits, settings[flat.group][0], step, label, jobs, read)
                 else:
                     states[index] = _flat_entry(ckpt, flat, names, step, label, jobs, read)
             slot = Slot((flat.size if layout.stage == 3 else flat.used,), torch.float32, f"{label} fp32 weights")
@@ -407,18 +420,20 @@ def plan_output(
     return outputs
 
 
-def _precisions(ckpt: ZeroCheckpoint, layout: ZeroLayout, target: Target, settings: list[tuple[int, int]]) -> dict[str, bool]:
-    """8-bit or not per parameter: as the source has it (8-bit sources), else by size and --keep-fp32."""
-    source_8bit = any(ckpt.eight_bit.values())
+def _precisions(ckpt: ZeroCheckpoint, layout: ZeroLayout, target: Target, settings: list[tuple[int, int]]) -> dict[str, int]:
+    """Bits per parameter: the target's for the parameters the source quantized (quantized sources,
+    32 for the rest), else by size and --keep-fp32."""
+    source_quantized = any(b < 32 for b in ckpt.bits.values())
     result = {}
     for group, entries in enumerate(layout.params):
         for name, numel in entries:
-            if target.precision != "8bit":
-                result[name] = False
-            elif source_8bit and target.min_8bit_size is None:
-                result[name] = ckpt.eight_bit.get(name, False)
+            if not target.quantized:
+                quantized = False
+            elif source_quantized and target.min_8bit_size is None:
+                quantized = ckpt.bits.get(name, 32) < 32
             else:
-                result[name] = numel >= settings[group][1] and name not in target.keep_fp32
+                quantized = numel >= settings[group][1] and name not in target.keep_fp32
+            result[name] = target.bits if quantized else 32
     return result
 
 
@@ -438,30 +453,31 @@ def copy_unchanged(ckpt: ZeroCheckpoint, world: int, out_root: Path, out_tag_dir
 
 def _step_value(step: float, precision: str) -> torch.Tensor | int:
     """dist8bit keeps a float32 tensor; DeepSpeed's Adam implementations count with a Python int."""
-    return torch.tensor(float(step), dtype=torch.float32) if precision == "8bit" else int(step)
+    return torch.tensor(float(step), dtype=torch.float32) if precision != "fp32" else int(step)
 
 
-def _packed_entry(ckpt, flat: Flat, names, eight_bit, blocksize, step, label, jobs, read) -> dict[str, Any]:
-    flags = [eight_bit[p.name] for p in flat.pieces]
+def _packed_entry(ckpt, flat: Flat, names, bits, blocksize, step, label, jobs, read) -> dict[str, Any]:
+    precisions = [bits[p.name] for p in flat.pieces]
     numel = {p.name: ckpt.state.params[p.name].numel for p in flat.pieces}
     segments = [Segment(torch.empty(0), p.start, p.length, p.param_offset, numel[p.name]) for p in flat.pieces]
-    layout = packed_layout(segments, flags, blocksize)
-    entry: dict[str, Any] = {"step": _value_slot(_step_value(step, "8bit"), f"{label} step", jobs)}
+    layout = packed_layout(segments, precisions, blocksize)
+    flags = [b < 32 for b in precisions]
+    entry: dict[str, Any] = {"step": _value_slot(_step_value(step, "quantized"), f"{label} step", jobs)}
     for name in names:
-        code = create_dynamic_map(optimizers.spec_of(name, label).signed)
         sources = [(ckpt.state.params[p.name].buffers[name], p) for p in flat.pieces]
         if layout.codes_numel:
             codes = Slot((layout.codes_numel,), torch.uint8, f"{label} {name}{CODES_SUFFIX}")
             absmax = Slot((layout.blocks,), torch.float32, f"{label} {name}{ABSMAX_SUFFIX}")
             entry[name + CODES_SUFFIX], entry[name + ABSMAX_SUFFIX] = codes, absmax
             quantized = [(b, p, layout.value_offsets[i], layout.block_offsets[i]) for i, (b, p) in enumerate(sources) if flags[i]]
+            code = optimizers.state_map(name, max(b for b in precisions if b < 32), label)  # the target's, for all
             jobs.append(_quantize_job(codes.label, quantized, codes, absmax, blocksize, code, read))
         if layout.values_numel:
             values = Slot((layout.values_numel,), torch.float32, f"{label} {name}")
             entry[name] = values
             dense = [(b, p, layout.value_offsets[i]) for i, (b, p) in enumerate(sources) if not flags[i]]
             jobs.append(_fill_job(values.label, dense, values, read))
-    entry["segment_table"] = _value_slot(segment_table(segments, flags), f"{label} segment_table", jobs)
+    entry["segment_table"] = _value_slot(segment_table(segments, precisions), f"{label} segment_table", jobs)
     return entry
 
 
@@ -504,22 +520,24 @@ def _fill_job(label: str, sources: list[tuple[Pieced, Piece, int]], slot: Slot, 
 def _quantize_job(
     label: str, sources: list[tuple[Pieced, Piece, int, int]], codes: Slot, absmax: Slot, blocksize: int, code, read
 ) -> Job:
-    """8-bit pieces at their (code, scale) offsets, zeros in the padding between them;
+    """Quantized pieces at their (code byte, scale) offsets, zeros in the padding between them;
     a source piece already in this exact place and layout is copied bit for bit."""
+
+    bits = map_bits(code)
 
     def run(sink: Sink) -> None:
         written = [0, 0]  # codes, scales
         for buffer, piece, code_offset, block_offset in sources:
             _pad(sink, codes, code_offset - written[0])
             _pad(sink, absmax, block_offset - written[1])
-            written = [code_offset + piece.length, block_offset + num_blocks(piece.length, blocksize)]
+            written = [code_offset + code_bytes(piece.length, bits), block_offset + num_blocks(piece.length, blocksize)]
             same = _same_piece(buffer, piece, blocksize, code)
             if same is not None:
-                sink.write(codes, read(same.codes, 0, same.numel))
+                sink.write(codes, read(same.codes, 0, same.codes.numel()))
                 sink.write(absmax, read(same.absmax, 0, same.absmax.numel()))
                 sink.progress(same.nbytes())
                 continue
-            for start in range(0, piece.length, CHUNK):  # CHUNK keeps blocks aligned to the piece start
+            for start in range(0, piece.length, CHUNK):  # CHUNK keeps blocks (and bytes) aligned to the piece start
                 stop = min(start + CHUNK, piece.length)
                 values = read_values(buffer, piece.param_offset + start, piece.param_offset + stop, read)
                 chunk_codes, chunk_absmax = codec.quantize_exact(values, code, blocksize)
