@@ -24,7 +24,7 @@ from helpers import tiny_model, train
 from dist8bit.checkpoint import CheckpointError, convert
 from dist8bit.checkpoint.codec import error_bound
 from dist8bit.checkpoint.dcp_io import open_source
-from dist8bit.optim import AdamW8bit
+from dist8bit.optim import AdamW4bit, AdamW8bit
 from dist8bit.quant.maps import create_dynamic_map
 
 STEPS, SAVE_AFTER, LR = 8, 4, 1e-2
@@ -33,7 +33,8 @@ TAG = "step_000004"
 
 def build(optimizer: str):
     model = tiny_model(fsdp=True)
-    opt = AdamW8bit(model.parameters(), lr=LR) if optimizer == "8bit" else torch.optim.AdamW(model.parameters(), lr=LR)
+    classes = {"8bit": AdamW8bit, "4bit": AdamW4bit}
+    opt = classes[optimizer](model.parameters(), lr=LR) if optimizer in classes else torch.optim.AdamW(model.parameters(), lr=LR)
     return model, opt
 
 
@@ -46,10 +47,11 @@ def worker(rank: int, world: int, job: str, directory: str) -> dict:
     model, optimizer = build(precision)
     # the 8-bit run saves in the launcher's layout (key "optimizer"), the 32-bit run as a plain dcp.save
     key = "optimizer" if (precision == "8bit") == (action == "train") else "optim"
+    key = "optim" if precision == "4bit" else key  # trained and resumed from plain dcp.save directories
     if action == "train":
         losses = train(model, optimizer, range(SAVE_AFTER))
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        where = out / "src8" / TAG if precision == "8bit" else out / "src32"
+        where = {"8bit": out / "src8" / TAG, "32bit": out / "src32", "4bit": out / "src4"}[precision]
         dcp.save({"model": model_sd, key: optim_sd}, checkpoint_id=str(where))
         if precision == "8bit" and rank == 0:
             torch.save({"step": SAVE_AFTER}, where / "launch.pt")
@@ -57,7 +59,7 @@ def worker(rank: int, world: int, job: str, directory: str) -> dict:
         dist.barrier()
         result = {"losses": losses + train(model, optimizer, range(SAVE_AFTER, STEPS))}
     else:  # resume from a converted checkpoint, and (control) from its weights with a fresh optimizer state
-        where = out / "to32" / TAG if precision == "32bit" else out / "to8"
+        where = {"32bit": out / "to32" / TAG, "8bit": out / "to8", "4bit": out / "to4"}[precision]
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, key: optim_sd}
         dcp.load(state, checkpoint_id=str(where))
@@ -85,6 +87,55 @@ def runs(tmp_path_factory):
     result["resumed32"] = spawn_gloo(worker, 1, "32bit-resume", str(directory))
     result["resumed8"] = spawn_gloo(worker, 2, "8bit-resume", str(directory))
     return result
+
+
+@pytest.fixture(scope="module")
+def runs4(runs):
+    """AdamW4bit under FSDP2 on 2 ranks (DCP per-rank scales and packed codes), and the fp32 run converted
+    to 4-bit and resumed by AdamW4bit on 2 ranks."""
+    directory = runs["dir"]
+    with pytest.MonkeyPatch.context() as patch:
+        # the checkpoints are under test, not the kernels: the reference backend (their bit-identical
+        # oracle) steps 4-bit states on every machine; the spawned ranks inherit the setting
+        patch.setenv("DIST8BIT_BACKEND", "reference")
+        result = {"4bit": spawn_gloo(worker, 2, "4bit-train", str(directory))}
+        result["to4"] = convert(directory / "src32", directory / "to4", to="4bit", verify=True, progress=False)
+        result["resumed4"] = spawn_gloo(worker, 2, "4bit-resume", str(directory))
+    return {**runs, **result}
+
+
+def test_4bit_dcp_keeps_per_rank_scales_and_packed_rows(runs4):
+    """Codes [rows, row / 2] and scales [rows, row / 128] are DTensors sharded by rows like the parameter:
+    each rank's scales are its own, and 4-bit -> fp32 -> 4-bit gives back the same bytes."""
+    entries = all_entries(runs4["dir"] / "src4")
+    assert entries["optim.param_groups.0.optim_bits"] == 4
+    for name in ("embed.weight", "up.weight", "down.weight"):
+        codes, absmax = entries[f"optim.state.{name}.exp_avg_codes"], entries[f"optim.state.{name}.exp_avg_absmax"]
+        weight = entries[f"model.{name}"]
+        assert codes.shape == (weight.shape[0], weight[0].numel() // 2) and codes.dtype == torch.uint8
+        assert absmax.shape == (weight.shape[0], weight[0].numel() // 128)
+
+
+def test_4bit_dcp_round_trips_and_resumes(runs4, tmp_path):
+    """4-bit -> fp32 -> 4-bit gives back every code and scale; the fp32 run converted to 4-bit resumes in
+    AdamW4bit on 2 ranks within the 4-bit vs fp32 gap of the original curve (measured 1.7e-2 vs 2.7e-2),
+    and well inside where a fresh optimizer state lands (6.4e-2)."""
+    to32 = convert(runs4["dir"] / "src4", tmp_path / "fp32", to="fp32", optimizer="adamw", verify=True, progress=False)
+    assert to32.max_error == 0.0 and "dist8bit-4bit" in to32.source_format
+    convert(tmp_path / "fp32", tmp_path / "back", to="4bit", progress=False)
+    before, after = all_entries(runs4["dir"] / "src4"), all_entries(tmp_path / "back")
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor) and "param_groups" not in key:
+            assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+    assert 0 < runs4["to4"].bound_ratio <= 1.0
+    precision_gap = gap(runs4["4bit"]["losses"][SAVE_AFTER:], runs4["32bit"]["losses"][SAVE_AFTER:])
+    continued = gap(runs4["resumed4"]["losses"], runs4["32bit"]["losses"][SAVE_AFTER:])
+    fresh = gap(runs4["resumed4"]["fresh"], runs4["32bit"]["losses"][SAVE_AFTER:])
+    print(f"resumed4: off by {continued:.2e}; 4-bit vs 32-bit run {precision_gap:.2e}; fresh optimizer state {fresh:.2e}")
+    assert continued <= precision_gap
+    # a lost optimizer state is told apart from the converted one (measured 3.8x; the 4-bit vs fp32 gap
+    # itself is 2.7e-2 at this lr, so the 8-bit test's 5x-the-precision-gap margin does not apply)
+    assert fresh > 3 * continued
 
 
 def gap(a: list[float], b: list[float]) -> float:
