@@ -11,10 +11,11 @@ import torch
 
 from dist8bit.cli import main
 from dist8bit.integrations import zero_partition
-from dist8bit.optim import AdamW8bit, AdamW32bit
+from dist8bit.optim import AdamW4bit, AdamW8bit, AdamW32bit
 from dist8bit.optim.segments import Segment
 from dist8bit.planner import Cluster, Option, plan, preset
 from dist8bit.planner.model_shapes import gpt_shapes
+from dist8bit.planner.report import option_rows
 from dist8bit.planner.state_bytes import STATE_PRECISIONS, StateCounter
 from launch.model import GPT, GPTConfig
 from launch.optimizers import optimizer_state_bytes
@@ -99,9 +100,16 @@ def test_shapes_are_the_models():
     assert shapes == [tuple(p.shape) for p in small_gpt().parameters()]
 
 
-@pytest.mark.parametrize(("optimizer_class", "states"), [(AdamW8bit, "8bit"), (AdamW32bit, "fp32")])
+@pytest.fixture
+def step_anywhere(monkeypatch):
+    """State bytes do not depend on the backend that steps: the reference backend runs
+    every precision (4-bit included) on every machine."""
+    monkeypatch.setenv("DIST8BIT_BACKEND", "reference")
+
+
+@pytest.mark.parametrize(("optimizer_class", "states"), [(AdamW8bit, "8bit"), (AdamW4bit, "4bit"), (AdamW32bit, "fp32")])
 @pytest.mark.parametrize("stable_embedding", [False, True])
-def test_state_bytes_match_measured(optimizer_class, states, stable_embedding):
+def test_state_bytes_match_measured(optimizer_class, states, stable_embedding, step_anywhere):
     """DDP-style (whole tensors): the launcher's 'optimizer state per rank' after one step."""
     model = small_gpt(stable_embedding)
     optimizer = optimizer_class(model.parameter_groups(0.1), lr=1e-3)
@@ -111,13 +119,14 @@ def test_state_bytes_match_measured(optimizer_class, states, stable_embedding):
     assert planned == pytest.approx(measured, rel=STATE_TOLERANCE)
 
 
+@pytest.mark.parametrize(("optimizer_class", "states"), [(AdamW8bit, "8bit"), (AdamW4bit, "4bit")])
 @pytest.mark.parametrize("stable_embedding", [False, True])
-def test_sharded_state_bytes_match_measured(stable_embedding):
-    """ZeRO-1/2 on 2 ranks: each rank's flat partitions stepped by a real AdamW8bit."""
+def test_sharded_state_bytes_match_measured(optimizer_class, states, stable_embedding, step_anywhere):
+    """ZeRO-1/2 on 2 ranks: each rank's flat partitions stepped by a real AdamW8bit / AdamW4bit."""
     model = small_gpt(stable_embedding)
     groups = model.parameter_groups(0.1)
     world = 2
-    counter = StateCounter("adamw", STATE_PRECISIONS["8bit"], planned_shapes(stable_embedding))
+    counter = StateCounter("adamw", STATE_PRECISIONS[states], planned_shapes(stable_embedding))
     for rank in range(world):
         flats = []
         optimizer = None
@@ -128,7 +137,7 @@ def test_sharded_state_bytes_match_measured(stable_embedding):
             flat.grad = torch.randn(flat.shape, generator=torch.Generator().manual_seed(rank))
             segments = [Segment(params[s.index], s.start, s.length, s.param_offset, params[s.index].numel()) for s in spans]
             flats.append((flat, segments))
-        optimizer = AdamW8bit([f for f, _ in flats], lr=1e-3)
+        optimizer = optimizer_class([f for f, _ in flats], lr=1e-3)
         for flat, segments in flats:
             optimizer.set_segments(flat, segments)
         optimizer.step()
@@ -152,9 +161,45 @@ def test_cli_zero3_llama7b_agrees_with_formula(capsys):
     assert total_gib == pytest.approx(expected, abs=0.005 + 1e-3 * expected)
 
 
-def test_cli_refuses_4bit_and_reads_params(capsys):
-    assert main(["plan", "--params", "1e9", "--optim", "adamw4bit"]) == 1
-    assert "issue 15" in capsys.readouterr().err
+def adamw_4bit_state_bytes(numel: int, min_quantized_size: int = 4096) -> int:
+    """docs/planner.md, AdamW4bit state of one tensor of n elements: 2 slots x (ceil(n / 2) code bytes +
+    4 x ceil(n / 128) scale bytes), or 2 x 4 B per element below min_8bit_size."""
+    if numel < min_quantized_size:
+        return 2 * 4 * numel
+    return 2 * (math.ceil(numel / 2) + 4 * math.ceil(numel / 128))
+
+
+def test_4bit_state_bytes_follow_the_documented_formula():
+    """Whole tensors (odd sizes, partial blocks, tensors below min_8bit_size) against the formula."""
+    model = preset("gpt2-124m")
+    planned = StateCounter("adamw", STATE_PRECISIONS["4bit"], model).per_rank("whole", 1)
+    assert planned == sum(adamw_4bit_state_bytes(t.numel) for t in model.tensors)
+    assert planned / model.num_params <= 1.1  # issue 15's memory bar on GPT-2 124M's shapes
+    odd = gpt_shapes("odd", 1, 65, 101, context=33)
+    assert StateCounter("adamw", STATE_PRECISIONS["4bit"], odd).per_rank("whole", 1) == sum(
+        adamw_4bit_state_bytes(t.numel) for t in odd.tensors
+    )
+
+
+def documented_zero3_4bit_bytes(model, gpus: int) -> float:
+    """docs/planner.md, ZeRO-3 bf16 AdamW4bit without offload: as for 8-bit with 2 x (1/2 + 4/128) state bytes."""
+    per_rank = math.ceil(model.num_params / gpus)
+    return (2 + 2 + 4 + 4 + 2 * (1 / 2 + 4 / 128)) * per_rank + 4 * model.largest_module_params
+
+
+def test_cli_4bit_agrees_with_formula_and_fits_more(capsys):
+    assert main(["plan", "--model", "llama-7b", "--gpus", "8", "--strategy", "zero3", "--optim", "adamw4bit"]) == 0
+    out = capsys.readouterr().out
+    total_gib = float(re.search(r"^total\s+([0-9.]+)", out, re.M).group(1))
+    expected = documented_zero3_4bit_bytes(preset("llama-7b"), 8) / 2**30
+    assert total_gib == pytest.approx(expected, abs=0.005 + 1e-3 * expected)
+    assert re.search(r"^\|?\s*zero3\s*\|?\s*4bit\s", out, re.M), "the options table has 4-bit rows"
+    rows = option_rows(preset("llama-7b"), Cluster(8), Option("zero3", states="4bit"), 80 * 2**30, None)
+    largest = {r["states"]: r["largest"] for r in rows if r["strategy"] == "zero3" and r["offload"] == "none"}
+    assert largest["4bit"] > largest["8bit"] > largest["fp32"]
+
+
+def test_cli_reads_params(capsys):
     assert main(["plan", "--params", "1e9", "--gpus", "2", "--strategy", "ddp", "--optim", "adamw32bit"]) == 0
     # ddp bf16 fp32-state AdamW: 2 + 2 + 4 + 8 = 16 B per parameter on every GPU
     per_param = float(re.search(r"^total\s+[0-9.]+\s+([0-9.]+)", capsys.readouterr().out, re.M).group(1))

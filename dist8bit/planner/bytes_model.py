@@ -7,7 +7,7 @@ sharded component, ~P/N plus partition padding):
     params      2 B (16-bit working weights)      4 B
     grads       2 B (+ 4 B fp32 partition, ZeRO)  4 B
     master      4 B fp32                          -- (the params are the master)
-    states      counted exactly (state_bytes.py): AdamW 8 B fp32, ~2.03 B 8-bit
+    states      counted exactly (state_bytes.py): AdamW 8 B fp32, ~2.03 B 8-bit, ~1.03 B 4-bit
     gathered    (params + grads bytes) x the largest module, ZeRO-3 / FSDP2 only
 
 A strategy divides some components by N (`Strategy.shards`). Optimizer offload
@@ -135,7 +135,7 @@ def _state_bytes(model: ModelShape, optimizer: str, states: str, layout: str, wo
 def plan(model: ModelShape, cluster: Cluster, option: Option) -> Plan:
     """Per-GPU and per-host bytes of `option` training `model` on `cluster`.
 
-    Raises ValueError for an option that does not exist yet (4-bit states)."""
+    Raises ValueError for a state precision the optimizers do not offer (StatePrecision.available)."""
     strategy = STRATEGIES[option.strategy]
     if not option.precision.available:
         raise ValueError(option.precision.note)

@@ -1,13 +1,16 @@
 """Optimizer-state bytes per rank, counted with the optimizer's own layout code.
 
 No bytes-per-parameter constant is restated here: a real dist8bit optimizer
-decides each tensor's precision (`uses_eight_bit`: optim_bits, min_8bit_size,
+decides each tensor's precision (`state_bits`: optim_bits, min_8bit_size,
 overrides such as StableEmbedding's 32-bit state) and the state is allocated on
 the meta device by the same functions a step uses (`state.allocate` for whole
 tensors, `segments.packed_layout` + `state.allocate_packed` for ZeRO's flat
 partitions, `sharded.row_aligned_blocksize` for FSDP2's row-sharded DTensors),
 then summed by `state.state_bytes`, the count behind `optimizer.state_bytes()`.
 Partition arithmetic comes from `integrations.zero_partition` (DeepSpeed's rules).
+For 4-bit states that gives, per quantized tensor of n elements and per slot,
+ceil(n / 2) code bytes + 4 * ceil(n / 128) scale bytes (AdamW: two slots,
+~1.03 B/param), and 4 B per element per slot below min_8bit_size.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class StatePrecision:
 STATE_PRECISIONS = {
     "fp32": StatePrecision("fp32", 32),
     "8bit": StatePrecision("8bit", 8),
-    "4bit": StatePrecision("4bit", 4, available=False, note="4-bit states are not yet available (issue 15)"),
+    "4bit": StatePrecision("4bit", 4),
 }
 SUFFIX = {"fp32": "32bit", "8bit": "8bit", "4bit": "4bit"}
 
@@ -69,7 +72,7 @@ def parse_optimizer(name: str) -> tuple[str, StatePrecision]:
             return key[: -len(suffix)], STATE_PRECISIONS[precision]
     if key in FAMILIES:
         return key, STATE_PRECISIONS["fp32"]
-    names = ", ".join(f"{f}{s}" for f in FAMILIES for s in ("8bit", "32bit"))
+    names = ", ".join(f"{f}{s}" for f in FAMILIES for s in ("8bit", "4bit", "32bit"))
     raise ValueError(f"unknown optimizer {name!r}; choose one of {names} (or a family name for fp32 states)")
 
 
@@ -92,8 +95,9 @@ class StateCounter:
             return {**self.group, "optim_bits": 32}
         return self.group
 
-    def eight_bit(self, tensor: Tensor) -> bool:
-        return self.optimizer.uses_eight_bit(torch.empty(tensor.shape, device=META), self.config(tensor))
+    def bits(self, tensor: Tensor) -> int:
+        """The tensor's state precision (32, 8 or 4) as the optimizer decides it for an unsharded tensor."""
+        return self.optimizer.state_bits(torch.empty(tensor.shape, device=META), self.config(tensor))
 
     # ------------------------------------------------------------ layouts
     def whole(self) -> int:
@@ -101,7 +105,7 @@ class StateCounter:
         total = 0
         for tensor in self.model.tensors:
             param = torch.empty(tensor.shape, device=META)
-            state = state_layout.allocate(param, self.specs, self.eight_bit(tensor), self.group["blocksize"], self.initial)
+            state = state_layout.allocate(param, self.specs, self.bits(tensor), self.group["blocksize"], self.initial)
             total += state_layout.state_bytes(state)
         return total
 
@@ -111,7 +115,7 @@ class StateCounter:
             return 0
         source = torch.empty(0, device=META)
         segments = [Segment(source, s.start, s.length, s.param_offset, t.numel) for t, s in pieces]
-        layout = packed_layout(segments, [self.eight_bit(t) for t, _ in pieces], self.group["blocksize"])
+        layout = packed_layout(segments, [self.bits(t) for t, _ in pieces], self.group["blocksize"])
         state = state_layout.allocate_packed(
             META, self.specs, layout.codes_numel, layout.blocks, layout.values_numel, self.initial
         )
@@ -137,7 +141,7 @@ class StateCounter:
         return total
 
     def fsdp2(self, world: int, rank: int) -> int:
-        """Row-sharded DTensors: 8-bit only where a power-of-two block divides a row (1-D tensors keep 32-bit)."""
+        """Row-sharded DTensors: quantized only where a power-of-two block divides a row (1-D tensors keep 32-bit)."""
         total = 0
         for tensor in self.model.tensors:
             rows = local_rows(tensor.shape, world, rank)
@@ -145,9 +149,10 @@ class StateCounter:
                 continue
             config = self.config(tensor)
             blocksize = row_aligned_blocksize(torch.Size(tensor.shape), config["blocksize"])
-            eight_bit = config["optim_bits"] == 8 and tensor.numel >= config["min_8bit_size"] and blocksize is not None
+            quantized = config["optim_bits"] < 32 and tensor.numel >= config["min_8bit_size"] and blocksize is not None
             local = torch.empty((rows, *tensor.shape[1:]), device=META)
-            state = state_layout.allocate(local, self.specs, eight_bit, blocksize or config["blocksize"], self.initial)
+            bits = config["optim_bits"] if quantized else 32
+            state = state_layout.allocate(local, self.specs, bits, blocksize or config["blocksize"], self.initial)
             total += state_layout.state_bytes(state)
         return total
 
