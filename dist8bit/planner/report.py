@@ -96,8 +96,9 @@ def options_table(rows: list[dict]) -> str:
         "GiB/host",
         "fits",
         "largest model (B params)",
-        "note",
     ]
+    if any("note" in row for row in rows):  # a precision not offered, with the reason
+        columns.append("note")
     return format_table(rows, columns)
 
 
