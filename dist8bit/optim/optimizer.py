@@ -338,7 +338,7 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def segment_states(
         self, flat: torch.Tensor, source: torch.Tensor | None = None
-    ) -> list[tuple[Segment, bool, dict[str, torch.Tensor]]]:
+    ) -> list[tuple[Segment, int, dict[str, torch.Tensor]]]:
         """Each segment of a flat buffer (only `source`'s, when given), its state's
         bits (32, 8 or 4), and its state as float32 values.
 
@@ -492,6 +492,9 @@ class Optimizer8bit(torch.optim.Optimizer):
             return []
         bits = state_layout.stored_bits(state, specs, local_param.shape, self.state_bits(param, config))
         names = [name for spec in specs for name in state_layout.expected_entries(spec, bits)]
+        blocksize = config["blocksize"]
+        if is_quantized(bits):
+            blocksize = self._state_blocksize(param, config) or blocksize
         target = local_param
         updated = local_param if local_param.is_contiguous() else local_param.contiguous()
         return [
@@ -504,9 +507,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 config=config,
                 specs=specs,
                 bits=bits,
-                blocksize=(self._state_blocksize(param, config) or config["blocksize"])
-                if is_quantized(bits)
-                else config["blocksize"],
+                blocksize=blocksize,
                 step=step,
                 rounding_offset=self._param_uid.get(param, 0) * SEGMENT_STRIDE,
             )
