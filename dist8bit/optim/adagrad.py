@@ -13,7 +13,7 @@ SUM = (StateSpec("sum", signed=False),)
 
 
 class Adagrad(Optimizer8bit):
-    """Adagrad; the squared-gradient sum goes 8-bit (unsigned map).
+    """Adagrad; the squared-gradient sum goes 8-bit (unsigned dynamic map) or 4-bit (linear map without zero).
 
         g <- g + weight_decay * p
         sum <- sum + g * g

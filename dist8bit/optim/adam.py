@@ -27,6 +27,8 @@ class Adam(Optimizer8bit):
     csrc/common/update_rules.h, and in plain PyTorch
     dist8bit/backends/reference_optim.py (_adam). First moment: signed dynamic
     map; second moment: unsigned dynamic map; both block-wise (blocksize 256).
+    optim_bits=4 (Li, Chen, Zhu 2023): the signed 4-bit dynamic map for the first
+    moment, the 4-bit linear map without zero for the second, blocksize 128.
     Parameters smaller than min_8bit_size elements keep 32-bit state.
     """
 

@@ -1,4 +1,4 @@
-"""X8bit / X32bit / PagedX classes: the same optimizer with some settings fixed.
+"""X8bit / X4bit / X32bit / PagedX classes: the same optimizer with some settings fixed.
 
 Each variant is a plain class statement that names its fixed settings as
 class keywords, `class AdamW8bit(FixedSettings, AdamW, optim_bits=8)`, so
