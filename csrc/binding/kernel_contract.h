@@ -257,7 +257,6 @@ struct FusedStepCall {
   // 8 or 4 (uint8 codes, 4-bit ones packed two per byte, with float32 absmax
   // per block), from the size of the slots' maps.
   int state_bits;
-  bool eight_bit;                          // state_bits == 8 (until the CUDA binding reads state_bits)
   std::array<Codebook, kMaxStates> books;  // quantized: slot i's codebook
   const at::Tensor* grad_scale;            // nullptr when absent
   const at::Tensor* update_scale;
@@ -343,7 +342,6 @@ inline void check_fused_extras(const ArgChecks& checks, const FusedStepTensors& 
     }
     call->state_bits = call->books[0].bits;
   }
-  call->eight_bit = call->state_bits == 8;
   const int64_t segments = call->num_segments;
   call->grad_scale = checks.optional(t.grad_scale, "grad_scale", at::kFloat, segments);
   call->update_scale = checks.optional(t.update_scale, "update_scale", at::kFloat, segments);

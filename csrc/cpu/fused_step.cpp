@@ -383,7 +383,9 @@ class UnitAvx512 {
       scale_[k] = kQuant ? seg.absmax[k][block_] : 0.0f;
       absmax_[k] = _mm512_setzero_si512();
       // 4-bit: code[c] * scale for the 16 codes, the same float32 products as per element.
-      if (kQuant && call.four_bit) scaled_code_[k] = _mm512_mul_ps(call.slot[k].nibble->code, _mm512_set1_ps(scale_[k]));
+      if (kQuant && call.four_bit) {
+        scaled_code_[k] = _mm512_mul_ps(call.slot[k].nibble->code, _mm512_set1_ps(scale_[k]));
+      }
     }
   }
 
@@ -420,7 +422,8 @@ class UnitAvx512 {
       prefetch_range(param_ + i + kPrefetchAhead, kGroup * static_cast<int64_t>(sizeof(P)));
       for (int k = 0; k < NS; ++k) {
         if (kQuant) {
-          prefetch_range(codes_at(seg_.state[k], call_.four_bit, at + kPrefetchAhead), call_.four_bit ? kGroup / 2 : kGroup);
+          prefetch_range(codes_at(seg_.state[k], call_.four_bit, at + kPrefetchAhead),
+                         call_.four_bit ? kGroup / 2 : kGroup);
         } else {
           prefetch_range(static_cast<const float*>(seg_.state[k]) + at + kPrefetchAhead, kGroup * 4);
         }
