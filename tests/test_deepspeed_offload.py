@@ -87,11 +87,11 @@ def test_override_keeps_32bit_state_under_offload_and_after_resume(offload):
         assert result["offload"], phase
         precision = {}
         for rank_pieces in result["pieces"]:
-            for param, _, _, eight_bit in rank_pieces:
-                precision.setdefault(param, set()).add(eight_bit)
-        assert precision["fc1.weight"] == {False}, phase  # 8-bit by size, 32-bit by the override
-        assert precision["fc2.weight"] == {True}, phase  # control: no override, still 8-bit
-        assert precision["emb.weight"] == {False}, phase  # StableEmbedding's own override
+            for param, _, _, bits in rank_pieces:
+                precision.setdefault(param, set()).add(bits)
+        assert precision["fc1.weight"] == {32}, phase  # 8-bit by size, 32-bit by the override
+        assert precision["fc2.weight"] == {8}, phase  # control: no override, still 8-bit
+        assert precision["emb.weight"] == {32}, phase  # StableEmbedding's own override
 
 
 @pytest.mark.parametrize("kind", ["object", "class"])

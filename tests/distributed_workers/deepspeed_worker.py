@@ -28,6 +28,7 @@ import dist8bit  # registers with DeepSpeed (already imported: at once)
 import dist8bit.deepspeed
 from dist8bit.integrations.deepspeed import get_full_optimizer_state
 from dist8bit.nn import StableEmbedding
+from dist8bit.optim import state as state_layout
 
 # DeepSpeed's shared-memory all-reduce for CPU is a speed-up of its own collectives
 # (a C++ op built on first use, ~1 minute): irrelevant to what is tested here.
@@ -49,6 +50,7 @@ CASES = [
     ("z1_bf16_fp32acc", 1, True, {}, {"data_types": {"grad_accum_dtype": "fp32"}}, "AdamW8bit"),
     ("z3_bf16", 3, True, {"sub_group_size": 8000}, {}, "AdamW8bit"),
     ("z0_bf16", 0, True, {}, {}, "AdamW8bit"),
+    ("z2_4bit", 2, False, {}, {}, "AdamW4bit"),  # 4-bit segments cut at the same partition boundaries
 ]
 REFERENCE_ONLY = [("z0_32bit", 0, False, {}, {}, "AdamW32bit")]  # measures the 8-bit vs 32-bit gap
 
@@ -148,9 +150,9 @@ class Zero3Visible:
             self.zero._clear_fp32_optimizer_param_groups()
 
 
-def pieces(engine, model, stage: int) -> list[list[tuple[str, int, int, bool]]]:
-    """Per rank: (parameter name, first element, length, 8-bit?) of every piece of
-    optimizer state the rank holds (a whole parameter without ZeRO)."""
+def pieces(engine, model, stage: int) -> list[list[tuple[str, int, int, int]]]:
+    """Per rank: (parameter name, first element, length, bits of its state: 32, 8 or 4) of every
+    piece of optimizer state the rank holds (a whole parameter without ZeRO)."""
     names = {id(p): n for n, p in model.named_parameters()}
     local = []
     optimizer = engine.basic_optimizer
@@ -162,13 +164,15 @@ def pieces(engine, model, stage: int) -> list[list[tuple[str, int, int, bool]]]:
             ]
         else:
             pairs = [(p, p) for p in holders(engine)]
+        specs = optimizer.state_specs(optimizer.defaults)
         for param, holder in pairs:
-            local.append((names[id(param)], 0, param.numel(), "exp_avg_codes" in optimizer.state[holder]))
+            bits = state_layout.stored_bits(optimizer.state[holder], specs, holder.shape, 32)
+            local.append((names[id(param)], 0, param.numel(), bits))
     else:
         with Zero3Visible(engine):
             for flat in holders(engine):
-                for segment, eight_bit, _ in optimizer.segment_states(flat):
-                    local.append((names[id(segment.source)], segment.param_offset, segment.length, eight_bit))
+                for segment, bits, _ in optimizer.segment_states(flat):
+                    local.append((names[id(segment.source)], segment.param_offset, segment.length, bits))
     gathered = [None] * world()
     torch.distributed.all_gather_object(gathered, local)
     return gathered
@@ -331,7 +335,7 @@ def main() -> None:
             results["client_optimizer_pieces"] = client_optimizer_pieces()
     elif phase == "precision":
         results["precision"] = {}
-        for case in (c for c in CASES if c[0] in ("z2", "z3")):
+        for case in (c for c in CASES if c[0] in ("z2", "z3", "z2_4bit")):
             model, engine, _ = build(config(*case[1:]))
             train(engine, batches(), range(1))
             results["precision"][case[0]] = pieces(engine, model, case[1])
