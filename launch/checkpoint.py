@@ -129,7 +129,7 @@ def check_resumable(
     if optimizer_family(meta["optim"]) != optimizer_family(optim):
         raise LaunchError(f"{directory} was trained with optimizer {meta['optim']}; resume with the same --optim")
     # The same optimizer at another state precision resumes once the checkpoint was
-    # converted (dist8bit convert --to 8bit|fp32); the optimizer refuses unconverted state.
+    # converted (dist8bit convert --to 4bit|8bit|fp32); the optimizer refuses unconverted state.
     saved_config = meta["model_config"]
     if saved_config != model_config:
         differences = {k: (saved_config.get(k), v) for k, v in model_config.items() if saved_config.get(k) != v}

@@ -25,8 +25,10 @@ class LaunchError(Exception):
 # (the Lion paper's advice: lr 3-10x smaller, lr * wd kept the same). Lion's lr
 # was picked from 4e-4 / 1e-3 on 150 steps of the default model.
 OPTIMIZERS: dict[str, tuple[Any, float, float]] = {
+    "adamw4bit": (dist8bit.optim.AdamW4bit, 2e-3, 0.1),
     "adamw8bit": (dist8bit.optim.AdamW8bit, 2e-3, 0.1),
     "adamw32bit": (dist8bit.optim.AdamW32bit, 2e-3, 0.1),
+    "lion4bit": (dist8bit.optim.Lion4bit, 1e-3, 0.2),
     "lion8bit": (dist8bit.optim.Lion8bit, 1e-3, 0.2),
     "lion32bit": (dist8bit.optim.Lion32bit, 1e-3, 0.2),
     "torch-adamw": (torch.optim.AdamW, 2e-3, 0.1),
@@ -35,8 +37,10 @@ OPTIMIZERS: dict[str, tuple[Any, float, float]] = {
 # --optim -> the DeepSpeed config's "optimizer.type" (registered by `import dist8bit`).
 # torch-adamw has no entry: DeepSpeed's own "AdamW" is its fused/CPU Adam, not torch's.
 DEEPSPEED_TYPES: dict[str, str] = {
+    "adamw4bit": "AdamW4bit",
     "adamw8bit": "AdamW8bit",
     "adamw32bit": "AdamW32bit",
+    "lion4bit": "Lion4bit",
     "lion8bit": "Lion8bit",
     "lion32bit": "Lion32bit",
 }
@@ -52,8 +56,8 @@ def register_optimizer(name: str, constructor: Any, lr: float, weight_decay: flo
 
 
 def optimizer_family(name: str) -> str:
-    """adamw8bit, adamw32bit and torch-adamw are one algorithm at different state precisions."""
-    return name.removeprefix("torch-").removesuffix("8bit").removesuffix("32bit")
+    """adamw4bit, adamw8bit, adamw32bit and torch-adamw are one algorithm at different state precisions."""
+    return name.removeprefix("torch-").removesuffix("4bit").removesuffix("8bit").removesuffix("32bit")
 
 
 def build_optimizer(name: str, groups: list[dict], args: argparse.Namespace) -> torch.optim.Optimizer:

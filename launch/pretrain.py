@@ -1,4 +1,4 @@
-"""Pretrain a small character-level GPT with dist8bit's 8-bit (or 32-bit) optimizers.
+"""Pretrain a small character-level GPT with dist8bit's 8-bit (or 4-bit, or 32-bit) optimizers.
 
 One process:
     python launch/pretrain.py --optim adamw8bit

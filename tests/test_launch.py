@@ -364,6 +364,18 @@ def test_a_32bit_run_continues_in_8bit_after_conversion(tmp_path, data_dir, run_
     assert metrics["optimizer"] == "AdamW8bit" and metrics["resumed_from"]["step"] == 6
 
 
+def test_a_4bit_run_holds_less_state_than_8bit_and_resumes(tmp_path, data_dir, run_env, single_run):
+    """--optim adamw4bit trains, checkpoints and resumes; its state is below adamw8bit's on the same model
+    (parameters under min_8bit_size keep 32-bit state in both)."""
+    _run(tmp_path, data_dir, run_env, "--steps", "6", "--optim", "adamw4bit")
+    _run(tmp_path, data_dir, run_env, "--steps", "8", "--optim", "adamw4bit", "--resume")
+    metrics, eight = _metrics(tmp_path), _metrics(single_run)
+    assert metrics["optimizer"] == "AdamW4bit" and metrics["resumed_from"]["step"] == 6
+    assert all(math.isfinite(e["loss"]) for e in metrics["train"]) and len(metrics["train"]) == 8
+    assert metrics["parameters"] == eight["parameters"]
+    assert metrics["summary"]["state_bytes"] < eight["summary"]["state_bytes"]
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data_dir, run_env):
     result = _pretrain([*TINY, "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--steps", "2", "--resume"], run_env)
     assert result.returncode == 1 and "no checkpoint under" in result.stderr
@@ -616,7 +628,7 @@ def _fake_metrics(final: float, strategy: str = "fsdp") -> dict:
         "strategy": strategy,
         "train": [{"step": s, "loss": 4.0 - s * (4.0 - final) / 20} for s in range(1, 21)],
         "val": [{"step": 0, "loss": 4.0}, {"step": 20, "loss": final}],
-        "summary": {"state_bytes": 2**20, "tokens_per_s": 1000.0},
+        "summary": {"steps": 20, "state_bytes": 2**20, "tokens_per_s": 1000.0},
     }
 
 
@@ -640,7 +652,7 @@ def test_compare_plots_and_summarises(tmp_path, capsys):
     assert command[command.index("--steps") + 1] == "7" and command[command.index("--strategy") + 1] == "deepspeed"
 
 
-def test_compare_three_optimizers_over_seeds(tmp_path, capsys):
+def test_compare_three_optimizers_over_seeds(tmp_path, capsys, monkeypatch):
     """N optimizers x several seeds: OUT_DIR/<optim>/seed-<seed>/, means and sample std over the seeds,
     every optimizer against the last one."""
     from launch import compare
@@ -660,6 +672,11 @@ def test_compare_three_optimizers_over_seeds(tmp_path, capsys):
     assert "adamw32bit" not in summary["relative_difference"]
     out = capsys.readouterr().out
     assert "val +2.00%" in out and "val +1.00%" in out and "baseline" in out
+    monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
+    assert compare.main([*argv[1:], "--steps", "20", "--skip-finished"]) == 0  # every run reached 20 steps: none runs
+    (tmp_path / "adamw8bit" / "seed-2" / "metrics.json").write_text(json.dumps({"train": [], "val": []}))  # unfinished
+    with pytest.raises(pytest.fail.Exception, match="adamw8bit"):
+        compare.main([*argv[1:], "--steps", "20", "--skip-finished"])
     args, extra = compare.parse_args([*argv[1:], "--nproc", "1"])
     assert compare.pretrain_command(args, "adamw4bit", extra, 2)[-2:] == ["--out-dir", str(tmp_path / "adamw4bit" / "seed-2")]
     for bad in (["--optims", "adamw8bit"], ["--optims", "adamw8bit,adamw8bit"], ["--seeds", "1,1"]):
