@@ -315,10 +315,6 @@ class Optimizer8bit(torch.optim.Optimizer):
             return 32
         return bits
 
-    def uses_eight_bit(self, param: torch.Tensor, config: dict[str, Any]) -> bool:
-        """Whether this parameter's state is 8-bit (kept for callers that know only 8/32: see state_bits)."""
-        return self.state_bits(param, config) == 8
-
     # ------------------------------------------------------------- segments
     def set_segments(self, flat: torch.Tensor, segments: Sequence[Segment]) -> None:
         """Declare which parameter each element range of a flat buffer belongs to.
