@@ -31,7 +31,7 @@ CASES = {
         {"benchmark", "preset", "numel", "tensors", "dtype", "device", "copy_bandwidth_GBps", "rmw_bandwidth_GBps", "rows"},
         {"impl"},
         "impl",
-        {"dist8bit AdamW8bit", "dist8bit AdamW32bit", "torch AdamW fused", "torch AdamW foreach"},
+        {"dist8bit AdamW4bit", "dist8bit AdamW8bit", "dist8bit AdamW32bit", "torch AdamW fused", "torch AdamW foreach"},
     ),
     "offload": (
         ["--presets", "gpt-small-test", "--budget", "0"],
@@ -103,3 +103,49 @@ def test_benchmark_writes_its_json(name, tmp_path):
         assert by_name["fp32 -> 8bit --verify"]["max error / bound"] <= 1.0
         assert by_name["fp32 -> 8bit"]["output MB"] < by_name["fp32 -> 8bit"]["input MB"] / 2
         assert not list((tmp_path / "data").glob("*.pt"))  # the benchmark removes its checkpoints
+
+
+def test_four_bit_bars_are_time_ratios_and_none_without_both_rows():
+    from dist8bit.bench.optim import four_bit_bars
+
+    rows = [
+        {"impl": "dist8bit AdamW4bit", "ms": 10.0},
+        {"impl": "dist8bit AdamW8bit", "ms": 12.0},
+        {"impl": "torchao AdamW4bit", "ms": 90.0},
+    ]
+    bars = four_bit_bars(rows)
+    assert bars["adamw8bit_ms_over_adamw4bit_ms"] == pytest.approx(1.2, rel=1e-12)
+    assert bars["no_slower_than_8bit_met"] is True
+    assert bars["torchao_ms_over_adamw4bit_ms"] == pytest.approx(9.0, rel=1e-12)
+    assert bars["torchao_speedup_met"] is False  # 9x < 10x
+    failed_peer = [rows[0], rows[1], {"impl": "torchao AdamW4bit", "error": "RuntimeError: no compiler"}]
+    assert four_bit_bars(failed_peer)["torchao_speedup_met"] is None
+
+
+def test_a_torchao_that_cannot_import_or_compile_is_an_error_row(monkeypatch, tmp_path):
+    """torchao is optional: a broken import or a failing torch.compile costs its row, not the benchmark."""
+    import builtins
+
+    from dist8bit.bench import optim as optim_bench
+
+    real_import = builtins.__import__
+
+    def no_torchao(name, *args, **kwargs):
+        if name.startswith("torchao"):
+            raise ImportError("torchao built for another torch")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    broken = optim_bench._torchao_candidates(1e-3)
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    with pytest.raises(RuntimeError, match=r"import torchao\.optim failed: ImportError: torchao built for another torch"):
+        broken["torchao AdamW4bit"]([])
+    monkeypatch.setattr(
+        optim_bench,
+        "_candidates",
+        lambda dtype, device: {"dist8bit AdamW32bit": lambda ps: optim_bench.d8.AdamW32bit(ps), **broken},
+    )
+    main(["optim", "--preset", "gpt-small-test", "--budget", "0", "--out", str(tmp_path)])
+    rows = {row["impl"]: row for row in json.loads((tmp_path / "optim-gpt-small-test-fp32.json").read_text())["rows"]}
+    assert rows["dist8bit AdamW32bit"]["ms"] > 0 and rows["dist8bit AdamW32bit"]["first_step_ms"] > 0
+    assert rows["torchao AdamW4bit"]["error"].startswith("RuntimeError: import torchao.optim failed")

@@ -3,7 +3,15 @@
 Bytes moved per parameter per step (the floor a memory-bound step can reach):
     32-bit Adam:            p, g read + p write + 2 states read and written = 3*P + 16
     8-bit Adam (block 256): 3*P + 2 codes read/written + 4 absmax           ~ 3*P + 4.06
+    4-bit Adam (block 128): 3*P + 2 half-byte codes read/written + 4 absmax ~ 3*P + 2.13
 where P is the parameter/gradient element size (4 for fp32, 2 for bf16).
+
+torchao's optimizers (when torchao is installed; never a dependency) are plain
+PyTorch under torch.compile: their first step compiles (on a CPU that needs a
+C++ compiler), so the warm-up step's time is reported apart, and a peer whose
+import, compilation or step fails gets a row with the error instead of a time.
+The issue's 4-bit speed bars (AdamW4bit no slower than AdamW8bit, at least 10x
+faster than torchao's AdamW4bit) are computed into the JSON's "bars".
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _candidates(dtype: torch.dtype, device: torch.device) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
     lr = 1e-3
     candidates: dict[str, Callable] = {
+        "dist8bit AdamW4bit": lambda ps: d8.AdamW4bit(ps, lr=lr),
         "dist8bit AdamW8bit": lambda ps: d8.AdamW8bit(ps, lr=lr),
         "dist8bit AdamW32bit": lambda ps: d8.AdamW32bit(ps, lr=lr),
         "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=lr, foreach=True),
@@ -66,16 +75,41 @@ def _candidates(dtype: torch.dtype, device: torch.device) -> dict[str, Callable[
 
         candidates["bitsandbytes AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, lr=lr)
     if importlib.util.find_spec("torchao") is not None:
-        from torchao.optim import AdamW8bit as TorchaoAdamW8bit
-
-        candidates["torchao AdamW8bit"] = lambda ps: TorchaoAdamW8bit(ps, lr=lr)
+        candidates.update(_torchao_candidates(lr))
     return candidates
 
 
+def _torchao_candidates(lr: float) -> dict[str, Callable]:
+    """torchao's AdamW8bit and AdamW4bit; an import that fails (a torchao built for another torch) becomes
+    a constructor that raises, so the row reports it."""
+    try:
+        from torchao import optim as torchao_optim
+    except Exception as error:  # any import failure of an optional peer is reported, not fatal
+        message = f"import torchao.optim failed: {type(error).__name__}: {error}"
+
+        def unavailable(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+            raise RuntimeError(message)
+
+        return {"torchao AdamW8bit": unavailable, "torchao AdamW4bit": unavailable}
+    return {
+        "torchao AdamW8bit": lambda ps: torchao_optim.AdamW8bit(ps, lr=lr),
+        "torchao AdamW4bit": lambda ps: torchao_optim.AdamW4bit(ps, lr=lr),
+    }
+
+
+def state_bits(name: str) -> int:
+    """The state precision an implementation's name says (AdamW4bit, AdamW8bit; anything else 32)."""
+    return 4 if "4bit" in name else 8 if "8bit" in name else 32
+
+
 def bytes_per_param(name: str, element: int) -> float:
-    if "8bit" in name:
-        return 3 * element + 4 + 2 * 2 * 4 / 256
-    return 3 * element + 16
+    """Bytes a step must move per parameter (see the module docstring): two states, each read and written,
+    with one float32 absmax per block (256 elements at 8 bits, 128 at 4)."""
+    bits = state_bits(name)
+    if bits == 32:
+        return 3 * element + 16
+    blocksize = 128 if bits == 4 else 256
+    return 3 * element + 2 * 2 * (bits / 8 + 4 / blocksize)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -136,6 +170,7 @@ def _measure(
             {
                 "impl": name,
                 "ms": timing.median_ms,
+                "first_step_ms": timing.warmup_ms,
                 "state_bytes_per_param": state_bytes(optimizer) / numel,
                 "GB/s": moved / (timing.median_ms * 1e-3) / 1e9,
                 "of_copy_bw": moved / (timing.median_ms * 1e-3) / 1e9 / bandwidth,
@@ -161,6 +196,7 @@ def _measure(
         "rmw_bandwidth_GBps": rmw_bandwidth,
         "busy_cores": args.busy_cores,
         "machine": machine_description(),
+        "bars": four_bit_bars(rows),
         "rows": rows,
     }
     suffix = f"-busy{args.busy_cores}" if args.busy_cores else ""
@@ -176,9 +212,40 @@ def _measure(
         f" ({machine.get('gpu') or machine['cpu']}, {machine['threads']} threads, {args.busy_cores} busy cores);"
         f" copy bandwidth {bandwidth:.1f} GB/s, read-modify-write bandwidth {rmw_bandwidth:.1f} GB/s"
     )
-    columns = ["impl", "ms", "state_bytes_per_param", "GB/s", "of_copy_bw", "of_rmw_bw", "vs_torch_fused", "vs_bnb"]
-    print(format_table(rows, [*columns, "error"]))
+    columns = ["impl", "ms", "first_step_ms", "state_bytes_per_param", "GB/s", "of_copy_bw", "of_rmw_bw"]
+    print(format_table(rows, [*columns, "vs_torch_fused", "vs_bnb", "error"]))
+    bars = result["bars"]
+    print(
+        f"4-bit bars: AdamW4bit step = {_ratio(bars['adamw8bit_ms_over_adamw4bit_ms'])} AdamW8bit's speed"
+        f" (no slower: {bars['no_slower_than_8bit_met']}); {_ratio(bars['torchao_ms_over_adamw4bit_ms'])} torchao"
+        f" AdamW4bit's (>= {TORCHAO_SPEEDUP_BAR:g}x: {bars['torchao_speedup_met']})"
+    )
     return result
+
+
+# The issue's speed bars for the 4-bit CPU step.
+TORCHAO_SPEEDUP_BAR = 10.0
+
+
+def four_bit_bars(rows: list[dict]) -> dict:
+    """AdamW4bit vs AdamW8bit (bar: no slower) and vs torchao AdamW4bit (bar: >= 10x faster), as time ratios
+    (> 1: AdamW4bit is faster); a bar whose rows did not both run is None (neither met nor failed)."""
+    times = {row["impl"]: row["ms"] for row in rows if "ms" in row}
+    ours = times.get("dist8bit AdamW4bit")
+    eight, torchao = times.get("dist8bit AdamW8bit"), times.get("torchao AdamW4bit")
+    versus_8bit = eight / ours if ours and eight else None
+    versus_torchao = torchao / ours if ours and torchao else None
+    return {
+        "adamw8bit_ms_over_adamw4bit_ms": versus_8bit,
+        "no_slower_than_8bit_met": None if versus_8bit is None else versus_8bit >= 1.0,
+        "torchao_ms_over_adamw4bit_ms": versus_torchao,
+        "torchao_speedup_bar": TORCHAO_SPEEDUP_BAR,
+        "torchao_speedup_met": None if versus_torchao is None else versus_torchao >= TORCHAO_SPEEDUP_BAR,
+    }
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:

@@ -22,6 +22,7 @@ class Timing:
     median_ms: float
     min_ms: float
     repeats: int
+    warmup_ms: float  # the first, untimed-for-the-median call: compilation, allocation, kernel builds
 
 
 def _sync(device: torch.device) -> None:
@@ -31,8 +32,10 @@ def _sync(device: torch.device) -> None:
 
 def time_call(fn: Callable[[], object], device: torch.device, min_repeats: int = 5, budget_s: float = 2.0) -> Timing:
     """Median wall time of fn() after a warm-up, repeated until the time budget is used."""
+    begin = time.perf_counter()
     fn()
     _sync(device)
+    warmup_ms = (time.perf_counter() - begin) * 1e3
     samples: list[float] = []
     started = time.perf_counter()
     while len(samples) < min_repeats or (time.perf_counter() - started < budget_s and len(samples) < 200):
@@ -40,7 +43,7 @@ def time_call(fn: Callable[[], object], device: torch.device, min_repeats: int =
         fn()
         _sync(device)
         samples.append((time.perf_counter() - begin) * 1e3)
-    return Timing(statistics.median(samples), min(samples), len(samples))
+    return Timing(statistics.median(samples), min(samples), len(samples), warmup_ms)
 
 
 def copy_bandwidth_gbs(device: torch.device, numel: int = 1 << 24) -> float:
