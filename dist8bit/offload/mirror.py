@@ -43,6 +43,7 @@ class HostMirror:
         self._buffer: torch.Tensor | None = None
         self._event: torch.cuda.Event | None = None
         self.received = False  # a gradient was copied since the last step
+        self.submitted = False  # handed to the overlapped host step since the last step
 
     def local(self) -> torch.Tensor:
         """The parameter's local tensor (its shard under FSDP2), sharing storage with it."""
@@ -82,10 +83,16 @@ class HostMirror:
         if self._event is not None:
             torch.cuda.current_stream(self.param.device).wait_event(self._event)
 
+    @property
+    def nbytes(self) -> int:
+        """Host bytes of the master, what the overlapped step's buckets are sized by."""
+        return self.master.numel() * self.master.element_size()
+
     def wait(self) -> None:
-        """Block until the gradient's device-to-host copy has landed."""
-        if self._event is not None:
-            self._event.synchronize()
+        """Block until the gradient's device-to-host copy has landed (safe from the host-step thread too)."""
+        event = self._event
+        if event is not None:
+            event.synchronize()
             self._event = None
 
     def write_back(self) -> None:

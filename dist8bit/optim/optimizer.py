@@ -446,11 +446,33 @@ class Optimizer8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_selected(None)
+        return loss
+
+    @torch.no_grad()
+    def step_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Step only `params` (those with a gradient), with their groups' current hyper-parameters.
+
+        For wrappers that step parameters as their gradients become ready (the
+        offload optimizer's overlapped step). Each parameter's update equals its
+        update in a full step() whatever the subset: the kernel is elementwise,
+        and every norm-based scale dist8bit computes (trust ratios, max_unorm,
+        percentile clipping) is per parameter.
+        """
+        paging.refuse_graph_capture(self)
+        selected = {id(param) for param in params}
+        listed = {id(param) for group in self.param_groups for param in group["params"]}
+        if not selected <= listed:
+            raise ValueError(f"step_params: {len(selected - listed)} of the tensors are in no param group of this optimizer")
+        self._step_selected(selected)
+
+    def _step_selected(self, selected: set[int] | None) -> None:
+        """One step of the parameters whose id is in `selected` (all when None) that have a gradient."""
         overrides = GlobalOptimManager.get_instance().overrides()
         batches: dict[tuple, list[_Unit]] = defaultdict(list)
         for group in self.param_groups:
             for param in group["params"]:
-                if param.grad is None:
+                if param.grad is None or (selected is not None and id(param) not in selected):
                     continue
                 self._check_grad(param)
                 state = self.state[param]
@@ -474,7 +496,6 @@ class Optimizer8bit(torch.optim.Optimizer):
                     batches[key].append(unit)
         for (device, _, _, bits, blocksize, hyper, step, _), units in batches.items():
             self._launch(device, bits, blocksize, hyper, step, units)
-        return loss
 
     def _whole_parameter_unit(self, param: torch.Tensor, state: dict[str, Any], group, overrides) -> list[_Unit]:
         config = self.resolved_config(param, group, overrides)
