@@ -194,14 +194,23 @@ def test_cuda_params_step_on_pinned_host_copies(dtype):
     torch.testing.assert_close(flat(model).cpu(), flat(reference), rtol=0.05, atol=0.02)
 
 
-def fsdp_worker(rank: int, world: int) -> dict:
+def fsdp_worker(rank: int, world: int, overlap: bool) -> dict:
     from helpers import tiny_model as fsdp_model
     from helpers import train as fsdp_train
 
     model = fsdp_model(fsdp=True)
-    optimizer = CPUOffloadOptimizer(model.parameters(), lr=1e-2)
+    optimizer = CPUOffloadOptimizer(model.parameters(), lr=1e-2, overlap_step=overlap, bucket_mb=0)
+    threads: list[str] = []
+    original = optimizer.inner.step_params
+
+    def recording(params):
+        threads.append(threading.current_thread().name)
+        original(params)
+
+    optimizer.inner.step_params = recording
     losses = fsdp_train(model, optimizer, range(5))
     return {
+        "worker_steps": sum(name.startswith("dist8bit-offload-step") for name in threads),
         "params": {name: p.full_tensor().detach() for name, p in model.named_parameters()},
         "eight_bit": {
             name: "exp_avg_codes" in optimizer.state[optimizer._mirrors[p].master] for name, p in model.named_parameters()
@@ -210,14 +219,16 @@ def fsdp_worker(rank: int, world: int) -> dict:
     }
 
 
-def test_fsdp2_shards_step_on_host_like_one_unsharded_optimizer():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_fsdp2_shards_step_on_host_like_one_unsharded_optimizer(overlap):
     """Every shard of the tiny model holds whole 256-value blocks, so the host steps of the two shards
-    quantize the same blocks as one plain AdamW8bit over the unsharded model: equal to float rounding."""
+    quantize the same blocks as one plain AdamW8bit over the unsharded model: equal to float rounding.
+    With overlap_step the sharded parameters' hooks hand every shard to the worker thread."""
     from distributed_ranks import spawn_gloo
     from helpers import tiny_model as unsharded_model
     from helpers import train as unsharded_train
 
-    sharded = spawn_gloo(fsdp_worker, 2)
+    sharded = spawn_gloo(fsdp_worker, 2, overlap)
     model = unsharded_model(fsdp=False)
     optimizer = dist8bit.optim.AdamW8bit(model.parameters(), lr=1e-2)
     losses = unsharded_train(model, optimizer, range(5))
@@ -226,6 +237,8 @@ def test_fsdp2_shards_step_on_host_like_one_unsharded_optimizer():
         assert sharded["eight_bit"][name] == ("exp_avg_codes" in optimizer.state[param]), name
         torch.testing.assert_close(sharded["params"][name], param.detach(), rtol=0, atol=1e-5, msg=name)
     assert sharded["eight_bit"]["scale"]
+    parameters = len(list(model.parameters()))
+    assert sharded["worker_steps"] == (5 * parameters if overlap else 0), sharded["worker_steps"]
     torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(losses), rtol=1e-5, atol=0)
 
 
