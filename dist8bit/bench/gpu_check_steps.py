@@ -29,7 +29,9 @@ LAUNCH_RUN_S = 30.0  # each of the 3 strategies
 
 OPTIM_PRESETS = ("one-2^28", "one-2^24", "gpt125m")  # the 2^28 run first: it carries the bars
 OPTIM_DTYPES = {"fp32": 4, "bf16": 2}  # parameter element bytes
-OPTIM_IMPLS = "dist8bit AdamW8bit,dist8bit AdamW32bit,torch AdamW fused,torchao AdamW8bit,bitsandbytes AdamW8bit"
+OPTIM_IMPLS = (
+    "dist8bit AdamW8bit,dist8bit AdamW4bit,dist8bit AdamW32bit,torch AdamW fused,torchao AdamW8bit,bitsandbytes AdamW8bit"
+)
 OPTIM_TIMING_S = 1.0  # optim bench --budget: seconds of timing per optimizer
 QUANTIZE_TIMING_S = 0.5
 PAGED_TIMING_S = 1.0
