@@ -497,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
         args, explicit = parse_args(argv)
         resolve_strategy(args.strategy, env.world_size)  # fail before any process group exists
         summary = train(args, env, explicit)
+        # Every rank finishes its last collective before any rank tears the group down: a rank
+        # whose peer has already exited can abort in its communication threads at exit.
+        barrier(env.world_size)
     except LaunchError as error:
         prefix = f"[rank {env.rank}] " if env.world_size > 1 else ""
         print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
