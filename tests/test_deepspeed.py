@@ -44,7 +44,7 @@ WORKER = ROOT / "tests" / "distributed_workers" / "deepspeed_worker.py"
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install -e .[deepspeed])")
 
-CASES = ["z0", "z1", "z2", "z3", "z2_bf16", "z1_bf16_fp32acc", "z3_bf16", "z0_bf16", "z2_4bit"]
+CASES = ["z0", "z1", "z2", "z3", "z2_bf16", "z1_bf16_fp32acc", "z3_bf16", "z0_bf16", "z2_4bit", "z1_4bit", "z3_4bit"]
 EXPECTED_8BIT = {
     "emb.weight": 32,  # StableEmbedding: 32-bit state although it has 4800 >= 4096 elements
     "emb.norm.weight": 32,
@@ -337,7 +337,9 @@ def test_workers_registered_without_untested_optimizer_flag(runs):
     assert wrappers["z3"] == wrappers["z3_bf16"] == "DeepSpeedZeroOptimizer_Stage3"
     assert wrappers["z1_bf16_fp32acc"] == "BF16_Optimizer"
     assert wrappers["z0_bf16"] == "FP16_UnfusedOptimizer"
-    assert wrappers["z2_4bit"] == "DeepSpeedZeroOptimizer" and runs.two["cases"]["z2_4bit"]["optimizer"] == "AdamW4bit"
+    assert wrappers["z1_4bit"] == wrappers["z2_4bit"] == "DeepSpeedZeroOptimizer"
+    assert wrappers["z3_4bit"] == "DeepSpeedZeroOptimizer_Stage3"
+    assert {runs.two["cases"][name]["optimizer"] for name in ("z1_4bit", "z2_4bit", "z3_4bit")} == {"AdamW4bit"}
 
 
 @needs_deepspeed
@@ -380,7 +382,7 @@ def test_pieces_cover_each_parameter_once_with_one_precision(runs, case):
         pieces = [p for rank in runs.three["precision"][case] for p in rank]
         assert {name: bits for name, _, _, bits in pieces} == expected_bits(case)
         assert all(covered(pieces, name)[-1][1] == numel for name, numel in NUMEL.items())
-    if case in ("z1", "z2", "z2_4bit"):  # the partition boundary cuts fc2.weight after 486 elements on rank 0
+    if case in ("z1", "z2", "z2_4bit", "z1_4bit"):  # the partition boundary cuts fc2.weight after 486 elements on rank 0
         rank0 = [p for p in runs.two["cases"][case]["pieces"][0] if p[0] == "fc2.weight"]
         assert rank0 == [("fc2.weight", 0, 486, expected_bits(case)["fc2.weight"])]
 

@@ -51,6 +51,8 @@ CASES = [
     ("z3_bf16", 3, True, {"sub_group_size": 8000}, {}, "AdamW8bit"),
     ("z0_bf16", 0, True, {}, {}, "AdamW8bit"),
     ("z2_4bit", 2, False, {}, {}, "AdamW4bit"),  # 4-bit segments cut at the same partition boundaries
+    ("z1_4bit", 1, False, {}, {}, "AdamW4bit"),
+    ("z3_4bit", 3, False, {"sub_group_size": 8000}, {}, "AdamW4bit"),
 ]
 REFERENCE_ONLY = [("z0_32bit", 0, False, {}, {}, "AdamW32bit")]  # measures the 8-bit vs 32-bit gap
 
