@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .. import optim as d8
+from ..optim.optimizer import default_blocksize
 from .report import format_table, machine_description, plot_time_and_bytes, write_json
 from .timing import busy_cores, copy_bandwidth_gbs, rmw_bandwidth_gbs, time_call
 
@@ -108,8 +109,7 @@ def bytes_per_param(name: str, element: int) -> float:
     bits = state_bits(name)
     if bits == 32:
         return 3 * element + 16
-    blocksize = 128 if bits == 4 else 256
-    return 3 * element + 2 * 2 * (bits / 8 + 4 / blocksize)
+    return 3 * element + 2 * 2 * (bits / 8 + 4 / default_blocksize(bits))
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
