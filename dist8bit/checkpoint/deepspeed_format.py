@@ -461,7 +461,6 @@ def _packed_entry(ckpt, flat: Flat, names, bits, blocksize, step, label, jobs, r
     numel = {p.name: ckpt.state.params[p.name].numel for p in flat.pieces}
     segments = [Segment(torch.empty(0), p.start, p.length, p.param_offset, numel[p.name]) for p in flat.pieces]
     layout = packed_layout(segments, precisions, blocksize)
-    flags = [b < 32 for b in precisions]
     entry: dict[str, Any] = {"step": _value_slot(_step_value(step, "quantized"), f"{label} step", jobs)}
     for name in names:
         sources = [(ckpt.state.params[p.name].buffers[name], p) for p in flat.pieces]
@@ -469,13 +468,17 @@ def _packed_entry(ckpt, flat: Flat, names, bits, blocksize, step, label, jobs, r
             codes = Slot((layout.codes_numel,), torch.uint8, f"{label} {name}{CODES_SUFFIX}")
             absmax = Slot((layout.blocks,), torch.float32, f"{label} {name}{ABSMAX_SUFFIX}")
             entry[name + CODES_SUFFIX], entry[name + ABSMAX_SUFFIX] = codes, absmax
-            quantized = [(b, p, layout.value_offsets[i], layout.block_offsets[i]) for i, (b, p) in enumerate(sources) if flags[i]]
+            quantized = [
+                (b, p, layout.value_offsets[i], layout.block_offsets[i])
+                for i, (b, p) in enumerate(sources)
+                if layout.quantized[i]
+            ]
             code = optimizers.state_map(name, max(b for b in precisions if b < 32), label)  # the target's, for all
             jobs.append(_quantize_job(codes.label, quantized, codes, absmax, blocksize, code, read))
         if layout.values_numel:
             values = Slot((layout.values_numel,), torch.float32, f"{label} {name}")
             entry[name] = values
-            dense = [(b, p, layout.value_offsets[i]) for i, (b, p) in enumerate(sources) if not flags[i]]
+            dense = [(b, p, layout.value_offsets[i]) for i, (b, p) in enumerate(sources) if not layout.quantized[i]]
             jobs.append(_fill_job(values.label, dense, values, read))
     entry["segment_table"] = _value_slot(segment_table(segments, precisions), f"{label} segment_table", jobs)
     return entry

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -104,9 +105,10 @@ class PackedLayout:
     lengths: tuple[int, ...]  # elements per segment
     block_counts: tuple[int, ...]  # scales per segment (0 for 32-bit segments)
 
-    @property
+    @cached_property
     def quantized(self) -> tuple[bool, ...]:
-        """Per segment: whether its state is codes and scales (8- or 4-bit) rather than values."""
+        """Per segment: whether its state is codes and scales (8- or 4-bit) rather than values
+        (computed once: the step's segment views and `runs` index it per segment)."""
         return tuple(is_quantized(b) for b in self.bits)
 
     def code_bytes(self, index: int) -> int:
