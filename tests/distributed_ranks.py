@@ -27,6 +27,21 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def leave_together() -> None:
+    """End a worker rank whose results are already written: wait for every rank, tear the
+    process group down, and exit without the interpreter's teardown.
+
+    On a loaded machine a rank sometimes aborted (SIGABRT, "terminate called without an
+    active exception") in the C++ teardown of gloo/DeepSpeed communication objects after
+    every rank had passed the final barrier, so after all of its work was done and saved.
+    os._exit skips that teardown: the exit code then reports the work, not the destructors."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

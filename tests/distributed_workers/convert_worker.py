@@ -30,6 +30,7 @@ from torch import nn
 
 import dist8bit  # registers dist8bit's optimizers with DeepSpeed
 import dist8bit.optim
+from tests.distributed_ranks import leave_together
 
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip DeepSpeed's C++ CPU all-reduce build
 
@@ -125,8 +126,7 @@ def main() -> None:
                 result[f"{name} fresh"] = train(fresh, range(SAVE_AFTER, STEPS))
     if int(os.environ["RANK"]) == 0:
         torch.save(result, out)
-    torch.distributed.barrier()  # leave together (see deepspeed_worker.main)
-    torch.distributed.destroy_process_group()
+    leave_together()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from deepspeed_worker import TinyLM, batches, capture, config, pieces, rank, run
 
 import dist8bit
 from dist8bit.optim import GlobalOptimManager
+from tests.distributed_ranks import leave_together
 
 OFFLOAD = {"offload_optimizer": {"device": "cpu", "pin_memory": True}}
 Z3 = {"sub_group_size": 8000}  # two sub-groups on 1 rank, one on 2: as in deepspeed_worker.py
@@ -127,8 +128,7 @@ def main() -> None:
     results["client_optimizer"] = {kind: client_optimizer_case(kind) for kind in ("object", "class")}
     if rank() == 0:
         torch.save(results, out)
-    torch.distributed.barrier()  # leave together (see deepspeed_worker.py)
-    torch.distributed.destroy_process_group()
+    leave_together()
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from deepspeed.utils import (
 from torch import nn
 
 import dist8bit  # noqa: F401  registers with DeepSpeed
+from tests.distributed_ranks import leave_together
 
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see deepspeed_worker.py
 
@@ -123,7 +124,7 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     results = {**offload_cases(workdir), **zero3_accessor_cases(), **checkpoint_cases(workdir)}
     torch.save(results, out)
-    torch.distributed.destroy_process_group()
+    leave_together()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import dist8bit.deepspeed
 from dist8bit.integrations.deepspeed import get_full_optimizer_state
 from dist8bit.nn import StableEmbedding
 from dist8bit.optim import state as state_layout
+from tests.distributed_ranks import leave_together
 
 # DeepSpeed's shared-memory all-reduce for CPU is a speed-up of its own collectives
 # (a C++ op built on first use, ~1 minute): irrelevant to what is tested here.
@@ -345,10 +346,7 @@ def main() -> None:
         raise SystemExit(f"unknown phase {phase!r}")
     if rank() == 0:
         torch.save(results, out)
-    # Leave together: a rank that exits while gloo still holds its peers'
-    # connections can make them abort (SIGABRT) on a loaded machine.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_together()
 
 
 if __name__ == "__main__":
