@@ -240,6 +240,7 @@ struct FusedStepTensors {
   const std::optional<at::Tensor>& update_scale;
   const std::optional<at::Tensor>& norm_out;
   const std::optional<at::Tensor>& nonfinite_count;
+  at::TensorList errors;  // compensated bfloat16 parameters: one int8/int16 error buffer per segment (or none)
 };
 
 // A checked fused_step call. Slots are numbered as the kernels use them: the
@@ -262,9 +263,14 @@ struct FusedStepCall {
   const at::Tensor* update_scale;
   const at::Tensor* norm_out;
   const at::Tensor* nonfinite_count;
+  // Compensated bfloat16 parameters (common/weight_error.h): 8 (int8 errors)
+  // or 16 (int16), 0 when the call has no error buffers.
+  int error_bits;
   const FusedStepTensors* tensors;
 
   bool quantized() const { return state_bits != 32; }
+  bool compensated() const { return error_bits != 0; }
+  const at::Tensor& error(int64_t k) const { return tensors->errors[k]; }
   const at::Tensor& state(int slot, int64_t k) const { return tensors->states[used[slot]][k]; }
   const at::Tensor& absmax(int slot, int64_t k) const { return tensors->absmaxes[used[slot]][k]; }
 };
@@ -347,6 +353,16 @@ inline void check_fused_extras(const ArgChecks& checks, const FusedStepTensors& 
   call->update_scale = checks.optional(t.update_scale, "update_scale", at::kFloat, segments);
   call->norm_out = checks.optional(t.norm_out, "norm_out", at::kDouble, segments);
   call->nonfinite_count = checks.optional(t.nonfinite_count, "nonfinite_count", at::kLong, 1);
+  call->error_bits = 0;
+  if (t.errors.empty()) return;
+  TORCH_CHECK(static_cast<int64_t>(t.errors.size()) == segments, checks.op(), ": errors must hold 0 or ", segments,
+              " tensors (one per segment), got ", t.errors.size());
+  const at::ScalarType error_dtype = t.errors[0].scalar_type();
+  TORCH_CHECK(error_dtype == at::kChar || error_dtype == at::kShort, checks.op(),
+              ": errors[0] must be int8 (8-bit error buffer) or int16 (16-bit), got ", error_dtype);
+  TORCH_CHECK(call->param_type == FloatType::kBFloat16, checks.op(),
+              ": error buffers (compensated updates) need bfloat16 params, got ", t.params[0].scalar_type());
+  call->error_bits = error_dtype == at::kChar ? 8 : 16;
 }
 
 // Segment k's parameter, gradient, states and scales.
@@ -377,6 +393,7 @@ inline void check_fused_segment(const ArgChecks& checks, const FusedStepCall& ca
                 call.state(i, k).numel());
     checks.scales(call.absmax(i, k), ArgName{kAbsmaxNames[s], k}, n, blocksize);
   }
+  if (call.compensated()) checks.sized(call.error(k), ArgName{"errors", k}, call.tensors->errors[0].scalar_type(), n);
 }
 
 }  // namespace detail
@@ -402,6 +419,8 @@ inline FusedStepCall check_fused_step(const char* op, at::DeviceType backend, bo
   call.grad_type = checks.floating(tensors.grads[0], ArgName{"grads", 0});
   detail::check_fused_slots(op, call.rule, blocksize, tensors, &call);
   detail::check_fused_extras(checks, tensors, &call);
+  TORCH_CHECK(!call.compensated() || !seed.has_value(), op,
+              ": compensated params (errors) are rounded to nearest; pass no seed");
   for (int64_t k = 0; k < call.num_segments; ++k) {
     detail::check_fused_segment(checks, call, mixed_grads, blocksize, k);
   }
@@ -423,6 +442,7 @@ struct BackendInfo {
   at::DeviceType device;   // where its tensors live
   bool mixed_grads;        // fused_step: grads may differ in dtype
   bool four_bit = false;   // fused_step: runs 4-bit states (else refuses them)
+  bool compensated = false;  // fused_step: runs error buffers (compensated bfloat16 params; else refuses them)
 };
 
 template <typename Backend>
@@ -454,14 +474,18 @@ void fused_step_op(int64_t rule, int64_t wd_mode, c10::ArrayRef<double> hyper, a
                    at::TensorList absmax2, at::TensorList state3, at::TensorList absmax3, at::TensorList codebooks,
                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& update_scale,
                    const std::optional<at::Tensor>& norm_out, const std::optional<at::Tensor>& nonfinite_count,
-                   c10::ArrayRef<int64_t> segment_offsets, int64_t blocksize, std::optional<int64_t> seed) {
+                   at::TensorList errors, c10::ArrayRef<int64_t> segment_offsets, int64_t blocksize,
+                   std::optional<int64_t> seed) {
   const FusedStepTensors tensors{params,     grads,        {state1, state2, state3},
                                  {absmax1, absmax2, absmax3}, codebooks, grad_scale,
-                                 update_scale, norm_out, nonfinite_count};
+                                 update_scale, norm_out, nonfinite_count, errors};
   const FusedStepCall call = check_fused_step(Backend::kInfo.op, Backend::kInfo.device, Backend::kInfo.mixed_grads, rule, wd_mode,
                                               hyper, tensors, segment_offsets, blocksize, seed);
   TORCH_CHECK(call.state_bits != 4 || Backend::kInfo.four_bit, Backend::kInfo.op,
               ": this backend does not run 4-bit states yet; use the reference backend (DIST8BIT_BACKEND=reference)");
+  TORCH_CHECK(!call.compensated() || Backend::kInfo.compensated, Backend::kInfo.op,
+              ": this backend does not run compensated bfloat16 updates (error buffers) yet; use the reference backend "
+              "(DIST8BIT_BACKEND=reference)");
   if (call.num_segments != 0) Backend::fused_step(call, segment_offsets, blocksize, seed);
 }
 

@@ -71,6 +71,7 @@ def _operator_arguments(call: FusedStepCall) -> list[Any]:
         call.update_scale,
         call.norm_out,
         call.nonfinite_count,
+        list(call.errors),
         list(call.segment_offsets),
         call.blocksize,
         call.seed,

@@ -52,6 +52,14 @@ class FusedStepCall:
     given, bfloat16 parameters are written with stochastic rounding keyed by
     (seed, segment_offsets[k] + i): see reference_optim.round_bf16_stochastically.
 
+    Compensated bfloat16 parameters (errors given, one int8 or int16 tensor
+    per segment with the segment's numel, all one dtype; params bfloat16; no
+    seed): the update reads p as weight_error.compensated_values(p, errors[k])
+    (the float32 the bfloat16 and its stored rounding error stand for), writes
+    p rounded to nearest even and errors[k] = weight_error.weight_errors(
+    stepped, p) in the same pass (dist8bit.quant.weight_error). Elements with
+    a non-finite gradient keep their error too. Norm passes read p the same way.
+
     Construction checks the structure (slot count, list lengths); the
     kernels check tensor dtypes, sizes and devices.
     """
@@ -71,6 +79,7 @@ class FusedStepCall:
     update_scale: torch.Tensor | None = None
     norm_out: torch.Tensor | None = None
     nonfinite_count: torch.Tensor | None = None
+    errors: Sequence[torch.Tensor] = ()
 
     def __post_init__(self) -> None:
         for name in ("states", "absmaxes", "codebooks"):
@@ -80,6 +89,10 @@ class FusedStepCall:
         for name in ("grads", "segment_offsets"):
             if len(getattr(self, name)) != segments:
                 raise ValueError(f"FusedStepCall.{name} has {len(getattr(self, name))} entries for {segments} segments")
+        if len(self.errors) not in (0, segments):
+            raise ValueError(f"FusedStepCall.errors has {len(self.errors)} entries for {segments} segments")
+        if len(self.errors) and self.seed is not None:
+            raise ValueError("FusedStepCall: compensated parameters (errors) are rounded to nearest; pass no seed")
         for slot in range(NUM_SLOTS):
             for name, entries in (("states", self.states[slot]), ("absmaxes", self.absmaxes[slot])):
                 if len(entries) not in (0, segments):

@@ -18,7 +18,7 @@ dequantize_blockwise(codes, code, absmax, blocksize, out!)
 
 fused_step(rule, wd_mode, hyper, params!, grads, state1!, absmax1!, state2!, absmax2!,
            state3!, absmax3!, codebooks, grad_scale, update_scale, norm_out!,
-           nonfinite_count!, segment_offsets, blocksize, seed)
+           nonfinite_count!, errors!, segment_offsets, blocksize, seed)
     dist8bit.backends.contract.FusedStepCall flattened (compiled.py does it,
     in one place): its meaning and argument rules are documented there.
     hyper is FusedStepCall.constants; stateS/absmaxS are states[S-1] and
@@ -43,7 +43,7 @@ _library.define(
     "Tensor(b!)[] state1, Tensor(c!)[] absmax1, Tensor(d!)[] state2, Tensor(e!)[] absmax2, "
     "Tensor(f!)[] state3, Tensor(g!)[] absmax3, Tensor[] codebooks, "
     "Tensor? grad_scale, Tensor? update_scale, Tensor(h!)? norm_out, Tensor(i!)? nonfinite_count, "
-    "int[] segment_offsets, int blocksize, int? seed) -> ()"
+    "Tensor(j!)[] errors, int[] segment_offsets, int blocksize, int? seed) -> ()"
 )
 
 

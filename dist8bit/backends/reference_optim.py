@@ -11,6 +11,7 @@ import torch
 
 from ..quant.codebook import Codebook
 from ..quant.stochastic import MASK32, mix32, seed_key
+from ..quant.weight_error import compensated_values, weight_errors
 from . import reference
 from .contract import FusedStepCall
 from .rules import HyperSlot, Rule, WeightDecay
@@ -156,7 +157,8 @@ def fused_step(call: FusedStepCall) -> None:
             if call.norm_out is not None:
                 call.norm_out[index] = 0.0
             continue
-        p = param.reshape(-1).float()
+        error = call.errors[index] if len(call.errors) else None
+        p = param.reshape(-1).float() if error is None else compensated_values(param, error)
         g = grad.reshape(-1).float()
         if call.grad_scale is not None:
             g = g * call.grad_scale[index]
@@ -180,6 +182,8 @@ def fused_step(call: FusedStepCall) -> None:
             param.view(-1).copy_(round_bf16_stochastically(stepped, call.seed, int(call.segment_offsets[index])))
         else:
             param.view(-1).copy_(stepped)
+        if error is not None:  # a skipped element: stepped rounds back to p and re-encodes its old error
+            error.view(-1).copy_(weight_errors(stepped, param, error.dtype))
         for i, k in enumerate(slots):
             kept = torch.where(finite, new[i], old[i])
             _store_state(kept, call.states[k][index], absmax_of[i], call.codebooks[k], call.blocksize)
