@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -162,6 +162,7 @@ class StepTensors:
     blocksize: int
     offsets: list[int] | None = None  # segment_offsets; None: all 0
     bits: int = 8  # quantized: 8 or 4 (codes packed two per byte)
+    errors: list[torch.Tensor] = field(default_factory=list)  # compensated bf16 params: one int8/int16 per segment
 
     def copy(self, device: torch.device | None = None) -> StepTensors:
         """A deep copy (on `device`, default: where the tensors are): fresh, contiguous, aligned tensors."""
@@ -179,6 +180,7 @@ class StepTensors:
             self.blocksize,
             None if self.offsets is None else list(self.offsets),
             self.bits,
+            [copy(t) for t in self.errors],
         )
 
     def codebooks(self, device: torch.device) -> list[Codebook | None]:
@@ -203,5 +205,6 @@ class StepTensors:
             "codebooks": self.codebooks(device),
             "segment_offsets": offsets,
             "blocksize": self.blocksize,
+            "errors": self.errors,
         }
         return FusedStepCall(**{**arguments, **fields})
