@@ -26,6 +26,7 @@ from ..backends.rules import Rule, StateSpec, StepConstants, WeightDecay
 from ..functional import codebook_for, dequantize_blockwise
 from ..quant.codebook import Codebook
 from ..quant.layout import DEFAULT_BLOCKSIZE, check_blocksize, num_blocks
+from . import master_weights as masters
 from . import sharded
 from . import state as state_layout
 from .norms import HISTORY, SegmentNorms, clip_update_norm, percentile_clip
@@ -60,7 +61,7 @@ TORCH_ONLY_FLAGS = (
 )
 # Group keys that are this optimizer's choice, never the checkpoint's (a
 # paged checkpoint loads into an unpaged optimizer and vice versa).
-PRECISION_KEYS = ("optim_bits", "min_8bit_size", "blocksize", "is_paged")
+PRECISION_KEYS = ("optim_bits", "min_8bit_size", "blocksize", "is_paged", "master_weights", "error_bits")
 # Parameters smaller than this keep 32-bit state unless min_8bit_size / min_quantized_size says otherwise.
 DEFAULT_MIN_QUANTIZED_SIZE = 4096
 # The block size an optimizer uses when none is given, by optim_bits: 4-bit states use Li, Chen, Zhu
@@ -162,6 +163,7 @@ class _Unit:
     blocksize: int
     step: int
     rounding_offset: int
+    error: torch.Tensor | None  # compensated bf16 parameter: its weight_error (see master_weights.py)
 
 
 class Optimizer8bit(torch.optim.Optimizer):
@@ -186,14 +188,20 @@ class Optimizer8bit(torch.optim.Optimizer):
         blocksize: int = UNSET_BLOCKSIZE,
         stochastic_rounding: bool = False,
         min_quantized_size: int | None = None,
+        master_weights: str | None = None,
+        error_bits: int = 8,
     ) -> None:
         """Options every optimizer takes as keywords (bitsandbytes' names, plus
-        `blocksize`, `stochastic_rounding` and `min_quantized_size`); subclasses pass them through.
+        `blocksize`, `stochastic_rounding`, `min_quantized_size`, `master_weights` and
+        `error_bits`); subclasses pass them through.
 
         optim_bits: 32, 8 or 4 bits per state element. min_8bit_size (alias min_quantized_size,
         default 4096): parameters with fewer elements keep 32-bit state, at any optim_bits.
         blocksize: elements per quantization block; when not given, 128 for optim_bits=4 and 256
         otherwise. A per-parameter override of optim_bits keeps the group's blocksize.
+        master_weights ("fp32", "none", "stochastic", "compensated"; None: "none", or "stochastic"
+        with stochastic_rounding=True) and error_bits (8 or 16): how bfloat16 parameters are
+        written without an fp32 master (master_weights.py, docs/master_weights.md).
         """
         if args is not None:
             raise ValueError("args= (bitsandbytes' argument namespace) is not supported; pass keyword arguments")
@@ -212,11 +220,12 @@ class Optimizer8bit(torch.optim.Optimizer):
             "block_wise": True,
             "is_paged": bool(is_paged),
             "blocksize": blocksize,
+            "master_weights": masters.resolve_mode(master_weights, stochastic_rounding),
+            "error_bits": masters.check_error_bits(error_bits),
         }
         self._logical_numel: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._param_uid: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._segments: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self.stochastic_rounding = stochastic_rounding
         self._rounding_seed = torch.initial_seed() % (1 << 62)
         self.nonfinite_counts: dict[torch.device, torch.Tensor] = {}
         super().__init__(params, defaults)
@@ -253,6 +262,10 @@ class Optimizer8bit(torch.optim.Optimizer):
                 break
         if "lr" in param_group:
             check_lr(param_group["lr"])
+        if "master_weights" in param_group:
+            param_group["master_weights"] = masters.resolve_mode(param_group["master_weights"], False)
+        if "error_bits" in param_group:
+            masters.check_error_bits(param_group["error_bits"])
         super().add_param_group({**param_group, "params": params})
 
     # ------------------------------------------------------ subclass contract
@@ -405,11 +418,15 @@ class Optimizer8bit(torch.optim.Optimizer):
         self, flat: torch.Tensor, segments: list[Segment], state: dict[str, Any], configs: list[dict[str, Any]], group
     ) -> None:
         specs = self.state_specs(group)
+        masters.check_parameter(group["master_weights"], flat)
         for segment, config in zip(segments, configs, strict=True):
-            if self.state_specs(config) != specs or config["blocksize"] != group["blocksize"]:
+            if self.state_specs(config) != specs or any(
+                config[key] != group[key] for key in ("blocksize", "master_weights", "error_bits")
+            ):
                 raise ValueError(
                     f"parameter of {segment.logical_numel} elements overrides settings that change its state layout "
-                    "(state slots or blocksize); that is not supported inside a flat (ZeRO) partition"
+                    "(state slots, blocksize, master_weights or error_bits); that is not supported inside a flat "
+                    "(ZeRO) partition"
                 )
             if self._needs_whole_parameter_norms(config):
                 raise ValueError(_NORMS_UNDER_SHARDING)
@@ -514,6 +531,11 @@ class Optimizer8bit(torch.optim.Optimizer):
             blocksize = self._state_blocksize(param, config) or blocksize
         target = local_param
         updated = local_param if local_param.is_contiguous() else local_param.contiguous()
+        error = None
+        if masters.uses_error(config, local_param.dtype):
+            if masters.ERROR_KEY not in state:  # a resumed state saved without compensation starts at 0
+                state[masters.ERROR_KEY] = masters.new_error(local_param.shape, config, local_param.device)
+            error = state[masters.ERROR_KEY]
         return [
             _Unit(
                 param=updated,
@@ -527,6 +549,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 blocksize=blocksize,
                 step=step,
                 rounding_offset=self._param_uid.get(param, 0) * SEGMENT_STRIDE,
+                error=error,
             )
         ]
 
@@ -539,6 +562,11 @@ class Optimizer8bit(torch.optim.Optimizer):
         grad = flat.grad
         units = []
         views = self._segment_views(flat, segments, state, group)
+        errors = None
+        if masters.uses_error(group, flat.dtype):
+            if masters.ERROR_KEY not in state:
+                state[masters.ERROR_KEY] = masters.new_error(flat.numel(), group, flat.device)
+            errors = state[masters.ERROR_KEY]
         for (segment, bits, entry), config in zip(views, configs, strict=True):
             units.append(
                 _Unit(
@@ -553,6 +581,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                     blocksize=config["blocksize"],
                     step=step,
                     rounding_offset=self._param_uid.get(segment.source, 0) * SEGMENT_STRIDE + segment.param_offset,
+                    error=None if errors is None else errors.narrow(0, segment.start, segment.length),
                 )
             )
         return units
@@ -576,6 +605,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             )
 
     def _init_state(self, param: torch.Tensor, state: dict[str, Any], config: dict[str, Any]) -> None:
+        masters.check_parameter(config["master_weights"], param)
         specs = self.state_specs(config)
         if sharded.is_dtensor(param):
             sharded.check_placements(param)
@@ -634,8 +664,9 @@ class Optimizer8bit(torch.optim.Optimizer):
             else:
                 states[slot] = [u.state[spec.name] for u in units]
         seed = None
-        if self.stochastic_rounding and units[0].param.dtype == torch.bfloat16:
+        if config["master_weights"] == "stochastic" and units[0].param.dtype == torch.bfloat16:
             seed = (self._rounding_seed ^ (step * 0x9E3779B97F4A7C15)) & ((1 << 62) - 1)
+        errors = [u.error for u in units] if units[0].error is not None else []
         return FusedStepCall(
             rule=self.kernel_rule(config),
             wd_mode=self.weight_decay_mode(config),
@@ -648,6 +679,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             segment_offsets=[u.rounding_offset for u in units],
             blocksize=blocksize,
             seed=seed,
+            errors=errors,
         )
 
     # ------------------------------------------------------------ state dict
@@ -722,6 +754,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             if param is None:
                 raise ValueError(f"the state dict holds state for parameter id {saved_id}, which no param group lists")
             config = self.resolved_config(param, group_of[id(param)], overrides)
+            saved_state = saved_states[saved_id] = masters.adapt_saved_error(saved_state, config, param, param.numel())
             if param in self._segments and saved_state:
                 saved_state = saved_states[saved_id] = self._upgrade_flat_state(param, saved_state, config, version_of[id(param)])
             self._check_saved_state(param, saved_state, config)
@@ -786,7 +819,11 @@ class Optimizer8bit(torch.optim.Optimizer):
         bits = self.state_bits(param, config)
         expected = {name for spec in specs for name in state_layout.expected_entries(spec, bits)}
         other = {name for spec in specs for name in state_layout.expected_entries(spec, 8 if bits == 32 else 32)}
-        present = {k for k, v in saved.items() if isinstance(v, torch.Tensor) and k not in ("step", "grad_norm_history")}
+        present = {
+            k
+            for k, v in saved.items()
+            if isinstance(v, torch.Tensor) and k not in ("step", "grad_norm_history", masters.ERROR_KEY)
+        }
         if present & other and specs:
             self._refuse_precision(where, _saved_bits(param, saved, specs), bits, config)
         if present != expected:
