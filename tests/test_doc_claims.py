@@ -973,18 +973,20 @@ OPTIMIZER_FAMILIES = (
 def test_documented_common_optimizer_arguments_are_every_optimizer_s_defaults():
     """docs/optimizers.md's "Common arguments": each `name=value` is the default every family's optimizer gets."""
     sentence = re.search(
-        r"Common arguments \(bitsandbytes' names\): (.*?stochastic_rounding=False`)", doc_text("docs/optimizers.md")
+        r"Common arguments \(bitsandbytes' names\): (.*?error_bits=8`)", doc_text("docs/optimizers.md")
     )
     assert sentence, "docs/optimizers.md: the Common arguments sentence is gone"
     written = dict(re.findall(r"`(\w+)=([\w.]+)`", sentence.group(1)))
-    assert len(written) == 8, written
+    assert len(written) == 10, written
     base = inspect.signature(Optimizer8bit.__init__).parameters
     for name, text in written.items():
         assert base[name].default == ast.literal_eval(text), (name, text, base[name].default)
     for family in OPTIMIZER_FAMILIES:
         optimizer = family([torch.nn.Parameter(torch.zeros(2))])
         for name, text in written.items():
-            if name in optimizer.defaults:  # stochastic_rounding is an attribute, not a group key
+            if name == "master_weights":  # None resolves to the group's mode
+                assert optimizer.defaults[name] == "none", (family.__name__, optimizer.defaults[name])
+            elif name in optimizer.defaults:  # stochastic_rounding is an attribute, not a group key
                 assert optimizer.defaults[name] == ast.literal_eval(text), (family.__name__, name)
             else:
                 assert getattr(optimizer, name) == ast.literal_eval(text), (family.__name__, name)

@@ -230,6 +230,11 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.nonfinite_counts: dict[torch.device, torch.Tensor] = {}
         super().__init__(params, defaults)
 
+    @property
+    def stochastic_rounding(self) -> bool:
+        """The older flag, read back: whether the defaults write bf16 parameters stochastically."""
+        return self.defaults["master_weights"] == "stochastic"
+
     # ----------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
