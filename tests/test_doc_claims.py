@@ -972,9 +972,7 @@ OPTIMIZER_FAMILIES = (
 
 def test_documented_common_optimizer_arguments_are_every_optimizer_s_defaults():
     """docs/optimizers.md's "Common arguments": each `name=value` is the default every family's optimizer gets."""
-    sentence = re.search(
-        r"Common arguments \(bitsandbytes' names\): (.*?error_bits=8`)", doc_text("docs/optimizers.md")
-    )
+    sentence = re.search(r"Common arguments \(bitsandbytes' names\): (.*?error_bits=8`)", doc_text("docs/optimizers.md"))
     assert sentence, "docs/optimizers.md: the Common arguments sentence is gone"
     written = dict(re.findall(r"`(\w+)=([\w.]+)`", sentence.group(1)))
     assert len(written) == 10, written
