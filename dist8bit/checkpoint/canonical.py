@@ -130,6 +130,9 @@ class ParamState:
     buffers: dict[str, Buffer]
     # Entries carried over unchanged (grad_norm_history, ...), in their original order.
     extras: dict[str, Any] = field(default_factory=dict)
+    # A compensated bf16 parameter's weight_error: int8/int16 codes per element, Dense or Pieced
+    # (never quantized: it belongs to the weights; see weight_errors.py).
+    error: Dense | Pieced | None = None
 
     @property
     def numel(self) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..quant.layout import check_blocksize
-from . import bnb_format, dcp_format, deepspeed_format, loading, optimizers, torch_format
+from . import bnb_format, dcp_format, deepspeed_format, loading, optimizers, torch_format, weight_errors
 from .atomic import atomic_output, check_destination
 from .canonical import OptimizerState
 from .errors import CheckpointError
@@ -35,6 +35,7 @@ def convert(
     min_8bit_size: int | None = None,
     keep_fp32: Iterable[Any] = (),
     shapes: Mapping[Any, tuple[int, ...]] | None = None,
+    error_bits: int | str | None = None,
     verify: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -53,11 +54,13 @@ def convert(
         keep_fp32: parameter indices (names for DeepSpeed) that stay fp32.
     shapes: parameter index -> shape, for a torch state dict with 4-bit state whose shapes nothing
         else says (packed codes are 1-D); DeepSpeed and DCP checkpoints record their shapes.
+    error_bits: compensated bf16 parameters' weight_error (int8/int16 per element): None carries it as the
+        source has it, 8 or 16 converts its width, "none" drops it with a warning (weight_errors.py).
     verify: re-read the output and check it against the source before moving it into place.
     """
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    target = _target(to, blocksize, min_8bit_size, keep_fp32)
+    target = _target(to, blocksize, min_8bit_size, keep_fp32, error_bits)
     kind = optimizers.check_kind(optimizer)
     if src.exists() and dst.exists() and src.resolve() == dst.resolve():
         raise CheckpointError(f"{src}: the source and the destination are the same; write to a new path")
@@ -98,6 +101,8 @@ def _convert_file(
         plan = Plan(tree=None, read=read)
         plans = {path: plan_optimizer(state, target, _where(src, path), read) for path, state in states.items()}
         plan.tree = _rebuild(source, (), plans, plan)
+        errors = _merged_tally(target, [p.errors for p in plans.values()])
+        errors.warn(src)
         jobs = [job for p in plans.values() for job in p.jobs] + plan.jobs
         total_in = sum(job.bytes_in for job in jobs)
         agreement = None
@@ -105,7 +110,7 @@ def _convert_file(
             with bar(total_in, f"convert {src.name}", progress) as meter:
                 bytes_out = save_streaming(tmp, plan.tree, lambda sink: [job.run(sink) for job in jobs], meter.update)
             if verify:
-                agreement = _verify(source, states, tmp, read, src, progress, total_in)
+                agreement = _verify(source, states, tmp, read, src, progress, total_in, target)
     finally:
         read.close()
     first = next(iter(states.values()))
@@ -121,10 +126,21 @@ def _convert_file(
         tensors=len(jobs),
         bytes_in=total_in,
         bytes_out=bytes_out,
+        weight_errors=errors.describe(),
     )
 
 
-def _target(to: str, blocksize: int | None, min_8bit_size: int | None, keep_fp32: Iterable[Any]) -> Target:
+def _merged_tally(target: Target, tallies: Iterable[weight_errors.Tally]) -> weight_errors.Tally:
+    merged = weight_errors.Tally(target.error_bits)
+    for tally in tallies:
+        merged.params += tally.params
+        merged.source_dtypes |= tally.source_dtypes
+    return merged
+
+
+def _target(
+    to: str, blocksize: int | None, min_8bit_size: int | None, keep_fp32: Iterable[Any], error_bits: int | str | None
+) -> Target:
     if to not in TARGETS:
         raise CheckpointError(f"--to must be one of {TARGETS}, got {to!r}")
     if blocksize is not None:
@@ -136,7 +152,7 @@ def _target(to: str, blocksize: int | None, min_8bit_size: int | None, keep_fp32
         raise CheckpointError(f"--min-8bit-size must be a non-negative integer, got {min_8bit_size!r}")
     if to == "fp32" and (blocksize is not None or min_8bit_size is not None or keep_fp32):
         raise CheckpointError("--blocksize, --min-8bit-size and --keep-fp32 only apply with --to 8bit or --to 4bit")
-    return Target(to, blocksize, min_8bit_size, frozenset(keep_fp32))
+    return Target(to, blocksize, min_8bit_size, frozenset(keep_fp32), error_bits=weight_errors.check_choice(error_bits))
 
 
 def _where(src: Path, path: tuple) -> str:
@@ -230,6 +246,7 @@ def _verify(
     src: Path,
     progress: bool,
     total: int,
+    target: Target,
 ) -> Agreement:
     output = loading.load(written)
     read.add(written, output)
@@ -238,7 +255,7 @@ def _verify(
         for path, state in states.items():
             shapes = {key: param.shape for key, param in state.params.items()}
             converted = torch_format.read(_at(output, path), state.optimizer, _where(src, path), shapes)
-            result = compare_optimizer(state, converted, _where(src, path), meter.update, read)
+            result = compare_optimizer(state, converted, _where(src, path), meter.update, read, target.error_bits)
             agreement.add(result.max_error, result.bound_ratio)
         compare_carried(source, output, set(states), meter.update, read)
     return agreement

@@ -18,7 +18,7 @@ from ..optim.optimizer import default_blocksize
 from ..optim.state import ABSMAX_SUFFIX, CODES_SUFFIX, STATE_FORMAT_VERSION
 from ..quant.layout import num_blocks
 from ..quant.packing import code_bytes
-from . import codec, optimizers
+from . import codec, optimizers, weight_errors
 from .canonical import Buffer, Dense, OptimizerState, ParamState, Quantized
 from .loading import Read, slice_read
 from .writer import Sink, Slot, map_leaves
@@ -40,6 +40,8 @@ class Target:
     # With a quantized precision: exactly these parameter keys get quantized state, whatever the
     # source had (an optimizer loading in memory has already decided each parameter's precision).
     quantized_keys: frozenset | None = None
+    # weight_error of compensated bf16 parameters: None as the source has it, 8 / 16 re-widthed, "none" dropped
+    error_bits: int | str | None = None
 
     @property
     def bits(self) -> int:
@@ -80,6 +82,7 @@ class Plan:
     tree: Any
     read: Read = slice_read
     jobs: list[Job] = field(default_factory=list)
+    errors: weight_errors.Tally = field(default_factory=weight_errors.Tally)
 
 
 def read_values(buffer: Buffer, start: int, stop: int, read: Read = slice_read) -> torch.Tensor:
@@ -137,6 +140,15 @@ def to_dense_job(label: str, buffer: Buffer, slot: Slot, read: Read) -> Job:
     return Job(label, buffer.nbytes(), run)
 
 
+def error_job(label: str, buffer: weight_errors.ErrorBuffer, slot: Slot, read: Read) -> Job:
+    """A weight_error's codes, element for element, at the slot's width."""
+
+    def run(sink: Sink) -> None:
+        weight_errors.write_codes(sink, slot, buffer, 0, buffer.numel, read, CHUNK)
+
+    return Job(label, buffer.nbytes(), run)
+
+
 def to_quantized_job(
     label: str, buffer: Buffer, codes: Slot, absmax: Slot, blocksize: int, code: torch.Tensor, read: Read
 ) -> Job:
@@ -184,7 +196,7 @@ def plan_optimizer(state: OptimizerState, target: Target, where: str, read: Read
     members: dict[int, list[ParamState]] = {}
     for key, param in state.params.items():
         members.setdefault(id(group_of[key]), []).append(param)
-    plan = Plan(tree=None, read=read)
+    plan = Plan(tree=None, read=read, errors=weight_errors.Tally(target.error_bits))
     groups, layout = [], {}
     for group in state.param_groups:
         blocksize = target.group_blocksize(group, members.get(id(group), []))
@@ -231,6 +243,14 @@ def _plan_param(plan: Plan, param: ParamState, bits: int, blocksize: int, where:
             entry[name] = slot
     for name, value in param.extras.items():
         entry[name] = passthrough(plan, value, f"{where}: {name}")
+    if param.error is not None:
+        source = weight_errors.dtype_of(param.error)
+        plan.errors.add(source)
+        dtype = weight_errors.output_dtype(source, plan.errors.error_bits)
+        if dtype is not None:
+            slot = Slot(param.shape, dtype, f"{where}: {weight_errors.KEY}")
+            plan.jobs.append(error_job(slot.label, param.error, slot, plan.read))
+            entry[weight_errors.KEY] = slot
     return entry
 
 

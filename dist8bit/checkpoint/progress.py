@@ -43,6 +43,7 @@ class Report:
     seconds: float
     max_error: float | None = None
     bound_ratio: float | None = None
+    weight_errors: str | None = None  # what happened to compensated bf16 parameters' weight_error (None: none held)
 
     def summary(self) -> str:
         rate = self.bytes_in / self.seconds if self.seconds > 0 else 0.0
@@ -53,6 +54,8 @@ class Report:
         )
         if self.max_error is not None:
             line += f"; verified: max error {self.max_error:.3g} ({self.bound_ratio:.3g} x the quantizer bound)"
+        if self.weight_errors:
+            line += f"; {self.weight_errors}"
         return line
 
 

@@ -23,7 +23,7 @@ import torch
 
 from ..optim import state as state_layout
 from ..quant.layout import DEFAULT_BLOCKSIZE, num_blocks
-from . import optimizers
+from . import optimizers, weight_errors
 from .canonical import Buffer, Dense, OptimizerState, ParamState, Quantized
 from .errors import CheckpointError
 
@@ -99,6 +99,10 @@ def read(sd: dict[str, Any], kind: str | None, where: str, shapes: Mapping[Any, 
 def _read_param(
     entry: dict[str, Any], group: dict[str, Any], known: set[str], shape_hint: tuple[int, ...] | None, where: str
 ) -> ParamState:
+    error_codes = entry.get(weight_errors.KEY)
+    if error_codes is not None:
+        error_codes = weight_errors.check(error_codes, None, where)
+        entry = {k: v for k, v in entry.items() if k != weight_errors.KEY}
     pairs = _pairs(entry, where)
     buffers: dict[str, Buffer] = {
         name: Dense(value) for name, value in entry.items() if name in known and _is_float(value) and name not in pairs
@@ -113,6 +117,8 @@ def _read_param(
             precision = f" (is optim_bits={group.get('optim_bits')!r} the precision it was saved at?)" if pairs else ""
             raise CheckpointError(f"{where}: the state is shaped {shape} but the parameter is {tuple(shape_hint)}{precision}")
         shape = tuple(shape_hint)
+    if shape is None and error_codes is not None:
+        shape = tuple(error_codes.shape)  # saved shaped like the parameter: what packed 4-bit codes do not say
     for base, (codes, absmax) in pairs.items():
         bits = _bits(group, codes, absmax)
         if bits == 4 and shape is None:
@@ -143,7 +149,11 @@ def _read_param(
             buffers[name] = Dense(value)  # state dist8bit has no quantized form for (amsgrad's max_exp_avg_sq, ...)
         else:
             extras[name] = value
-    return ParamState(shape, scalar_step(entry.get("step"), where), buffers, extras)
+    numel = int(torch.Size(shape).numel())
+    if error_codes is not None:
+        weight_errors.check_dtype(error_codes.dtype, error_codes.numel(), numel, where)
+    error = None if error_codes is None else Dense(error_codes)
+    return ParamState(shape, scalar_step(entry.get("step"), where), buffers, extras, error)
 
 
 def _is_float(value: Any) -> bool:

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from ..optim.master_weights import converted_error
 from ..quant.layout import num_blocks
-from . import codec, plan
+from . import codec, plan, weight_errors
 from .canonical import Buffer, OptimizerState, Pieced, Quantized
 from .errors import CheckpointError
 from .loading import Read
@@ -97,8 +98,39 @@ def _compare_chunk(
 CONVERTED_GROUP_KEYS = ("optim_bits", "blocksize", "min_8bit_size", "dist8bit_state_version")
 
 
+def compare_errors(
+    source: weight_errors.ErrorBuffer | None,
+    output: weight_errors.ErrorBuffer | None,
+    error_bits: int | str | None,
+    where: str,
+    on_bytes: Callable[[int], None],
+    read: Read,
+) -> None:
+    """A weight_error must come out exactly as planned: the source's codes at the output's width, or gone when dropped."""
+    expected = None if source is None else weight_errors.output_dtype(weight_errors.dtype_of(source), error_bits)
+    found = None if output is None else weight_errors.dtype_of(output)
+    if expected != found:
+        raise CheckpointError(f"verify: {where} {weight_errors.KEY} is {found} in the output, expected {expected}")
+    if source is None or output is None:
+        return
+    if source.numel != output.numel:
+        raise CheckpointError(f"verify: {where} {weight_errors.KEY} has {output.numel} elements, the source {source.numel}")
+    bits = weight_errors.BITS[found]
+    for start in range(0, source.numel, plan.CHUNK):
+        stop = min(start + plan.CHUNK, source.numel)
+        want = converted_error(weight_errors.read_codes(source, start, stop, read), bits)
+        if not torch.equal(want, weight_errors.read_codes(output, start, stop, read)):
+            raise CheckpointError(f"verify: {where} {weight_errors.KEY} differs from the source's codes")
+        on_bytes(source.nbytes() * (stop - start) // max(source.numel, 1))
+
+
 def compare_optimizer(
-    source: OptimizerState, output: OptimizerState, where: str, on_bytes: Callable[[int], None], read: Read
+    source: OptimizerState,
+    output: OptimizerState,
+    where: str,
+    on_bytes: Callable[[int], None],
+    read: Read,
+    error_bits: int | str | None = None,
 ) -> Agreement:
     agreement = Agreement()
     if len(source.param_groups) != len(output.param_groups):
@@ -120,6 +152,7 @@ def compare_optimizer(
                 raise CheckpointError(f"verify: {where} parameter {key!r} lost its {name}")
             label = f"{where} parameter {key!r} {name}"
             agreement.add(*compare_buffer(buffer, converted.buffers[name], label, on_bytes, read))
+        compare_errors(param.error, converted.error, error_bits, f"{where} parameter {key!r}", on_bytes, read)
     if agreement.bound_ratio > 1.0:
         kind = "is not exact" if agreement.bound_ratio == float("inf") else "exceeds the quantizer's error bound"
         raise CheckpointError(
