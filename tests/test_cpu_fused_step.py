@@ -25,10 +25,12 @@ from conftest import CPU_BUILD_FAILURE
 from fused_step_cases import CASES, CASES_BY_NAME, Case, StepTensors, state_codebook
 
 from dist8bit.backends import BACKEND_ENV, REFERENCE, load_backend
+from dist8bit.backends.compiled import _operator_arguments
 from dist8bit.backends.rules import Rule
 from dist8bit.quant.codebook import Codebook
 from dist8bit.quant.layout import num_blocks
 from dist8bit.quant.packing import code_bytes
+from dist8bit.quant.weight_error import compensated_values, error_dtype
 
 pytestmark = pytest.mark.skipif(CPU_BUILD_FAILURE is not None, reason="the CPU extension could not be built")
 
@@ -124,6 +126,12 @@ def assert_same(actual: StepTensors, expected: StepTensors, what: str = "") -> N
             )
         for k, (a, b) in enumerate(zip(actual.absmaxes[slot], expected.absmaxes[slot], strict=True)):
             assert torch.equal(bits(a), bits(b)), f"{what} absmax{slot + 1}[{k}]"
+    for k, (a, b) in enumerate(zip(actual.errors, expected.errors, strict=True)):
+        mismatch = (a != b).nonzero().flatten()
+        assert mismatch.numel() == 0, (
+            f"{what} errors[{k}] (numel {a.numel()}): {mismatch.numel()} differ, first at {mismatch[:4].tolist()}: "
+            f"{a[mismatch[:4]].tolist()} vs {b[mismatch[:4]].tolist()}"
+        )
 
 
 @pytest.mark.parametrize("param_dtype,grad_dtype", DTYPES, ids=DTYPE_IDS)
@@ -158,15 +166,15 @@ def test_4bit_matches_reference(cpu, reference, name, blocksize, param_dtype, gr
     check_two_steps(cpu, reference, case, make_inputs(case, 4, blocksize, param_dtype, grad_dtype))
 
 
-def check_two_steps(cpu, reference, case: Case, inputs: StepTensors) -> None:
-    """Two steps of `case` on the CPU and the reference (the first with grad_scale and update_scale) agree bit for bit."""
+def check_two_steps(cpu, reference, case: Case, inputs: StepTensors, steps: int = 2) -> None:
+    """`steps` steps of `case` on the CPU and the reference (the first with grad_scale and update_scale) agree bit for bit."""
     mine, theirs = inputs.copy(), inputs.copy()
-    n = len(SIZES)
+    n = len(inputs.params)
     gen = torch.Generator().manual_seed(1)
     grad_scale = torch.rand(n, generator=gen) + 0.5
     update_scale = torch.rand(n, generator=gen) + 0.5
     counts = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
-    for step in range(2):
+    for step in range(steps):
         scales = {"grad_scale": grad_scale, "update_scale": update_scale} if step == 0 else {}
         run_step(cpu, case, mine, **scales, nonfinite_count=counts[0])
         run_step(reference, case, theirs, **scales, nonfinite_count=counts[1])
@@ -376,6 +384,180 @@ def test_rejects_bad_4bit_arguments(cpu):
         run_step(cpu, case, good.copy(), codebooks=[with_table, state_codebook(False, CPU, 4), None])
     with pytest.raises(RuntimeError, match="blocksize"):
         run_step(cpu, case, good.copy(), blocksize=100)
+
+
+# ---------------------------------------------------------------------------
+# Compensated bfloat16 parameters: one int8/int16 error buffer per segment
+# (dist8bit/quant/weight_error.py), read into p and rewritten in the same pass.
+
+STATE_BLOCKSIZE = {8: 64, 4: 128, 32: 256}
+COMPENSATED_SIZES = (0, 1, 255, 256, 257, 5000)  # many segments: the thread test runs the long ones
+GRAD_DTYPES = {"fp32grad": torch.float32, "bf16grad": torch.bfloat16}
+
+
+def with_errors(inputs: StepTensors, error_bits: int, seed: int = 5) -> StepTensors:
+    """`inputs` (bfloat16 params) given random error codes over the buffer's whole range, both ends first."""
+    gen = torch.Generator().manual_seed(seed)
+    top = torch.iinfo(error_dtype(error_bits)).max
+    inputs.errors = []
+    for param in inputs.params:
+        q = torch.randint(-top, top + 1, (param.numel(),), generator=gen, dtype=torch.int32)
+        q[:2] = torch.tensor([top, -top], dtype=torch.int32)[: param.numel()]
+        inputs.errors.append(q.to(error_dtype(error_bits)))
+    return inputs
+
+
+def compensated_inputs(
+    case: Case,
+    state_bits: int,
+    error_bits: int,
+    grad_dtype: torch.dtype = torch.float32,
+    sizes=COMPENSATED_SIZES,
+    seed: int = 0,
+) -> StepTensors:
+    inputs = make_inputs(case, state_bits, STATE_BLOCKSIZE[state_bits], torch.bfloat16, grad_dtype, sizes=sizes, seed=seed)
+    return with_errors(inputs, error_bits)
+
+
+# Every rule family that reads p differently (decoupled decay, L2, momentum, sign, three states, LARS's rate)
+# with both buffer widths; AdamW over every state precision and gradient dtype.
+COMPENSATED = [
+    ("adamw", state_bits, grad, error_bits) for state_bits in (8, 32, 4) for grad in GRAD_DTYPES for error_bits in (8, 16)
+] + [
+    (name, *variant)
+    for name in ("adam-l2", "sgd-momentum", "lion", "ademamix", "lars")
+    for variant in ((8, "bf16grad", 8), (32, "fp32grad", 16), (4, "fp32grad", 8))
+]
+
+
+@pytest.mark.parametrize(
+    "name,state_bits,grad,error_bits", COMPENSATED, ids=[f"{n}-{b}bit-{g}-err{e}" for n, b, g, e in COMPENSATED]
+)
+def test_compensated_matches_reference(cpu, reference, name, state_bits, grad, error_bits):
+    """Three steps (errors carried from step to step) with non-finite gradients, grad_scale and update_scale."""
+    case = CASES_BY_NAME[name]
+    inputs = compensated_inputs(case, state_bits, error_bits, GRAD_DTYPES[grad])
+    check_two_steps(cpu, reference, case, inputs, steps=3)
+
+
+@pytest.mark.parametrize("error_bits", [8, 16])
+@pytest.mark.parametrize("state_bits", [8, 32], ids=["8bit", "32bit"])
+def test_compensated_special_values(cpu, reference, state_bits, error_bits):
+    """NaN/Inf/+-0/subnormal/largest bfloat16 params, codes at +-max, stale codes under +-0 (restored magnitude
+    floored at 0), binade boundaries; skipped (non-finite gradient) elements keep p and q."""
+    case = CASES_BY_NAME["adamw"]
+    top = torch.iinfo(error_dtype(error_bits)).max
+    sizes = (300, 1000, 77)
+    inputs = compensated_inputs(case, state_bits, error_bits, sizes=sizes, seed=3)
+    special = [float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -0.0, 2**-133, -(2**-130), 2**-126, 1.0, 2.0, 3.38e38]
+    codes = [top, -top, top, -top, -top, 1, -top, top, -top, -top, -1, top]
+    inputs.params[0][: len(special)] = torch.tensor(special).bfloat16()
+    inputs.errors[0][: len(codes)] = torch.tensor(codes).to(inputs.errors[0].dtype)
+    inputs.params[1][300:400] = (torch.randn(100) * 1e-39).bfloat16()  # subnormal parameters
+    inputs.grads[1][300:400] = torch.randn(100) * 1e-36
+    mine, theirs = inputs.copy(), inputs.copy()
+    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
+    grad_scale = torch.tensor([1.0, 1.0, float("inf")])  # segment 2: every scaled gradient is non-finite
+    run_step(cpu, case, mine, grad_scale=grad_scale, nonfinite_count=counts[0])
+    run_step(reference, case, theirs, grad_scale=grad_scale, nonfinite_count=counts[1])
+    assert_same(mine, theirs)
+    assert counts[0].item() == counts[1].item() >= sizes[2]
+    for k, (before, after) in enumerate(zip(inputs.params, mine.params, strict=True)):
+        skipped = ~torch.isfinite(inputs.grads[k] * grad_scale[k])
+        kept = skipped & torch.isfinite(before) & (compensated_values(before, inputs.errors[k]) != 0)
+        assert kept.sum() > 0
+        assert torch.equal(bits(after[kept]), bits(before[kept])), f"segment {k}: a skipped element's p changed"
+        assert torch.equal(mine.errors[k][kept], inputs.errors[k][kept]), f"segment {k}: a skipped element's q changed"
+    assert mine.errors[0][:3].tolist() == [0, 0, 0]  # non-finite p carry no error
+
+
+@pytest.mark.parametrize("error_bits", [8, 16])
+def test_compensated_keeps_small_updates(cpu, error_bits):
+    """Updates of about 1/8 of a bfloat16 ulp: plain bfloat16 parameters never move, compensated ones follow
+    the float32 run to the buffer's resolution: per step at most 128 float32 ulps off with int8 (half of the
+    2^8 dropped by the shift), 1 with int16 (a tie), plus 1 for the float32 update's own rounding."""
+    case = CASES_BY_NAME["sgd"]  # p - lr * (g + wd * p), no state
+    steps, n = 10, 4096
+    gen = torch.Generator().manual_seed(2)
+    start = (1 + torch.rand(n, generator=gen)).bfloat16()  # [1, 2): float32 ulp 2^-23, bfloat16 ulp 2^-7
+    grads = [torch.full((n,), 1e-2)]  # lr 0.1: a step of about 1e-3
+    fp32 = make_inputs(case, 32, 256, torch.float32, torch.float32, sizes=(n,), nonfinite=False)
+    fp32.params, fp32.grads = [start.float()], grads
+    plain = fp32.copy()
+    plain.params = [start.clone()]
+    compensated = plain.copy()
+    compensated.errors = [torch.zeros(n, dtype=error_dtype(error_bits))]
+    for _ in range(steps):
+        for inputs in (fp32, plain, compensated):
+            run_step(cpu, case, inputs)
+    assert torch.equal(plain.params[0], start)
+    restored = compensated_values(compensated.params[0], compensated.errors[0])
+    per_step_ulps = (128 if error_bits == 8 else 1) + 1
+    torch.testing.assert_close(restored, fp32.params[0], rtol=0.0, atol=steps * per_step_ulps * 2**-23)
+    assert (compensated.params[0] != start).float().mean() > 0.9
+
+
+@pytest.mark.parametrize(
+    "name,error_bits", [("lamb-in-direction", 8), ("adam-l2", 16), ("lars", 8), ("sgd", 16)], ids=lambda v: str(v)
+)
+def test_compensated_norm_out(cpu, reference, name, error_bits):
+    """Norm passes read p with its error code (L2 and in-direction decay see it) and write nothing."""
+    case = CASES_BY_NAME[name]
+    inputs = compensated_inputs(case, 8, error_bits)
+    mine = inputs.copy()
+    norms = [torch.full((len(COMPENSATED_SIZES),), -1.0, dtype=torch.float64) for _ in range(2)]
+    run_step(cpu, case, mine, norm_out=norms[0])
+    run_step(reference, case, inputs.copy(), norm_out=norms[1])
+    torch.testing.assert_close(norms[0], norms[1], rtol=1e-12, atol=0.0)
+    assert_same(mine, inputs, "norm mode must not modify")
+
+
+@pytest.mark.parametrize("error_bits", [8, 16])
+def test_compensated_thread_count_does_not_change_results(cpu, error_bits):
+    case = CASES_BY_NAME["ademamix"]
+    inputs = compensated_inputs(case, 8, error_bits, sizes=(100000, 3, 40000))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            mine = inputs.copy()
+            run_step(cpu, case, mine)
+            results.append(mine)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(results[0], results[1])
+
+
+def test_compensated_rejects_bad_arguments(cpu):
+    """Error buffers only with bfloat16 params, int8/int16, one per segment of its numel, and no seed."""
+    case = CASES_BY_NAME["adamw"]
+    good = compensated_inputs(case, 8, 8, sizes=(300, 20))
+    run_step(cpu, case, good.copy())
+    for dtype in (torch.float16, torch.float32):
+        bad = good.copy()
+        bad.params = [p.to(dtype) for p in bad.params]
+        with pytest.raises(RuntimeError, match="need bfloat16 params"):
+            run_step(cpu, case, bad)
+    bad = good.copy()
+    bad.errors[0] = bad.errors[0].int()
+    with pytest.raises(RuntimeError, match=r"errors\[0\] must be int8"):
+        run_step(cpu, case, bad)
+    bad = good.copy()
+    bad.errors[1] = bad.errors[1].short()
+    with pytest.raises(RuntimeError, match=r"errors\[1\] must be Char"):
+        run_step(cpu, case, bad)
+    bad = good.copy()
+    bad.errors[1] = bad.errors[1][:-1]
+    with pytest.raises(RuntimeError, match=r"errors\[1\] must hold 20 elements"):
+        run_step(cpu, case, bad)
+    # The op itself, past FusedStepCall's own checks: one buffer for two segments, and a seed.
+    arguments = _operator_arguments(good.copy().call(case))
+    errors_at = len(arguments) - 4
+    with pytest.raises(RuntimeError, match="errors must hold 0 or 2 tensors"):
+        torch.ops.dist8bit.fused_step(*arguments[:errors_at], arguments[errors_at][:1], *arguments[errors_at + 1 :])
+    with pytest.raises(RuntimeError, match="pass no seed"):
+        torch.ops.dist8bit.fused_step(*arguments[:-1], 3)
 
 
 PORTABLE_CHECK = textwrap.dedent(

@@ -23,6 +23,14 @@
 //           keeps its payload in float16, as torch's vectorised copy does) or,
 //           for bfloat16 with a seed, stochastically (reference_optim.
 //           round_bf16_stochastically, element index segment_offsets[k] + i)
+//   errors  compensated bfloat16 parameters (errors[k] int8 or int16, one
+//           code q per element; never with a seed): p is read as
+//           compensated_value(bf16 bits, q) of common/weight_error.h (norm
+//           passes too), written rounding to nearest even, and q rewritten as
+//           weight_error(stepped, written bits) in the same pass; a skipped
+//           element's stepped is that restored p, so it keeps p and q.
+//           weight_error_simd.h has the 16-lane integer form; the buffer width
+//           is a run-time choice per call (no extra instantiations)
 //
 // Work layout. The call's segments are cut into units: the quantized blocks
 // (blocks of `blocksize` start at each segment's first element) or, for
@@ -63,6 +71,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "binding/kernel_contract.h"
@@ -72,6 +81,7 @@
 #include "common/update_rules.h"
 #include "nibble_simd.h"
 #include "quant_simd.h"
+#include "weight_error_simd.h"
 
 namespace dist8bit {
 namespace cpu {
@@ -92,6 +102,7 @@ struct Segment {
   FloatType grad_kind;
   void* state[kMaxStates];    // uint8 codes (8- or 4-bit) or float32 values
   float* absmax[kMaxStates];  // quantized: one scale per block
+  void* errors;               // compensated bfloat16: the error buffer (int8 or int16), else nullptr
   int64_t numel;
   int64_t first_index;  // segment_offsets[k]: stochastic rounding index of element 0
   float grad_scale;     // 1 when the call has none (never applied then)
@@ -121,6 +132,7 @@ struct Call {
   bool has_grad_scale;
   bool stochastic;  // bfloat16 parameters with stochastic rounding
   uint32_t key;
+  ErrorLayout errors;  // compensated bfloat16 parameters: the error buffers' width (bits 0: none)
   const Segment* segments;
   SlotCode slot[kMaxStates];
   double* unit_norms;  // norm mode: one partial sum per unit
@@ -188,6 +200,29 @@ inline void store_param_scalar(c10::BFloat16* out, float v, const Call& call, in
   }
 }
 
+// The float32 that element `at` of the segment stands for: the parameter or,
+// compensated, the bfloat16 with its error code added (common/weight_error.h).
+template <typename P>
+inline float read_param_scalar(const Call& call, const Segment& seg, const P* param, int64_t at) {
+  if constexpr (std::is_same_v<P, c10::BFloat16>) {
+    if (call.errors.enabled()) {
+      return compensated_value(param->x, load_error(call.errors, seg.errors, at), call.errors.format);
+    }
+  }
+  return to_float(*param);
+}
+
+// Stores `v` as element `at`'s parameter and, compensated, the error code of that write.
+template <typename P>
+inline void write_param_scalar(const Call& call, const Segment& seg, P* param, int64_t at, float v) {
+  store_param_scalar(param, v, call, seg.first_index + at);
+  if constexpr (std::is_same_v<P, c10::BFloat16>) {
+    if (call.errors.enabled()) {
+      store_error(call.errors, seg.errors, at, weight_error(v, param->x, call.errors.format));
+    }
+  }
+}
+
 template <Rule R, WeightDecayMode W, int NS, bool kQuant, bool kNorm, typename P>
 void unit_scalar(const Call& call, const Segment& seg, int64_t u, float (*kept)[kMaxBlock], int64_t* nonfinite) {
   constexpr int kSlots = NS > 0 ? NS : 1;
@@ -205,7 +240,7 @@ void unit_scalar(const Call& call, const Segment& seg, int64_t u, float (*kept)[
     float g = load_value(seg.grad, seg.grad_kind, start + i);
     if (call.has_grad_scale) g = g * seg.grad_scale;
     const bool finite = std::isfinite(g);
-    const float p = to_float(param[i]);
+    const float p = read_param_scalar(call, seg, param + i, start + i);
     float old[kSlots], state[kSlots];
     for (int k = 0; k < NS; ++k) {
       if (kQuant) {
@@ -223,8 +258,8 @@ void unit_scalar(const Call& call, const Segment& seg, int64_t u, float (*kept)[
       continue;
     }
     bad += finite ? 0 : 1;
-    store_param_scalar(param + i, finite ? apply_direction(p, call.decay, write_rate(R, seg.lr), d) : p, call,
-                       seg.first_index + start + i);
+    write_param_scalar(call, seg, param + i, start + i,
+                       finite ? apply_direction(p, call.decay, write_rate(R, seg.lr), d) : p);
     for (int k = 0; k < NS; ++k) {
       const float value = finite ? state[k] : old[k];
       if (kQuant) {
@@ -378,7 +413,10 @@ class UnitAvx512 {
         param_(static_cast<P*>(seg.param) + start_),
         grad_(static_cast<const char*>(seg.grad) + start_ * grad_bytes<G>(seg.grad_kind)),
         kept_(kept),
-        grad_scale_(_mm512_set1_ps(seg.grad_scale)) {
+        grad_scale_(_mm512_set1_ps(seg.grad_scale)),
+        errors_(kBf16 && call.errors.enabled() ? static_cast<char*>(seg.errors) + start_ * call.errors.bytes()
+                                               : nullptr),
+        error_format_(call.errors) {
     for (int k = 0; k < NS; ++k) {
       scale_[k] = kQuant ? seg.absmax[k][block_] : 0.0f;
       absmax_[k] = _mm512_setzero_si512();
@@ -410,6 +448,7 @@ class UnitAvx512 {
 
  private:
   static constexpr int kSlots = NS > 0 ? NS : 1;
+  static constexpr bool kBf16 = std::is_same_v<P, c10::BFloat16>;
 
   // Elements i .. i + count - 1 of the unit (count = 64 when kFull).
   template <bool kFull>
@@ -420,6 +459,9 @@ class UnitAvx512 {
       const int64_t bytes = grad_bytes<G>(seg_.grad_kind);
       prefetch_range(grad_ + (i + kPrefetchAhead) * bytes, kGroup * bytes);
       prefetch_range(param_ + i + kPrefetchAhead, kGroup * static_cast<int64_t>(sizeof(P)));
+      if (errors_ != nullptr) {
+        prefetch_range(errors_ + (i + kPrefetchAhead) * call_.errors.bytes(), kGroup * call_.errors.bytes());
+      }
       for (int k = 0; k < NS; ++k) {
         if (kQuant) {
           prefetch_range(codes_at(seg_.state[k], call_.four_bit, at + kPrefetchAhead),
@@ -456,7 +498,7 @@ class UnitAvx512 {
     __m512 g = kFull ? load_grad<G>(grad_, seg_.grad_kind, e) : load_grad<G>(grad_, seg_.grad_kind, e, lanes);
     if (call_.has_grad_scale) g = _mm512_mul_ps(g, grad_scale_);
     const __mmask16 not_finite = _mm512_fpclass_ps_mask(g, 0x99);  // QNaN | +Inf | -Inf | SNaN
-    const __m512 p = kFull ? load16(param_ + e) : load16(param_ + e, lanes);
+    const __m512 p = read_param<kFull>(e, lanes);
     if (kNorm) {
       const Vec16 d = direction(_mm512_maskz_mov_ps(static_cast<__mmask16>(~not_finite), g), p, old, q, nullptr);
       const __mmask16 finite = static_cast<__mmask16>(lanes & ~not_finite);
@@ -477,6 +519,35 @@ class UnitAvx512 {
     }
   }
 
+  // The float32 values the parameters of 16 lanes stand for: as stored or,
+  // compensated, the bfloat16 bits with their error codes (weight_error_simd.h).
+  template <bool kFull>
+  __attribute__((always_inline)) __m512 read_param(int64_t e, __mmask16 lanes) {
+    const __m512 p = kFull ? load16(param_ + e) : load16(param_ + e, lanes);
+    if constexpr (kBf16) {
+      if (errors_ != nullptr) {
+        return compensated_values16(error_format_, _mm512_castps_si512(p),
+                                    load_errors16(error_format_, errors_, e, lanes));
+      }
+    }
+    return p;
+  }
+
+  // Stores 16 lanes' parameters and, compensated, the error codes of the
+  // bfloat16 write (round to nearest even).
+  __attribute__((always_inline)) void write_param(int64_t e, __mmask16 lanes, __m512 value) {
+    if constexpr (kBf16) {
+      if (errors_ != nullptr) {
+        const __m512i rounded = bfloat16_lanes(value);
+        _mm256_mask_storeu_epi16(param_ + e, lanes, _mm512_cvtepi32_epi16(rounded));
+        store_errors16(error_format_, errors_, e, lanes,
+                       weight_errors16(error_format_, value, _mm512_slli_epi32(rounded, 16)));
+        return;
+      }
+    }
+    store_param(param_ + e, value, lanes, call_, seg_.first_index + start_ + e);
+  }
+
   // The rule's direction for 16 lanes; the new states go to `state` (when not null).
   __attribute__((always_inline)) Vec16 direction(__m512 g, __m512 p, const __m512 (*old)[4], int q, Vec16* state) {
     Vec16 scratch[kSlots];
@@ -493,8 +564,7 @@ class UnitAvx512 {
     Vec16 state[kSlots];
     const Vec16 d = direction(g, p, old, q, state);
     const Vec16 stepped = apply_direction_value<Vec16>(Vec16(p), call_.decay, write_rate(R, seg_.lr), d);
-    store_param(param_ + e, kMasked ? _mm512_mask_blend_ps(finite, p, stepped.v) : stepped.v, lanes, call_,
-                seg_.first_index + start_ + e);
+    write_param(e, lanes, kMasked ? _mm512_mask_blend_ps(finite, p, stepped.v) : stepped.v);
     for (int k = 0; k < NS; ++k) {
       const __m512 value = kMasked ? _mm512_mask_blend_ps(finite, old[k][q], state[k].v) : state[k].v;
       if (kQuant) {
@@ -523,6 +593,8 @@ class UnitAvx512 {
   const char* const grad_;  // the unit's first gradient
   float (*const kept_)[kMaxBlock];
   const __m512 grad_scale_;
+  char* const errors_;  // compensated bfloat16: the unit's first error code, else nullptr
+  const ErrorFormat16 error_format_;
   float scale_[kSlots] = {};  // quantized: the old absmax of each slot
   __m512 scaled_code_[kSlots];  // 4-bit: code[c] * scale_, c = 0..15
   __m512i absmax_[kSlots];    // quantized: max of |kept value| bits so far
@@ -670,6 +742,7 @@ Call make_call(const binding::FusedStepCall& checked, int64_t blocksize, std::op
   call.has_grad_scale = checked.grad_scale != nullptr;
   call.stochastic = seed.has_value() && checked.param_type == FloatType::kBFloat16;
   call.key = call.stochastic ? seed_key(static_cast<uint64_t>(*seed)) : 0u;
+  if (checked.compensated()) call.errors = ErrorLayout{checked.error_bits, WeightErrorFormat::for_bits(checked.error_bits)};
   return call;
 }
 
@@ -692,6 +765,7 @@ int64_t fill_segments(const binding::FusedStepCall& checked, const Call& call,
       seg.state[s] = checked.state(s, k).mutable_data_ptr();
       seg.absmax[s] = checked.quantized() ? checked.absmax(s, k).mutable_data_ptr<float>() : nullptr;
     }
+    seg.errors = checked.compensated() ? checked.error(k).mutable_data_ptr() : nullptr;
     seg.numel = param.numel();
     seg.first_index = call.stochastic ? segment_offsets[k] : 0;
     seg.grad_scale = grad_scales != nullptr ? grad_scales[k] : 1.0f;
@@ -741,7 +815,7 @@ void write_norms(const std::vector<Segment>& segments, const std::vector<double>
 // The CPU backend of binding::fused_step_op: each gradient may have its own dtype.
 struct FusedStepCpu {
   static constexpr binding::BackendInfo kInfo = {"dist8bit CPU kernel", at::kCPU, /*mixed_grads=*/true,
-                                                 /*four_bit=*/true};
+                                                 /*four_bit=*/true, /*compensated=*/true};
 
   static void fused_step(const binding::FusedStepCall& checked, c10::ArrayRef<int64_t> segment_offsets,
                          int64_t blocksize, std::optional<int64_t> seed) {

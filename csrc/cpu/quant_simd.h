@@ -591,12 +591,16 @@ void encode_stochastic_avx512(const EncodeTables& tables, const FloatTable256& c
 __attribute__((always_inline)) inline __m256i narrow(__m512 v, c10::Half*) {
   return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
-__attribute__((always_inline)) inline __m256i narrow(__m512 v, c10::BFloat16*) {
+// float32 -> bfloat16 bits (round to nearest even, NaN -> 0xFFFF), one per 32-bit lane.
+__attribute__((always_inline)) inline __m512i bfloat16_lanes(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
-  return _mm512_cvtepi32_epi16(rounded);
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+}
+__attribute__((always_inline)) inline __m256i narrow(__m512 v, c10::BFloat16*) {
+  return _mm512_cvtepi32_epi16(bfloat16_lanes(v));
 }
 
 #endif  // D8_AVX512
