@@ -34,7 +34,7 @@ struct WeightErrorFormat {
   int32_t q_min;  // -127 or -32767
   int32_t q_max;  // 127 or 32767
 
-  static constexpr WeightErrorFormat for_bits(int bits) {
+  D8_HD static constexpr WeightErrorFormat for_bits(int bits) {  // D8_HD: kernels pick the format at run time
     return bits == 8 ? WeightErrorFormat{8, -127, 127} : WeightErrorFormat{0, -32767, 32767};
   }
 };

@@ -93,10 +93,12 @@ FusedStepConfig make_config(const binding::FusedStepCall& checked, int64_t block
   if (checked.nonfinite_count != nullptr) config.nonfinite_count = checked.nonfinite_count->mutable_data_ptr<int64_t>();
   config.stochastic = seed.has_value();
   config.seed = static_cast<uint64_t>(seed.value_or(0));
+  config.error_bits = checked.error_bits;  // 0, or 8 / 16: compensated bfloat16 params
   return config;
 }
 
-// One record per segment: its pointers, size and stochastic-rounding offset.
+// One record per segment: its pointers (error codes too, for compensated
+// params), size and stochastic-rounding offset.
 std::vector<FusedSegment> make_segments(const binding::FusedStepCall& checked,
                                         c10::ArrayRef<int64_t> segment_offsets) {
   std::vector<FusedSegment> segments(static_cast<size_t>(checked.num_segments));
@@ -108,6 +110,7 @@ std::vector<FusedSegment> make_segments(const binding::FusedStepCall& checked,
       segment.state[i] = checked.state(i, k).mutable_data_ptr();
       if (checked.quantized()) segment.absmax[i] = checked.absmax(i, k).mutable_data_ptr<float>();
     }
+    if (checked.compensated()) segment.error = checked.error(k).mutable_data_ptr();
     segment.numel = checked.tensors->params[k].numel();
     segment.first_index = segment_offsets[k];
   }
@@ -118,7 +121,7 @@ std::vector<FusedSegment> make_segments(const binding::FusedStepCall& checked,
 // dtype per call (FusedStepConfig::grad_type).
 struct FusedStepCuda {
   static constexpr binding::BackendInfo kInfo = {"dist8bit CUDA fused_step", at::kCUDA, /*mixed_grads=*/false,
-                                                 /*four_bit=*/true};
+                                                 /*four_bit=*/true, /*compensated=*/true};
 
   static void fused_step(const binding::FusedStepCall& checked, c10::ArrayRef<int64_t> segment_offsets,
                          int64_t blocksize, std::optional<int64_t> seed) {

@@ -17,6 +17,13 @@
 //           (bits + (r(i) & 0xFFFF)) >> 16 with r the hash of
 //           common/stochastic_rounding.h at segment_offsets[k] + i, non-finite
 //           values rounded to nearest.
+//   errors  compensated bfloat16 parameters (error_bits 8 or 16): p is read as
+//           compensated_value(p_bits, q) of common/weight_error.h (the float32
+//           the bfloat16 and its stored error code q stand for), written round
+//           to nearest even, and q = weight_error(p_new, p_new_bits) stored in
+//           the same pass; a skipped element's p_new is its read p, which
+//           rounds back to p_bits and re-encodes its q. The norm pass reads p
+//           the same way.
 //   states  quantized: the block's new absmax is the NaN-propagating max of
 //           |kept| over the block (unsigned max of the bits, canonical NaN),
 //           then code = #thresholds below kept * (1 / absmax) with NaN -> 0:
@@ -65,20 +72,30 @@
 //   conflicts. At blocksize 128 (the 4-bit default) a block is one warp row:
 //   its maximum is one redux.sync, and a warp writes 64 contiguous code bytes
 //   per row.
-//   Vector accesses (16 bytes of float32, 8 of 16-bit, 4 or 2 code bytes) need aligned
-//   pointers (checked per segment on the host) and a whole row; the last row
-//   of a segment and unaligned segments take per-element accesses.
+//   Vector accesses (16 bytes of float32, 8 of 16-bit, 4 or 2 code bytes, 4
+//   or 8 bytes of int8 / int16 error codes) need aligned pointers (checked per
+//   segment on the host) and a whole row; the last row of a segment and
+//   unaligned segments take per-element accesses.
+//   Error codes are a run-time argument (error_bits, uniform over the grid),
+//   not a template parameter: a row's codes ride in the two words of its
+//   bfloat16 parameter row (Row) that only float32 parameters use, and the
+//   non-compensated path gains one uniform branch per row and phase. One
+//   kernel per rule, slots and blocksize keeps the 66 instantiations (a
+//   template flag would double them and the build time); registers below.
 // The non-finite count is summed per warp and added once per warp (int64
 // atomics); the norm is summed per lane, reduced per warp and added once per
 // warp and segment. No host synchronisation anywhere.
 //
 // Registers (ptxas, sm_90, -O3 --fmad=false), capped at 128 by
-// __launch_bounds__, no spills, each kernel serving 8- and 4-bit states:
-// Adam 105..116, SGD/LARS without momentum 71, SGD/LARS/RMSprop/Adagrad/Lion
-// with one slot 88..95, RMSprop with two 105..112, AdEMAMix 122..128 (4096:
-// Adam 110, AdEMAMix 122; 154 / 179 with 4 rows per lane). So 16 warps are
-// resident per SM for every variant (docs/cuda_encoder.md has the table). The per-phase device functions below are force-inlined: splitting
-// the kernel into them moved single-slot variants by -2..+4 registers.
+// __launch_bounds__, no spills, each kernel serving 8- and 4-bit states and
+// compensated bfloat16 parameters (before error codes in parentheses): Adam
+// 114..122 (105..116), SGD/LARS without momentum 80 (71),
+// SGD/LARS/RMSprop/Adagrad/Lion with one slot 94..114 (88..95), RMSprop with
+// two 114..128 (105..112), AdEMAMix 122..126 (122..128); 4096: Adam 116,
+// AdEMAMix 122 (154 / 179 with 4 rows per lane). So 16 warps are resident per
+// SM for every variant, as before (docs/cuda_encoder.md has the table). The
+// per-phase device functions below are force-inlined: splitting the kernel
+// into them moved single-slot variants by -2..+4 registers.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -90,6 +107,7 @@
 #include "common/host_device.h"
 #include "common/stochastic_rounding.h"
 #include "common/update_rules.h"
+#include "common/weight_error.h"
 #include "device_quant.cuh"
 #include "fused_step_kernels.cuh"
 #include "launch_util.cuh"
@@ -175,6 +193,7 @@ struct KernelArgs {
   FloatType grad_type;
   uint32_t key;  // seed_key(seed) for stochastic rounding
   bool stochastic;
+  int error_bits;  // compensated bfloat16 parameters: 8 or 16 (segments' error codes), else 0
 };
 
 // ---------------------------------------------------------------------------
@@ -191,6 +210,37 @@ struct Row {
 };
 
 __device__ __forceinline__ bool whole_vector(bool vector_ok, int count) { return vector_ok && count == kVec; }
+
+// kVec 16-bit values from p, two per word (low first): `lo` holds elements 0
+// and 1, `hi` 2 and 3; elements past `count` are 0.
+__device__ __forceinline__ void load_halves(const unsigned short* p, int count, bool vector_ok, uint32_t& lo,
+                                            uint32_t& hi) {
+  if (whole_vector(vector_ok, count)) {
+    const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+    lo = v.x;
+    hi = v.y;
+    return;
+  }
+  uint32_t w[2] = {0u, 0u};
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    if (k < count) w[k / 2] |= uint32_t{__ldcs(p + k)} << (16 * (k % 2));
+  }
+  lo = w[0];
+  hi = w[1];
+}
+
+// Stores h[0..count) (16-bit values: every h[k] < 2^16) at p.
+__device__ __forceinline__ void store_halves(unsigned short* p, int count, bool vector_ok, const uint32_t (&h)[kVec]) {
+  if (whole_vector(vector_ok, count)) {
+    __stcs(reinterpret_cast<uint2*>(p), make_uint2(h[0] | (h[1] << 16), h[2] | (h[3] << 16)));
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    if (k < count) __stcs(p + k, static_cast<unsigned short>(h[k]));
+  }
+}
 
 __device__ __forceinline__ Row load_row(FloatType type, const void* base, int64_t first, int count, bool vector_ok) {
   Row r = {{0u, 0u, 0u, 0u}};
@@ -209,17 +259,7 @@ __device__ __forceinline__ Row load_row(FloatType type, const void* base, int64_
       }
     }
   } else {
-    const unsigned short* p = static_cast<const unsigned short*>(base) + first;
-    if (whole_vector(vector_ok, count)) {
-      const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
-      r.w[0] = v.x;
-      r.w[1] = v.y;
-    } else {
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        if (k < count) r.w[k / 2] |= uint32_t{__ldcs(p + k)} << (16 * (k % 2));
-      }
-    }
+    load_halves(static_cast<const unsigned short*>(base) + first, count, vector_ok, r.w[0], r.w[1]);
   }
   return r;
 }
@@ -358,14 +398,61 @@ __device__ __forceinline__ void store_param_row(FloatType type, void* base, int6
 #pragma unroll
     for (int k = 0; k < kVec; ++k) h[k] = BF16::to_bits(v[k]);
   }
-  unsigned short* p = static_cast<unsigned short*>(base) + first;
-  if (whole_vector(vector_ok, count)) {
-    __stcs(reinterpret_cast<uint2*>(p), make_uint2(h[0] | (h[1] << 16), h[2] | (h[3] << 16)));
-    return;
+  store_halves(static_cast<unsigned short*>(base) + first, count, vector_ok, h);
+}
+
+// ---------------------------------------------------------------------------
+// Compensated bfloat16 parameters (common/weight_error.h). A bfloat16 row
+// fills only Row::w[0] and w[1]; its error codes ride in w[2] (int8: four
+// bytes, element k in byte k) or w[2] and w[3] (int16: two per word, low first).
+
+__device__ __forceinline__ void load_error_row(int error_bits, const void* base, int64_t first, int count,
+                                               bool vector_ok, Row& r) {
+  if (error_bits == 8) {
+    r.w[2] = load_codes(static_cast<const uint8_t*>(base), first, count, vector_ok);
+  } else {
+    load_halves(static_cast<const unsigned short*>(base) + first, count, vector_ok, r.w[2], r.w[3]);
   }
+}
+
+// Element k's error code, sign-extended.
+__device__ __forceinline__ int32_t error_code(int error_bits, const Row& r, int k) {
+  return error_bits == 8 ? static_cast<int32_t>(r.w[2] << (24 - 8 * k)) >> 24
+                         : static_cast<int32_t>(r.w[2 + k / 2] << (16 - 16 * (k % 2))) >> 16;
+}
+
+// The float32 values a compensated row stands for.
+__device__ __forceinline__ void compensated_row(int error_bits, const Row& r, float (&v)[kVec]) {
+  const WeightErrorFormat format = WeightErrorFormat::for_bits(error_bits);
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {
-    if (k < count) __stcs(p + k, static_cast<unsigned short>(h[k]));
+    const auto p_bits = static_cast<uint16_t>(r.w[k / 2] >> (16 * (k % 2)));
+    v[k] = compensated_value(p_bits, error_code(error_bits, r, k), format);
+  }
+}
+
+// Writes a compensated row: the parameters rounded to nearest even, and the
+// error code of each write.
+__device__ __forceinline__ void store_compensated_row(int error_bits, void* param, void* error, int64_t first,
+                                                      int count, bool vector_ok, const float (&v)[kVec]) {
+  const WeightErrorFormat format = WeightErrorFormat::for_bits(error_bits);
+  uint32_t h[kVec];
+  uint32_t q[kVec];
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    h[k] = BF16::to_bits(v[k]);
+    q[k] = static_cast<uint32_t>(weight_error(v[k], static_cast<uint16_t>(h[k]), format));
+  }
+  store_halves(static_cast<unsigned short*>(param) + first, count, vector_ok, h);
+  if (error_bits == 8) {
+    uint32_t word = 0;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) word |= (q[k] & 0xffu) << (8 * k);
+    store_code_word(static_cast<uint8_t*>(error), first, count, vector_ok, word);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) q[k] &= 0xffffu;
+    store_halves(static_cast<unsigned short*>(error) + first, count, vector_ok, q);
   }
 }
 
@@ -516,13 +603,15 @@ __device__ __forceinline__ void stage_tables(const KernelArgs& args, bool four_b
 
 // Every load of the lane's rows, before any arithmetic: where each row starts
 // (first[j]) and how many of its elements lie inside the segment (count[j]),
-// then parameters, gradients, and the codes with their old scales (quantized
-// states: 4-bit codes spread to one per byte, so that they decode like 8-bit
-// ones) or the float32 states.
+// then parameters (with their error codes when error_bits is 8 or 16),
+// gradients, and the codes with their old scales (quantized states: 4-bit
+// codes spread to one per byte, so that they decode like 8-bit ones) or the
+// float32 states.
 template <int NS, typename L, int kSlots>
 __device__ __forceinline__ void load_rows(const FusedSegment& record, FloatType param_type, FloatType grad_type,
-                                          bool four_bit, int64_t base, int lane, bool vector_ok, int (&count)[kRows],
-                                          int64_t (&first)[kRows], Row (&p_raw)[kRows], Row (&g_raw)[kRows],
+                                          int error_bits, bool four_bit, int64_t base, int lane, bool vector_ok,
+                                          int (&count)[kRows], int64_t (&first)[kRows], Row (&p_raw)[kRows],
+                                          Row (&g_raw)[kRows],
                                           uint32_t (&codes)[kSlots][kRows], float (&old_scale)[kSlots][kRows],
                                           float (&old_value)[kSlots][kRows][kVec]) {
 #pragma unroll
@@ -531,6 +620,7 @@ __device__ __forceinline__ void load_rows(const FusedSegment& record, FloatType 
     const int64_t left = record.numel - first[j];
     count[j] = left <= 0 ? 0 : (left >= kVec ? kVec : static_cast<int>(left));
     p_raw[j] = load_row(param_type, record.param, first[j], count[j], vector_ok);
+    if (error_bits != 0) load_error_row(error_bits, record.error, first[j], count[j], vector_ok, p_raw[j]);
     g_raw[j] = load_row(grad_type, record.grad, first[j], count[j], vector_ok);
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
@@ -566,7 +656,11 @@ __device__ __forceinline__ void update_row(int j, const KernelArgs& args, FloatT
   float p_row[kVec];
   float g_row[kVec];
   float p_new[kVec];
-  row_values(param_type, p_raw[j], p_row);
+  if (args.error_bits != 0) {
+    compensated_row(args.error_bits, p_raw[j], p_row);
+  } else {
+    row_values(param_type, p_raw[j], p_row);
+  }
   row_values(grad_type, g_raw[j], g_row);
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {
@@ -596,8 +690,12 @@ __device__ __forceinline__ void update_row(int j, const KernelArgs& args, FloatT
     }
   }
   if (!norm_mode) {
-    store_param_row(param_type, param, first[j], count[j], vector_ok, p_new, args.stochastic, args.key,
-                    static_cast<uint64_t>(record.first_index + first[j]));
+    if (args.error_bits != 0) {
+      store_compensated_row(args.error_bits, param, record.error, first[j], count[j], vector_ok, p_new);
+    } else {
+      store_param_row(param_type, param, first[j], count[j], vector_ok, p_new, args.stochastic, args.key,
+                      static_cast<uint64_t>(record.first_index + first[j]));
+    }
     if constexpr (!kQuant) {
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
@@ -772,8 +870,8 @@ __global__ void __launch_bounds__(Layout<BS>::kThreads, Layout<BS>::kBlocksPerSM
       uint32_t codes[kSlots][kRows];
       float old_scale[kSlots][kRows];
       float old_value[kSlots][kRows][kVec];
-      load_rows<NS, L>(record, param_type, grad_type, four_bit, base, lane, vector_ok, count, first, p_raw, g_raw,
-                       codes, old_scale, old_value);
+      load_rows<NS, L>(record, param_type, grad_type, args.error_bits, four_bit, base, lane, vector_ok, count, first,
+                       p_raw, g_raw, codes, old_scale, old_value);
       const float grad_scale = args.grad_scale != nullptr ? args.grad_scale[seg] : 1.0f;
       const float lr = args.update_scale != nullptr ? __fmul_rn(args.hyper.v[kLr], args.update_scale[seg])
                                                     : args.hyper.v[kLr];
@@ -906,13 +1004,19 @@ int64_t fill_fused_step_table(const FusedStepConfig& config, const FusedSegment*
   const uintptr_t grad_bytes = static_cast<uintptr_t>(kVec * element_bytes(config.grad_type));
   // A row's codes: kVec bytes (8-bit) or kVec / 2 (4-bit, packed), or kVec float32 values.
   const uintptr_t state_bytes = static_cast<uintptr_t>(config.quantized ? kVec * config.code_bits / 8 : kVec * 4);
+  // A row's error codes: kVec int8 or int16 values.
+  const uintptr_t error_bytes = static_cast<uintptr_t>(kVec * config.error_bits / 8);
   prefix[0] = 0;
   for (int64_t k = 0; k < num_segments; ++k) {
     FusedSegment record = segments[k];
     bool ok = aligned(record.param, param_bytes) && aligned(record.grad, grad_bytes);
     for (int s = 0; s < config.num_states; ++s) ok = ok && aligned(record.state[s], state_bytes);
+    if (config.error_bits != 0) {
+      ok = ok && aligned(record.error, error_bytes);
+    } else {
+      record.error = nullptr;
+    }
     record.vector_ok = ok ? 1 : 0;
-    record.reserved = 0;
     records[k] = record;
     prefix[k + 1] = prefix[k] + (record.numel + unit - 1) / unit;
   }
@@ -924,6 +1028,11 @@ cudaError_t launch_fused_step(const FusedStepConfig& config, const void* device_
   if (num_segments < 0 || total_units < 0) return cudaErrorInvalidValue;
   if (num_segments == 0) return cudaSuccess;
   if (!fused_step_supported(config.rule, config.num_states, config.quantized, config.blocksize, config.code_bits)) {
+    return cudaErrorInvalidValue;
+  }
+  // Error codes: int8 or int16, of bfloat16 parameters rounded to nearest (the binding checks it first).
+  if (config.error_bits != 0 && ((config.error_bits != 8 && config.error_bits != 16) ||
+                                 config.param_type != FloatType::kBFloat16 || config.stochastic)) {
     return cudaErrorInvalidValue;
   }
   if (config.norm_out != nullptr) {
@@ -956,6 +1065,7 @@ cudaError_t launch_fused_step(const FusedStepConfig& config, const void* device_
   args.grad_type = config.grad_type;
   args.stochastic = config.stochastic && config.param_type == FloatType::kBFloat16;
   args.key = args.stochastic ? seed_key(config.seed) : 0u;
+  args.error_bits = config.error_bits;
   return launch_rule(config, args, stream);
 }
 

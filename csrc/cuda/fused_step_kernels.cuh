@@ -7,8 +7,9 @@
 // The contract is the fused_step schema of dist8bit/backends/ops.py; the
 // element math is csrc/common/update_rules.h, the rounding rule of the
 // quantized (8- or 4-bit) states dist8bit/quant/codebook.py, the packing of
-// 4-bit codes dist8bit/quant/packing.py, and the results are bit-identical to
-// dist8bit/backends/reference_optim.py run on the CPU.
+// 4-bit codes dist8bit/quant/packing.py, the error codes of compensated
+// bfloat16 parameters common/weight_error.h, and the results are bit-identical
+// to dist8bit/backends/reference_optim.py run on the CPU.
 //
 // How a call goes:
 //   1. the binding describes every segment (FusedSegment) and the call
@@ -43,7 +44,8 @@ struct FusedSegment {
   int64_t numel;                   // >= 0
   int64_t first_index;             // segment_offsets[k]: element i draws stochastic rounding bits at first_index + i
   int64_t vector_ok;               // set by fill_fused_step_table: every pointer allows vector access
-  int64_t reserved;                // keeps the record 16-byte sized
+  void* error;                     // compensated bfloat16 params: numel int8 or int16 error codes
+                                   // (FusedStepConfig::error_bits), updated in place; else nullptr
 };
 static_assert(sizeof(FusedSegment) == 96, "the segment record is shared by host and device code");
 
@@ -70,6 +72,9 @@ struct FusedStepConfig {
   int64_t* nonfinite_count;                // one int64, or nullptr
   bool stochastic;                         // bfloat16 parameters written with stochastic rounding
   uint64_t seed;                           // in [0, 2**63), when stochastic
+  int error_bits;                          // compensated bfloat16 parameters (common/weight_error.h): 8
+                                           // (int8 error codes) or 16 (int16); 0: none. Needs bfloat16
+                                           // parameters and no stochastic rounding
 };
 
 // Whether the kernels cover this rule, slot count and (quantized) blocksize
