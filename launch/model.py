@@ -123,7 +123,8 @@ class GPT(nn.Module):
         logits = self.head(self.final_norm(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            # float32 logits: a bfloat16 model's loss (and its gradient into the head) keeps float32 precision
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:

@@ -60,12 +60,31 @@ def optimizer_family(name: str) -> str:
     return name.removeprefix("torch-").removesuffix("4bit").removesuffix("8bit").removesuffix("32bit")
 
 
+def is_dist8bit(name: str) -> bool:
+    """Whether --optim `name` builds a dist8bit optimizer (which takes master_weights and error_bits)."""
+    constructor = OPTIMIZERS[name][0]
+    return isinstance(constructor, type) and issubclass(constructor, dist8bit.optim.Optimizer8bit)
+
+
+def master_kwargs(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The master-weights arguments the run adds to a dist8bit optimizer (launch/precision.py settles them).
+    None for --dtype fp32, so fp32 runs build the optimizer (and save checkpoints) exactly as before
+    these flags existed, and none for other optimizers, which take no such option."""
+    if getattr(args, "dtype", "fp32") == "fp32" or not is_dist8bit(name):
+        return {}
+    kwargs: dict[str, Any] = {"master_weights": args.master_weights}
+    if args.error_bits is not None:
+        kwargs["error_bits"] = args.error_bits
+    return kwargs
+
+
 def build_optimizer(name: str, groups: list[dict], args: argparse.Namespace) -> torch.optim.Optimizer:
-    """The optimizer `name` over `groups` (which carry their own weight decay), with the run's lr and betas."""
+    """The optimizer `name` over `groups` (which carry their own weight decay), with the run's lr, betas and
+    master-weights mode."""
     if name not in OPTIMIZERS:
         raise LaunchError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     constructor = OPTIMIZERS[name][0]
-    return constructor(groups, lr=args.lr, betas=(args.beta1, args.beta2))
+    return constructor(groups, lr=args.lr, betas=(args.beta1, args.beta2), **master_kwargs(name, args))
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 import dist8bit
 from dist8bit.backends import backend_for
 from dist8bit.integrations.consistency import check_same_parameters
-from launch import checkpoint, distributed, strategies
+from launch import checkpoint, distributed, precision, strategies
 from launch.atomic import write_json_atomic
 from launch.data import CORPORA, BatchSampler, Corpus, default_data_dir, load_corpus
 from launch.model import GPT, GPTConfig
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
 
     # DeepSpeed's own launcher passes --local_rank; its users pass --deepspeed / --deepspeed_config.
+    precision.add_arguments(parser)
+
     ds = parser.add_argument_group("deepspeed (flags given here override the JSON config; see docs/pretraining.md)")
     ds.add_argument("--deepspeed", action="store_true", help="use DeepSpeed (same as --strategy deepspeed)")
     ds.add_argument("--deepspeed_config", "--deepspeed-config", type=Path, default=None, help="DeepSpeed JSON config")
@@ -133,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[s
         raise LaunchError(f"--deepspeed_config is only read by --strategy deepspeed, not --strategy {args.strategy}")
     if args.strategy == "auto" and (args.deepspeed or args.deepspeed_config is not None):
         args.strategy = "deepspeed"
+    precision.resolve(args)
     if args.strategy != "deepspeed":
         _, default_lr, default_wd = OPTIMIZERS[args.optim]
         args.lr = default_lr if args.lr is None else args.lr
@@ -251,7 +254,8 @@ class Run:
         return self.args.batch_size * self.args.block_size * self.env.world_size
 
     def evaluate(self) -> float:
-        return evaluate(self.strategy.module, self.val_batches, self.args.eval_iters, self.device, self.env.world_size)
+        with precision.forward_context(self.args, self.device):
+            return evaluate(self.strategy.module, self.val_batches, self.args.eval_iters, self.device, self.env.world_size)
 
     def write_metrics(self, extra: dict[str, Any] | None = None) -> None:
         if self.env.is_main:
@@ -318,13 +322,14 @@ def find_checkpoint(run: Run) -> tuple[Path, dict[str, Any]] | None:
         optim=run.args.optim,
         model_config=run.config.to_dict(),
     )
+    precision.check_resumable(meta["args"], run.args, path)
     return path, meta
 
 
 def build_model(run: Run) -> int:
     """The same initial model on every rank, handed to the strategy; returns its parameter count."""
     torch.manual_seed(run.args.seed)
-    model = GPT(run.config).to(run.device)
+    model = GPT(run.config).to(run.device, precision.param_dtype(run.args))  # initialised in float32, then rounded
     parameters = model.num_parameters()  # before wrapping: ZeRO-3 empties the parameters it partitions
     try:  # ranks built from different configs would otherwise fail (or hang) inside a collective
         check_same_parameters(model.named_parameters())
@@ -386,6 +391,7 @@ def describe(run: Run, parameters: int) -> dict[str, Any]:
         "model": run.config.to_dict(),
         "parameters": parameters,
         "tokens_per_step": run.tokens_per_step,
+        **precision.describe(args),
         **strategy.info(),
     }
 
@@ -395,7 +401,7 @@ def banner(run: Run) -> str:
     return (
         f"{run.name} x{run.env.world_size} ({run.env.source}) on {run.device}, {torch.get_num_threads()} thread(s)/rank | "
         f"{corpus.name}: {corpus.source}, vocab {corpus.vocab_size} | model {info['parameters'] / 1e6:.2f}M params | "
-        f"{args.optim} ({info['optimizer']}) lr {args.lr:g} | {run.tokens_per_step} tokens/step | steps {run.step}->{args.steps}"
+        f"{args.optim} ({info['optimizer']}) lr {args.lr:g} | {args.dtype}, master {args.master_weights} | {run.tokens_per_step} tokens/step | steps {run.step}->{args.steps}"
     )
 
 
@@ -450,6 +456,13 @@ def loop(run: Run) -> Throughput:
     return measured
 
 
+def state_bytes_per_param(run: Run, state_bytes: list[int]) -> float:
+    """Optimizer state (error buffers included) per model parameter: every rank's share when the
+    strategy partitions the state, one rank's copy when each rank holds all of it."""
+    held = sum(state_bytes) if run.strategy.shards_optimizer_state() else state_bytes[0]
+    return held / run.info["parameters"]
+
+
 def summarize(run: Run, measured: Throughput) -> dict[str, Any]:
     """Collective: every rank's model checksum and state size; rank 0 writes the final metrics.json."""
     args, env, metrics = run.args, run.env, run.metrics
@@ -465,6 +478,7 @@ def summarize(run: Run, measured: Throughput) -> dict[str, Any]:
         "train_seconds_this_run": measured.seconds,
         "state_bytes_per_rank": state_bytes,
         "state_bytes": state_bytes[0],
+        "state_bytes_per_param": state_bytes_per_param(run, state_bytes),
         "param_sha256": checksums,
         "ranks_in_sync": len(set(checksums)) == 1,
         "checkpoint": None if latest is None else str(latest),

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from launch import precision
 from launch.distributed import DistEnv
 from launch.model import GPT
 from launch.optimizers import optimizer_state_bytes
@@ -55,8 +56,10 @@ class Strategy:
 
     # ------------------------------------------------------------ steps
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Forward, backward, gradient clipping and the optimizer step; returns the (local) loss."""
-        _, loss = self.module(x, y)
+        """Forward (under the run's autocast, if any), backward, gradient clipping and the optimizer step;
+        returns the (local) loss."""
+        with precision.forward_context(self.args, self.device):
+            _, loss = self.module(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.args.grad_clip > 0:
@@ -79,6 +82,10 @@ class Strategy:
     def base_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer that holds the state (under any wrapper the strategy adds)."""
         return self.optimizer
+
+    def shards_optimizer_state(self) -> bool:
+        """Whether each rank holds only its part of the optimizer state (else every rank holds all of it)."""
+        return False
 
     def state_bytes(self) -> int:
         """Optimizer-state bytes held by this rank."""

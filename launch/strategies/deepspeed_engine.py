@@ -83,6 +83,7 @@ def effective_config(raw: dict[str, Any], args: argparse.Namespace, explicit: se
     config["train_batch_size"] = args.batch_size * world_size
     _resolve(args, explicit, "grad_clip", config, "gradient_clipping")
     _resolve(args, explicit, "zero_stage", config.setdefault("zero_optimization", {}), "stage")
+    resolve_bf16(config, args, explicit)
 
     optimizer = config.setdefault("optimizer", {})
     if "optim" in explicit or "type" not in optimizer:
@@ -118,6 +119,18 @@ def effective_config(raw: dict[str, Any], args: argparse.Namespace, explicit: se
         scheduler.setdefault("params", {}).setdefault("total_num_steps", args.steps)
     config.setdefault("steps_per_print", QUIET_STEPS_PER_PRINT)
     return config
+
+
+def resolve_bf16(config: dict[str, Any], args: argparse.Namespace, explicit: set[str]) -> None:
+    """--dtype and the config's "bf16" section, with the usual precedence: an explicit --dtype sets
+    bf16.enabled (bf16 is DeepSpeed's mode with its own fp32 master partition; launch/precision.py has
+    already refused any other --master-weights), else the config's bf16.enabled sets --dtype."""
+    section = config.get("bf16", {})
+    if "dtype" in explicit or not isinstance(section, dict) or "enabled" not in section:
+        if args.dtype == "bf16" or "bf16" in config:
+            config["bf16"] = {**(section if isinstance(section, dict) else {}), "enabled": args.dtype == "bf16"}
+    else:
+        args.dtype = "bf16" if section["enabled"] else "fp32"
 
 
 def base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -188,6 +201,9 @@ class DeepSpeedStrategy(Strategy):
 
     def base_optimizer(self) -> torch.optim.Optimizer:
         return base_optimizer(self.engine.optimizer)
+
+    def shards_optimizer_state(self) -> bool:
+        return self.engine.zero_optimization_stage() >= 1
 
     def model_checksum(self) -> str:
         if self.engine.zero_optimization_stage() == 3:

@@ -50,6 +50,9 @@ class FSDPStrategy(Strategy):
             }
         }
 
+    def shards_optimizer_state(self) -> bool:
+        return True
+
     def model_checksum(self) -> str:
         """Rank 0 hashes the gathered full model (on the CPU, so a large model does not need a full
         copy per GPU) and every rank reports that digest: under FSDP no rank holds a replica to compare."""
