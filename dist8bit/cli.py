@@ -33,6 +33,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated parameter indices whose state stays fp32 (e.g. an embedding with a 32-bit override)",
     )
     parser.add_argument(
+        "--error-bits",
+        choices=("8", "16", "none"),
+        help="compensated bf16 parameters' weight_error: re-width it to int8/int16, or drop it (each weight loses "
+        "less than half a bf16 ulp); default: carried per element as the source has it",
+    )
+    parser.add_argument(
         "--verify", action="store_true", help="re-read the output and check it against the source before keeping it"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -54,6 +60,7 @@ def run_convert(args: argparse.Namespace) -> int:
             blocksize=args.blocksize,
             min_8bit_size=args.min_8bit_size,
             keep_fp32=keep,
+            error_bits=args.error_bits,
             verify=args.verify,
             overwrite=args.overwrite,
             progress=not args.quiet,

@@ -101,7 +101,7 @@ def _convert_file(
         plan = Plan(tree=None, read=read)
         plans = {path: plan_optimizer(state, target, _where(src, path), read) for path, state in states.items()}
         plan.tree = _rebuild(source, (), plans, plan)
-        errors = _merged_tally(target, [p.errors for p in plans.values()])
+        errors = weight_errors.Tally.of((p for s in states.values() for p in s.params.values()), target.error_bits)
         errors.warn(src)
         jobs = [job for p in plans.values() for job in p.jobs] + plan.jobs
         total_in = sum(job.bytes_in for job in jobs)
@@ -128,14 +128,6 @@ def _convert_file(
         bytes_out=bytes_out,
         weight_errors=errors.describe(),
     )
-
-
-def _merged_tally(target: Target, tallies: Iterable[weight_errors.Tally]) -> weight_errors.Tally:
-    merged = weight_errors.Tally(target.error_bits)
-    for tally in tallies:
-        merged.params += tally.params
-        merged.source_dtypes |= tally.source_dtypes
-    return merged
 
 
 def _target(
@@ -289,6 +281,8 @@ def _convert_directory(
     try:
         checkpoint = deepspeed_format.read(tag_dir, tag, kind, read)
         world = world_size or checkpoint.world
+        errors = weight_errors.Tally.of(checkpoint.state.params.values(), target.error_bits)
+        errors.warn(src)
         agreement = None
         with atomic_output(dst, overwrite, directory=True) as tmp:
             out_tag = tmp / tag if tag is not None else tmp
@@ -313,7 +307,7 @@ def _convert_directory(
                         path, tree, lambda sink, todo=file_jobs: [job.run(sink) for job in todo], meter.update
                     )
             if verify:
-                agreement = _verify_deepspeed(checkpoint, out_tag, tag, kind, read, progress, total_in, str(src))
+                agreement = _verify_deepspeed(checkpoint, out_tag, kind, read, progress, total_in, str(src), target)
     finally:
         read.close()
     return finished(
@@ -328,6 +322,7 @@ def _convert_directory(
         tensors=len(jobs),
         bytes_in=total_in,
         bytes_out=bytes_out,
+        weight_errors=errors.describe(),
     )
 
 
@@ -365,17 +360,17 @@ def _convert_zero0(
 def _verify_deepspeed(
     checkpoint: deepspeed_format.ZeroCheckpoint,
     out_tag: Path,
-    tag: str | None,
     kind: str | None,
     read,
     progress: bool,
     total: int,
     where: str,
+    target: Target,
 ) -> Agreement:
     written = deepspeed_format.read(out_tag, None, checkpoint.state.optimizer or kind, read)
     agreement = Agreement()
     with bar(total, "verify", progress) as meter:
-        result = compare_optimizer(checkpoint.state, written.state, where, meter.update, read)
+        result = compare_optimizer(checkpoint.state, written.state, where, meter.update, read, target.error_bits)
         agreement.add(result.max_error, result.bound_ratio)
         for name, weights in checkpoint.master.items():
             error, ratio = compare_buffer(weights, written.master[name], f"{where} {name} fp32 weights", meter.update, read)

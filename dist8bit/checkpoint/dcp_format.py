@@ -45,10 +45,11 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
+from ..optim.master_weights import converted_error
 from ..optim.sharded import row_aligned_blocksize, row_elems
 from ..optim.state import ABSMAX_SUFFIX, CODES_SUFFIX
 from ..quant.maps import map_bits
-from . import codec, optimizers
+from . import codec, optimizers, weight_errors
 from .atomic import atomic_output
 from .canonical import Dense, Quantized
 from .dcp_io import METADATA_FILE, LazySavePlanner, Source, find_checkpoint, open_source, reraise_ours
@@ -80,6 +81,7 @@ class ParamEntry:
     quantized: dict[str, tuple[str, str]]  # name -> (codes key, absmax key)
     dense: dict[str, str]  # name -> key
     extras: dict[str, str]  # state key -> flat key, carried over
+    error: str | None = None  # flat key of a compensated bf16 parameter's weight_error (weight_errors.py)
 
 
 @dataclass
@@ -167,6 +169,9 @@ def _read_param(source: Source, fqn: str, names: dict[str, str], known: set[str]
         return meta if isinstance(meta, TensorStorageMetadata) else None
 
     quantized, dense, extras, shapes = {}, {}, {}, {}
+    error = names.pop(weight_errors.KEY, None)
+    if error is not None and tensor_meta(error) is None:
+        raise CheckpointError(f"{where}: {weight_errors.KEY} must be an int8 or int16 tensor, got a non-tensor entry")
     for name, key in names.items():
         if name.endswith(CODES_SUFFIX):
             base = name[: -len(CODES_SUFFIX)]
@@ -199,8 +204,12 @@ def _read_param(source: Source, fqn: str, names: dict[str, str], known: set[str]
         meta = tensor_meta(key)
         if meta is not None and meta.properties.dtype.is_floating_point and shape and tuple(meta.size) == shape:
             dense[name] = extras.pop(name)
+    if error is not None:
+        meta = tensor_meta(error)
+        shape = shape or tuple(meta.size)  # saved shaped like the parameter
+        weight_errors.check_dtype(meta.properties.dtype, math.prod(meta.size), math.prod(shape), where)
     step = names.get("step")
-    entry = ParamEntry(fqn, shape, bits if quantized else 32, step, quantized, dense, extras)
+    entry = ParamEntry(fqn, shape, bits if quantized else 32, step, quantized, dense, extras, error)
     for name, (codes, absmax) in quantized.items():
         _blocksize_of(source, entry, codes, absmax, f"{where}: {name}")
     if step is not None and (tensor_meta(step) is not None and math.prod(tensor_meta(step).size) != 1):
@@ -267,7 +276,7 @@ class Check:
     """What --verify compares for one output entry."""
 
     key: str  # the output's flat key (codes key for quantized state)
-    kind: str  # "carried", "fp32" or "quantized"
+    kind: str  # "carried", "exact" (converted, must equal values()), "fp32" or "quantized"
     values: Callable[[], torch.Tensor] | None = None  # the source values (float32), for converted state
     absmax_key: str = ""
     code: torch.Tensor | None = None
@@ -368,7 +377,7 @@ def _plan_optimizer(source: Source, out: Output, entry: OptimizerEntry, target: 
                 f"{where}: parameter {fqn!r} of shape {param.shape} has no row-aligned block size <= {blocksize}"
             )
         bits = target.bits if quantized else 32
-        _plan_param(source, out, entry.prefix, param, bits, aligned, f"{where}: parameter {fqn!r}", meter)
+        _plan_param(source, out, entry.prefix, param, bits, aligned, f"{where}: parameter {fqn!r}", meter, target.error_bits)
 
 
 def _plan_param(
@@ -380,6 +389,7 @@ def _plan_param(
     blocksize: int | None,
     where: str,
     meter: Callable[[int], None],
+    target_error_bits: int | str | None = None,
 ) -> None:
     """One parameter's state: quantized at `bits` (row-aligned `blocksize`) when bits < 32, else float32."""
     state = (*prefix, "state", param.fqn)
@@ -389,6 +399,8 @@ def _plan_param(
         out.tensor((*state, "step"), (), torch.float32, lambda: torch.tensor(1.0), 0)
     for name, key in param.extras.items():
         _carry(source, out, key, (*state, name), meter)
+    if param.error is not None:
+        _plan_error(source, out, param.error, (*state, weight_errors.KEY), target_error_bits, meter)
     for name in [*param.quantized, *param.dense]:
         values = _values(source, param, name, where)
         nbytes = sum(source.nbytes(k) for k in param.quantized.get(name, (param.dense.get(name),)) if k)
@@ -409,6 +421,26 @@ def _plan_param(
         codes_key = out.tensor((*state, name + CODES_SUFFIX), codes_shape, torch.uint8, quantize.codes, nbytes)
         absmax_key = out.tensor((*state, name + ABSMAX_SUFFIX), (param.shape[0], columns), torch.float32, quantize.absmax, 0)
         out.checks.append(Check(codes_key, "quantized", values, absmax_key, code, blocksize, math.prod(param.shape)))
+
+
+def _plan_error(
+    source: Source, out: Output, key: str, path: tuple, error_bits: int | str | None, meter: Callable[[int], None]
+) -> None:
+    """A weight_error: carried as it is, re-widthed (--error-bits 8|16), or left out (--error-bits none)."""
+    meta = source.entry(key)
+    dtype = weight_errors.output_dtype(meta.properties.dtype, error_bits)
+    if dtype is None:
+        return
+    if dtype == meta.properties.dtype:
+        _carry(source, out, key, path, meter)
+        return
+    nbytes = source.nbytes(key)
+
+    def codes() -> torch.Tensor:
+        return converted_error(source.tensor(key), weight_errors.BITS[dtype])
+
+    written = out.tensor(path, tuple(meta.size), dtype, _metered(codes, meter, nbytes), nbytes)
+    out.checks.append(Check(written, "exact", codes))
 
 
 def _metered(values: Callable[[], torch.Tensor], meter: Callable[[int], None], nbytes: int) -> Callable[[], torch.Tensor]:
@@ -480,6 +512,11 @@ def verify(source: Source, out: Output, written: Path, progress: bool) -> Agreem
                     raise CheckpointError(f"verify: the carried-over entry {check.key!r} differs from the source")
                 meter.update(a.numel() * a.element_size() if isinstance(a, torch.Tensor) else 0)
                 continue
+            if check.kind == "exact":
+                expected_codes, written_codes = check.values(), result.tensor(check.key)
+                if expected_codes.dtype != written_codes.dtype or not torch.equal(expected_codes, written_codes):
+                    raise CheckpointError(f"verify: {check.key!r} differs from the source's converted codes")
+                continue
             expected = Dense(check.values().reshape(-1))
             if check.kind == "fp32":
                 written_buffer = Dense(result.tensor(check.key).reshape(-1))
@@ -513,6 +550,12 @@ def convert(
     directory, tag = find_checkpoint(src)
     source = open_source(directory)
     found = find_optimizers(source, kind)
+    errors = weight_errors.Tally(target.error_bits)
+    for entry in found:
+        for param in entry.params.values():
+            if param.error is not None:
+                errors.add(source.entry(param.error).properties.dtype)
+    errors.warn(src)
     agreement = None
     with atomic_output(dst, overwrite, directory=True) as tmp:
         out_dir = tmp / tag if tag is not None else tmp
@@ -554,4 +597,5 @@ def convert(
         tensors=out.tensors,
         bytes_in=out.bytes_in,
         bytes_out=bytes_out,
+        weight_errors=errors.describe(),
     )

@@ -40,7 +40,7 @@ from ..optim.state import ABSMAX_SUFFIX, CODES_SUFFIX, STATE_FORMAT_VERSION
 from ..quant.layout import num_blocks
 from ..quant.maps import map_bits
 from ..quant.packing import code_bytes
-from . import codec, loading, optimizers
+from . import codec, loading, optimizers, weight_errors
 from .canonical import Dense, OptimizerState, ParamState, Pieced, Quantized
 from .deepspeed_layout import Flat, Piece, ZeroLayout
 from .errors import CheckpointError
@@ -188,6 +188,7 @@ def _assemble(checkpoint: ZeroCheckpoint, kind: str | None, where: str) -> None:
     layout = checkpoint.layout
     base_key, weights_key = checkpoint.keys
     buffers: dict[str, dict[str, list]] = {}
+    errors: dict[str, list] = {}  # name -> (offset, Dense int8/int16 piece) of compensated bf16 flats
     master: dict[str, list] = {}
     steps: dict[str, Any] = {}
     base_groups = None
@@ -219,6 +220,8 @@ def _assemble(checkpoint: ZeroCheckpoint, kind: str | None, where: str) -> None:
                 master.setdefault(piece.name, []).append((piece.param_offset, Dense(fp32.narrow(0, piece.start, piece.length))))
                 if state.get("step") is not None:
                     steps.setdefault(piece.name, state["step"])
+            for piece, codes in _error_pieces(state, flat, label):
+                errors.setdefault(piece.name, []).append((piece.param_offset, codes))
             for piece, name, buffer in _state_pieces(state, flat, base["param_groups"][group], label):
                 buffers.setdefault(piece.name, {}).setdefault(name, []).append((piece.param_offset, buffer))
                 if isinstance(buffer, Quantized):
@@ -233,7 +236,8 @@ def _assemble(checkpoint: ZeroCheckpoint, kind: str | None, where: str) -> None:
         numel = int(torch.Size(shape).numel())
         found = {key: _pieced(numel, pieces, f"{where}: {name} {key}") for key, pieces in buffers.get(name, {}).items()}
         step = steps.get(name)
-        params[name] = ParamState(shape, None if step is None else float(step), found, {})
+        error = _pieced(numel, errors[name], f"{where}: {name} {weight_errors.KEY}") if name in errors else None
+        params[name] = ParamState(shape, None if step is None else float(step), found, {}, error)
     groups = [{**g, "params": [name for name, _ in layout.params[i]]} for i, g in enumerate(base_groups)]
     names = {n for p in params.values() for n in p.buffers}
     quantized = sorted({b for b in checkpoint.bits.values() if b < 32}, reverse=True)
@@ -267,6 +271,17 @@ def _check_mapping(osd: dict[str, Any], group: int, flat: Flat, label: str) -> N
             f"{label}: the parameter pieces {saved[:3]}... are not where DeepSpeed 0.19's layout puts them {expected[:3]}...; "
             "saved with another DeepSpeed version or layout option (round_robin_gradients, parameter_alignment)?"
         )
+
+
+def _error_pieces(state: dict[str, Any], flat: Flat, label: str):
+    """(piece, Dense codes) of a compensated flat's weight_error: one code per element of the flat, padding included."""
+    codes = state.get(weight_errors.KEY)
+    if codes is None:
+        return
+    names = ", ".join(sorted({p.name for p in flat.pieces}))
+    codes = weight_errors.check(codes, flat.size, f"{label} (parameters {names})")
+    for piece in flat.pieces:
+        yield piece, Dense(codes.reshape(-1).narrow(0, piece.start, piece.length))
 
 
 def _state_pieces(state: dict[str, Any], flat: Flat, group: dict[str, Any], label: str):
@@ -393,7 +408,11 @@ def plan_output(
                     states[index] = _packed_entry(ckpt, flat, names, bits, settings[flat.group][0], step, label, jobs, read)
                 else:
                     states[index] = _flat_entry(ckpt, flat, names, step, label, jobs, read)
-            slot = Slot((flat.size if layout.stage == 3 else flat.used,), torch.float32, f"{label} fp32 weights")
+                error = _error_slot(ckpt, flat, target, label, jobs, read)
+                if error is not None:
+                    states[index][weight_errors.KEY] = error
+            dtype = _master_dtype(ckpt, flat)  # float32, or bfloat16 flats (compensated, without an fp32 master)
+            slot = Slot((flat.size if layout.stage == 3 else flat.used,), dtype, f"{label} fp32 weights")
             jobs.append(_fill_job(slot.label, [(ckpt.master[p.name], p, p.start) for p in flat.pieces], slot, read))
             weights.append(slot)
         groups = [{**hyper, "params": [i for i, f in enumerate(flats) if f.group == g]} for g, hyper in enumerate(hypers)]
@@ -495,6 +514,37 @@ def _flat_entry(ckpt, flat: Flat, names, step, label, jobs, read) -> dict[str, A
     return entry
 
 
+def _master_dtype(ckpt: ZeroCheckpoint, flat: Flat) -> torch.dtype:
+    """The dtype of a flat's master weights: its parameters' in the source (the same for a whole group)."""
+    for piece in flat.pieces:
+        for _, part in ckpt.master[piece.name].pieces:
+            return part.values.dtype
+    return torch.float32
+
+
+def _error_slot(ckpt: ZeroCheckpoint, flat: Flat, target: Target, label: str, jobs: list[Job], read) -> Slot | None:
+    """A flat's weight_error (one code per element, zeros in the padding) when its parameters have one."""
+    sources = [(ckpt.state.params[p.name].error, p) for p in flat.pieces if ckpt.state.params[p.name].error is not None]
+    if not sources:
+        return None
+    dtypes = {weight_errors.dtype_of(error) for error, _ in sources}
+    dtype = weight_errors.output_dtype(dtypes.pop() if len(dtypes) == 1 else torch.int16, target.error_bits)
+    if dtype is None:
+        return None
+    slot = Slot((flat.size,), dtype, f"{label} {weight_errors.KEY}")
+
+    def run(sink: Sink) -> None:
+        written = 0
+        for error, piece in sources:
+            _pad(sink, slot, piece.start - written)
+            weight_errors.write_codes(sink, slot, error, piece.param_offset, piece.param_offset + piece.length, read, CHUNK)
+            written = piece.start + piece.length
+        _pad(sink, slot, flat.size - written)
+
+    jobs.append(Job(slot.label, sum(e.nbytes() * p.length // max(e.numel, 1) for e, p in sources), run))
+    return slot
+
+
 def _value_slot(value: torch.Tensor, label: str, jobs: list[Job]) -> Slot:
     slot = Slot(value.shape, value.dtype, label)
     jobs.append(value_job(label, value, slot))
@@ -507,15 +557,14 @@ def _fill_job(label: str, sources: list[tuple[Pieced, Piece, int]], slot: Slot, 
     def run(sink: Sink) -> None:
         written = 0
         for buffer, piece, position in sorted(sources, key=lambda item: item[2]):
-            if position > written:
-                sink.write(slot, torch.zeros(position - written, dtype=torch.float32))
+            _pad(sink, slot, position - written)
             for start in range(0, piece.length, CHUNK):
                 stop = min(start + CHUNK, piece.length)
-                sink.write(slot, read_values(buffer, piece.param_offset + start, piece.param_offset + stop, read))
+                values = read_values(buffer, piece.param_offset + start, piece.param_offset + stop, read)
+                sink.write(slot, values.to(slot.dtype))  # bfloat16 master weights go through float32 exactly
                 sink.progress(buffer.nbytes() * (stop - start) // max(buffer.numel, 1))
             written = position + piece.length
-        if slot.numel > written:
-            sink.write(slot, torch.zeros(slot.numel - written, dtype=torch.float32))
+        _pad(sink, slot, slot.numel - written)
 
     return Job(label, sum(b.nbytes() * p.length // max(b.numel, 1) for b, p, _ in sources), run)
 

@@ -82,7 +82,7 @@ class Plan:
     tree: Any
     read: Read = slice_read
     jobs: list[Job] = field(default_factory=list)
-    errors: weight_errors.Tally = field(default_factory=weight_errors.Tally)
+    error_bits: int | str | None = None  # the target's, for the weight_error entries
 
 
 def read_values(buffer: Buffer, start: int, stop: int, read: Read = slice_read) -> torch.Tensor:
@@ -196,7 +196,7 @@ def plan_optimizer(state: OptimizerState, target: Target, where: str, read: Read
     members: dict[int, list[ParamState]] = {}
     for key, param in state.params.items():
         members.setdefault(id(group_of[key]), []).append(param)
-    plan = Plan(tree=None, read=read, errors=weight_errors.Tally(target.error_bits))
+    plan = Plan(tree=None, read=read, error_bits=target.error_bits)
     groups, layout = [], {}
     for group in state.param_groups:
         blocksize = target.group_blocksize(group, members.get(id(group), []))
@@ -244,9 +244,7 @@ def _plan_param(plan: Plan, param: ParamState, bits: int, blocksize: int, where:
     for name, value in param.extras.items():
         entry[name] = passthrough(plan, value, f"{where}: {name}")
     if param.error is not None:
-        source = weight_errors.dtype_of(param.error)
-        plan.errors.add(source)
-        dtype = weight_errors.output_dtype(source, plan.errors.error_bits)
+        dtype = weight_errors.output_dtype(weight_errors.dtype_of(param.error), plan.error_bits)
         if dtype is not None:
             slot = Slot(param.shape, dtype, f"{where}: {weight_errors.KEY}")
             plan.jobs.append(error_job(slot.label, param.error, slot, plan.read))

@@ -22,6 +22,7 @@ is refused, naming the parameter: a wrong buffer would silently shift weights.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,8 +61,8 @@ def check_dtype(dtype: Any, numel: int, expected: int | None, where: str) -> Non
         count = "" if expected is None else f" of {expected} elements (one per element of the parameter)"
         raise CheckpointError(
             f"{where}: {KEY} must be an int8 or int16 tensor{count}, the compensated bf16 weights' error codes; "
-            f"got {dtype} with {numel} elements (corrupt, or not a dist8bit checkpoint?). Drop it with "
-            "--error-bits none to convert anyway"
+            f"got {dtype} with {numel} elements (corrupt, or re-saved by an optimizer that casts state it does not "
+            "keep, such as torch.optim?)"
         )
 
 
@@ -114,6 +115,15 @@ class Tally:
     error_bits: int | str | None = None
     params: int = 0
     source_dtypes: set[torch.dtype] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, params: Iterable[Any], error_bits: int | str | None) -> Tally:
+        """The tally of canonical ParamStates."""
+        tally = cls(error_bits)
+        for param in params:
+            if param.error is not None:
+                tally.add(dtype_of(param.error))
+        return tally
 
     def add(self, dtype: torch.dtype) -> None:
         self.params += 1
