@@ -131,6 +131,21 @@ def test_error_bits_rewidths_and_none_drops_with_a_warning(tmp_path, capsys):
         convert(src, tmp_path / "x.pt", to="8bit", error_bits=4)
 
 
+def test_4bit_state_takes_the_parameter_shape_from_weight_error(tmp_path):
+    """Packed 4-bit codes do not say the parameter's shape; a compensated parameter's weight_error does."""
+    params, opt = make_run(initial_weights(), optim_bits=4)
+    step_params(params, opt, range(2))
+    torch.save(opt.state_dict(), tmp_path / "4bit.pt")  # no model, no param_names beside it
+    convert_quiet(tmp_path / "4bit.pt", tmp_path / "fp32.pt", to="fp32")
+    state = torch.load(tmp_path / "fp32.pt", weights_only=True)["state"]
+    assert [tuple(state[k]["exp_avg"].shape) for k in range(3)] == list(SHAPES.values())
+    bare = opt.state_dict()  # without it the shape is unknown: refused, as before
+    bare["state"][0] = {k: v for k, v in bare["state"][0].items() if k != "weight_error"}
+    torch.save(bare, tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match="does not say the parameter's shape"):
+        convert(tmp_path / "bare.pt", tmp_path / "x.pt", to="fp32", progress=False)
+
+
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [
