@@ -1,5 +1,6 @@
 """dist8bit plan (docs/planner.md) against DeepSpeed's own estimators, against optimizer state
-measured on real dist8bit optimizers after a step, and the CLI against the documented formula."""
+measured on real dist8bit optimizers after a step (compensated bf16 error buffers included), and
+the CLI against the documented formulas, with and without an fp32 master."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dist8bit.optim.segments import Segment
 from dist8bit.planner import Cluster, Option, plan, preset
 from dist8bit.planner.model_shapes import gpt_shapes
 from dist8bit.planner.report import option_rows
-from dist8bit.planner.state_bytes import STATE_PRECISIONS, StateCounter
+from dist8bit.planner.state_bytes import STATE_PRECISIONS, StateCounter, owned_numel
 from launch.model import GPT, GPTConfig
 from launch.optimizers import optimizer_state_bytes
 
@@ -128,20 +129,59 @@ def test_sharded_state_bytes_match_measured(optimizer_class, states, stable_embe
     world = 2
     counter = StateCounter("adamw", STATE_PRECISIONS[states], planned_shapes(stable_embedding))
     for rank in range(world):
-        flats = []
-        optimizer = None
-        for group in groups:
-            params = group["params"]
-            spans = zero_partition.zero12_spans([p.numel() for p in params], world, rank)
-            flat = torch.zeros(zero_partition.zero12_partition_numel([p.numel() for p in params], world), requires_grad=True)
-            flat.grad = torch.randn(flat.shape, generator=torch.Generator().manual_seed(rank))
-            segments = [Segment(params[s.index], s.start, s.length, s.param_offset, params[s.index].numel()) for s in spans]
-            flats.append((flat, segments))
+        flats = flat_partitions(groups, world, rank, torch.float32)
         optimizer = optimizer_class([f for f, _ in flats], lr=1e-3)
         for flat, segments in flats:
             optimizer.set_segments(flat, segments)
         optimizer.step()
         assert counter.zero12(world, rank) == pytest.approx(optimizer.state_bytes(), rel=STATE_TOLERANCE), rank
+
+
+def flat_partitions(groups: list[dict], world: int, rank: int, dtype: torch.dtype) -> list[tuple]:
+    """Rank `rank`'s ZeRO-1/2 flat partition of each group, with a gradient, and its segments (DeepSpeed's arithmetic)."""
+    flats = []
+    for group in groups:
+        params = group["params"]
+        spans = zero_partition.zero12_spans([p.numel() for p in params], world, rank)
+        numel = zero_partition.zero12_partition_numel([p.numel() for p in params], world)
+        flat = torch.zeros(numel, dtype=dtype, requires_grad=True)
+        flat.grad = torch.randn(flat.shape, generator=torch.Generator().manual_seed(rank)).to(dtype)
+        segments = [Segment(params[s.index], s.start, s.length, s.param_offset, params[s.index].numel()) for s in spans]
+        flats.append((flat, segments))
+    return flats
+
+
+@pytest.mark.parametrize("error_bits", [8, 16])
+def test_compensated_bytes_match_measured(error_bits):
+    """bf16 parameters without a master (DDP, whole tensors): the planner's states + error per GPU against
+    state_bytes() (states plus error buffers) of a real AdamW8bit(master_weights="compensated") after a step."""
+    model = small_gpt().to(torch.bfloat16)
+    optimizer = AdamW8bit(model.parameter_groups(0.1), lr=1e-3, master_weights="compensated", error_bits=error_bits)
+    one_step(model, optimizer)
+    option = Option("ddp", master_weights="compensated", error_bits=error_bits)
+    planned = plan(planned_shapes(), Cluster(1), option)
+    assert planned.gpu["error"] == error_bits // 8 * planned.model.num_params
+    assert planned.gpu["states"] + planned.gpu["error"] == pytest.approx(optimizer.state_bytes(), rel=STATE_TOLERANCE)
+
+
+@pytest.mark.parametrize("strategy", ["zero1", "zero2"])
+def test_sharded_compensated_bytes_match_measured(strategy):
+    """ZeRO-1/2 on 2 ranks: bf16 flat partitions stepped with master_weights="compensated" keep one error
+    buffer per segment; the planner's per-GPU states + error equal the fullest rank's state_bytes()."""
+    model = small_gpt()
+    groups = model.parameter_groups(0.1)
+    world = 2
+    measured = []
+    for rank in range(world):
+        flats = flat_partitions(groups, world, rank, torch.bfloat16)
+        optimizer = AdamW8bit([f for f, _ in flats], lr=1e-3, master_weights="compensated")
+        for flat, segments in flats:
+            optimizer.set_segments(flat, segments)
+        optimizer.step()
+        measured.append(optimizer.state_bytes())
+    planned = plan(planned_shapes(), Cluster(world), Option(strategy, master_weights="compensated"))
+    assert planned.gpu["error"] == owned_numel(planned_shapes(), "zero12", world)
+    assert planned.gpu["states"] + planned.gpu["error"] == pytest.approx(max(measured), rel=STATE_TOLERANCE)
 
 
 # ------------------------------------------------------------------ the CLI against the formula
@@ -204,3 +244,70 @@ def test_cli_reads_params(capsys):
     # ddp bf16 fp32-state AdamW: 2 + 2 + 4 + 8 = 16 B per parameter on every GPU
     per_param = float(re.search(r"^total\s+[0-9.]+\s+([0-9.]+)", capsys.readouterr().out, re.M).group(1))
     assert per_param == pytest.approx(16.0, abs=1e-3)
+
+
+# ------------------------------------------------------------------ bf16 without an fp32 master
+def documented_zero3_compensated_bytes(model, gpus: int, error_bits: int) -> float:
+    """docs/planner.md, ZeRO-3 bf16 AdamW8bit, master_weights compensated: bytes per GPU =
+    (2 params + 2 grads + 2 bf16 grad partition + 2 x (1 + 4/256) states + error_bits/8 error) x P/N + 4 x largest module."""
+    per_rank = math.ceil(model.num_params / gpus)
+    return (2 + 2 + 2 + 2 * (1 + 4 / 256) + error_bits / 8) * per_rank + 4 * model.largest_module_params
+
+
+def printed_total_gib(out: str) -> float:
+    return float(re.search(r"^total\s+([0-9.]+)", out, re.M).group(1))
+
+
+@pytest.mark.parametrize("error_bits", [8, 16])
+def test_cli_compensated_agrees_with_formula_and_fits_more(capsys, error_bits):
+    command = ["plan", "--model", "llama-7b", "--gpus", "8", "--strategy", "zero3", "--optim", "adamw8bit"]
+    assert main([*command, "--master-weights", "compensated", "--error-bits", str(error_bits)]) == 0
+    out = capsys.readouterr().out
+    model = preset("llama-7b")
+    expected = documented_zero3_compensated_bytes(model, 8, error_bits) / 2**30
+    assert printed_total_gib(out) == pytest.approx(expected, abs=0.005 + 1e-3 * expected)
+    error_gib = float(re.search(r"^error\s+([0-9.]+)", out, re.M).group(1))
+    assert error_gib == pytest.approx(error_bits / 8 * math.ceil(model.num_params / 8) / 2**30, abs=0.005)
+    master = f"compensated-{error_bits}bit"
+    assert re.search(rf"^zero3\s+8bit\s+none\s+{master}\s", out, re.M), "the options table has compensated rows"
+    rows = option_rows(model, Cluster(8), Option("zero3", master_weights="compensated"), 80 * 2**30, None)
+    largest = {(r["strategy"], r["master"]): r["largest"] for r in rows if r["states"] == "8bit" and r["offload"] == "none"}
+    for strategy in ("ddp", "zero1", "zero2", "zero3", "fsdp2"):
+        assert largest[strategy, "compensated-8bit"] > largest[strategy, "fp32"], strategy
+
+
+def test_no_master_components_per_strategy():
+    """Which copies exist without a master (docs/planner.md's table): FSDP2's sharded parameter is bf16, not the
+    fp32 master; ZeRO's gradient partition is bf16; ZeRO-1/2 step a bf16 copy of the partition, ZeRO-3 the
+    parameter partition itself; 'none' and 'stochastic' keep no error buffer."""
+    model, world = preset("gpt2-124m"), 4
+    for strategy, layout in (("ddp", "whole"), ("zero1", "zero12"), ("zero2", "zero12"), ("zero3", "zero3"), ("fsdp2", "fsdp2")):
+        owned = owned_numel(model, layout, world)
+        with_master = plan(model, Cluster(world), Option(strategy))
+        for mode in ("none", "stochastic", "compensated"):
+            result = plan(model, Cluster(world), Option(strategy, master_weights=mode))
+            sharded = owned if strategy in ("zero3", "fsdp2") else model.num_params
+            assert result.gpu["params"] == 2 * sharded, (strategy, mode)
+            assert result.gpu["master"] == (2 * owned if strategy in ("zero1", "zero2") else 0), (strategy, mode)
+            assert result.gpu["error"] == (owned if mode == "compensated" else 0), (strategy, mode)
+            assert result.gpu["states"] == with_master.gpu["states"]
+            assert result.gpu["grads"] == with_master.gpu["grads"] - 2 * (owned if strategy.startswith("zero") else 0) - (
+                2 * owned if strategy == "fsdp2" else 0
+            ), (strategy, mode)
+            assert result.host_total == 0
+        if strategy == "fsdp2":
+            assert with_master.gpu["params"] == 4 * owned  # with a master the fp32 shard is the master
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--master-weights", "compensated", "--mixed-precision", "none"], "their own master"),
+        (["--master-weights", "stochastic", "--mixed-precision", "fp16"], "bf16 weights only"),
+        (["--master-weights", "compensated", "--offload", "optimizer"], "fp32 master copy by design"),
+        (["--error-bits", "16"], "--error-bits sizes the error buffer of --master-weights compensated"),
+    ],
+)
+def test_cli_refuses_plans_without_a_master_that_cannot_run(capsys, arguments, message):
+    assert main(["plan", "--model", "gpt2-124m", *arguments]) == 1
+    assert message in capsys.readouterr().err

@@ -6,7 +6,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from .bytes_model import MIXED_PRECISION, OFFLOADS, STRATEGIES, Cluster, Option, largest_fitting_params, plan
+from ..optim.master_weights import MODES
+from ..quant.weight_error import ERROR_DTYPES
+from .bytes_model import (
+    DEFAULT_ERROR_BITS,
+    KEEPS_MASTER,
+    MIXED_PRECISION,
+    OFFLOADS,
+    STRATEGIES,
+    Cluster,
+    Option,
+    largest_fitting_params,
+    plan,
+)
 from .model_shapes import PRESETS, ModelShape, gpt_shapes, model_from_params, preset
 from .report import breakdown_table, gib, option_rows, options_table, parse_bytes, plot_largest
 from .state_bytes import parse_optimizer
@@ -28,6 +40,18 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--mixed-precision", choices=sorted(MIXED_PRECISION), default="bf16")
     parser.add_argument("--offload", choices=OFFLOADS, default="none", help="optimizer: master, states, fp32 grads on the host")
+    parser.add_argument(
+        "--master-weights",
+        choices=MODES,
+        default=KEEPS_MASTER,
+        help="fp32: an fp32 master copy (default); none/stochastic/compensated: bf16 weights the optimizer writes itself",
+    )
+    parser.add_argument(
+        "--error-bits",
+        type=int,
+        choices=sorted(ERROR_DTYPES),
+        help=f"bits per parameter of the compensated error buffer (default {DEFAULT_ERROR_BITS})",
+    )
     parser.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU (default 80GiB)")
     parser.add_argument("--host-memory", help="host memory of one node (default: not a limit)")
     parser.add_argument("--reserve", default="0GiB", help="GPU memory kept for activations, buffers and the CUDA context")
@@ -44,12 +68,32 @@ def model_of(args: argparse.Namespace) -> ModelShape:
     return model.with_stable_embedding() if args.stable_embedding else model
 
 
+def error_bits_of(args: argparse.Namespace) -> int:
+    """--error-bits, refused with any other mode than compensated (it would silently mean nothing)."""
+    if args.error_bits is None:
+        return DEFAULT_ERROR_BITS
+    if args.master_weights != "compensated":
+        raise ValueError(
+            f"--error-bits sizes the error buffer of --master-weights compensated; --master-weights "
+            f"{args.master_weights} keeps none"
+        )
+    return args.error_bits
+
+
 def run_plan(args: argparse.Namespace) -> int:
     try:
         model = model_of(args)
         family, precision = parse_optimizer(args.optim)
         cluster = Cluster(args.gpus * args.nodes, args.nodes)
-        option = Option(args.strategy, family, precision.name, args.mixed_precision, args.offload)
+        option = Option(
+            args.strategy,
+            family,
+            precision.name,
+            args.mixed_precision,
+            args.offload,
+            args.master_weights,
+            error_bits_of(args),
+        )
         gpu_memory = parse_bytes(args.gpu_memory) - parse_bytes(args.reserve)
         host_memory = parse_bytes(args.host_memory) if args.host_memory else None
         result = plan(model, cluster, option)
@@ -67,9 +111,15 @@ def run_plan(args: argparse.Namespace) -> int:
     largest = largest_fitting_params(result, gpu_memory, host_memory)
     print(
         f"\nsummary: {option.label} needs {gib(result.gpu_total):.2f} GiB per GPU "
-        f"({result.gpu_total / model.num_params:.3f} B/param; states {gib(result.gpu['states']):.2f} GiB) and "
+        f"({result.gpu_total / model.num_params:.3f} B/param; states {gib(result.gpu['states']):.2f} GiB"
+        f"{error_summary(result.gpu['error'])}) and "
         f"{gib(result.host_total * cluster.gpus_per_node):.2f} GiB per host; "
         f"{'fits' if largest >= model.num_params else 'does not fit'} {gib(gpu_memory):.0f} GiB GPUs, "
         f"largest model {largest / 1e9:.2f}B parameters"
     )
     return 0
+
+
+def error_summary(error: int) -> str:
+    """The summary's error-buffer clause, only where there is one (the fp32-master line stays as it was)."""
+    return f", error {gib(error):.2f} GiB" if error else ""

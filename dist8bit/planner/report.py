@@ -7,7 +7,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..bench.report import format_table, pyplot, save_figure
-from .bytes_model import COMPONENTS, OFFLOADS, OPTIONS_ORDER, Cluster, Option, Plan, largest_fitting_params, plan
+from .bytes_model import (
+    COMPONENTS,
+    KEEPS_MASTER,
+    OFFLOADS,
+    OPTIONS_ORDER,
+    Cluster,
+    Option,
+    Plan,
+    largest_fitting_params,
+    plan,
+)
 from .model_shapes import ModelShape
 from .state_bytes import STATE_PRECISIONS
 
@@ -59,14 +69,27 @@ def breakdown_table(result: Plan) -> str:
     return format_table(rows, list(rows[0]))
 
 
+def no_master_mode(base: Option) -> str | None:
+    """The mode of the table's rows without a master: the chosen one, else compensated (the one that follows
+    the fp32 trajectory); None where bf16 weights without a master are not an option (fp16, fp32 training)."""
+    if base.mixed_precision != "bf16":
+        return None
+    return "compensated" if base.keeps_master else base.master_weights
+
+
 def option_rows(model: ModelShape, cluster: Cluster, base: Option, gpu_memory: int, host_memory: int | None) -> list[dict]:
-    """Every strategy x state precision x offload for `base`'s optimizer and mixed precision."""
+    """Every strategy x state precision x memory choice (bytes_model.MEMORY_CHOICES) for `base`'s optimizer and
+    mixed precision; the rows without a master take `no_master_mode(base)` and base's error_bits."""
     rows = []
-    for strategy, states, offload in OPTIONS_ORDER:
-        option = replace(base, strategy=strategy, states=states, offload=offload)
-        row: dict[str, object] = {"strategy": strategy, "states": states, "offload": offload}
+    without_master = no_master_mode(base)
+    for strategy, states, offload, keeps_master in OPTIONS_ORDER:
+        if not keeps_master and without_master is None:
+            continue
+        mode = KEEPS_MASTER if keeps_master else without_master
+        option = replace(base, strategy=strategy, states=states, offload=offload, master_weights=mode)
+        row: dict[str, object] = {"strategy": strategy, "states": states, "offload": offload, "master": option.master_label}
         if not STATE_PRECISIONS[states].available:
-            if offload == OFFLOADS[0]:  # one row per strategy says why
+            if offload == OFFLOADS[0] and keeps_master:  # one row per strategy says why
                 rows.append({**row, "GiB/GPU": "n/a", "note": STATE_PRECISIONS[states].note})
             continue
         result = plan(model, cluster, option)
@@ -76,6 +99,7 @@ def option_rows(model: ModelShape, cluster: Cluster, base: Option, gpu_memory: i
                 **row,
                 "GiB/GPU": f"{gib(result.gpu_total):.2f}",
                 "states GiB/GPU": f"{gib(result.gpu['states']):.2f}",
+                "error GiB/GPU": f"{gib(result.gpu['error']):.2f}",
                 "GiB/host": f"{gib(result.host_total * cluster.gpus_per_node):.1f}",
                 "fits": "yes" if largest >= model.num_params else "no",
                 "largest model (B params)": f"{largest / 1e9:.2f}",
@@ -91,8 +115,10 @@ def options_table(rows: list[dict]) -> str:
         "strategy",
         "states",
         "offload",
+        "master",
         "GiB/GPU",
         "states GiB/GPU",
+        "error GiB/GPU",
         "GiB/host",
         "fits",
         "largest model (B params)",
@@ -114,6 +140,7 @@ def plot_largest(rows: list[dict], path: Path, title: str) -> bool:
         [r["label"] for r in shown],
         [r["largest"] / 1e9 for r in shown],
         color=[colours.get(str(r["states"]), "tab:orange") for r in shown],
+        hatch=["" if r["master"] == KEEPS_MASTER else "//" for r in shown],  # no master: hatched
     )
     axes.invert_yaxis()
     axes.set_xlabel("largest model that fits (billions of parameters)")
