@@ -588,6 +588,17 @@ PORTABLE_CHECK = textwrap.dedent(
                 t.run_step(cpu, case, inputs.copy(), norm_out=norms[0])
                 t.run_step(t.REFERENCE, case, inputs.copy(), norm_out=norms[1])
                 torch.testing.assert_close(norms[0], norms[1], rtol=1e-12, atol=0.0)
+        for state_bits, error_bits in ((8, 8), (32, 16), (4, 16)):
+            inputs = t.compensated_inputs(case, state_bits, error_bits, torch.float16, sizes=(0, 1, 257, 3000))
+            mine, theirs = inputs.copy(), inputs.copy()
+            for _ in range(2):
+                t.run_step(cpu, case, mine, update_scale=torch.full((4,), 0.7))
+                t.run_step(t.REFERENCE, case, theirs, update_scale=torch.full((4,), 0.7))
+            t.assert_same(mine, theirs, f"{case.name} compensated")
+            norms = [torch.zeros(4, dtype=torch.float64) for _ in range(2)]
+            t.run_step(cpu, case, inputs.copy(), norm_out=norms[0])
+            t.run_step(t.REFERENCE, case, inputs.copy(), norm_out=norms[1])
+            torch.testing.assert_close(norms[0], norms[1], rtol=1e-12, atol=0.0)
     print("portable ok")
     """
 )
@@ -595,7 +606,7 @@ PORTABLE_CHECK = textwrap.dedent(
 
 @pytest.mark.slow
 def test_portable_path():
-    """The scalar path (built with -DD8_PORTABLE, in a fresh process) against the reference."""
+    """The scalar path (built with -DD8_PORTABLE, in a fresh process) against the reference, compensated too."""
     env = {k: v for k, v in os.environ.items() if k != BACKEND_ENV}
     here = os.path.dirname(os.path.abspath(__file__))
     result = subprocess.run([sys.executable, "-c", PORTABLE_CHECK, here], capture_output=True, text=True, env=env, timeout=900)
