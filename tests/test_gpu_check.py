@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from dist8bit.bench import gpu_check, gpu_check_parse, gpu_check_steps
+from dist8bit.bench import gpu_check, gpu_check_compensated, gpu_check_parse, gpu_check_steps
 from dist8bit.bench.gpu_check_steps import Step
 from dist8bit.bench.optim import bytes_per_param
 
@@ -196,3 +197,19 @@ def test_bench_and_launcher_parsers(tmp_path):
         runs[name] = gpu_check_parse.launch(metrics)
     spread = gpu_check_parse.launch_loss_spread(runs)
     assert spread["spread"] == pytest.approx(0.025) and spread["within_2pct"] is False
+
+
+def test_compensated_step_times_every_mode_and_parses():
+    """gpu_check_compensated on the CPU with a tiny model (the GPU step times gpt125m the same way):
+    every mode ran with its error buffer, ratios to the plain step, the bar; its parser's headline."""
+    result = gpu_check_compensated.measure([(4096,), (300, 7)], torch.device("cpu"), budget_s=0.05)
+    assert result["error_bytes_per_param"] == {"none": 0.0, "compensated-int8": 1.0, "compensated-int16": 2.0}
+    assert all(ms > 0 for ms in result["ms"].values())
+    assert result["ratio"] == {
+        name: result["ms"][name] / result["ms"]["none"] for name in ("compensated-int8", "compensated-int16")
+    }
+    assert result["within_bar"] == {name: ratio <= 1.25 for name, ratio in result["ratio"].items()}
+    parsed = gpu_check_parse.compensated("noise\n" + gpu_check_parse.RESULT_MARK + json.dumps(result) + "\n")
+    assert parsed["headline"].startswith("compensated-int8 ") and parsed["headline"].endswith("; bar 1.25x)")
+    step = next(s for s in gpu_check_steps.plan(Path("out"), 600.0) if s.name == "compensated")
+    assert "dist8bit.bench.gpu_check_compensated" in step.command and step.parse is gpu_check_parse.compensated

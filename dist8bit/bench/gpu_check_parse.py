@@ -24,6 +24,7 @@ BOUND_FRACTION_BAR = 0.8
 VS_FUSED_BAR = 1.5
 PAGED_OVERHEAD_BAR = 0.05
 LAUNCH_LOSS_SPREAD_BAR = 0.02
+COMPENSATED_BAR = 1.25  # issue 16: a compensated bf16 step costs at most 1.25x the plain bf16 8-bit step
 
 
 def marked_result(output: str) -> dict:
@@ -186,6 +187,15 @@ def launch(path: Path) -> dict:
     result = {k: summary.get(k) for k in keys}
     loss, rate = result["final_val_loss"], result["tokens_per_s"]
     result["headline"] = f"{result['steps']} steps, val loss {loss:.4f}, {rate:,.0f} tokens/s" if loss and rate else "no summary"
+    return result
+
+
+def compensated(output: str) -> dict:
+    """gpu_check_compensated's line: step ms per mode, the compensated/plain ratios and the bar."""
+    result = marked_result(output)
+    ratios = ", ".join(f"{name} {value:.2f}x" for name, value in result["ratio"].items())
+    plain = result["ms"]["none"]
+    result["headline"] = f"{ratios} the plain bf16 step ({plain:.2f} ms; bar {result['bar']:.2f}x)"
     return result
 
 

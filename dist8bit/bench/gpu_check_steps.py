@@ -17,7 +17,7 @@ from . import gpu_check_parse as parse
 from .optim import bytes_per_param
 
 TOTAL_BUDGET_S = 600.0
-# Seconds per step at --time-budget-s 600 (580 in all: the rest is the check's own start and writing).
+# Seconds per step at --time-budget-s 600 (593 in all: the rest is the check's own start and writing).
 WHEELS_S = 20.0
 BUILD_S = 120.0
 TESTS_S = 130.0
@@ -26,6 +26,7 @@ QUANTIZE_S = 40.0
 OPTIM_RUN_S = 18.0  # each of the 6 (preset, dtype) runs
 PAGED_S = 40.0
 LAUNCH_RUN_S = 30.0  # each of the 3 strategies
+COMPENSATED_S = 15.0  # the compensated bf16 step vs the plain one (issue 16), last
 
 OPTIM_PRESETS = ("one-2^28", "one-2^24", "gpt125m")  # the 2^28 run first: it carries the issue's bars
 OPTIM_DTYPES = {"fp32": 4, "bf16": 2}  # parameter element bytes
@@ -35,6 +36,7 @@ OPTIM_IMPLS = (
 OPTIM_TIMING_S = 1.0  # optim bench --budget: seconds of timing per optimizer
 QUANTIZE_TIMING_S = 0.5
 PAGED_TIMING_S = 1.0
+COMPENSATED_TIMING_S = 3.0  # gpu_check_compensated --budget: seconds of timing over its three modes
 LAUNCH_STRATEGIES = ("ddp", "fsdp", "deepspeed")
 LAUNCH_STEPS = 200
 ZERO2_CONFIG = "launch/configs/zero2_adamw8bit.json"
@@ -52,9 +54,13 @@ GPU_TEST_FILES = (
 FAST_GPU_TESTS = "gpu and not slow"
 SLOW_GPU_TESTS = "gpu and slow"
 # Families counted on their own in the tests steps' metrics: name -> (test module, substring of
-# the test name). The CUDA fused step's 4-bit cases (issue 15) run in the `tests` step with the
-# rest of tests/test_cuda_fused_step.py; their ids contain "4bit".
-TEST_SUBSETS = {"fused_step_4bit": ("test_cuda_fused_step", "4bit")}
+# the test name). The CUDA fused step's 4-bit cases (issue 15) and compensated bf16 cases (issue
+# 16) run in the `tests` step with the rest of tests/test_cuda_fused_step.py; their ids contain
+# "4bit" and "compensated".
+TEST_SUBSETS = {
+    "fused_step_4bit": ("test_cuda_fused_step", "4bit"),
+    "fused_step_compensated": ("test_cuda_fused_step", "compensated"),
+}
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,8 @@ def _launch(strategy: str, out: Path, budget_s: float) -> Step:
 
 
 def plan(out: Path, time_budget_s: float = TOTAL_BUDGET_S, wheels: Path | None = None) -> list[Step]:
-    """Every step in the issue's order: wheels, build, tests (slow last), quantize, optim, paged, launcher."""
+    """Every step in the issue's order: wheels, build, tests (slow last), quantize, optim, paged, launcher,
+    then the compensated bf16 step's timing (issue 16)."""
     scale = time_budget_s / TOTAL_BUDGET_S
     root = repo_root()
     bench = out / "bench"
@@ -160,4 +167,6 @@ def plan(out: Path, time_budget_s: float = TOTAL_BUDGET_S, wheels: Path | None =
         )
     )
     steps += [_launch(strategy, out, LAUNCH_RUN_S * scale) for strategy in LAUNCH_STRATEGIES]
+    compensated_cmd = [python, "-m", "dist8bit.bench.gpu_check_compensated", "--budget", str(COMPENSATED_TIMING_S)]
+    steps.append(Step("compensated", compensated_cmd, COMPENSATED_S * scale, parse=parse.compensated))
     return steps
