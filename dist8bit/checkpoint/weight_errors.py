@@ -92,12 +92,12 @@ def read_codes(buffer: ErrorBuffer, start: int, stop: int, read: Read = slice_re
     """Codes [start, stop) of an error buffer, as stored (pieces of several widths come back as int16)."""
     if isinstance(buffer, Dense):
         return read(buffer.values, start, stop)
-    parts = []
+    dtype, parts = dtype_of(buffer), []
     for offset, piece in buffer.pieces:
         low, high = max(start, offset), min(stop, offset + piece.numel)
         if low < high:
-            parts.append(converted_error(read(piece.values, low - offset, high - offset), BITS[dtype_of(buffer)]))
-    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype_of(buffer))
+            parts.append(converted_error(read(piece.values, low - offset, high - offset), BITS[dtype]))
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
 
 
 def write_codes(sink: Sink, slot: Slot, buffer: ErrorBuffer, start: int, stop: int, read: Read, chunk: int) -> None:
@@ -130,7 +130,7 @@ class Tally:
         self.source_dtypes.add(dtype)
 
     def describe(self) -> str | None:
-        """'weight_error of N compensated bf16 parameters: int8, carried per element' (None without any)."""
+        """'weight_error of N compensated bf16 parameters (int8) carried per element, unchanged' (None: none met)."""
         if not self.params:
             return None
         widths = "/".join(str(d).removeprefix("torch.") for d in sorted(self.source_dtypes, key=str))
