@@ -5,6 +5,13 @@ Bytes moved per parameter per step (the floor a memory-bound step can reach):
     8-bit Adam (block 256): 3*P + 2 codes read/written + 4 absmax           ~ 3*P + 4.06
     4-bit Adam (block 128): 3*P + 2 half-byte codes read/written + 4 absmax ~ 3*P + 2.13
 where P is the parameter/gradient element size (4 for fp32, 2 for bf16).
+A compensated bf16 step (master_weights="compensated") also reads and writes
+its error buffer: + 2 bytes (int8) or + 4 (int16).
+
+--master-weights times AdamW8bit on bf16 parameters under each master-weights
+mode instead (none, stochastic, compensated with int8 and int16 errors), each
+row's time as a ratio of the `none` row's; issue 16's bar (the compensated
+step costs at most 1.25x the plain bf16 8-bit step) goes into the JSON's "bars".
 
 torchao's optimizers (when torchao is installed; never a dependency) are plain
 PyTorch under torch.compile: their first step compiles (on a CPU that needs a
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=5.0, help="seconds of timing per optimizer")
     parser.add_argument("--only", default="", help="comma-separated subset of implementation names")
     parser.add_argument(
+        "--master-weights",
+        action="store_true",
+        help="time AdamW8bit on bf16 parameters under each master_weights mode (implies --dtype bf16)",
+    )
+    parser.add_argument(
         "--busy-cores", type=int, default=0, help="keep this many other processes spinning while timing (a loaded machine)"
     )
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
@@ -78,6 +91,25 @@ def _candidates(dtype: torch.dtype, device: torch.device) -> dict[str, Callable[
     if importlib.util.find_spec("torchao") is not None:
         candidates.update(_torchao_candidates(lr))
     return candidates
+
+
+# --master-weights rows: name -> (master_weights, error_bits); the name also keys error_bytes.
+MASTER_WEIGHT_ROWS: dict[str, tuple[str, int | None]] = {
+    "dist8bit AdamW8bit none": ("none", None),
+    "dist8bit AdamW8bit stochastic": ("stochastic", None),
+    "dist8bit AdamW8bit compensated-8": ("compensated", 8),
+    "dist8bit AdamW8bit compensated-16": ("compensated", 16),
+}
+BASELINE_ROW = "dist8bit AdamW8bit none"
+COMPENSATED_BAR = 1.25  # issue 16: compensated step time / plain bf16 8-bit step time
+
+
+def _master_weight_candidates() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
+    def make(mode: str, error_bits: int | None) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
+        extra = {} if error_bits is None else {"error_bits": error_bits}
+        return lambda ps: d8.AdamW8bit(ps, lr=1e-3, master_weights=mode, **extra)
+
+    return {name: make(mode, bits) for name, (mode, bits) in MASTER_WEIGHT_ROWS.items()}
 
 
 def _torchao_candidates(lr: float) -> dict[str, Callable]:
@@ -103,13 +135,19 @@ def state_bits(name: str) -> int:
     return 4 if "4bit" in name else 8 if "8bit" in name else 32
 
 
+def error_bytes(name: str) -> int:
+    """Bytes a compensated row's error buffer moves per parameter: read and written, 1 or 2 bytes each."""
+    error_bits = MASTER_WEIGHT_ROWS.get(name, ("", None))[1]
+    return 0 if error_bits is None else 2 * error_bits // 8
+
+
 def bytes_per_param(name: str, element: int) -> float:
     """Bytes a step must move per parameter (see the module docstring): two states, each read and written,
-    with one float32 absmax per block (256 elements at 8 bits, 128 at 4)."""
+    with one float32 absmax per block (256 elements at 8 bits, 128 at 4), and a compensated row's errors."""
     bits = state_bits(name)
     if bits == 32:
         return 3 * element + 16
-    return 3 * element + 2 * 2 * (bits / 8 + 4 / default_blocksize(bits))
+    return 3 * element + 2 * 2 * (bits / 8 + 4 / default_blocksize(bits)) + error_bytes(name)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -132,6 +170,8 @@ def _tensor_bytes(value: torch.Tensor) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.master_weights:
+        args.dtype = "bf16"
     dtype = DTYPES[args.dtype]
     shapes = PRESETS[args.preset]()
     torch.manual_seed(0)
@@ -153,32 +193,12 @@ def _measure(
     numel = sum(p.numel() for p in params)
     bandwidth = copy_bandwidth_gbs(device)
     rmw_bandwidth = rmw_bandwidth_gbs(device)
-    candidates = _candidates(dtype, device)
+    candidates = _master_weight_candidates() if args.master_weights else _candidates(dtype, device)
     if args.only:
         wanted = [n.strip() for n in args.only.split(",")]
         candidates = {n: f for n, f in candidates.items() if n in wanted}
-    rows = []
-    for name, make in tqdm(candidates.items(), desc="optim bench", unit="optimizer"):
-        try:
-            optimizer = make(params)
-            timing = time_call(optimizer.step, device, min_repeats=3, budget_s=args.budget)
-        except Exception as error:  # a peer that cannot run here is reported, not fatal
-            rows.append({"impl": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"})
-            continue
-        moved = bytes_per_param(name, params[0].element_size()) * numel
-        rows.append(
-            {
-                "impl": name,
-                "ms": timing.median_ms,
-                "first_step_ms": timing.warmup_ms,
-                "state_bytes_per_param": state_bytes(optimizer) / numel,
-                "GB/s": moved / (timing.median_ms * 1e-3) / 1e9,
-                "of_copy_bw": moved / (timing.median_ms * 1e-3) / 1e9 / bandwidth,
-                "of_rmw_bw": moved / (timing.median_ms * 1e-3) / 1e9 / rmw_bandwidth,
-            }
-        )
-        del optimizer
-        gc.collect()
+    timed = _interleaved_rows if args.master_weights else _sequential_rows
+    rows = timed(candidates, params, device, args.budget, (bandwidth, rmw_bandwidth))
     fused = next((r for r in rows if r["impl"] == "torch AdamW fused" and "ms" in r), None)
     bnb_row = next((r for r in rows if r["impl"] == "bitsandbytes AdamW8bit" and "ms" in r), None)
     for row in rows:
@@ -196,10 +216,10 @@ def _measure(
         "rmw_bandwidth_GBps": rmw_bandwidth,
         "busy_cores": args.busy_cores,
         "machine": machine_description(),
-        "bars": four_bit_bars(rows),
+        "bars": master_weight_bars(rows) if args.master_weights else four_bit_bars(rows),
         "rows": rows,
     }
-    suffix = f"-busy{args.busy_cores}" if args.busy_cores else ""
+    suffix = ("-master-weights" if args.master_weights else "") + (f"-busy{args.busy_cores}" if args.busy_cores else "")
     write_json(args.out / f"optim-{args.preset}-{args.dtype}{suffix}.json", result)
     _plot(
         rows,
@@ -213,14 +233,97 @@ def _measure(
         f" copy bandwidth {bandwidth:.1f} GB/s, read-modify-write bandwidth {rmw_bandwidth:.1f} GB/s"
     )
     columns = ["impl", "ms", "first_step_ms", "state_bytes_per_param", "GB/s", "of_copy_bw", "of_rmw_bw"]
-    print(format_table(rows, [*columns, "vs_torch_fused", "vs_bnb", "error"]))
     bars = result["bars"]
+    if args.master_weights:
+        print(format_table(rows, [*columns, "ms_over_none", "error"]))
+        for bits in (8, 16):
+            ratio = bars[f"compensated_{bits}_ms_over_none_ms"]
+            print(
+                f"master-weights bar: compensated ({bits}-bit errors) step = {_ratio(ratio)} the plain bf16 step"
+                f" (<= {COMPENSATED_BAR:g}x: {bars[f'compensated_{bits}_met']})"
+            )
+        return result
+    print(format_table(rows, [*columns, "vs_torch_fused", "vs_bnb", "error"]))
     print(
         f"4-bit bars: AdamW4bit step = {_ratio(bars['adamw8bit_ms_over_adamw4bit_ms'])} AdamW8bit's speed"
         f" (no slower: {bars['no_slower_than_8bit_met']}); {_ratio(bars['torchao_ms_over_adamw4bit_ms'])} torchao"
         f" AdamW4bit's (>= {TORCHAO_SPEEDUP_BAR:g}x: {bars['torchao_speedup_met']})"
     )
     return result
+
+
+Maker = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+Params = list[torch.nn.Parameter]
+Bandwidths = tuple[float, float]  # copy, read-modify-write (GB/s)
+MASTER_WEIGHT_ROUNDS = 5  # --master-weights: timing turns per row
+
+
+def _row(
+    name: str, optimizer: torch.optim.Optimizer, ms: float, first_step_ms: float, params: Params, bandwidths: Bandwidths
+) -> dict:
+    """A timed row: step time, state bytes and the bytes-moved bound's bandwidth (of copy and of read-modify-write)."""
+    numel = sum(p.numel() for p in params)
+    gbs = bytes_per_param(name, params[0].element_size()) * numel / (ms * 1e-3) / 1e9
+    return {
+        "impl": name,
+        "ms": ms,
+        "first_step_ms": first_step_ms,
+        "state_bytes_per_param": state_bytes(optimizer) / numel,
+        "GB/s": gbs,
+        "of_copy_bw": gbs / bandwidths[0],
+        "of_rmw_bw": gbs / bandwidths[1],
+    }
+
+
+def _error_row(name: str, error: Exception) -> dict:
+    return {"impl": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
+
+
+def _sequential_rows(
+    candidates: dict[str, Maker], params: Params, device: torch.device, budget: float, bandwidths: Bandwidths
+) -> list[dict]:
+    """One optimizer at a time (built, timed, freed): peers need not fit in memory together."""
+    rows = []
+    for name, make in tqdm(candidates.items(), desc="optim bench", unit="optimizer"):
+        try:
+            optimizer = make(params)
+            timing = time_call(optimizer.step, device, min_repeats=3, budget_s=budget)
+        except Exception as error:  # a peer that cannot run here is reported, not fatal
+            rows.append(_error_row(name, error))
+            continue
+        rows.append(_row(name, optimizer, timing.median_ms, timing.warmup_ms, params, bandwidths))
+        del optimizer
+        gc.collect()
+    return rows
+
+
+def _interleaved_rows(
+    candidates: dict[str, Maker], params: Params, device: torch.device, budget: float, bandwidths: Bandwidths
+) -> list[dict]:
+    """--master-weights: every optimizer built and warmed up, then timed in turns (MASTER_WEIGHT_ROUNDS rounds),
+    so that a load that changes during the run (shared CPUs) weighs on every row alike. A row's ms is the median
+    of its round medians; ms_over_none the median of its per-round ratios to the `none` row's (paired rounds)."""
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    first_step: dict[str, float] = {}
+    rows = {}
+    for name, make in candidates.items():
+        try:
+            optimizers[name] = make(params)
+            first_step[name] = time_call(optimizers[name].step, device, min_repeats=1, budget_s=0).warmup_ms
+        except Exception as error:  # reported in its row, the others still run
+            optimizers.pop(name, None)
+            rows[name] = _error_row(name, error)
+    rounds: dict[str, list[float]] = {name: [] for name in optimizers}
+    for _ in tqdm(range(MASTER_WEIGHT_ROUNDS), desc="optim bench (rounds)", unit="round"):
+        for name, optimizer in optimizers.items():
+            timing = time_call(optimizer.step, device, min_repeats=1, budget_s=budget / MASTER_WEIGHT_ROUNDS)
+            rounds[name].append(timing.median_ms)
+    for name, optimizer in optimizers.items():
+        rows[name] = _row(name, optimizer, statistics.median(rounds[name]), first_step[name], params, bandwidths)
+        if BASELINE_ROW in rounds:
+            paired = [ms / none for ms, none in zip(rounds[name], rounds[BASELINE_ROW], strict=True)]
+            rows[name]["ms_over_none"] = statistics.median(paired)
+    return [rows[name] for name in candidates]
 
 
 # The issue's speed bars for the 4-bit CPU step.
@@ -242,6 +345,20 @@ def four_bit_bars(rows: list[dict]) -> dict:
         "torchao_speedup_bar": TORCHAO_SPEEDUP_BAR,
         "torchao_speedup_met": None if versus_torchao is None else versus_torchao >= TORCHAO_SPEEDUP_BAR,
     }
+
+
+def master_weight_bars(rows: list[dict]) -> dict:
+    """Compensated (int8 and int16 errors) step time over the plain bf16 step's, the rows' paired ms_over_none
+    (bar: <= 1.25x); None when either row did not run."""
+    ratios = {row["impl"]: row.get("ms_over_none") for row in rows}
+    bars: dict = {"compensated_bar": COMPENSATED_BAR}
+    for name, (mode, bits) in MASTER_WEIGHT_ROWS.items():
+        if mode != "compensated":
+            continue
+        ratio = ratios.get(name)
+        bars[f"compensated_{bits}_ms_over_none_ms"] = ratio
+        bars[f"compensated_{bits}_met"] = None if ratio is None else ratio <= COMPENSATED_BAR
+    return bars
 
 
 def _ratio(value: float | None) -> str:
