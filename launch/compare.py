@@ -1,7 +1,8 @@
-"""Train the same model with several optimizers (same seeds, data and steps), and compare the loss curves.
+"""Train the same model with several optimizers or master-weight modes (same seeds, data and steps), and compare the loss curves.
 
     python launch/compare.py --nproc 2 --steps 400                       # adamw8bit vs adamw32bit
     python launch/compare.py --nproc 1 --optims adamw4bit,adamw8bit,adamw32bit --seeds 1337,1338,1339
+    python launch/compare.py --nproc 1 --master-weights compensated,stochastic,none,fp32 --seeds 1337,1338,1339
     python launch/compare.py --nproc 2 --strategy fsdp --out-dir results/compare-fsdp
     python launch/compare.py --nproc 2 --strategy deepspeed -- --deepspeed_config launch/configs/zero2_adamw8bit.json
     python launch/compare.py --nproc 1 --steps 100 -- --n-layer 2     # after --: passed on to pretrain.py
@@ -11,7 +12,13 @@ type (its params, scheduler and ZeRO settings stay), so both runs differ only
 in the optimizer's precision. Every optimizer is compared with the last one
 of --optims (the baseline).
 
-Writes OUT_DIR/<optim>/ per run (OUT_DIR/<optim>/seed-<seed>/ with several
+With --master-weights the runs are one optimizer (--optims, default
+adamw8bit) with --dtype bf16 and each mode, named <optim>-<mode> (e.g.
+adamw8bit-compensated); the fp32-master run is the baseline when it is
+among them (else the last mode). Each run's state bytes per parameter
+(error buffers included) are in the table and summary.json.
+
+Writes OUT_DIR/<name>/ per run (OUT_DIR/<name>/seed-<seed>/ with several
 --seeds), OUT_DIR/loss.png (train and validation curves, averaged over the
 seeds) and OUT_DIR/summary.json, and prints the final losses (mean and spread
 over the seeds) with their relative difference from the baseline. --plot-only
@@ -35,9 +42,12 @@ if __package__ in (None, ""):  # run as a script (python launch/compare.py): imp
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist8bit.bench.report import save_figure
+from dist8bit.optim.master_weights import MODES as MASTER_MODES
 from launch.atomic import write_json_atomic
 
 PRETRAIN = Path(__file__).resolve().with_name("pretrain.py")
+DEFAULT_OPTIMS = "adamw8bit,adamw32bit"
+DEFAULT_MASTER_OPTIM = "adamw8bit"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -56,7 +66,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--seed", type=int, default=1337, help="the seed of every run (unless --seeds)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds: every optimizer runs each, results are averaged")
     parser.add_argument(
-        "--optims", default="adamw8bit,adamw32bit", help="comma-separated --optim values (two or more); the last is the baseline"
+        "--optims",
+        default=None,
+        help="comma-separated --optim values (two or more; the last is the baseline; default adamw8bit,adamw32bit), "
+        "or one with --master-weights (default adamw8bit)",
+    )
+    parser.add_argument(
+        "--master-weights",
+        default=None,
+        help="comma-separated modes (two or more of fp32,none,stochastic,compensated): one --dtype bf16 run per mode "
+        "instead of one per optimizer; fp32 is the baseline",
     )
     parser.add_argument("--out-dir", type=Path, default=Path("results/compare"))
     parser.add_argument("--plot-only", action="store_true", help="do not train; plot and summarise the runs already in OUT_DIR")
@@ -67,9 +86,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
-    args.optims = [name.strip() for name in args.optims.split(",") if name.strip()]
-    if len(args.optims) < 2 or len(set(args.optims)) != len(args.optims):
-        parser.error(f"--optims takes two or more distinct names, got {args.optims}")
+    try:
+        args.variants, args.baseline = variants(args.optims, args.master_weights)
+    except ValueError as error:
+        parser.error(str(error))
     args.seeds = [args.seed] if args.seeds is None else [int(seed) for seed in args.seeds.split(",") if seed.strip()]
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds takes one or more distinct seeds, got {args.seeds}")
@@ -78,15 +98,39 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return args, extra
 
 
+def split(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def variants(optims: str | None, master_weights: str | None) -> tuple[dict[str, list[str]], str]:
+    """The runs to compare, name -> the pretrain.py flags that make them, and the baseline's name: one run per
+    optimizer (the last is the baseline), or with master_weights one bf16 run of one optimizer per mode (the
+    fp32-master run is the baseline when present, else the last)."""
+    if master_weights is None:
+        names = split(optims or DEFAULT_OPTIMS)
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError(f"--optims takes two or more distinct names, got {names}")
+        return {name: ["--optim", name] for name in names}, names[-1]
+    names, modes = split(optims or DEFAULT_MASTER_OPTIM), split(master_weights)
+    if len(names) != 1:
+        raise ValueError(f"--master-weights compares the modes of one optimizer; --optims must name one, got {names}")
+    if len(modes) < 2 or len(set(modes)) != len(modes) or not set(modes) <= set(MASTER_MODES):
+        raise ValueError(f"--master-weights takes two or more distinct modes of {', '.join(MASTER_MODES)}, got {modes}")
+    runs = {f"{names[0]}-{mode}": ["--optim", names[0], "--dtype", "bf16", "--master-weights", mode] for mode in modes}
+    return runs, f"{names[0]}-{'fp32' if 'fp32' in modes else modes[-1]}"
+
+
 @dataclass(frozen=True)
 class RunLayout:
-    """Where each (optimizer, seed) run lives: OUT_DIR/<optim>, or OUT_DIR/<optim>/seed-<seed> when there are
-    several seeds (or `per_seed`), so that one-seed comparisons keep the directories they always had."""
+    """Where each (run name, seed) run lives: OUT_DIR/<name>, or OUT_DIR/<name>/seed-<seed> when there are
+    several seeds (or `per_seed`), so that one-seed comparisons keep the directories they always had.
+    The baseline is `baseline_name`, or the last name."""
 
     out_dir: Path
-    optims: list[str]
+    optims: list[str]  # the run names (optimizers, or <optim>-<mode> with --master-weights)
     seeds: list[int]
     per_seed: bool = False
+    baseline_name: str | None = None
 
     def run_dir(self, optim: str, seed: int) -> Path:
         if len(self.seeds) == 1 and not self.per_seed:
@@ -95,16 +139,21 @@ class RunLayout:
 
     @property
     def baseline(self) -> str:
-        return self.optims[-1]
+        return self.baseline_name or self.optims[-1]
 
 
-def pretrain_command(args: argparse.Namespace, optim: str, extra: list[str], seed: int | None = None) -> list[str]:
+def layout_for(args: argparse.Namespace) -> RunLayout:
+    return RunLayout(args.out_dir, list(args.variants), args.seeds, baseline_name=args.baseline)
+
+
+def pretrain_command(args: argparse.Namespace, name: str, extra: list[str], seed: int | None = None) -> list[str]:
+    """The command that trains run `name` (a key of args.variants) with `seed`."""
     seed = args.seeds[0] if seed is None else seed
     launcher = [sys.executable]
     if args.nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)]
-    run_args = ["--strategy", args.strategy, "--optim", optim, "--steps", str(args.steps), "--seed", str(seed)]
-    run_args += ["--out-dir", str(RunLayout(args.out_dir, args.optims, args.seeds).run_dir(optim, seed))]
+    run_args = ["--strategy", args.strategy, *args.variants[name], "--steps", str(args.steps), "--seed", str(seed)]
+    run_args += ["--out-dir", str(layout_for(args).run_dir(name, seed))]
     return [*launcher, str(PRETRAIN), *run_args, *extra]
 
 
@@ -139,6 +188,10 @@ def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
         "train_loss_window": max(1, round(len(train) * 0.1)),
         "steps": metrics["train"][-1]["step"],
         "state_bytes_per_rank": summary.get("state_bytes"),
+        "state_bytes_per_param": summary.get("state_bytes_per_param"),  # error buffers included
+        "dtype": metrics.get("dtype", "fp32"),  # metrics from before --dtype were fp32 runs
+        "master_weights": metrics.get("master_weights", "fp32"),
+        "error_bits": metrics.get("error_bits"),
         "tokens_per_s": summary.get("tokens_per_s"),
         "world_size": metrics.get("world_size"),
         "strategy": metrics.get("strategy"),
@@ -190,9 +243,12 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: Path, title: str, baseline
         steps, train = mean_curve([metrics["train"] for metrics in seeds])
         val_steps, val = mean_curve([metrics["val"] for metrics in seeds])
         curves[name] = (steps, ema(train), val_steps, val)
-        mib = (seeds[0].get("summary", {}).get("state_bytes") or 0) / 2**20
+        summary = seeds[0].get("summary", {})
+        state = f"state {(summary.get('state_bytes') or 0) / 2**20:.2f} MiB/rank"
+        if summary.get("state_bytes_per_param") is not None:
+            state += f", {summary['state_bytes_per_param']:.2f} B/param"
         train_axes.plot(steps, train, color=color, alpha=0.15, linewidth=0.8)
-        train_axes.plot(steps, curves[name][1], style, color=color, label=f"{name} (state {mib:.2f} MiB/rank)")
+        train_axes.plot(steps, curves[name][1], style, color=color, label=f"{name} ({state})")
         val_axes.plot(val_steps, val, "o" + style, color=color, label=name)
     seeds_note = f", mean of {len(next(iter(runs.values())))} seeds" if len(next(iter(runs.values()))) > 1 else ""
     train_axes.set_title(f"training loss (faint: per step; line: EMA 0.9{seeds_note})")
@@ -270,16 +326,18 @@ def report(layout: RunLayout, commands: dict[tuple[str, int], list[str]], second
     width = max(12, *(len(optim) for optim in layout.optims))
     val_header = "val loss ± std" if spread else "val loss"
     print(
-        f"{'':{width}} {val_header:>{19 if spread else 10}} {f'train loss (last {window})':>24} {'state MiB/rank':>15} {'tokens/s':>10} {'vs ' + layout.baseline:>20}"
+        f"{'':{width}} {val_header:>{19 if spread else 10}} {f'train loss (last {window})':>24} {'state MiB/rank':>15} "
+        f"{'state B/param':>14} {'tokens/s':>10} {'vs ' + layout.baseline:>20}"
     )
     for optim in layout.optims:
         final, state, tokens = finals[optim], finals[optim]["state_bytes_per_rank"], finals[optim]["tokens_per_s"]
+        per_param = final["state_bytes_per_param"]
         std = f" ± {final['final_val_loss_std']:.4f}" if spread else ""
         versus = "baseline" if optim == layout.baseline else f"val {relative[optim]['final_val_loss']:+.2%}"
         print(
             f"{optim:{width}} {final['final_val_loss']:10.4f}{std} {final['final_train_loss']:24.4f} "
-            f"{'n/a' if state is None else f'{state / 2**20:.2f}':>15} {'n/a' if tokens is None else f'{tokens:,.0f}':>10} "
-            f"{versus:>20}"
+            f"{'n/a' if state is None else f'{state / 2**20:.2f}':>15} {'n/a' if per_param is None else f'{per_param:.3f}':>14} "
+            f"{'n/a' if tokens is None else f'{tokens:,.0f}':>10} {versus:>20}"
         )
     print(f"seeds {layout.seeds} | plot {plot_path} | summary {layout.out_dir / 'summary.json'}")
     return 0
@@ -287,8 +345,8 @@ def report(layout: RunLayout, commands: dict[tuple[str, int], list[str]], second
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
-    layout = RunLayout(args.out_dir, args.optims, args.seeds)
-    commands = {(optim, seed): pretrain_command(args, optim, extra, seed) for optim in args.optims for seed in args.seeds}
+    layout = layout_for(args)
+    commands = {(name, seed): pretrain_command(args, name, extra, seed) for name in layout.optims for seed in args.seeds}
     seconds: dict[tuple[str, int], float] = {}
     if not args.plot_only:
         for (optim, seed), command in commands.items():

@@ -381,6 +381,115 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data_dir, run_env)
     assert result.returncode == 1 and "no checkpoint under" in result.stderr
 
 
+# ------------------------------------------------ bf16 without an fp32 master
+MASTER_MODES = ("fp32", "none", "stochastic", "compensated")
+
+
+def test_precision_flags_resolve_and_refuse(capsys):
+    """--dtype bf16 defaults to the compensated master (fp32 under DeepSpeed, which keeps its own); every
+    combination that cannot run is a one-line LaunchError naming why."""
+    args, _ = pretrain.parse_args(["--dtype", "bf16"])
+    assert (args.dtype, args.master_weights, args.error_bits) == ("bf16", "compensated", 8)
+    args, _ = pretrain.parse_args([])
+    assert (args.dtype, args.master_weights, args.error_bits) == ("fp32", "fp32", None)
+    args, _ = pretrain.parse_args(["--dtype", "bf16", "--master-weights", "none", "--error-bits", "16"])
+    assert (args.master_weights, args.error_bits) == ("none", None)  # no error buffer: nothing to size
+    assert pretrain.parse_args(["--dtype", "bf16", "--deepspeed"])[0].master_weights == "fp32"
+    assert pretrain.parse_args(["--dtype", "bf16", "--optim", "torch-adamw", "--master-weights", "none"])[0].lr == 2e-3
+    refusals = {
+        ("--deepspeed", "--dtype", "bf16", "--master-weights", "compensated"): "DeepSpeed keeps its own fp32 master",
+        ("--optim", "torch-adamw", "--dtype", "bf16"): "torch-adamw is not a dist8bit optimizer",
+        ("--optim", "torch-adamw", "--dtype", "bf16", "--master-weights", "stochastic"): "no 'stochastic' bf16 write",
+        ("--master-weights", "compensated"): "add --dtype bf16",
+    }
+    for argv, message in refusals.items():
+        with pytest.raises(LaunchError, match=message):
+            pretrain.parse_args(list(argv))
+    assert pretrain.main(["--deepspeed", "--dtype", "bf16", "--master-weights", "none"]) == 1
+    assert capsys.readouterr().err.count("\n") == 1  # one line, before anything is built
+
+    # DeepSpeed: --dtype bf16 is its bf16 mode; without the flag the config's bf16 section sets --dtype
+    args, explicit = _ds_args("--dtype", "bf16")
+    assert effective_config({"bf16": {"enabled": False, "x": 1}}, args, explicit, world_size=1)["bf16"] == {
+        "enabled": True,
+        "x": 1,
+    }
+    args, explicit = _ds_args()
+    assert "bf16" not in effective_config({}, args, explicit, world_size=1) and args.dtype == "fp32"
+    effective_config({"bf16": {"enabled": True}}, args, explicit, world_size=1)
+    assert (args.dtype, args.master_weights) == ("bf16", "fp32")
+
+
+def _in_process(out: Path, data_dir: Path, *extra: str) -> dict:
+    """A tiny one-process run in this process (no interpreter start-up: these runs are many and short)."""
+    argv = [*TINY, "--data-dir", str(data_dir), "--out-dir", str(out), "--threads", str(torch.get_num_threads()), *extra]
+    assert pretrain.main(argv) == 0
+    return _metrics(out)
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(tmp_path_factory, data_dir) -> dict[str, Path]:
+    """6 steps of --dtype bf16 with each master mode (compensated checkpoints: the resume test continues it)."""
+    runs = {}
+    for mode in MASTER_MODES:
+        runs[mode] = tmp_path_factory.mktemp(f"bf16-{mode}")
+        no_checkpoint = [] if mode == "compensated" else ["--no-checkpoint"]
+        _in_process(runs[mode], data_dir, "--steps", "6", "--dtype", "bf16", "--master-weights", mode, *no_checkpoint)
+    return runs
+
+
+def test_bf16_master_modes_run_and_record_what_they_ran(bf16_runs, single_run):
+    fp32 = _metrics(single_run)  # --dtype fp32, same seed and data
+    metrics = {mode: _metrics(out) for mode, out in bf16_runs.items()}
+    parameters = fp32["parameters"]
+    for mode, run in metrics.items():
+        assert (run["dtype"], run["master_weights"], run["optimizer"]) == ("bf16", mode, "AdamW8bit")
+        assert run["error_bits"] == (8 if mode == "compensated" else None)
+        assert (run["param_dtype"], run["autocast"]) == (("float32", True) if mode == "fp32" else ("bfloat16", False))
+        assert len(run["train"]) == 6 and all(math.isfinite(e["loss"]) for e in run["train"])
+        summary = run["summary"]
+        assert summary["state_bytes_per_param"] == pytest.approx(summary["state_bytes"] / parameters, rel=1e-12)
+    assert (fp32["dtype"], fp32["master_weights"], fp32["autocast"]) == ("fp32", "fp32", False)
+    # bf16 compute shows in the first loss (before any update): near the fp32 one, but off by far more than
+    # float32 rounding (measured 1.1e-4 under autocast, 1.8e-4 with bf16 weights; other thread counts move it ~1e-7)
+    first = {mode: run["train"][0]["loss"] for mode, run in metrics.items()}
+    for mode, loss in first.items():
+        assert 1e-5 < abs(loss - fp32["train"][0]["loss"]) < 1e-2, (mode, loss)
+    assert first["none"] == first["stochastic"] == first["compensated"] != first["fp32"]  # same bf16 model
+    # the 8-bit states are the same size in every mode; compensated adds 1 B per (bf16) parameter of error
+    state = {mode: run["summary"]["state_bytes"] for mode, run in metrics.items()}
+    assert state["fp32"] == state["none"] == state["stochastic"] == fp32["summary"]["state_bytes"]
+    assert state["compensated"] - state["none"] == parameters
+    # the three writes take three trajectories
+    assert len({run["summary"]["param_sha256"][0] for run in metrics.values()}) == 4
+    saved = torch.load(checkpoint.latest(bf16_runs["compensated"]) / "state.pt", weights_only=True)
+    assert {t.dtype for t in saved["model"].values()} == {torch.bfloat16}
+    errors = [s["weight_error"] for s in saved["optimizer"]["state"].values()]
+    assert sum(e.numel() for e in errors) == parameters and {e.dtype for e in errors} == {torch.int8}
+
+
+def test_bf16_compensated_resumes_exactly(bf16_runs, tmp_path, data_dir, capsys):
+    """4 steps, then a resume to 6: bit-identical to the uninterrupted 6 (the error buffers travel in the
+    checkpoint); another dtype or master mode is refused; --error-bits may change (the buffer is converted)."""
+    flags = ["--dtype", "bf16", "--master-weights", "compensated"]
+    out = tmp_path / "run"
+    _in_process(out, data_dir, "--steps", "4", *flags)
+    snapshot = tmp_path / "at4"
+    shutil.copytree(out, snapshot)
+    resumed = _in_process(out, data_dir, "--steps", "6", "--resume", *flags)
+    assert resumed["resumed_from"]["step"] == 4
+    assert resumed["summary"]["param_sha256"] == _metrics(bf16_runs["compensated"])["summary"]["param_sha256"]
+
+    for other in (["--dtype", "bf16", "--master-weights", "none"], ["--dtype", "fp32"]):
+        argv = [*TINY, "--data-dir", str(data_dir), "--out-dir", str(snapshot), "--steps", "6", "--resume", *other]
+        assert pretrain.main(argv) == 1
+        assert "was trained with --dtype bf16 --master-weights compensated" in capsys.readouterr().err
+
+    wide = _in_process(snapshot, data_dir, "--steps", "5", "--resume", *flags, "--error-bits", "16")
+    assert wide["error_bits"] == 16
+    assert wide["summary"]["state_bytes"] - resumed["summary"]["state_bytes"] == wide["parameters"]  # 2 B/param, not 1
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, data_dir, run_env) -> Path:
     if not dist.is_available():
@@ -565,10 +674,13 @@ def test_deepspeed_zero2_runs_and_resumes_exactly(tmp_path, data_dir, run_env, s
     _run(straight, data_dir, run_env, *flags, "--steps", "10", nproc=2)
     assert _metrics(out)["summary"]["param_sha256"] == _metrics(straight)["summary"]["param_sha256"]
 
-    # one plain process (no launcher variables) runs DeepSpeed too
+    # one plain process (no launcher variables) runs DeepSpeed too, here in its bf16 mode (its own fp32 master)
     single = tmp_path / "single"
-    _run(single, data_dir, run_env, *flags, "--steps", "2", "--no-checkpoint")
-    assert _metrics(single)["world_size"] == 1 and _metrics(single)["deepspeed"]["zero_stage"] == 2
+    _run(single, data_dir, run_env, *flags, "--steps", "2", "--no-checkpoint", "--dtype", "bf16")
+    metrics = _metrics(single)
+    assert metrics["world_size"] == 1 and metrics["deepspeed"]["zero_stage"] == 2
+    assert metrics["deepspeed"]["config"]["bf16"] == {"enabled": True} and metrics["master_weights"] == "fp32"
+    assert metrics["param_dtype"] == "bfloat16" and all(math.isfinite(e["loss"]) for e in metrics["train"])
 
     # ZeRO partitions are per rank: another world size is refused before DeepSpeed starts
     result = _pretrain([*TINY, *flags, "--data-dir", str(data_dir), "--out-dir", str(out), "--steps", "12", "--resume"], run_env)
@@ -682,6 +794,52 @@ def test_compare_three_optimizers_over_seeds(tmp_path, capsys, monkeypatch):
     for bad in (["--optims", "adamw8bit"], ["--optims", "adamw8bit,adamw8bit"], ["--seeds", "1,1"]):
         with pytest.raises(SystemExit):
             compare.parse_args(bad)
+
+
+def test_compare_master_weight_modes_against_fp32(tmp_path, capsys):
+    """--master-weights: one bf16 run of one optimizer per mode, named <optim>-<mode>, every one against the
+    fp32-master run wherever it sits in the list; the summary carries each mode and its state bytes per parameter."""
+    from launch import compare
+
+    finals = {"compensated": (2.01, 2.03), "fp32": (2.0, 2.0), "none": (2.2, 2.4)}
+    for mode, per_seed in finals.items():
+        for seed, final in zip((1, 2), per_seed, strict=True):
+            metrics = _fake_metrics(final, "none")
+            per_param = 3.0 if mode == "compensated" else 2.0
+            metrics.update(dtype="bf16", master_weights=mode, error_bits=8 if mode == "compensated" else None)
+            metrics["summary"]["state_bytes_per_param"] = per_param
+            (tmp_path / f"adamw8bit-{mode}" / f"seed-{seed}").mkdir(parents=True)
+            (tmp_path / f"adamw8bit-{mode}" / f"seed-{seed}" / "metrics.json").write_text(json.dumps(metrics))
+    argv = ["--out-dir", str(tmp_path), "--master-weights", "compensated,fp32,none", "--seeds", "1,2"]
+    assert compare.main(["--plot-only", *argv]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["baseline"] == "adamw8bit-fp32"
+    assert summary["optims"] == ["adamw8bit-compensated", "adamw8bit-fp32", "adamw8bit-none"]
+    relative = summary["relative_difference"]
+    assert set(relative) == {"adamw8bit-compensated", "adamw8bit-none"}
+    assert relative["adamw8bit-compensated"]["final_val_loss"] == pytest.approx(0.01, abs=1e-12)
+    assert relative["adamw8bit-none"]["final_val_loss"] == pytest.approx(0.15, abs=1e-12)
+    runs = summary["runs"]
+    assert runs["adamw8bit-none"]["final_val_loss_std"] == pytest.approx(0.2 / math.sqrt(2), abs=1e-12)
+    assert (runs["adamw8bit-compensated"]["master_weights"], runs["adamw8bit-compensated"]["state_bytes_per_param"]) == (
+        "compensated",
+        3.0,
+    )
+    assert runs["adamw8bit-fp32"]["dtype"] == "bf16" and runs["adamw8bit-fp32"]["error_bits"] is None
+    out = capsys.readouterr().out
+    assert "vs adamw8bit-fp32" in out and "val +1.00%" in out and "val +15.00%" in out and "3.000" in out
+
+    args, extra = compare.parse_args([*argv, "--optims", "lion8bit", "--nproc", "1", "--", "--error-bits", "16"])
+    command = compare.pretrain_command(args, "lion8bit-compensated", extra, 2)
+    flags = command[command.index("--optim") :]
+    assert flags[:6] == ["--optim", "lion8bit", "--dtype", "bf16", "--master-weights", "compensated"]
+    assert flags[-4:] == ["--out-dir", str(tmp_path / "lion8bit-compensated" / "seed-2"), "--error-bits", "16"]
+    # without fp32 among the modes the last one is the baseline; plain --optims comparisons are unchanged
+    assert compare.parse_args(["--master-weights", "none,compensated"])[0].baseline == "adamw8bit-compensated"
+    assert compare.parse_args([])[0].variants == {"adamw8bit": ["--optim", "adamw8bit"], "adamw32bit": ["--optim", "adamw32bit"]}
+    for bad in (["--optims", "adamw8bit,adamw32bit"], ["--master-weights", "fp32"], ["--master-weights", "fp32,fp64"]):
+        with pytest.raises(SystemExit):
+            compare.parse_args(["--master-weights", "fp32,none", *bad] if bad[0] == "--optims" else bad)
 
 
 # ------------------------------------------------ 4-bit quantization study
