@@ -149,3 +149,30 @@ def test_a_torchao_that_cannot_import_or_compile_is_an_error_row(monkeypatch, tm
     rows = {row["impl"]: row for row in json.loads((tmp_path / "optim-gpt-small-test-fp32.json").read_text())["rows"]}
     assert rows["dist8bit AdamW32bit"]["ms"] > 0 and rows["dist8bit AdamW32bit"]["first_step_ms"] > 0
     assert rows["torchao AdamW4bit"]["error"].startswith("RuntimeError: import torchao.optim failed")
+
+
+def test_optim_master_weights_rows_and_bar(tmp_path):
+    """--master-weights: bf16 AdamW8bit under each mode, error buffers in the state bytes and the bytes bound,
+    paired ratios to the `none` row, and issue 16's compensated bar computed from them."""
+    from dist8bit.bench.optim import bytes_per_param, master_weight_bars
+
+    main(["optim", "--preset", "gpt-small-test", "--master-weights", "--budget", "0", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "optim-gpt-small-test-bf16-master-weights.json").read_text())
+    rows = {row["impl"]: row for row in result["rows"]}
+    assert result["dtype"] == "bf16" and set(rows) == {
+        "dist8bit AdamW8bit none",
+        "dist8bit AdamW8bit stochastic",
+        "dist8bit AdamW8bit compensated-8",
+        "dist8bit AdamW8bit compensated-16",
+    }
+    extra = {
+        name: row["state_bytes_per_param"] - rows["dist8bit AdamW8bit none"]["state_bytes_per_param"]
+        for name, row in rows.items()
+    }
+    assert extra["dist8bit AdamW8bit compensated-8"] == pytest.approx(1.0, abs=0.01)
+    assert extra["dist8bit AdamW8bit compensated-16"] == pytest.approx(2.0, abs=0.01)
+    assert bytes_per_param("dist8bit AdamW8bit compensated-16", 2) - bytes_per_param("dist8bit AdamW8bit none", 2) == 4
+    assert rows["dist8bit AdamW8bit none"]["ms_over_none"] == 1.0
+    assert result["bars"] == master_weight_bars(result["rows"])
+    ratio = rows["dist8bit AdamW8bit compensated-8"]["ms_over_none"]
+    assert result["bars"]["compensated_8_met"] is (ratio <= 1.25)
