@@ -11,6 +11,13 @@ per byte) and 4 (16-entry maps, codes packed two per byte, the optimizers'
 maps: signed dynamic for signed slots, linear without zero for unsigned ones).
 Every 4-bit case has "4bit" in its id, so `-k 4bit` runs exactly them.
 
+Compensated bfloat16 parameters (issue 16: one int8 or int16 error buffer per
+segment, dist8bit/quant/weight_error.py) are compared the same way, error
+codes included; their tests have "compensated" in their names, so
+`-k compensated` runs exactly them (gpu-check counts them as
+fused_step_compensated). The oracle-side test at the end runs on the CPU: it
+shows that those comparisons fail for a kernel that ignores the buffer.
+
 The oracle runs on the CPU, where every reference operation rounds like the
 kernels' (IEEE division, sqrt, no contraction); on CUDA tensors ATen may
 rewrite a division by a Python scalar as a multiplication by its reciprocal.
@@ -22,6 +29,7 @@ is in test_cuda_sources_compile.py).
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,6 +39,7 @@ from dist8bit.backends import REFERENCE, load_backend, reference
 from dist8bit.backends.rules import Rule
 from dist8bit.quant.layout import num_blocks
 from dist8bit.quant.packing import code_bytes
+from dist8bit.quant.weight_error import error_dtype
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CPU = torch.device("cpu")
@@ -173,14 +182,19 @@ def assert_same_step(actual: StepTensors, expected: StepTensors, what: str) -> N
             assert_same_bits(p, q, f"{what}: state{slot + 1}[{k}]")
         for k, (p, q) in enumerate(zip(actual.absmaxes[slot], expected.absmaxes[slot], strict=True)):
             assert_same_bits(p, q, f"{what}: absmax{slot + 1}[{k}]")
+    for k, (p, q) in enumerate(zip(actual.errors, expected.errors, strict=True)):
+        assert_same_bits(p, q, f"{what}: errors[{k}]")
 
 
-def check(case: Case, inputs: StepTensors, what: str, **options) -> None:
-    """CUDA kernel vs CPU reference on the same inputs, every output compared."""
-    cuda_backend = load_backend("cuda")
-    got, got_norm, got_count = run(cuda_backend, torch.device("cuda"), case, inputs, **options)
+def check(case: Case, inputs: StepTensors, what: str, *, backend=None, device: torch.device | None = None, **options) -> None:
+    """The backend under test (default: the CUDA kernel on the GPU) vs the CPU reference on the same
+    inputs, every output compared."""
+    backend = backend or load_backend("cuda")
+    device = device or torch.device("cuda")
+    got, got_norm, got_count = run(backend, device, case, inputs, **options)
     want, want_norm, want_count = run(REFERENCE, CPU, case, inputs, **options)
-    torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     if options.get("norm"):
         assert_same_step(got, inputs, f"{what}: norm_out given, nothing else may change")
         torch.testing.assert_close(got_norm.cpu(), want_norm, rtol=1e-10, atol=0.0, msg=f"{what}: norm_out")
@@ -315,10 +329,11 @@ def test_stochastic_rounding_uses_the_seed():
 # Layouts: unaligned segments, many segments, empty calls, several steps
 
 
-def unaligned(inputs: StepTensors, shift: int) -> StepTensors:
-    """The same values as views into shared flat buffers, every segment `shift` elements past alignment."""
+def unaligned(inputs: StepTensors, shift: int, error_shift: int | None = None) -> StepTensors:
+    """The same values as views into shared flat buffers, every segment `shift` elements past alignment
+    (error buffers `error_shift`, default `shift`)."""
 
-    def pack(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def pack(tensors: list[torch.Tensor], shift: int = shift) -> list[torch.Tensor]:
         if not tensors:
             return []
         total = sum(t.numel() + shift for t in tensors)
@@ -341,6 +356,7 @@ def unaligned(inputs: StepTensors, shift: int) -> StepTensors:
         inputs.blocksize,
         inputs.offsets,
         inputs.bits,
+        pack(inputs.errors, shift if error_shift is None else error_shift),
     )
 
 
@@ -522,3 +538,251 @@ def test_4bit_inputs_and_the_comparison_catch_a_wrong_nibble():
     wrong_code.states[1][2][7] ^= 0x10  # element 15's code, one nibble
     with pytest.raises(AssertionError, match=r"state2\[2\]: 1 of 150 differ"):
         assert_same_step(wrong_code, want, "planted wrong code")
+
+
+# ---------------------------------------------------------------------------
+# Compensated bfloat16 parameters (issue 16): p is read as the bfloat16 plus its
+# error code, written round-to-nearest-even, and the new code stored in the
+# same pass (dist8bit/quant/weight_error.py, csrc/common/weight_error.h).
+
+ERROR_BITS = (8, 16)
+# Every way a rule reads p: decoupled decay, L2, decay in the direction, plain
+# SGD, momentum, LARS's rate, RMSprop, Adagrad, Lion's sign, three states.
+COMPENSATED_CASES = [
+    "adamw",
+    "adam-l2",
+    "lamb-in-direction",
+    "sgd",
+    "sgd-momentum",
+    "lars",
+    "rmsprop-momentum",
+    "adagrad",
+    "lion",
+    "ademamix",
+]
+COMPENSATED_PRECISIONS = [(8, 256), (4, 128), (32, 256)]
+# Planted at the start of every segment long enough, under codes of alternating
+# sign at the buffer's ends: a non-finite p carries no error (its code becomes
+# 0), a negative code under +-0 floors the magnitude at 0, subnormals and the
+# smallest normal cross the binade edge, the largest bfloat16 plus the largest
+# code stays finite (and may round to inf after the update).
+SPECIAL_PARAMS = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 2**-133, -(2**-130), 2**-126, 1.0, -2.0]
+SPECIAL_PARAMS += [3.38e38, -3.38e38]
+
+
+def compensated_inputs(
+    case: Case,
+    sizes,
+    bits: int,
+    blocksize: int,
+    error_bits: int,
+    grad_dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    nonfinite: bool = False,
+    specials: bool = True,
+) -> StepTensors:
+    """make_inputs with bfloat16 parameters and one error buffer per segment: random codes over the
+    buffer's whole range (both ends first), and (with `specials`) SPECIAL_PARAMS planted."""
+    inputs = make_inputs(case, sizes, torch.bfloat16, grad_dtype, bits, blocksize, seed=seed, nonfinite=nonfinite)
+    g = torch.Generator().manual_seed(seed + 1)
+    dtype = error_dtype(error_bits)
+    top = torch.iinfo(dtype).max
+    special_values = torch.tensor(SPECIAL_PARAMS).bfloat16()
+    ends = torch.tensor([top, -top] * len(SPECIAL_PARAMS), dtype=torch.int32)[: len(SPECIAL_PARAMS)]
+    inputs.errors = []
+    for param in inputs.params:
+        q = torch.randint(-top, top + 1, (param.numel(),), generator=g, dtype=torch.int32)
+        q[:2] = torch.tensor([top, -top], dtype=torch.int32)[: param.numel()]
+        if specials and param.numel() >= 2 * len(SPECIAL_PARAMS):
+            param.view(-1)[: len(SPECIAL_PARAMS)] = special_values
+            q[: len(SPECIAL_PARAMS)] = ends
+        inputs.errors.append(q.to(dtype).view(param.shape))
+    return inputs
+
+
+def compensated_id(error_bits: int) -> str:
+    return f"err{error_bits}"
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("error_bits", ERROR_BITS, ids=compensated_id)
+@pytest.mark.parametrize(("bits", "blocksize"), COMPENSATED_PRECISIONS, ids=precision_id)
+@pytest.mark.parametrize("case", COMPENSATED_CASES)
+def test_compensated_matches_reference(case, bits, blocksize, error_bits):
+    """Every rule family, state precision and buffer width; bfloat16 gradients with the 8-bit buffer, float32 with 16."""
+    case = CASE_BY_NAME[case]
+    if not case.signed and bits != 32:
+        pytest.skip("no state: the precision does not apply")
+    grad_dtype = torch.bfloat16 if error_bits == 8 else torch.float32
+    inputs = compensated_inputs(case, SIZES, bits, blocksize, error_bits, grad_dtype, seed=bits + error_bits)
+    check(case, inputs, f"{case.name} {bits}-bit blocksize={blocksize} compensated err{error_bits}")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("error_bits", ERROR_BITS, ids=compensated_id)
+@pytest.mark.parametrize(("bits", "blocksize"), [(8, 64), (8, 2048), (8, 4096), (4, 4096)], ids=precision_id)
+@pytest.mark.parametrize("case", ["adamw", "ademamix"])
+def test_compensated_layouts(case, bits, blocksize, error_bits):
+    """The other layout families (several blocks per warp, groups of warps, the 512-thread group)."""
+    case = CASE_BY_NAME[case]
+    inputs = compensated_inputs(case, SIZES, bits, blocksize, error_bits, seed=blocksize)
+    check(case, inputs, f"{case.name} {bits}-bit blocksize={blocksize} compensated err{error_bits}")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("error_bits", ERROR_BITS, ids=compensated_id)
+@pytest.mark.parametrize(("bits", "blocksize"), [(8, 256), (32, 256)], ids=precision_id)
+@pytest.mark.parametrize("case", ["adamw", "sgd-momentum", "lion"])
+def test_compensated_scales_and_nonfinite_gradients(case, bits, blocksize, error_bits):
+    """Skipped (non-finite) elements keep p and q; grad_scale and update_scale; the count."""
+    case = CASE_BY_NAME[case]
+    inputs = compensated_inputs(case, SIZES, bits, blocksize, error_bits, seed=7, nonfinite=True)
+    grad_scale, update_scale = segment_scales(len(SIZES), seed=error_bits)
+    what = f"{case.name} {bits}-bit compensated err{error_bits}"
+    check(case, inputs, what + " (no scales)", count=True)
+    check(case, inputs, what + " (both scales)", grad_scale=grad_scale, update_scale=update_scale, count=True)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("error_bits", ERROR_BITS, ids=compensated_id)
+@pytest.mark.parametrize(("bits", "blocksize"), [(8, 64), (32, 256)], ids=precision_id)
+@pytest.mark.parametrize("case", ["lamb-in-direction", "adamw"])
+def test_compensated_norm_out_reads_the_compensated_p(case, bits, blocksize, error_bits):
+    """The norm pass reads p with its error (LAMB's direction holds wd * p) and writes nothing else.
+    No special parameters: a NaN p would make its segment's norm NaN, which hides the rest of it."""
+    case = CASE_BY_NAME[case]
+    sizes = (*SIZES, 0, 3)
+    inputs = compensated_inputs(case, sizes, bits, blocksize, error_bits, seed=11, nonfinite=True, specials=False)
+    grad_scale, _ = segment_scales(len(sizes), seed=2)
+    check(case, inputs, f"{case.name} norm compensated", norm=True, count=True)
+    check(case, inputs, f"{case.name} norm with grad_scale compensated", norm=True, grad_scale=grad_scale)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("error_bits", ERROR_BITS, ids=compensated_id)
+@pytest.mark.parametrize(("shift", "error_shift"), [(1, 1), (2, 2), (3, 3), (0, 1), (0, 2)])
+@pytest.mark.parametrize(("bits", "blocksize"), [(8, 256), (32, 256)], ids=precision_id)
+def test_compensated_unaligned_segments(bits, blocksize, shift, error_shift, error_bits):
+    """Error buffers inside a flat buffer at any element offset: with shift 0 only the error pointer is
+    misaligned, which alone must send the segment to per-element accesses."""
+    case = CASE_BY_NAME["ademamix"]
+    inputs = compensated_inputs(case, SIZES, bits, blocksize, error_bits, seed=shift + 5 * error_shift, nonfinite=True)
+    views = unaligned(inputs.copy(torch.device("cuda")), shift, error_shift)
+    assert views.errors[1].data_ptr() % 4 != 0  # at an odd element offset: no vector access for either width
+    got, _, got_count = run_in_place(load_backend("cuda"), case, views, count=True)
+    want, _, want_count = run(REFERENCE, CPU, case, inputs, count=True)
+    assert_same_step(got, want, f"compensated shift={shift} error_shift={error_shift}")
+    assert int(got_count.item()) == int(want_count.item())
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("error_bits", ERROR_BITS, ids=compensated_id)
+@pytest.mark.parametrize(("bits", "blocksize"), [(8, 64), (4, 128), (32, 256)], ids=precision_id)
+def test_compensated_many_segments(bits, blocksize, error_bits):
+    """Thousands of segments, empty ones among them, each with its own error buffer."""
+    g = torch.Generator().manual_seed(blocksize)
+    sizes = [int(v) for v in torch.randint(0, 700, (3000,), generator=g)]
+    sizes[::7] = [0] * len(sizes[::7])
+    case = CASE_BY_NAME["adamw"]
+    inputs = compensated_inputs(case, sizes, bits, blocksize, error_bits, torch.bfloat16, seed=4, nonfinite=True)
+    check(case, inputs, "3000 segments compensated", count=True)
+    check(case, inputs, "3000 segments compensated, norm", norm=True)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("error_bits", ERROR_BITS, ids=compensated_id)
+@pytest.mark.parametrize("bits", [8, 4, 32], ids=precision_id)
+@pytest.mark.parametrize("case", ["adamw", "ademamix", "lion"])
+def test_compensated_several_steps(case, bits, error_bits):
+    """Each backend feeds its own parameters, states and error codes into its next step; every step agrees."""
+    case = CASE_BY_NAME[case]
+    blocksize = 256 if bits == 8 else 128
+    inputs = compensated_inputs(case, SIZES, bits, blocksize, error_bits, seed=21)
+    cuda_backend = load_backend("cuda")
+    got = inputs.copy(torch.device("cuda"))
+    want = inputs.copy(CPU)
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        grads = [spread(t.numel(), g, -5, 0).reshape(t.shape) for t in inputs.grads]
+        got.grads = [t.to("cuda") for t in grads]
+        want.grads = grads
+        got, _, _ = run(cuda_backend, torch.device("cuda"), case, got)
+        want, _, _ = run(REFERENCE, CPU, case, want)
+        assert_same_step(got, want, f"{case.name} compensated err{error_bits} step {step}")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_compensated_rejects_bad_arguments():
+    """The shared checks of kernel_contract.h, on CUDA: dtypes, sizes, devices, count, seed."""
+    from dist8bit.backends.compiled import _operator_arguments  # the op's flat arguments, past FusedStepCall's checks
+
+    case = CASE_BY_NAME["adamw"]
+    inputs = compensated_inputs(case, (300, 40), 8, 256, 8).copy(torch.device("cuda"))
+    good = inputs.call(case)
+    cuda = load_backend("cuda")
+    errors = list(good.errors)
+
+    def call(**override):
+        cuda.fused_step(replace(good, **override))
+
+    with pytest.raises(RuntimeError, match=r"errors\[0\] must be int8"):
+        call(errors=[e.int() for e in errors])
+    with pytest.raises(RuntimeError, match=r"errors\[1\] must be"):
+        call(errors=[errors[0], errors[1].short()])
+    with pytest.raises(RuntimeError, match=r"errors\[0\] must hold 300 elements"):
+        call(errors=[errors[0][:-1], errors[1]])
+    with pytest.raises(RuntimeError, match=r"errors\[1\] is on cpu"):
+        call(errors=[errors[0], errors[1].cpu()])
+    float_params = [p.float() for p in inputs.params]
+    with pytest.raises(RuntimeError, match="need bfloat16 params"):
+        call(params=float_params, grads=[g.float() for g in inputs.grads])
+    arguments = _operator_arguments(good)
+    assert len(arguments[-4]) == 2 and arguments[-1] is None  # the schema's errors and seed
+    with pytest.raises(RuntimeError, match="pass no seed"):
+        torch.ops.dist8bit.fused_step(*arguments[:-1], 1)
+    with pytest.raises(RuntimeError, match="errors must hold 0 or 2"):
+        torch.ops.dist8bit.fused_step(*arguments[:-4], errors[:1], *arguments[-3:])
+
+
+def test_compensated_comparison_catches_a_kernel_that_ignores_the_buffer():
+    """Runs without a GPU: `check` (the comparison every compensated CUDA case uses) passes for the
+    reference against itself and fails for planted defects: a step that reads p without its error
+    (norm pass too), one that does not write the new codes, and a plain bfloat16 step."""
+    case = CASE_BY_NAME["adamw"]
+    inputs = compensated_inputs(case, (257, 1000), 8, 256, 8, seed=3)
+
+    def planted(defect):
+        return SimpleNamespace(fused_step=defect)
+
+    def reads_without_error(call):
+        REFERENCE.fused_step(replace(call, errors=[torch.zeros_like(e) for e in call.errors]))
+
+    def keeps_old_codes(call):
+        old = [e.clone() for e in call.errors]
+        REFERENCE.fused_step(call)
+        for error, before in zip(call.errors, old, strict=True):
+            error.copy_(before)
+
+    def plain_bf16(call):
+        REFERENCE.fused_step(replace(call, errors=()))
+
+    check(case, inputs, "reference vs itself", backend=REFERENCE, device=CPU)
+    with pytest.raises(AssertionError, match=r"params\[\d\]"):
+        check(case, inputs, "reads p without its error", backend=planted(reads_without_error), device=CPU)
+    with pytest.raises(AssertionError, match=r"errors\[\d\]"):
+        check(case, inputs, "keeps the old codes", backend=planted(keeps_old_codes), device=CPU)
+    with pytest.raises(AssertionError, match=r"params\[\d\]|errors\[\d\]"):
+        check(case, inputs, "plain bfloat16 step", backend=planted(plain_bf16), device=CPU)
+    lamb = CASE_BY_NAME["lamb-in-direction"]  # its direction holds wd * p: the norm pass reads p
+    lamb_inputs = compensated_inputs(lamb, (257, 1000), 32, 256, 16, seed=4, specials=False)
+    check(lamb, lamb_inputs, "norm, reference vs itself", backend=REFERENCE, device=CPU, norm=True)
+    with pytest.raises(AssertionError, match="norm_out"):
+        check(lamb, lamb_inputs, "norm without the error", backend=planted(reads_without_error), device=CPU, norm=True)
