@@ -73,10 +73,11 @@ class TinyModel(torch.nn.Module):
         return self.down(hidden * self.scale[:256])
 
 
-def tiny_model(fsdp: bool) -> TinyModel:
-    """The same initial model on every rank (seed 0); with fsdp, fully_shard per layer and at the root."""
+def tiny_model(fsdp: bool, dtype: torch.dtype = torch.float32) -> TinyModel:
+    """The same initial model on every rank (seed 0), its parameters in `dtype` (cast before
+    sharding); with fsdp, fully_shard per layer and at the root."""
     torch.manual_seed(0)
-    model = TinyModel()
+    model = TinyModel().to(dtype)
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
