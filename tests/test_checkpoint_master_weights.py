@@ -103,6 +103,14 @@ def test_fp32_output_loads_into_torch_adamw_which_ignores_weight_error(tmp_path)
     adamw.load_state_dict(torch.load(tmp_path / "fp32.pt", weights_only=True)["optimizer"])
     step_params(params, adamw, range(3, 4))
     assert adamw.state[params[0]]["step"] == 4
+    # torch.optim casts the codes to the parameter's dtype and leaves them stale: refused back into dist8bit,
+    # unless dropped
+    torch.save(adamw.state_dict(), tmp_path / "torch.pt")
+    with pytest.raises(CheckpointError, match=r"got torch.bfloat16 .*: --error-bits none"):
+        convert(tmp_path / "torch.pt", tmp_path / "back.pt", to="8bit", optimizer="adamw", progress=False)
+    with pytest.warns(UserWarning, match=r"weight_error of 3 compensated bf16 parameters \(bfloat16\) dropped"):
+        convert_quiet(tmp_path / "torch.pt", tmp_path / "back.pt", to="8bit", optimizer="adamw", error_bits="none")
+    assert all("weight_error" not in e for e in torch.load(tmp_path / "back.pt", weights_only=True)["state"].values())
 
 
 def test_error_bits_rewidths_and_none_drops_with_a_warning(tmp_path, capsys):
@@ -163,6 +171,9 @@ def test_corrupt_weight_error_is_refused_naming_the_parameter(tmp_path, corrupt,
     with pytest.raises(CheckpointError, match=r"\['optimizer'\]: parameter 0: weight_error .*" + message):
         convert(tmp_path / "bad.pt", tmp_path / "out.pt", to="fp32", progress=False)
     assert not (tmp_path / "out.pt").exists()
+    if isinstance(checkpoint["optimizer"]["state"][0]["weight_error"], torch.Tensor):  # a tensor may be dropped unchecked
+        with pytest.warns(UserWarning, match="dropped"):
+            convert_quiet(tmp_path / "bad.pt", tmp_path / "out.pt", to="fp32", error_bits="none")
 
 
 # ------------------------------------------------------------------ ZeRO flats

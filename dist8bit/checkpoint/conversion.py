@@ -97,7 +97,7 @@ def _convert_file(
     read = loading.FileReader()
     try:
         read.add(src, source)
-        states = _read_optimizers(source, kind, str(src), shapes)
+        states = _read_optimizers(source, kind, str(src), shapes, target.error_bits == weight_errors.DROP)
         plan = Plan(tree=None, read=read)
         plans = {path: plan_optimizer(state, target, _where(src, path), read) for path, state in states.items()}
         plan.tree = _rebuild(source, (), plans, plan)
@@ -161,7 +161,11 @@ def find_optimizer_state_dicts(tree: Any, path: tuple = ()) -> list[tuple]:
 
 
 def _read_optimizers(
-    source: Any, kind: str | None, where: str, shapes: Mapping[Any, tuple[int, ...]] | None = None
+    source: Any,
+    kind: str | None,
+    where: str,
+    shapes: Mapping[Any, tuple[int, ...]] | None = None,
+    drop_errors: bool = False,
 ) -> dict[tuple, OptimizerState]:
     if isinstance(source, dict) and any(key in source for key in DEEPSPEED_RANK_KEYS) and "optimizer_state_dict" in source:
         raise CheckpointError(
@@ -181,7 +185,7 @@ def _read_optimizers(
         if bnb_format.is_bnb(sd):
             states[path] = bnb_format.read(sd, kind, label)
         else:
-            states[path] = torch_format.read(sd, kind, label, {**_named_shapes(source, sd), **(shapes or {})})
+            states[path] = torch_format.read(sd, kind, label, {**_named_shapes(source, sd), **(shapes or {})}, drop_errors)
     return states
 
 

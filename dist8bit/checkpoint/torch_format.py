@@ -77,15 +77,23 @@ def check_groups(sd: dict[str, Any], where: str) -> dict[Any, dict[str, Any]]:
     return group_of
 
 
-def read(sd: dict[str, Any], kind: str | None, where: str, shapes: Mapping[Any, tuple[int, ...]] | None = None) -> OptimizerState:
+def read(
+    sd: dict[str, Any],
+    kind: str | None,
+    where: str,
+    shapes: Mapping[Any, tuple[int, ...]] | None = None,
+    drop_errors: bool = False,
+) -> OptimizerState:
     """The canonical form of a torch-convention state dict; `shapes` (parameter key -> shape) is
-    needed only for 4-bit state whose parameter shape nothing else in the checkpoint says."""
+    needed only for 4-bit state whose parameter shape nothing else in the checkpoint says. With
+    `drop_errors` (the conversion drops weight_error) a weight_error tensor is taken unchecked, so a
+    stale or cast one (torch.optim casts it to the parameter's dtype) does not stop the conversion."""
     group_of = check_groups(sd, where)
     known = set(optimizers.state_names())
     params: dict[Any, ParamState] = {}
     for key, entry in sd["state"].items():
         shape = (shapes or {}).get(key)
-        params[key] = _read_param(entry, group_of[key], known, shape, f"{where}: parameter {key!r}")
+        params[key] = _read_param(entry, group_of[key], known, shape, f"{where}: parameter {key!r}", drop_errors)
     names = {name for p in params.values() for name in p.buffers}
     groups = [dict(g) for g in sd["param_groups"]]
     if kind is None:
@@ -97,11 +105,18 @@ def read(sd: dict[str, Any], kind: str | None, where: str, shapes: Mapping[Any, 
 
 
 def _read_param(
-    entry: dict[str, Any], group: dict[str, Any], known: set[str], shape_hint: tuple[int, ...] | None, where: str
+    entry: dict[str, Any],
+    group: dict[str, Any],
+    known: set[str],
+    shape_hint: tuple[int, ...] | None,
+    where: str,
+    drop_errors: bool = False,
 ) -> ParamState:
     error_codes = entry.get(weight_errors.KEY)
+    checked = not drop_errors
     if error_codes is not None:
-        error_codes = weight_errors.check(error_codes, None, where)
+        if checked or not isinstance(error_codes, torch.Tensor):
+            error_codes = weight_errors.check(error_codes, None, where, weight_errors.DROP_REMEDY)
         entry = {k: v for k, v in entry.items() if k != weight_errors.KEY}
     pairs = _pairs(entry, where)
     buffers: dict[str, Buffer] = {
@@ -117,7 +132,7 @@ def _read_param(
             precision = f" (is optim_bits={group.get('optim_bits')!r} the precision it was saved at?)" if pairs else ""
             raise CheckpointError(f"{where}: the state is shaped {shape} but the parameter is {tuple(shape_hint)}{precision}")
         shape = tuple(shape_hint)
-    if shape is None and error_codes is not None:
+    if shape is None and error_codes is not None and checked:
         shape = tuple(error_codes.shape)  # saved shaped like the parameter: what packed 4-bit codes do not say
     for base, (codes, absmax) in pairs.items():
         bits = _bits(group, codes, absmax)
@@ -150,8 +165,8 @@ def _read_param(
         else:
             extras[name] = value
     numel = int(torch.Size(shape).numel())
-    if error_codes is not None:
-        weight_errors.check_dtype(error_codes.dtype, error_codes.numel(), numel, where)
+    if error_codes is not None and checked:
+        weight_errors.check_dtype(error_codes.dtype, error_codes.numel(), numel, where, weight_errors.DROP_REMEDY)
     error = None if error_codes is None else Dense(error_codes)
     return ParamState(shape, scalar_step(entry.get("step"), where), buffers, extras, error)
 

@@ -40,6 +40,8 @@ DROP = "none"
 CHOICES = (8, 16, DROP)
 BITS = {dtype: bits for bits, dtype in ERROR_DTYPES.items()}
 LOST = "each weight loses its compensation, less than half a bfloat16 ulp"
+# torch state dict files only: their reader skips the checks of a buffer that is dropped anyway
+DROP_REMEDY = "; to convert without it, drop it: --error-bits none"
 
 ErrorBuffer = Dense | Pieced  # Dense of int8/int16 codes in the parameter's element order, or pieces of them
 
@@ -55,22 +57,22 @@ def check_choice(error_bits: Any) -> int | str | None:
     return error_bits
 
 
-def check_dtype(dtype: Any, numel: int, expected: int | None, where: str) -> None:
+def check_dtype(dtype: Any, numel: int, expected: int | None, where: str, remedy: str = "") -> None:
     """Refuse a weight_error that is not int8/int16 codes, one per element of its parameter."""
     if dtype not in BITS or (expected is not None and numel != expected):
         count = "" if expected is None else f" of {expected} elements (one per element of the parameter)"
         raise CheckpointError(
             f"{where}: {KEY} must be an int8 or int16 tensor{count}, the compensated bf16 weights' error codes; "
             f"got {dtype} with {numel} elements (corrupt, or re-saved by an optimizer that casts state it does not "
-            "keep, such as torch.optim?)"
+            f"keep, such as torch.optim?){remedy}"
         )
 
 
-def check(value: Any, expected: int | None, where: str) -> torch.Tensor:
+def check(value: Any, expected: int | None, where: str, remedy: str = "") -> torch.Tensor:
     """A saved weight_error entry, checked (see check_dtype)."""
     if not isinstance(value, torch.Tensor):
-        raise CheckpointError(f"{where}: {KEY} must be an int8 or int16 tensor, got {type(value).__name__}")
-    check_dtype(value.dtype, value.numel(), expected, where)
+        raise CheckpointError(f"{where}: {KEY} must be an int8 or int16 tensor, got {type(value).__name__}{remedy}")
+    check_dtype(value.dtype, value.numel(), expected, where, remedy)
     return value
 
 
