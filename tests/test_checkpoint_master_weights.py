@@ -187,7 +187,7 @@ class ZeroRun:
     """Every rank's dist8bit AdamW over its bf16 ZeRO flats (stage 2: one flat, stage 3: one per sub-group)."""
 
     def __init__(self, stage: int, world: int, weights: dict[str, torch.Tensor], min_8bit_size: int) -> None:
-        self.stage, self.world, self.min_8bit_size = stage, world, min_8bit_size
+        self.stage, self.world = stage, world
         self.layout = ZeroLayout.build(stage, [OrderedDict((n, torch.Size(s)) for n, s in SHAPES.items())], world)
         self.sources = {name: torch.empty(shape) for name, shape in SHAPES.items()}  # parameter identities
         self.ranks = []
@@ -208,7 +208,8 @@ class ZeroRun:
     def _span(piece) -> slice:
         return slice(piece.param_offset, piece.param_offset + piece.length)
 
-    def _numel(self, piece) -> int:
+    @staticmethod
+    def _numel(piece) -> int:
         return int(torch.Size(SHAPES[piece.name]).numel())
 
     def step(self, steps: range) -> None:
@@ -247,7 +248,10 @@ class ZeroRun:
         for rank, (flats, opt) in enumerate(self.ranks):
             weights = [t.detach().clone() if self.stage == 3 else t.detach()[: f.used].clone() for f, t in flats]
             osd = {base_key: opt.state_dict(), weights_key: weights, "zero_stage": self.stage, "partition_count": self.world}
-            config = {"zero_optimization": {"stage": self.stage}, "bf16": {"enabled": True}}
+            config = {
+                "zero_optimization": {"stage": self.stage},
+                "bf16": {"enabled": True, "bf16_master_weights_and_grads": True},
+            }
             torch.save(
                 {"optimizer_state_dict": osd, "ds_config": config}, directory / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
             )
