@@ -561,6 +561,9 @@ COMPENSATED_CASES = [
     "ademamix",
 ]
 COMPENSATED_PRECISIONS = [(8, 256), (4, 128), (32, 256)]
+# SIZES without the 70000-element 2-D parameter: the CPU oracle's time, not the kernel's, bounds these
+# cases (gpu-check runs every GPU test in one budget); test_compensated_layouts keeps SIZES.
+COMPENSATED_SIZES = SIZES[:-1]
 # Planted at the start of every segment long enough, under codes of alternating
 # sign at the buffer's ends: a non-finite p carries no error (its code becomes
 # 0), a negative code under +-0 floors the magnitude at 0, subnormals and the
@@ -615,7 +618,7 @@ def test_compensated_matches_reference(case, bits, blocksize, error_bits):
     if not case.signed and bits != 32:
         pytest.skip("no state: the precision does not apply")
     grad_dtype = torch.bfloat16 if error_bits == 8 else torch.float32
-    inputs = compensated_inputs(case, SIZES, bits, blocksize, error_bits, grad_dtype, seed=bits + error_bits)
+    inputs = compensated_inputs(case, COMPENSATED_SIZES, bits, blocksize, error_bits, grad_dtype, seed=bits + error_bits)
     check(case, inputs, f"{case.name} {bits}-bit blocksize={blocksize} compensated err{error_bits}")
 
 
@@ -639,8 +642,8 @@ def test_compensated_layouts(case, bits, blocksize, error_bits):
 def test_compensated_scales_and_nonfinite_gradients(case, bits, blocksize, error_bits):
     """Skipped (non-finite) elements keep p and q; grad_scale and update_scale; the count."""
     case = CASE_BY_NAME[case]
-    inputs = compensated_inputs(case, SIZES, bits, blocksize, error_bits, seed=7, nonfinite=True)
-    grad_scale, update_scale = segment_scales(len(SIZES), seed=error_bits)
+    inputs = compensated_inputs(case, COMPENSATED_SIZES, bits, blocksize, error_bits, seed=7, nonfinite=True)
+    grad_scale, update_scale = segment_scales(len(COMPENSATED_SIZES), seed=error_bits)
     what = f"{case.name} {bits}-bit compensated err{error_bits}"
     check(case, inputs, what + " (no scales)", count=True)
     check(case, inputs, what + " (both scales)", grad_scale=grad_scale, update_scale=update_scale, count=True)
@@ -655,7 +658,7 @@ def test_compensated_norm_out_reads_the_compensated_p(case, bits, blocksize, err
     """The norm pass reads p with its error (LAMB's direction holds wd * p) and writes nothing else.
     No special parameters: a NaN p would make its segment's norm NaN, which hides the rest of it."""
     case = CASE_BY_NAME[case]
-    sizes = (*SIZES, 0, 3)
+    sizes = (*COMPENSATED_SIZES, 0, 3)
     inputs = compensated_inputs(case, sizes, bits, blocksize, error_bits, seed=11, nonfinite=True, specials=False)
     grad_scale, _ = segment_scales(len(sizes), seed=2)
     check(case, inputs, f"{case.name} norm compensated", norm=True, count=True)
@@ -671,7 +674,9 @@ def test_compensated_unaligned_segments(bits, blocksize, shift, error_shift, err
     """Error buffers inside a flat buffer at any element offset: with shift 0 only the error pointer is
     misaligned, which alone must send the segment to per-element accesses."""
     case = CASE_BY_NAME["ademamix"]
-    inputs = compensated_inputs(case, SIZES, bits, blocksize, error_bits, seed=shift + 5 * error_shift, nonfinite=True)
+    inputs = compensated_inputs(
+        case, COMPENSATED_SIZES, bits, blocksize, error_bits, seed=shift + 5 * error_shift, nonfinite=True
+    )
     views = unaligned(inputs.copy(torch.device("cuda")), shift, error_shift)
     assert views.errors[1].data_ptr() % 4 != 0  # at an odd element offset: no vector access for either width
     got, _, got_count = run_in_place(load_backend("cuda"), case, views, count=True)
@@ -682,29 +687,37 @@ def test_compensated_unaligned_segments(bits, blocksize, shift, error_shift, err
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("error_bits", ERROR_BITS, ids=compensated_id)
-@pytest.mark.parametrize(("bits", "blocksize"), [(8, 64), (4, 128), (32, 256)], ids=precision_id)
+@pytest.mark.parametrize(
+    ("bits", "blocksize", "error_bits"),
+    [(8, 64, 8), (4, 128, 16), (32, 256, 8)],
+    ids=["8bit-64-err8", "4bit-128-err16", "32bit-err8"],
+)
 def test_compensated_many_segments(bits, blocksize, error_bits):
-    """Thousands of segments, empty ones among them, each with its own error buffer."""
+    """Hundreds of segments, empty ones among them, each with its own error buffer (the unit search
+    over long tables is test_many_segments'; the oracle's per-segment cost keeps this one shorter)."""
     g = torch.Generator().manual_seed(blocksize)
-    sizes = [int(v) for v in torch.randint(0, 700, (3000,), generator=g)]
+    sizes = [int(v) for v in torch.randint(0, 700, (600,), generator=g)]
     sizes[::7] = [0] * len(sizes[::7])
     case = CASE_BY_NAME["adamw"]
     inputs = compensated_inputs(case, sizes, bits, blocksize, error_bits, torch.bfloat16, seed=4, nonfinite=True)
-    check(case, inputs, "3000 segments compensated", count=True)
-    check(case, inputs, "3000 segments compensated, norm", norm=True)
+    check(case, inputs, "600 segments compensated", count=True)
+    if bits == 8:
+        check(case, inputs, "600 segments compensated, norm", norm=True)
 
 
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("error_bits", ERROR_BITS, ids=compensated_id)
-@pytest.mark.parametrize("bits", [8, 4, 32], ids=precision_id)
-@pytest.mark.parametrize("case", ["adamw", "ademamix", "lion"])
+@pytest.mark.parametrize(
+    ("case", "bits"),
+    [("adamw", 8), ("adamw", 4), ("ademamix", 32), ("lion", 8)],
+    ids=["adamw-8bit", "adamw-4bit", "ademamix-32bit", "lion-8bit"],
+)
 def test_compensated_several_steps(case, bits, error_bits):
     """Each backend feeds its own parameters, states and error codes into its next step; every step agrees."""
     case = CASE_BY_NAME[case]
     blocksize = 256 if bits == 8 else 128
-    inputs = compensated_inputs(case, SIZES, bits, blocksize, error_bits, seed=21)
+    inputs = compensated_inputs(case, COMPENSATED_SIZES, bits, blocksize, error_bits, seed=21)
     cuda_backend = load_backend("cuda")
     got = inputs.copy(torch.device("cuda"))
     want = inputs.copy(CPU)
