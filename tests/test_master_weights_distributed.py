@@ -8,16 +8,22 @@ dict exports weight_error as a DTensor laid out like its parameter, so DCP resha
 it: a checkpoint saved on 2 ranks resumes on 1 and one saved on 1 resumes on 2,
 bit-exactly, for error_bits 8 and 16.
 
-DeepSpeed: see the second half of this file and docs/master_weights.md.
+DeepSpeed (0.19.8, CPU, tests/distributed_workers/master_weights_deepspeed_worker.py on 1 and 2
+ranks): with "bf16_master_weights_and_grads" and "bf16_optimizer_states" ZeRO 1, 2 and 3 hand
+the optimizer bf16 flat partitions, and ZeRO 0 with bf16 disabled a bf16 model's own
+parameters; each gets a weight_error, 2 ranks equal 1 rank bit for bit, and DeepSpeed's
+save_checkpoint / load_checkpoint resume exactly. Configs where DeepSpeed keeps a float32
+master are refused when the engine is built (dist8bit/integrations/deepspeed_masters.py).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-from distributed_ranks import spawn_gloo
+from distributed_ranks import run_worker_ranks, spawn_gloo
 from helpers import tiny_model, train
 from test_fsdp import full_params
 
@@ -159,3 +165,87 @@ def test_fsdp_dcp_checkpoint_resumes_exactly_on_another_world_size(fsdp_runs, re
     got, expected = fsdp_runs[resumed][bits], fsdp_runs[saved][bits]
     assert got["losses"] == expected["losses"][SAVE_AT:]
     assert_equal_tensors(got["params"], expected["params"], f"{resumed}, error_bits={bits}")
+
+
+# ------------------------------------------------------------------ DeepSpeed
+DEEPSPEED_WORKER = Path(__file__).resolve().parent / "distributed_workers" / "master_weights_deepspeed_worker.py"
+DEEPSPEED_CASES = ("z1", "z2_int16", "z3", "z0_bf16_model")
+NO_MASTER_FIX = '"bf16_master_weights_and_grads": true'
+
+
+def launch_deepspeed(world: int, folder: Path) -> dict:
+    out = folder / f"deepspeed_{world}.pt"
+    return run_worker_ranks(world, DEEPSPEED_WORKER, ["train", str(out), str(folder)], folder, f"deepspeed_{world}", out)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory):
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install -e .[deepspeed])")
+    folder = tmp_path_factory.mktemp("deepspeed_compensated")
+    return {1: launch_deepspeed(1, folder), 2: launch_deepspeed(2, folder)}
+
+
+@pytest.mark.parametrize("case", DEEPSPEED_CASES)
+def test_deepspeed_optimizer_steps_bf16_partitions_with_a_weight_error(deepspeed_runs, case):
+    """Every tensor the optimizer steps is bf16 (no fp32 master) and has an error buffer of its size."""
+    bits = 16 if case.endswith("int16") else 8
+    for world, run in deepspeed_runs.items():
+        per_rank = run["cases"][case]["errors"]
+        assert len(per_rank) == world
+        for tensors in per_rank:
+            assert tensors, (world, case)
+            for dtype, numel, error_dtype, error_numel, nonzero in tensors:
+                assert dtype == "torch.bfloat16" and error_dtype == str(ERROR_DTYPE[bits]), (world, case)
+                assert error_numel == numel and nonzero, (world, case)
+    wrappers = {case: deepspeed_runs[2]["cases"][case]["wrapper"] for case in DEEPSPEED_CASES}
+    assert wrappers == {
+        "z1": "DeepSpeedZeroOptimizer",
+        "z2_int16": "DeepSpeedZeroOptimizer",
+        "z3": "DeepSpeedZeroOptimizer_Stage3",
+        "z0_bf16_model": "AdamW8bit",
+    }
+
+
+@pytest.mark.parametrize("case", DEEPSPEED_CASES)
+def test_deepspeed_two_ranks_match_one_rank_bit_for_bit(deepspeed_runs, case):
+    """Same batch on both ranks and ZeRO boundaries on block boundaries (the worker's TinyLM): the
+    compensated write is elementwise, so sharding changes nothing."""
+    one, two = deepspeed_runs[1]["cases"][case], deepspeed_runs[2]["cases"][case]
+    assert two["losses"] == one["losses"]
+    assert_equal_tensors(two["params"], one["params"], case)
+    assert all(value.dtype == torch.bfloat16 for value in one["params"].values())
+
+
+@pytest.mark.parametrize("case", DEEPSPEED_CASES)
+def test_deepspeed_checkpoint_keeps_the_weight_error(deepspeed_runs, case):
+    """save_checkpoint/load_checkpoint carry weight_error with the states: the resumed run is the same run."""
+    for world, run in deepspeed_runs.items():
+        result = run["cases"][case]
+        assert result["loaded_state_equal"], (world, case)
+        assert result["resumed_losses"] == result["losses"][result["save_at"] :], (world, case)
+        assert_equal_tensors(result["resumed_params"], result["params"], f"{case} on {world} ranks")
+
+
+def test_deepspeed_configs_that_keep_an_fp32_master_are_refused(deepspeed_runs):
+    refusals = deepspeed_runs[1]["refusals"]
+    no_effect = [
+        "zero2_fp32_master",
+        "zero3_fp32_master",
+        "bf16_optimizer",
+        "zero0_bf16",
+        "zero2_bf16_model_bf16_disabled",
+        "stochastic_fp32_master",
+    ]
+    for name in no_effect:
+        kind, message = refusals[name]
+        assert kind == "DeepSpeedConfigError" and "would do nothing" in message and NO_MASTER_FIX in message, name
+    assert "BF16_Optimizer" in refusals["bf16_optimizer"][1]
+    assert "'stochastic'" in refusals["stochastic_fp32_master"][1]
+    kind, message = refusals["no_bf16_optimizer_states"]
+    assert kind == "DeepSpeedConfigError" and '"bf16_optimizer_states": true' in message
+    kind, message = refusals["offload"]
+    assert kind == "DeepSpeedConfigError" and "offload_optimizer" in message and "DeepSpeedCPUAdam" in message
+    kind, message = refusals["fp32_over_bf16_partitions"]
+    assert kind == "DeepSpeedConfigError" and "master_weights='fp32'" in message and "bf16_master_weights_and_grads" in message
+    assert refusals["fp32_master_mode"][0] == refusals["float32_model"][0] == "no error"

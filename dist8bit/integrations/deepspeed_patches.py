@@ -16,7 +16,8 @@ DeepSpeedEngine
   _is_supported_optimizer     config "type" names a dist8bit optimizer (or a bad one: clear error)
   _configure_basic_optimizer  builds it from "params" (unknown keys: clear error)
   is_zero_supported_optimizer (engine module) no zero_allow_untested_optimizer needed
-  _do_optimizer_sanity_check  refuses configs whose checkpoints would corrupt packed state, ZeRO-3 NVMe/partial offload
+  _do_optimizer_sanity_check  refuses configs whose checkpoints would corrupt packed state, ZeRO-3 NVMe/partial offload,
+                              and master_weights modes the config leaves without effect (deepspeed_masters.py)
   _configure_optimizer        links whole parameters when ZeRO is off (fp32); lets a dist8bit client
                               optimizer through ZeRO-Offload's zero_force_ds_cpu_optimizer check
   _configure_fp16_optimizer   bf16/fp16 without ZeRO: fp32 master copies keep the overrides
@@ -41,6 +42,7 @@ from typing import Any
 import torch
 
 from ..optim import Optimizer8bit
+from . import deepspeed_masters as masters
 from . import deepspeed_segments as segments
 from .deepspeed import TESTED_VERSION, DeepSpeedVersionError
 from .deepspeed_config import check_params, resolve
@@ -140,7 +142,46 @@ def _do_optimizer_sanity_check(call: Call) -> Any:
         if engine.zero_optimization_stage() == 3 and offload is not None and (offload.device == "nvme" or offload.ratio < 1):
             # Refused here, from the config: DeepSpeed's own ZeRO-3 set-up fails first, and less clearly, on both.
             raise segments.DeepSpeedLayoutError(segments.OFFLOAD_MESSAGE)
-    return call.proceed()
+    kind = call.proceed()
+    if _ours(call["basic_optimizer"]):
+        _check_master_weights(engine, call["basic_optimizer"], kind)
+    return kind
+
+
+# Engine settings _check_master_weights reads.
+for _name in (
+    "bfloat16_enabled",
+    "fp16_enabled",
+    "bf16_master_weights_and_gradients",
+    "fp16_master_weights_and_gradients",
+    "bf16_optimizer_states",
+    "zero_offload_optimizer",
+    "zero_optimization_stage",
+):
+    PATCHES.record(ENGINE + _name, "(self)")
+
+
+def _check_master_weights(engine: Any, optimizer: Optimizer8bit, kind: str | None) -> None:
+    """Refuse a master_weights mode that cannot act under this config (see deepspeed_masters.py), before
+    DeepSpeed allocates its partitions. `kind` is DeepSpeed's choice of optimizer wrapper."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if engine.bfloat16_enabled():
+        weights = torch.bfloat16
+    elif engine.fp16_enabled():
+        weights = torch.float16
+    else:  # no mixed precision: the model's own dtype (a bf16 model may be trained as is)
+        weights = next((p.dtype for p in params if p.dtype != torch.float32), torch.float32)
+    bf16_master = bool(engine.bf16_master_weights_and_gradients())
+    offload = engine.zero_offload_optimizer()
+    setup = masters.Setup(
+        weights=weights,
+        master=masters.master_dtype(kind, bf16_master, bool(engine.fp16_master_weights_and_gradients())),
+        wrapper=masters.describe(kind, engine.zero_optimization_stage()),
+        bf16_master=bf16_master,
+        bf16_optimizer_states=bool(engine.bf16_optimizer_states()),
+        offload=offload is not None and offload.device in ("cpu", "nvme"),
+    )
+    masters.check((group["master_weights"] for group in optimizer.param_groups), setup)
 
 
 # --------------------------------------------------------- partitions -> segments
