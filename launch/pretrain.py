@@ -102,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at this fraction of the peak lr")
     optim.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
 
-    # DeepSpeed's own launcher passes --local_rank; its users pass --deepspeed / --deepspeed_config.
     precision.add_arguments(parser)
 
+    # DeepSpeed's own launcher passes --local_rank; its users pass --deepspeed / --deepspeed_config.
     ds = parser.add_argument_group("deepspeed (flags given here override the JSON config; see docs/pretraining.md)")
     ds.add_argument("--deepspeed", action="store_true", help="use DeepSpeed (same as --strategy deepspeed)")
     ds.add_argument("--deepspeed_config", "--deepspeed-config", type=Path, default=None, help="DeepSpeed JSON config")
