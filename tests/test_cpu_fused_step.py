@@ -551,6 +551,10 @@ def test_compensated_rejects_bad_arguments(cpu):
     bad.errors[1] = bad.errors[1][:-1]
     with pytest.raises(RuntimeError, match=r"errors\[1\] must hold 20 elements"):
         run_step(cpu, case, bad)
+    bad = good.copy()
+    bad.errors[1] = torch.zeros(40, dtype=torch.int8)[::2]
+    with pytest.raises(RuntimeError, match=r"errors\[1\] must be contiguous"):
+        run_step(cpu, case, bad)
     # The op itself, past FusedStepCall's own checks: one buffer for two segments, and a seed.
     arguments = _operator_arguments(good.copy().call(case))
     errors_at = len(arguments) - 4
