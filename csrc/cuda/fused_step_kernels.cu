@@ -76,26 +76,27 @@
 //   or 8 bytes of int8 / int16 error codes) need aligned pointers (checked per
 //   segment on the host) and a whole row; the last row of a segment and
 //   unaligned segments take per-element accesses.
-//   Error codes are a run-time argument (error_bits, uniform over the grid),
-//   not a template parameter: a row's codes ride in the two words of its
-//   bfloat16 parameter row (Row) that only float32 parameters use, and the
-//   non-compensated path gains one uniform branch per row and phase. One
-//   kernel per rule, slots and blocksize keeps the 66 instantiations (a
-//   template flag would double them and the build time); registers below.
+//   Error codes are a run-time argument (error_bits, uniform over the grid):
+//   a row's codes ride in the two words of its bfloat16 parameter row (Row)
+//   that only float32 parameters use, and a call without errors takes one
+//   uniform branch per row and phase. The quantized kernels serve both kinds
+//   of call; the float32-state kernels come with and without the error path
+//   (kErrors, launch_blocksize says why): 76 instantiations.
 // The non-finite count is summed per warp and added once per warp (int64
 // atomics); the norm is summed per lane, reduced per warp and added once per
 // warp and segment. No host synchronisation anywhere.
 //
 // Registers (ptxas, sm_90, -O3 --fmad=false), capped at 128 by
-// __launch_bounds__, no spills, each kernel serving 8- and 4-bit states and
-// compensated bfloat16 parameters (before error codes in parentheses): Adam
-// 114..122 (105..116), SGD/LARS without momentum 80 (71),
-// SGD/LARS/RMSprop/Adagrad/Lion with one slot 94..114 (88..95), RMSprop with
-// two 114..128 (105..112), AdEMAMix 122..126 (122..128); 4096: Adam 116,
-// AdEMAMix 122 (154 / 179 with 4 rows per lane). So 16 warps are resident per
-// SM for every variant, as before (docs/cuda_encoder.md has the table). The
-// per-phase device functions below are force-inlined: splitting the kernel
-// into them moved single-slot variants by -2..+4 registers.
+// __launch_bounds__, no spills, each quantized kernel serving 8- and 4-bit
+// states with and without error codes (before error codes in parentheses):
+// Adam 116..122 (110..116), SGD/LARS/RMSprop/Adagrad/Lion with one slot
+// 94..114 (88..92), RMSprop with two 114..128 (110..112), AdEMAMix 122..126
+// (122..128); 4096: Adam 116 (110), AdEMAMix 122 (122; 154 / 179 with 4 rows
+// per lane). So 16 warps are resident per SM for every variant, as before
+// (docs/cuda_encoder.md has the table; sm_80 the same blocks per SM).
+// Float32 states: 71..124 without the error path (unchanged), 80..124 with
+// it. The per-phase device functions below are force-inlined: splitting the
+// kernel into them moved single-slot variants by -2..+4 registers.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -645,7 +646,7 @@ __device__ __forceinline__ void load_rows(const FusedSegment& record, FloatType 
 // from element first[j] on.
 template <Rule R, int NS, bool kQuant, int kSlots>
 __device__ __forceinline__ void update_row(int j, const KernelArgs& args, FloatType param_type, FloatType grad_type,
-                                            const FusedSegment& record, void* param, bool vector_ok,
+                                            int error_bits, const FusedSegment& record, void* param, bool vector_ok,
                                             const float* const (&lane_code)[kSlots], float grad_scale, float lr,
                                             float decay, bool norm_mode, const Row (&p_raw)[kRows],
                                             const Row (&g_raw)[kRows], const uint32_t (&codes)[kSlots][kRows],
@@ -656,8 +657,8 @@ __device__ __forceinline__ void update_row(int j, const KernelArgs& args, FloatT
   float p_row[kVec];
   float g_row[kVec];
   float p_new[kVec];
-  if (args.error_bits != 0) {
-    compensated_row(args.error_bits, p_raw[j], p_row);
+  if (error_bits != 0) {
+    compensated_row(error_bits, p_raw[j], p_row);
   } else {
     row_values(param_type, p_raw[j], p_row);
   }
@@ -690,8 +691,8 @@ __device__ __forceinline__ void update_row(int j, const KernelArgs& args, FloatT
     }
   }
   if (!norm_mode) {
-    if (args.error_bits != 0) {
-      store_compensated_row(args.error_bits, param, record.error, first[j], count[j], vector_ok, p_new);
+    if (error_bits != 0) {
+      store_compensated_row(error_bits, param, record.error, first[j], count[j], vector_ok, p_new);
     } else {
       store_param_row(param_type, param, first[j], count[j], vector_ok, p_new, args.stochastic, args.key,
                       static_cast<uint64_t>(record.first_index + first[j]));
@@ -806,13 +807,16 @@ __device__ __forceinline__ void encode_rows(const FusedSegment& record, bool fou
 }
 
 // ---------------------------------------------------------------------------
-// The kernel: rule R with NS state slots, blocksize BS (0: float32 states).
+// The kernel: rule R with NS state slots, blocksize BS (0: float32 states),
+// kErrors: whether it has the path of compensated parameters (args.error_bits
+// 8 or 16; without it error_bits is ignored and the code is the one before
+// error buffers existed).
 //
 // __launch_bounds__(threads, blocks/SM) caps the registers at 128 per thread
 // (65536 / (256 x 2) or 65536 / (512 x 1)): 16 warps per SM for every
 // blocksize, 4096 included.
 
-template <Rule R, int NS, int BS>
+template <Rule R, int NS, int BS, bool kErrors>
 __global__ void __launch_bounds__(Layout<BS>::kThreads, Layout<BS>::kBlocksPerSM)
     fused_step_kernel(const __grid_constant__ KernelArgs args) {
   using L = Layout<BS>;
@@ -838,6 +842,7 @@ __global__ void __launch_bounds__(Layout<BS>::kThreads, Layout<BS>::kBlocksPerSM
   const bool norm_mode = args.norm_out != nullptr;
   const FloatType param_type = args.param_type;
   const FloatType grad_type = args.grad_type;
+  const int error_bits = kErrors ? args.error_bits : 0;  // uniform over the grid
 
   int64_t seg = 0;        // segment of the previous unit: the search starts there
   int64_t norm_seg = -1;  // segment whose partial norm `norm_sum` holds
@@ -870,7 +875,7 @@ __global__ void __launch_bounds__(Layout<BS>::kThreads, Layout<BS>::kBlocksPerSM
       uint32_t codes[kSlots][kRows];
       float old_scale[kSlots][kRows];
       float old_value[kSlots][kRows][kVec];
-      load_rows<NS, L>(record, param_type, grad_type, args.error_bits, four_bit, base, lane, vector_ok, count, first,
+      load_rows<NS, L>(record, param_type, grad_type, error_bits, four_bit, base, lane, vector_ok, count, first,
                        p_raw, g_raw, codes, old_scale, old_value);
       const float grad_scale = args.grad_scale != nullptr ? args.grad_scale[seg] : 1.0f;
       const float lr = args.update_scale != nullptr ? __fmul_rn(args.hyper.v[kLr], args.update_scale[seg])
@@ -884,9 +889,9 @@ __global__ void __launch_bounds__(Layout<BS>::kThreads, Layout<BS>::kBlocksPerSM
 
 #pragma unroll
       for (int j = 0; j < kRows; ++j) {
-        update_row<R, NS, kQuant>(j, args, param_type, grad_type, record, param, vector_ok, lane_code, grad_scale, lr,
-                                  decay, norm_mode, p_raw, g_raw, codes, old_scale, count, first, old_value, kept,
-                                  norm_sum, nonfinite);
+        update_row<R, NS, kQuant>(j, args, param_type, grad_type, error_bits, record, param, vector_ok, lane_code,
+                                  grad_scale, lr, decay, norm_mode, p_raw, g_raw, codes, old_scale, count, first,
+                                  old_value, kept, norm_sum, nonfinite);
       }
 
       if (kQuant && !norm_mode) warp_block_maxima<NS, L>(kept, block_max);
@@ -932,10 +937,10 @@ int resident_blocks(Kernel kernel, int threads, size_t table_bytes) {
   return blocks;
 }
 
-template <Rule R, int NS, int BS>
+template <Rule R, int NS, int BS, bool kErrors>
 cudaError_t launch_kernel(const KernelArgs& args, cudaStream_t stream) {
   using L = Layout<BS>;
-  const auto kernel = fused_step_kernel<R, NS, BS>;
+  const auto kernel = fused_step_kernel<R, NS, BS, kErrors>;
   // One kernel serves 8- and 4-bit maps; only its tables' size differs.
   const size_t table_bytes = L::kQuant ? quant_table_bytes(NS, args.code_bits) : 0;
   if (L::kQuant) {
@@ -964,14 +969,23 @@ cudaError_t launch_kernel(const KernelArgs& args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// Float32 states: a kernel with and one without the error path, because the
+// error path's registers cost the float32-state kernels of one-slot and
+// stateless rules a CUDA block per SM on sm_80 (3 -> 2, 4 -> 3). The quantized
+// kernels' residency is set by their tables and the 128-register cap, which
+// the error path leaves as they were (sm_80, sm_90), so one kernel serves
+// both: 76 instantiations instead of 132.
 template <Rule R, int NS>
 cudaError_t launch_blocksize(bool quantized, int64_t blocksize, const KernelArgs& args, cudaStream_t stream) {
-  if (!quantized) return launch_kernel<R, NS, 0>(args, stream);
+  if (!quantized) {
+    return args.error_bits != 0 ? launch_kernel<R, NS, 0, true>(args, stream)
+                                : launch_kernel<R, NS, 0, false>(args, stream);
+  }
   if constexpr (NS == 0) {
     return cudaErrorInvalidValue;
   } else {
     return with_state_blocksize(blocksize, cudaErrorInvalidValue,
-                                [&](auto bs) { return launch_kernel<R, NS, decltype(bs)::value>(args, stream); });
+                                [&](auto bs) { return launch_kernel<R, NS, decltype(bs)::value, true>(args, stream); });
   }
 }
 
