@@ -474,8 +474,9 @@ def test_compensated_special_values(cpu, reference, state_bits, error_bits):
 @pytest.mark.parametrize("error_bits", [8, 16])
 def test_compensated_keeps_small_updates(cpu, error_bits):
     """Updates of about 1/8 of a bfloat16 ulp: plain bfloat16 parameters never move, compensated ones follow
-    the float32 run to the buffer's resolution: per step at most 128 float32 ulps off with int8 (half of the
-    2^8 dropped by the shift), 1 with int16 (a tie), plus 1 for the float32 update's own rounding."""
+    the float32 run to the buffer's resolution: per step at most 256 float32 ulps off with int8 (128, half of
+    the 2^8 the shift drops, but 256 where the code is clamped next to a tie; tests/test_weight_error.py),
+    1 with int16 (a tie), plus 1 for the float32 update's own rounding."""
     case = CASES_BY_NAME["sgd"]  # p - lr * (g + wd * p), no state
     steps, n = 10, 4096
     gen = torch.Generator().manual_seed(2)
@@ -492,7 +493,7 @@ def test_compensated_keeps_small_updates(cpu, error_bits):
             run_step(cpu, case, inputs)
     assert torch.equal(plain.params[0], start)
     restored = compensated_values(compensated.params[0], compensated.errors[0])
-    per_step_ulps = (128 if error_bits == 8 else 1) + 1
+    per_step_ulps = (256 if error_bits == 8 else 1) + 1
     torch.testing.assert_close(restored, fp32.params[0], rtol=0.0, atol=steps * per_step_ulps * 2**-23)
     assert (compensated.params[0] != start).float().mean() > 0.9
 
