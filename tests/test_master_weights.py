@@ -70,13 +70,13 @@ def test_8_bit_errors_stay_within_their_bound_and_beat_plain_bf16():
     master, _ = _train(weights, grads, torch.float32)
     param, optimizer = _train(weights, grads, torch.bfloat16, master_weights="compensated", error_bits=8)
     plain, _ = _train(weights, grads, torch.bfloat16, master_weights="none")
-    # Each write keeps x to within 128 float32 units (2^-16 relative); the update does not amplify a
+    # Each write keeps x to within 256 float32 units (2^-15 relative; 128 away from ties); the update does not amplify a
     # perturbation of p (decay < 1, the states see only the gradients), so after STEPS writes the restored
-    # value is within STEPS * 2^-16 of the largest magnitude the element had (its start, end, or in between,
+    # value is within STEPS * 2^-15 of the largest magnitude the element had (its start, end, or in between,
     # at most STEPS * LR * 10 away: an Adam direction is a few units at most).
     largest = torch.maximum(weights.abs(), master.detach().abs()) + STEPS * LR * 10
     drift = (_restored(param, optimizer) - master.detach()).abs()
-    assert bool((drift <= STEPS * 2.0**-16 * largest).all()), float((drift / largest).max())
+    assert bool((drift <= STEPS * 2.0**-15 * largest).all()), float((drift / largest).max())
     compensated_error = (param.detach().float() - master.detach()).abs().mean()
     plain_error = (plain.detach().float() - master.detach()).abs().mean()
     assert plain_error > 5 * compensated_error, (plain_error, compensated_error)
