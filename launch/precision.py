@@ -9,12 +9,17 @@ Three ways to train:
     --dtype bf16 --master-weights none|stochastic|compensated
                                           bfloat16 parameters and compute, no master copy: the
                                           optimizer writes the bf16 weights itself (see
-                                          dist8bit/optim/master_weights.py and docs/master_weights.md)
+                                          dist8bit/optim/master_weights.py and docs/master_weights.md);
+                                          under DeepSpeed ZeRO 1-3 over bf16 partitions, ZeRO 0 over
+                                          the bf16 model (launch/strategies/deepspeed_engine.py)
 
 The loss is always computed in float32 (the model casts its logits). The
 default master for --dtype bf16 is "compensated" (the mode that follows the
 fp32 trajectory at 1 B/param of error with --error-bits 8), except under
-DeepSpeed, which keeps its own fp32 master in bf16 mode, where it is "fp32".
+DeepSpeed, where it is "fp32" (DeepSpeed's own master, what its bf16 mode has
+always done) unless the JSON config names a master mode or asks for bf16
+master weights. Under DeepSpeed the JSON may still set --dtype, --optim and
+the master, so the DeepSpeed strategy settles these flags once it has read it.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ DEFAULT_BF16_MASTER = "compensated"
 # Masters a torch (or other non-dist8bit) optimizer can train under: it writes its parameters in their own
 # dtype, so "none" is what it does with bfloat16 parameters, and it has no stochastic or compensated write.
 PLAIN_OPTIMIZER_MODES = ("fp32", "none")
-DEEPSPEED_MASTER_REASON = "DeepSpeed keeps its own fp32 master partition in bf16 mode; see docs/master_weights.md"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,20 +59,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve(args: argparse.Namespace) -> None:
-    """Settle args.master_weights and args.error_bits (None where no error buffer is kept), refusing
-    combinations that cannot run, each with a one-line reason. Call after args.strategy is resolved
-    to deepspeed or not (under deepspeed, args.optim may still change with the JSON config)."""
-    deepspeed = args.strategy == "deepspeed"
+    """Settle the precision flags now, except under DeepSpeed, whose JSON config may still set --dtype,
+    --optim and the master mode: deepspeed_engine.effective_config calls `settle` once it has read it."""
+    if args.strategy != "deepspeed":
+        settle(args)
+
+
+def settle(args: argparse.Namespace, default_bf16_master: str = DEFAULT_BF16_MASTER) -> None:
+    """Settle args.master_weights (default_bf16_master where --dtype bf16 names none) and args.error_bits
+    (None where no error buffer is kept), refusing combinations that cannot run, each with a one-line reason."""
     if args.master_weights is None:
-        args.master_weights = "fp32" if args.dtype == "fp32" or deepspeed else DEFAULT_BF16_MASTER
+        args.master_weights = "fp32" if args.dtype == "fp32" else default_bf16_master
     mode = args.master_weights
+    if mode not in MODES:
+        raise LaunchError(f"master_weights {mode!r} is not one of {', '.join(MODES)}")
     if args.dtype == "fp32" and mode != "fp32":
         raise LaunchError(
             f"--master-weights {mode} trains bfloat16 weights without a float32 master; add --dtype bf16 "
             "(with --dtype fp32 the parameters are float32 and are their own master)"
         )
-    if deepspeed and mode != "fp32":
-        raise LaunchError(f"--master-weights {mode} under --strategy deepspeed: {DEEPSPEED_MASTER_REASON}")
     check_optimizer(args)
     args.error_bits = args.error_bits if mode == "compensated" else None
 

@@ -394,10 +394,8 @@ def test_precision_flags_resolve_and_refuse(capsys):
     assert (args.dtype, args.master_weights, args.error_bits) == ("fp32", "fp32", None)
     args, _ = pretrain.parse_args(["--dtype", "bf16", "--master-weights", "none", "--error-bits", "16"])
     assert (args.master_weights, args.error_bits) == ("none", None)  # no error buffer: nothing to size
-    assert pretrain.parse_args(["--dtype", "bf16", "--deepspeed"])[0].master_weights == "fp32"
     assert pretrain.parse_args(["--dtype", "bf16", "--optim", "torch-adamw", "--master-weights", "none"])[0].lr == 2e-3
     refusals = {
-        ("--deepspeed", "--dtype", "bf16", "--master-weights", "compensated"): "DeepSpeed keeps its own fp32 master",
         ("--optim", "torch-adamw", "--dtype", "bf16"): "torch-adamw is not a dist8bit optimizer",
         ("--optim", "torch-adamw", "--dtype", "bf16", "--master-weights", "stochastic"): "no 'stochastic' bf16 write",
         ("--master-weights", "compensated"): "add --dtype bf16",
@@ -405,8 +403,10 @@ def test_precision_flags_resolve_and_refuse(capsys):
     for argv, message in refusals.items():
         with pytest.raises(LaunchError, match=message):
             pretrain.parse_args(list(argv))
-    assert pretrain.main(["--deepspeed", "--dtype", "bf16", "--master-weights", "none"]) == 1
-    assert capsys.readouterr().err.count("\n") == 1  # one line, before anything is built
+    # under DeepSpeed the JSON may set --dtype, so the same refusal comes once the config is read, still
+    # before DeepSpeed is imported or anything is built
+    assert pretrain.main(["--deepspeed", "--master-weights", "none"]) == 1
+    assert "add --dtype bf16" in (err := capsys.readouterr().err) and err.count("\n") == 1  # one line
 
     # DeepSpeed: --dtype bf16 is its bf16 mode; without the flag the config's bf16 section sets --dtype
     args, explicit = _ds_args("--dtype", "bf16")
@@ -418,6 +418,63 @@ def test_precision_flags_resolve_and_refuse(capsys):
     assert "bf16" not in effective_config({}, args, explicit, world_size=1) and args.dtype == "fp32"
     effective_config({"bf16": {"enabled": True}}, args, explicit, world_size=1)
     assert (args.dtype, args.master_weights) == ("bf16", "fp32")
+
+
+NO_MASTER_BF16 = {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+
+
+def test_deepspeed_master_weights_config():
+    """Under DeepSpeed a master-less mode becomes the optimizer's params plus the bf16 keys that hand it bf16
+    partitions (ZeRO 1-3) or bf16 disabled over the bf16 model (ZeRO 0); flag, then JSON, then default."""
+
+    def effective(raw: dict, *argv: str) -> tuple[dict, object]:
+        args, explicit = _ds_args(*argv)
+        return effective_config(raw, args, explicit, world_size=2), args
+
+    bf16 = ("--dtype", "bf16")
+    config, args = effective({}, *bf16)  # the default under DeepSpeed stays its own fp32 master
+    assert (args.master_weights, args.error_bits, config["bf16"]) == ("fp32", None, {"enabled": True})
+    assert "master_weights" not in config["optimizer"]["params"]
+    for stage in ("1", "2", "3"):
+        config, args = effective({}, *bf16, "--master-weights", "compensated", "--zero-stage", stage)
+        assert config["bf16"] == NO_MASTER_BF16 and (args.master_weights, args.error_bits) == ("compensated", 8)
+        assert {k: config["optimizer"]["params"][k] for k in ("master_weights", "error_bits")} == {
+            "master_weights": "compensated",
+            "error_bits": 8,
+        }
+    config, args = effective({}, *bf16, "--master-weights", "none", "--error-bits", "16")
+    assert config["bf16"] == NO_MASTER_BF16 and args.error_bits is None and "error_bits" not in config["optimizer"]["params"]
+    # ZeRO 0's bf16 mode keeps float32 master copies: bf16 off, the launcher's bf16 model is trained as it is
+    config, args = effective({"bf16": NO_MASTER_BF16}, *bf16, "--master-weights", "stochastic", "--zero-stage", "0")
+    assert config["bf16"] == {"enabled": False} and args.dtype == "bf16"
+    assert config["optimizer"]["params"]["master_weights"] == "stochastic"
+
+    # the JSON: its master mode and error bits, or bf16 master keys meaning "compensated"; a flag overrides it
+    raw = {"bf16": NO_MASTER_BF16, "optimizer": {"type": "AdamW8bit", "params": {"lr": 1e-3, "error_bits": 16}}}
+    config, args = effective(raw)
+    assert (args.dtype, args.master_weights, args.error_bits, config["bf16"]) == ("bf16", "compensated", 16, NO_MASTER_BF16)
+    config, args = effective(raw, "--master-weights", "fp32")
+    assert config["bf16"] == {**dict.fromkeys(NO_MASTER_BF16, False), "enabled": True}
+    assert (args.master_weights, config["optimizer"]["params"].get("master_weights", "fp32")) == ("fp32", "fp32")
+    raw["optimizer"]["params"]["master_weights"] = "none"
+    assert effective(raw)[1].master_weights == "none" and effective(raw, "--error-bits", "8")[1].error_bits is None
+    config, args = effective(read_config(ROOT / "launch" / "configs" / "zero2_adamw8bit_bf16_compensated.json"))
+    assert (args.dtype, args.master_weights, args.error_bits, config["bf16"]) == ("bf16", "compensated", 8, NO_MASTER_BF16)
+
+    refusals = {
+        ("--master-weights", "compensated"): ({}, "add --dtype bf16"),
+        ("--dtype", "fp32"): (raw, "add --dtype bf16"),  # the JSON's master mode needs bf16 too
+        (*bf16, "--master-weights", "compensated"): (
+            {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+            "only with its own DeepSpeedCPUAdam",
+        ),
+        (): ({"bf16": {"enabled": True}, "optimizer": {"type": "AdamW8bit", "params": {"master_weights": "fp64"}}}, "fp64"),
+    }
+    for argv, (raw_config, message) in refusals.items():
+        with pytest.raises(LaunchError, match=message):
+            effective(raw_config, *argv)
+    no_offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "none"}}}
+    assert effective(no_offload, *bf16, "--master-weights", "compensated")[0]["bf16"] == NO_MASTER_BF16
 
 
 def _in_process(out: Path, data_dir: Path, *extra: str) -> dict:
@@ -647,45 +704,111 @@ DS_CONFIG = {
 }
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
-def test_deepspeed_zero2_runs_and_resumes_exactly(tmp_path, data_dir, run_env, single_run):
-    config = tmp_path / "zero2.json"
-    config.write_text(json.dumps(DS_CONFIG))
-    flags = ["--deepspeed_config", str(config)]
+# The precisions the ZeRO-2 run is tested in: fp32, and bf16 weights without a master (compensated, 8-bit error).
+DS_PRECISIONS = {"fp32": [], "bf16-compensated": ["--dtype", "bf16", "--master-weights", "compensated"]}
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+
+
+@pytest.fixture(scope="module")
+def ds_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ds-config") / "zero2.json"
+    path.write_text(json.dumps(DS_CONFIG))
+    return path
+
+
+@pytest.fixture(scope="module")
+def deepspeed_six(tmp_path_factory, data_dir, run_env, ds_config):
+    """6 ZeRO-2 steps on 2 ranks in a given precision, run once on first use (the compensated case also
+    compares its state with the fp32 run's; tests resume copies, never these directories)."""
+    runs: dict[str, Path] = {}
+
+    def six(precision: str) -> Path:
+        if precision not in runs:
+            out = tmp_path_factory.mktemp(f"deepspeed-{precision}")
+            flags = ["--deepspeed_config", str(ds_config), *DS_PRECISIONS[precision]]
+            result = _run(out, data_dir, run_env, *flags, "--steps", "6", nproc=2)
+            assert "done: 6 steps, 2 rank(s), deepspeed, adamw8bit" in result.stdout
+            runs[precision] = out
+        return runs[precision]
+
+    return six
+
+
+def _check_compensated_zero2(out: Path, fp32: dict) -> None:
+    """bf16 ZeRO-2 partitions with no fp32 master: bf16 weights, one int8 weight_error per partition element,
+    and state = the fp32 run's + exactly 1 B/param (DeepSpeed's float32 master partition of the fp32 run
+    is not optimizer state, so the two runs' states differ by the error buffers alone)."""
+    metrics = _metrics(out)
+    assert (metrics["master_weights"], metrics["error_bits"], metrics["param_dtype"]) == ("compensated", 8, "bfloat16")
+    config = metrics["deepspeed"]["config"]
+    assert config["bf16"] == NO_MASTER_BF16 and config["optimizer"]["params"]["master_weights"] == "compensated"
+    parameters, latest = metrics["parameters"], checkpoint.latest(out)
+    model = torch.load(latest / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert {t.dtype for t in model.values()} == {torch.bfloat16}
+    errors = 0
+    for rank in range(2):
+        saved = torch.load(latest / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=False)
+        partitions = saved["optimizer_state_dict"]["single_partition_of_fp32_groups"]  # DeepSpeed's name; bf16 here
+        state = saved["optimizer_state_dict"]["base_optimizer_state"]["state"]
+        assert {t.dtype for t in partitions} == {torch.bfloat16}
+        assert [state[i]["weight_error"].dtype for i in range(len(partitions))] == [torch.int8] * len(partitions)
+        assert [state[i]["weight_error"].numel() for i in range(len(partitions))] == [t.numel() for t in partitions]
+        errors += sum(t.numel() for t in partitions)
+    assert errors == parameters  # no padding in these partitions (measured)
+    per_rank = metrics["summary"]["state_bytes_per_rank"]
+    assert sum(per_rank) - sum(fp32["summary"]["state_bytes_per_rank"]) == parameters
+    assert metrics["summary"]["state_bytes_per_param"] == pytest.approx(sum(per_rank) / parameters, rel=1e-12)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("precision", DS_PRECISIONS)
+def test_deepspeed_zero2_runs_and_resumes_exactly(precision, deepspeed_six, ds_config, tmp_path, data_dir, run_env, single_run):
+    flags = ["--deepspeed_config", str(ds_config), *DS_PRECISIONS[precision]]
     out = tmp_path / "run"
-    result = _run(out, data_dir, run_env, *flags, "--steps", "6", nproc=2)
-    assert "done: 6 steps, 2 rank(s), deepspeed, adamw8bit" in result.stdout
+    shutil.copytree(deepspeed_six(precision), out)
     six = _metrics(out)
     info = six["deepspeed"]
     assert (info["zero_stage"], info["optimizer"], info["wrapper"]) == (2, "AdamW8bit", "DeepSpeedZeroOptimizer")
     assert info["scheduler"] == "WarmupCosineLR" and six["lr_schedule"] == "strategy"
     assert [e["lr"] for e in six["train"][:3]] == pytest.approx([0.0, 0.0, 2e-3 / 3])  # DeepSpeed's linear warm-up from 0
-    # ZeRO-2 partitions the 8-bit state: each rank holds about half of the single-process state
-    assert six["summary"]["ranks_in_sync"] and all(0.35 < r < 0.65 for r in _state_ratios(six, _metrics(single_run)))
-    assert sorted(p.name for p in checkpoint.latest(out).iterdir()) == [
-        "launch.pt",
-        "mp_rank_00_model_states.pt",
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-    ]
+    assert six["summary"]["ranks_in_sync"]
+    prefix = "bf16_" if precision != "fp32" else ""  # DeepSpeed names its bf16 mode's files so
+    assert sorted(p.name for p in checkpoint.latest(out).iterdir()) == sorted(
+        ["launch.pt", "mp_rank_00_model_states.pt", *(f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1))]
+    )
+    if precision == "fp32":  # ZeRO-2 partitions the 8-bit state: each rank holds about half of the 1-process state
+        assert all(0.35 < r < 0.65 for r in _state_ratios(six, _metrics(single_run)))
+    else:
+        _check_compensated_zero2(out, _metrics(deepspeed_six("fp32")))
 
     _run(out, data_dir, run_env, *flags, "--steps", "10", "--resume", nproc=2)
     straight = tmp_path / "straight"
     _run(straight, data_dir, run_env, *flags, "--steps", "10", nproc=2)
     assert _metrics(out)["summary"]["param_sha256"] == _metrics(straight)["summary"]["param_sha256"]
 
-    # one plain process (no launcher variables) runs DeepSpeed too, here in its bf16 mode (its own fp32 master)
+    # one plain process (no launcher variables) runs DeepSpeed too: fp32 in DeepSpeed's bf16 mode (its own
+    # fp32 master); compensated under ZeRO 0 (bf16 disabled, the bf16 model stepped as it is: no wrapper)
     single = tmp_path / "single"
-    _run(single, data_dir, run_env, *flags, "--steps", "2", "--no-checkpoint", "--dtype", "bf16")
-    metrics = _metrics(single)
-    assert metrics["world_size"] == 1 and metrics["deepspeed"]["zero_stage"] == 2
-    assert metrics["deepspeed"]["config"]["bf16"] == {"enabled": True} and metrics["master_weights"] == "fp32"
-    assert metrics["param_dtype"] == "bfloat16" and all(math.isfinite(e["loss"]) for e in metrics["train"])
+    if precision == "fp32":
+        _run(single, data_dir, run_env, *flags, "--steps", "2", "--no-checkpoint", "--dtype", "bf16")
+        metrics = _metrics(single)
+        assert metrics["deepspeed"]["zero_stage"] == 2 and metrics["deepspeed"]["config"]["bf16"] == {"enabled": True}
+        assert metrics["master_weights"] == "fp32"
+    else:
+        _run(single, data_dir, run_env, *flags, "--steps", "2", "--no-checkpoint", "--zero-stage", "0")
+        metrics = _metrics(single)
+        assert metrics["deepspeed"]["zero_stage"] == 0 and metrics["deepspeed"]["config"]["bf16"] == {"enabled": False}
+        assert (metrics["master_weights"], metrics["deepspeed"]["wrapper"]) == ("compensated", "AdamW8bit")
+        # unsharded 8-bit states as the plain fp32 process holds, plus the int8 error: exactly 1 B/param more
+        assert metrics["summary"]["state_bytes"] - _metrics(single_run)["summary"]["state_bytes"] == metrics["parameters"]
+    assert metrics["world_size"] == 1 and metrics["param_dtype"] == "bfloat16"
+    assert all(math.isfinite(e["loss"]) for e in metrics["train"])
 
-    # ZeRO partitions are per rank: another world size is refused before DeepSpeed starts
-    result = _pretrain([*TINY, *flags, "--data-dir", str(data_dir), "--out-dir", str(out), "--steps", "12", "--resume"], run_env)
-    assert result.returncode == 1
-    assert "world size mismatch" in result.stderr and "2-process deepspeed run" in result.stderr
+    if precision == "fp32":  # ZeRO partitions are per rank: another world size is refused before DeepSpeed starts
+        argv = [*TINY, *flags, "--data-dir", str(data_dir), "--out-dir", str(out), "--steps", "12", "--resume"]
+        result = _pretrain(argv, run_env)
+        assert result.returncode == 1
+        assert "world size mismatch" in result.stderr and "2-process deepspeed run" in result.stderr
 
 
 @pytest.mark.skipif(

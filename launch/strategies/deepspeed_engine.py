@@ -7,7 +7,9 @@ config such as launch/configs/zero2_adamw8bit.json,
 
 builds the 8-bit optimizer inside DeepSpeed (over ZeRO's flat partitions for
 stages 1-3), the same way HF Trainer or Accelerate would. The launcher only
-fills in what its own flags define (see `effective_config`), runs
+fills in what its own flags define (see `effective_config`; with
+`--dtype bf16 --master-weights compensated` that includes the bf16 keys that
+give the optimizer bf16 partitions without an fp32 master: `resolve_master`), runs
 engine.backward / engine.step, and checkpoints with engine.save_checkpoint /
 load_checkpoint. ZeRO partitions the optimizer state by rank, so a checkpoint
 resumes on the world size that wrote it.
@@ -28,6 +30,7 @@ from typing import Any
 
 import torch
 
+from launch import precision
 from launch.model import GPT
 from launch.optimizers import DEEPSPEED_TYPES, OPTIMIZERS, LaunchError
 from launch.strategies.base import Strategy, state_dict_checksum
@@ -35,6 +38,9 @@ from launch.strategies.base import Strategy, state_dict_checksum
 # Schedulers whose length the launcher fills in from --steps when the config leaves it out.
 SCHEDULERS_WITH_TOTAL_STEPS = ("WarmupCosineLR", "WarmupDecayLR")
 QUIET_STEPS_PER_PRINT = 1 << 30  # DeepSpeed logs every steps_per_print steps; the progress bar already shows them
+# The "bf16" keys that make ZeRO 1-3 hand the optimizer bf16 partitions with no fp32 master (DeepSpeed 0.19;
+# bf16_optimizer_states only stops DeepSpeed demanding its CPU Adam: see dist8bit/integrations/deepspeed_masters.py).
+NO_MASTER_KEYS = ("bf16_master_weights_and_grads", "bf16_optimizer_states")
 
 
 def read_config(path: Path | None) -> dict[str, Any]:
@@ -65,7 +71,8 @@ def effective_config(raw: dict[str, Any], args: argparse.Namespace, explicit: se
 
     Precedence: a flag given on the command line, then the JSON, then the
     launcher's default, key by key (batch size, clipping, ZeRO stage,
-    optimizer type, lr, weight decay, betas). The launcher runs one
+    optimizer type, lr, weight decay, betas, --dtype, --master-weights,
+    --error-bits; `resolve_master` has the precision). The launcher runs one
     micro-batch per rank per step, so gradient_accumulation_steps must be 1
     and train_batch_size is derived; the scheduler and the other sections
     (precision, ZeRO options) pass through as written.
@@ -113,6 +120,7 @@ def effective_config(raw: dict[str, Any], args: argparse.Namespace, explicit: se
             betas[index] = getattr(args, flag)
     params["betas"] = betas
     args.beta1, args.beta2 = betas
+    resolve_master(config, params, args, explicit)
 
     scheduler = config.get("scheduler")
     if scheduler and scheduler.get("type") in SCHEDULERS_WITH_TOTAL_STEPS:
@@ -123,14 +131,57 @@ def effective_config(raw: dict[str, Any], args: argparse.Namespace, explicit: se
 
 def resolve_bf16(config: dict[str, Any], args: argparse.Namespace, explicit: set[str]) -> None:
     """--dtype and the config's "bf16" section, with the usual precedence: an explicit --dtype sets
-    bf16.enabled (bf16 is DeepSpeed's mode with its own fp32 master partition; launch/precision.py has
-    already refused any other --master-weights), else the config's bf16.enabled sets --dtype."""
+    bf16.enabled, else the config's bf16.enabled sets --dtype (`resolve_master` then fits the section
+    to the master mode)."""
     section = config.get("bf16", {})
     if "dtype" in explicit or not isinstance(section, dict) or "enabled" not in section:
         if args.dtype == "bf16" or "bf16" in config:
             config["bf16"] = {**(section if isinstance(section, dict) else {}), "enabled": args.dtype == "bf16"}
     else:
         args.dtype = "bf16" if section["enabled"] else "fp32"
+
+
+def resolve_master(config: dict[str, Any], params: dict[str, Any], args: argparse.Namespace, explicit: set[str]) -> None:
+    """--master-weights and --error-bits against the optimizer's params (flag, then JSON, then default),
+    settled by launch/precision.py, then written where DeepSpeed and the optimizer read them.
+
+    The default master is DeepSpeed's own fp32 one, unless the bf16 section asks for bf16 master
+    weights (then "compensated"). A bf16 mode without a master ("none", "stochastic", "compensated")
+    gets, under ZeRO 1-3, the bf16 keys that hand the optimizer bf16 partitions (NO_MASTER_KEYS);
+    under ZeRO 0, whose bf16 mode always keeps float32 master copies, bf16 is disabled instead and
+    DeepSpeed trains the bf16 model the launcher built as it is. "fp32" with --dtype bf16 is
+    DeepSpeed's bf16 mode with its fp32 master (the JSON's bf16 master keys, if any, are turned off).
+    """
+    section = config.get("bf16") if isinstance(config.get("bf16"), dict) else {}
+    if "master_weights" not in explicit and "master_weights" in params:
+        args.master_weights = params["master_weights"]
+    if "error_bits" not in explicit and "error_bits" in params:
+        args.error_bits = params["error_bits"]
+    wants_bf16_master = args.dtype == "bf16" and bool(section.get(NO_MASTER_KEYS[0]))
+    precision.settle(args, default_bf16_master=precision.DEFAULT_BF16_MASTER if wants_bf16_master else "fp32")
+    if args.master_weights != "fp32" or "master_weights" in params:
+        params["master_weights"] = args.master_weights
+    if args.error_bits is not None:
+        params["error_bits"] = args.error_bits
+    if args.dtype == "bf16":
+        config["bf16"] = bf16_section(section, args.master_weights, config["zero_optimization"])
+
+
+def bf16_section(section: dict[str, Any], master_weights: str, zero: dict[str, Any]) -> dict[str, Any]:
+    """The "bf16" section for --dtype bf16 with `master_weights` under the ZeRO settings `zero`."""
+    if master_weights == "fp32":  # DeepSpeed's bf16 mode and its fp32 master
+        return {**section, "enabled": True, **{key: False for key in NO_MASTER_KEYS if key in section}}
+    if zero["stage"] == 0:
+        return {**{k: v for k, v in section.items() if k not in NO_MASTER_KEYS}, "enabled": False}
+    offload = zero.get("offload_optimizer") or {}
+    if str(offload.get("device", "none")).lower() != "none":
+        raise LaunchError(
+            f"--master-weights {master_weights} under ZeRO with offload_optimizer ({offload.get('device')}): DeepSpeed "
+            "trains bf16 partitions without an fp32 master there only with its own DeepSpeedCPUAdam; drop "
+            "offload_optimizer from the config (8-bit states are small enough to stay on the device) or use "
+            "--master-weights fp32"
+        )
+    return {**section, "enabled": True, **dict.fromkeys(NO_MASTER_KEYS, True)}
 
 
 def base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
