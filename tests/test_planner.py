@@ -1,18 +1,23 @@
 """dist8bit plan (docs/planner.md) against DeepSpeed's own estimators, against optimizer state
-measured on real dist8bit optimizers after a step (compensated bf16 error buffers included), and
-the CLI against the documented formulas, with and without an fp32 master."""
+measured on real dist8bit optimizers after a step (compensated bf16 error buffers included), against
+a real 2-rank FSDP2 run (parameter, gradient, state and error bytes per rank), and the CLI against
+the documented formulas, with and without an fp32 master."""
 
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import pytest
 import torch
+import torch.distributed as dist
+from distributed_ranks import spawn_gloo
 
 from dist8bit.cli import main
 from dist8bit.integrations import zero_partition
 from dist8bit.optim import AdamW4bit, AdamW8bit, AdamW32bit
+from dist8bit.optim.master_weights import ERROR_KEY
 from dist8bit.optim.segments import Segment
 from dist8bit.planner import Cluster, Option, plan, preset
 from dist8bit.planner.model_shapes import gpt_shapes
@@ -78,13 +83,18 @@ def test_zero3_matches_deepspeed(deepspeed_estimators, gpus, nodes):
 CONFIG = GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128)
 
 
-def small_gpt(stable_embedding: bool = False) -> GPT:
+# Under FSDP2 on 2 ranks: odd row counts (vocab 255, context 33), so rank 1's shards are a row short and
+# FSDP2 pads them; the planner counts the fullest rank (rank 0, ceil(rows / N) rows per tensor).
+FSDP_CONFIG = GPTConfig(vocab_size=255, block_size=33, n_layer=2, n_head=4, n_embd=128)
+
+
+def small_gpt(stable_embedding: bool = False, config: GPTConfig = CONFIG) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(**{**CONFIG.to_dict(), "stable_embedding": stable_embedding}))
+    return GPT(GPTConfig(**{**config.to_dict(), "stable_embedding": stable_embedding}))
 
 
-def planned_shapes(stable_embedding: bool = False):
-    model = gpt_shapes("small", CONFIG.n_layer, CONFIG.n_embd, CONFIG.vocab_size, context=CONFIG.block_size)
+def planned_shapes(stable_embedding: bool = False, config: GPTConfig = CONFIG):
+    model = gpt_shapes("small", config.n_layer, config.n_embd, config.vocab_size, context=config.block_size)
     return model.with_stable_embedding() if stable_embedding else model
 
 
@@ -95,10 +105,11 @@ def one_step(model: GPT, optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
 
 
-def test_shapes_are_the_models():
+@pytest.mark.parametrize("config", [CONFIG, FSDP_CONFIG], ids=["even", "odd-rows"])
+def test_shapes_are_the_models(config):
     """The planner's GPT shapes are launch/model.py's parameters, in order."""
-    shapes = [t.shape for t in planned_shapes().tensors]
-    assert shapes == [tuple(p.shape) for p in small_gpt().parameters()]
+    shapes = [t.shape for t in planned_shapes(config=config).tensors]
+    assert shapes == [tuple(p.shape) for p in small_gpt(config=config).parameters()]
 
 
 @pytest.fixture
@@ -182,6 +193,101 @@ def test_sharded_compensated_bytes_match_measured(strategy):
     planned = plan(planned_shapes(), Cluster(world), Option(strategy, master_weights="compensated"))
     assert planned.gpu["error"] == owned_numel(planned_shapes(), "zero12", world)
     assert planned.gpu["states"] + planned.gpu["error"] == pytest.approx(max(measured), rel=STATE_TOLERANCE)
+
+
+# ------------------------------------------------------------------ a real FSDP2 run
+FSDP_WORLD = 2
+FSDP_RUNS = {
+    # name: (parameter dtype, optimizer arguments, the planner's option for the same run)
+    "fp32-master": (torch.float32, {}, Option("fsdp2")),  # fp32 shards (the master), bf16 autocast compute
+    "compensated": (torch.bfloat16, {"master_weights": "compensated"}, Option("fsdp2", master_weights="compensated")),
+}
+
+
+def allocated_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors`: FSDP2's padded shards (each parameter owns one; a
+    module's gradients are views of one reduce-scatter output), not the unpadded to_local() views."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def fsdp_memory_worker(rank: int, world: int) -> list[dict]:
+    """Both FSDP_RUNS in one launch: launch/strategies/fsdp.py's sharding of the odd-rows GPT (fully_shard
+    per block, then the root), one AdamW8bit step; every rank's bytes, gathered to rank 0."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ["DIST8BIT_BACKEND"] = "reference"  # the bytes do not depend on the backend that steps
+    mesh = init_device_mesh("cpu", (world,))
+    measured = {}
+    for name, (dtype, arguments, _) in FSDP_RUNS.items():
+        model = small_gpt(config=FSDP_CONFIG).to(dtype)
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        optimizer = AdamW8bit(model.parameter_groups(0.1), lr=1e-3, **arguments)
+        tokens = torch.randint(0, FSDP_CONFIG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.float32):
+            _, loss = model(tokens, tokens)
+        loss.backward()
+        optimizer.step()
+        params = [p.to_local() for p in model.parameters()]
+        grads = [p.grad.to_local() for p in model.parameters()]
+        errors = [state[ERROR_KEY] for state in optimizer.state.values() if ERROR_KEY in state]
+        measured[name] = {
+            "state_bytes": optimizer.state_bytes(),
+            "error_bytes": sum(e.numel() * e.element_size() for e in errors),
+            "params": allocated_bytes(params),
+            "grads": allocated_bytes(grads),
+            "params_local": sum(t.numel() * t.element_size() for t in params),
+            "grads_local": sum(t.numel() * t.element_size() for t in grads),
+            "dtypes": sorted({str(t.dtype) for t in params + grads}),
+        }
+    per_rank: list = [None] * world
+    dist.all_gather_object(per_rank, measured)
+    return per_rank
+
+
+@pytest.fixture(scope="module")
+def fsdp_measured() -> list[dict]:
+    return spawn_gloo(fsdp_memory_worker, FSDP_WORLD)
+
+
+@pytest.mark.parametrize("run", FSDP_RUNS)
+def test_fsdp2_state_bytes_match_a_real_run(fsdp_measured, run):
+    """Optimizer state (states + error buffers) per rank: within the issue's 2% of the planner's per-GPU
+    states + error (the fullest rank); each rank's states equal the planner's count for that rank."""
+    _, _, option = FSDP_RUNS[run]
+    model = planned_shapes(config=FSDP_CONFIG)
+    planned = plan(model, Cluster(FSDP_WORLD), option)
+    counter = StateCounter("adamw", STATE_PRECISIONS["8bit"], model)
+    owned = owned_numel(model, "fsdp2", FSDP_WORLD)
+    for rank, measured in enumerate(fsdp_measured):
+        got = measured[run]
+        assert counter.fsdp2(FSDP_WORLD, rank) + got["error_bytes"] == got["state_bytes"], rank
+        assert got["error_bytes"] <= planned.gpu["error"] == (owned if run == "compensated" else 0), rank
+    fullest = max(m[run]["state_bytes"] for m in fsdp_measured)
+    assert planned.gpu["states"] + planned.gpu["error"] == pytest.approx(fullest, rel=STATE_TOLERANCE)
+
+
+@pytest.mark.parametrize("run", FSDP_RUNS)
+def test_fsdp2_param_and_grad_shards_match_a_real_run(fsdp_measured, run):
+    """Sharded parameters and gradients: FSDP2 allocates every rank ceil(rows / N) rows per tensor (the last
+    ranks' shards padded), which is what the planner counts, so the allocated bytes agree exactly on every rank
+    (tolerance 0); the unpadded to_local() views reach it on rank 0 and stay under it elsewhere. fp32-master: 4 B
+    shards (the shard is the master, none besides); compensated: 2 B bf16 shards."""
+    dtype, _, option = FSDP_RUNS[run]
+    planned = plan(planned_shapes(config=FSDP_CONFIG), Cluster(FSDP_WORLD), option)
+    assert planned.gpu["master"] == 0
+    for rank, measured in enumerate(fsdp_measured):
+        got = measured[run]
+        assert got["dtypes"] == [str(dtype)], rank
+        for component in ("params", "grads"):
+            assert got[component] == planned.gpu[component], (rank, component)
+            assert got[component + "_local"] <= planned.gpu[component], (rank, component)
+    for component in ("params", "grads"):
+        assert fsdp_measured[0][run][component + "_local"] == planned.gpu[component], component
+    assert fsdp_measured[1][run]["params_local"] < planned.gpu["params"], "the odd rows leave rank 1 padded"
 
 
 # ------------------------------------------------------------------ the CLI against the formula
