@@ -201,6 +201,11 @@ FSDP_RUNS = {
     # name: (parameter dtype, optimizer arguments, the planner's option for the same run)
     "fp32-master": (torch.float32, {}, Option("fsdp2")),  # fp32 shards (the master), bf16 autocast compute
     "compensated": (torch.bfloat16, {"master_weights": "compensated"}, Option("fsdp2", master_weights="compensated")),
+    "compensated-16": (
+        torch.bfloat16,
+        {"master_weights": "compensated", "error_bits": 16},
+        Option("fsdp2", master_weights="compensated", error_bits=16),
+    ),
 }
 
 
@@ -265,7 +270,7 @@ def test_fsdp2_state_bytes_match_a_real_run(fsdp_measured, run):
     for rank, measured in enumerate(fsdp_measured):
         got = measured[run]
         assert counter.fsdp2(FSDP_WORLD, rank) + got["error_bytes"] == got["state_bytes"], rank
-        assert got["error_bytes"] <= planned.gpu["error"] == (owned if run == "compensated" else 0), rank
+        assert got["error_bytes"] <= planned.gpu["error"] == option.error_bytes * owned, rank
     fullest = max(m[run]["state_bytes"] for m in fsdp_measured)
     assert planned.gpu["states"] + planned.gpu["error"] == pytest.approx(fullest, rel=STATE_TOLERANCE)
 
