@@ -77,9 +77,15 @@ def uses_error(config: dict[str, Any], dtype: torch.dtype) -> bool:
     return config["master_weights"] == "compensated" and dtype == torch.bfloat16
 
 
-def new_error(numel_or_shape: int | tuple[int, ...], config: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """A fresh error buffer: zeros (a weight starts exactly at its bf16 value)."""
-    return torch.zeros(numel_or_shape, dtype=error_dtype(config["error_bits"]), device=device)
+def error_buffer(state: dict[str, Any], config: dict[str, Any], param: torch.Tensor) -> torch.Tensor | None:
+    """The weight_error of a parameter (or flat buffer) `param` whose state is `state`, None when its
+    group keeps none; created as zeros on first use (a weight starts exactly at its bf16 value), so a
+    state resumed from a checkpoint saved without compensation starts compensating from there."""
+    if not uses_error(config, param.dtype):
+        return None
+    if ERROR_KEY not in state:
+        state[ERROR_KEY] = torch.zeros(param.shape, dtype=error_dtype(config["error_bits"]), device=param.device)
+    return state[ERROR_KEY]
 
 
 def converted_error(error: torch.Tensor, bits: int) -> torch.Tensor:

@@ -536,11 +536,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             blocksize = self._state_blocksize(param, config) or blocksize
         target = local_param
         updated = local_param if local_param.is_contiguous() else local_param.contiguous()
-        error = None
-        if masters.uses_error(config, local_param.dtype):
-            if masters.ERROR_KEY not in state:  # a resumed state saved without compensation starts at 0
-                state[masters.ERROR_KEY] = masters.new_error(local_param.shape, config, local_param.device)
-            error = state[masters.ERROR_KEY]
+        error = masters.error_buffer(state, config, local_param)
         return [
             _Unit(
                 param=updated,
@@ -567,11 +563,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         grad = flat.grad
         units = []
         views = self._segment_views(flat, segments, state, group)
-        errors = None
-        if masters.uses_error(group, flat.dtype):
-            if masters.ERROR_KEY not in state:
-                state[masters.ERROR_KEY] = masters.new_error(flat.numel(), group, flat.device)
-            errors = state[masters.ERROR_KEY]
+        errors = masters.error_buffer(state, group, flat)
         for (segment, bits, entry), config in zip(views, configs, strict=True):
             units.append(
                 _Unit(
