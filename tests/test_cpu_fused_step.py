@@ -182,6 +182,19 @@ def check_two_steps(cpu, reference, case: Case, inputs: StepTensors, steps: int 
     assert counts[0].item() == counts[1].item() > 0
 
 
+def check_skipped_third_segment(cpu, reference, case: Case, inputs: StepTensors) -> tuple[StepTensors, torch.Tensor]:
+    """One step of three segments on the CPU and the reference, every scaled gradient of the third
+    non-finite: they agree bit for bit and count at least that segment. Returns the CPU result and the scales."""
+    mine, theirs = inputs.copy(), inputs.copy()
+    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
+    grad_scale = torch.tensor([1.0, 1.0, float("inf")])  # segment 2: every scaled gradient is non-finite
+    run_step(cpu, case, mine, grad_scale=grad_scale, nonfinite_count=counts[0])
+    run_step(reference, case, theirs, grad_scale=grad_scale, nonfinite_count=counts[1])
+    assert_same(mine, theirs)
+    assert counts[0].item() == counts[1].item() >= inputs.params[2].numel()
+    return mine, grad_scale
+
+
 NORM_PRECISIONS = [(*precision, name) for precision in PRECISIONS for name in CASES_BY_NAME] + [
     (4, 128, name) for name in ("lamb-in-direction", "lars", "ademamix")
 ]
@@ -268,13 +281,7 @@ def test_special_values(cpu, reference, name, state_bits, blocksize, param_dtype
             inputs.states[slot][2][3] = float("nan")
             inputs.states[slot][2][4] = float("inf")
             inputs.states[slot][2][5] = 1e-42
-    mine, theirs = inputs.copy(), inputs.copy()
-    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
-    grad_scale = torch.tensor([1.0, 1.0, float("inf")])  # segment 2: every scaled gradient is non-finite
-    run_step(cpu, case, mine, grad_scale=grad_scale, nonfinite_count=counts[0])
-    run_step(reference, case, theirs, grad_scale=grad_scale, nonfinite_count=counts[1])
-    assert_same(mine, theirs)
-    assert counts[0].item() == counts[1].item() >= sizes[2]
+    check_skipped_third_segment(cpu, reference, case, inputs)
 
 
 @pytest.mark.parametrize("state_bits", [8, 4], ids=["8bit", "4bit"])
@@ -455,13 +462,7 @@ def test_compensated_special_values(cpu, reference, state_bits, error_bits):
     inputs.errors[0][: len(codes)] = torch.tensor(codes).to(inputs.errors[0].dtype)
     inputs.params[1][300:400] = (torch.randn(100) * 1e-39).bfloat16()  # subnormal parameters
     inputs.grads[1][300:400] = torch.randn(100) * 1e-36
-    mine, theirs = inputs.copy(), inputs.copy()
-    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
-    grad_scale = torch.tensor([1.0, 1.0, float("inf")])  # segment 2: every scaled gradient is non-finite
-    run_step(cpu, case, mine, grad_scale=grad_scale, nonfinite_count=counts[0])
-    run_step(reference, case, theirs, grad_scale=grad_scale, nonfinite_count=counts[1])
-    assert_same(mine, theirs)
-    assert counts[0].item() == counts[1].item() >= sizes[2]
+    mine, grad_scale = check_skipped_third_segment(cpu, reference, case, inputs)
     for k, (before, after) in enumerate(zip(inputs.params, mine.params, strict=True)):
         skipped = ~torch.isfinite(inputs.grads[k] * grad_scale[k])
         kept = skipped & torch.isfinite(before) & (compensated_values(before, inputs.errors[k]) != 0)
