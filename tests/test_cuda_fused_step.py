@@ -289,9 +289,15 @@ def test_norm_out_writes_only_the_norms(case, bits, blocksize):
     case = CASE_BY_NAME[case]
     sizes = (*SIZES, 0, 3)  # an empty segment has norm 0
     inputs = make_inputs(case, sizes, torch.float32, torch.float32, bits, blocksize, seed=11, nonfinite=True)
-    grad_scale, _ = segment_scales(len(sizes), seed=2)
-    check(case, inputs, f"{case.name} norm", norm=True, count=True)
-    check(case, inputs, f"{case.name} norm with grad_scale", norm=True, grad_scale=grad_scale)
+    check_norm_passes(case, inputs, f"{case.name} norm")
+
+
+def check_norm_passes(case, inputs, what: str) -> None:
+    """Norm passes over `inputs` (its last two segments hold 0 and 3 elements) match the reference,
+    without and with per-segment grad scales, writing only the norms (and the count)."""
+    grad_scale, _ = segment_scales(len(inputs.params), seed=2)
+    check(case, inputs, what, norm=True, count=True)
+    check(case, inputs, f"{what} with grad_scale", norm=True, grad_scale=grad_scale)
 
 
 # ---------------------------------------------------------------------------
@@ -660,9 +666,7 @@ def test_compensated_norm_out_reads_the_compensated_p(case, bits, blocksize, err
     case = CASE_BY_NAME[case]
     sizes = (*COMPENSATED_SIZES, 0, 3)
     inputs = compensated_inputs(case, sizes, bits, blocksize, error_bits, seed=11, nonfinite=True, specials=False)
-    grad_scale, _ = segment_scales(len(sizes), seed=2)
-    check(case, inputs, f"{case.name} norm compensated", norm=True, count=True)
-    check(case, inputs, f"{case.name} norm with grad_scale compensated", norm=True, grad_scale=grad_scale)
+    check_norm_passes(case, inputs, f"{case.name} norm compensated")
 
 
 @pytest.mark.gpu
