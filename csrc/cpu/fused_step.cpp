@@ -79,6 +79,7 @@
 #include "common/op_contract.h"
 #include "common/stochastic_rounding.h"
 #include "common/update_rules.h"
+#include "avx2_simd.h"
 #include "nibble_simd.h"
 #include "quant_simd.h"
 #include "weight_error_simd.h"
@@ -162,6 +163,8 @@ void encode_state(const SlotCode& slot, bool four_bit, const float* x, int64_t l
   }
 #if D8_AVX512
   if (scale_finite) return encode_avx512_impl<false, false>(*slot.encode, x, len, &inv, kOneScale, out);
+#elif D8_AVX2
+  if (scale_finite) return encode_avx2(slot.book, x, len, inv, out);
 #endif
   encode_portable(slot.book, x, len, inv, out);
 }
@@ -614,6 +617,140 @@ void unit_avx512(const Call& call, const Segment& seg, int64_t u, float (*kept)[
 }
 #endif  // D8_AVX512
 
+#if D8_AVX2
+// ---------------------------------------------------------------------------
+// AVX2 units (no AVX-512): 8 lanes, for the common calls only (see avx2_simd.h).
+
+// 8 float32 lanes with lane-wise IEEE operations, as Vec16 above.
+struct Vec8 {
+  __m256 v;
+  Vec8() = default;
+  explicit Vec8(float x) : v(_mm256_set1_ps(x)) {}
+  explicit Vec8(__m256 x) : v(x) {}
+};
+
+#define D8_VEC8_OPERATOR(op, intrinsic)                                                                         \
+  __attribute__((always_inline)) inline Vec8 operator op(Vec8 a, Vec8 b) { return Vec8(intrinsic(a.v, b.v)); } \
+  __attribute__((always_inline)) inline Vec8 operator op(float a, Vec8 b) {                                    \
+    return Vec8(intrinsic(_mm256_set1_ps(a), b.v));                                                            \
+  }                                                                                                            \
+  __attribute__((always_inline)) inline Vec8 operator op(Vec8 a, float b) {                                    \
+    return Vec8(intrinsic(a.v, _mm256_set1_ps(b)));                                                            \
+  }
+D8_VEC8_OPERATOR(+, _mm256_add_ps)
+D8_VEC8_OPERATOR(-, _mm256_sub_ps)
+D8_VEC8_OPERATOR(*, _mm256_mul_ps)
+D8_VEC8_OPERATOR(/, _mm256_div_ps)
+#undef D8_VEC8_OPERATOR
+
+__attribute__((always_inline)) inline Vec8 sqrt_value(Vec8 x) { return Vec8(_mm256_sqrt_ps(x.v)); }
+
+// (x > 0) - (x < 0) as float: 1, -1, or +0 (for +-0 and NaN).
+__attribute__((always_inline)) inline Vec8 sign_value(Vec8 x) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 positive = _mm256_and_ps(_mm256_cmp_ps(x.v, zero, _CMP_GT_OQ), _mm256_set1_ps(1.0f));
+  const __m256 negative = _mm256_and_ps(_mm256_cmp_ps(x.v, zero, _CMP_LT_OQ), _mm256_set1_ps(-1.0f));
+  return Vec8(_mm256_or_ps(positive, negative));
+}
+
+// What the AVX2 units handle: round-to-nearest parameter writes and 8- or
+// 32-bit states without error buffers (the rest runs unit_scalar).
+inline bool avx2_unit_supported(const Call& call) { return !call.four_bit && !call.stochastic && !call.errors.enabled(); }
+
+// One unit, 8 elements at a time and its last len % 8 one by one (unit_scalar's
+// arithmetic, restricted to the supported calls); then the 8-bit slots' codes.
+template <Rule R, WeightDecayMode W, int NS, bool kQuant, typename P, typename G>
+void unit_avx2(const Call& call, const Segment& seg, int64_t u, float (*kept)[kMaxBlock], int64_t* nonfinite) {
+  constexpr int kSlots = NS > 0 ? NS : 1;
+  const int64_t b = u - seg.first_unit;
+  const int64_t start = b * call.unit;
+  const int64_t len = std::min(call.unit, seg.numel - start);
+  P* param = static_cast<P*>(seg.param) + start;
+  const G* grad = static_cast<const G*>(seg.grad) + start;
+  const uint8_t* codes[kSlots] = {};
+  float* state32[kSlots] = {};
+  float scale[kSlots] = {};
+  __m256 vscale[kSlots];
+  __m256i absmax[kSlots];
+  uint32_t tail_absmax[kSlots] = {};
+  for (int k = 0; k < NS; ++k) {
+    if (kQuant) {
+      codes[k] = static_cast<const uint8_t*>(seg.state[k]) + start;
+      scale[k] = seg.absmax[k][b];
+    } else {
+      state32[k] = static_cast<float*>(seg.state[k]) + start;
+    }
+    vscale[k] = _mm256_set1_ps(scale[k]);
+    absmax[k] = _mm256_setzero_si256();
+  }
+  const __m256 grad_scale = _mm256_set1_ps(seg.grad_scale);
+  const __m256i magnitude_mask = _mm256_set1_epi32(static_cast<int>(kAbsMask));
+  const float rate = write_rate(R, seg.lr);
+  int64_t bad = 0;
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    __m256 g = load8(grad + i);
+    if (call.has_grad_scale) g = _mm256_mul_ps(g, grad_scale);
+    const __m256 skip = _mm256_castsi256_ps(not_finite8(g));
+    g = _mm256_andnot_ps(skip, g);  // a non-finite gradient counts as 0
+    const __m256 p = load8(param + i);
+    Vec8 old[kSlots], state[kSlots];
+    for (int k = 0; k < NS; ++k) {
+      old[k] = Vec8(kQuant ? decode8(call.slot[k].book.code, codes[k] + i, vscale[k]) : _mm256_loadu_ps(state32[k] + i));
+      state[k] = old[k];
+    }
+    const Vec8 d = update_value<Vec8>(R, W, call.c, Vec8(g), Vec8(p), state, NS, seg.lr);
+    const Vec8 stepped = apply_direction_value<Vec8>(Vec8(p), call.decay, rate, d);
+    bad += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(skip)));
+    store8(param + i, _mm256_blendv_ps(stepped.v, p, skip));
+    for (int k = 0; k < NS; ++k) {
+      const __m256 value = _mm256_blendv_ps(state[k].v, old[k].v, skip);
+      if (kQuant) {
+        _mm256_storeu_ps(kept[k] + i, value);
+        absmax[k] = _mm256_max_epu32(absmax[k], _mm256_and_si256(_mm256_castps_si256(value), magnitude_mask));
+      } else {
+        _mm256_storeu_ps(state32[k] + i, value);
+      }
+    }
+  }
+  for (; i < len; ++i) {
+    float g = to_float(grad[i]);
+    if (call.has_grad_scale) g = g * seg.grad_scale;
+    const bool finite = std::isfinite(g);
+    const float p = to_float(param[i]);
+    float old[kSlots], state[kSlots];
+    for (int k = 0; k < NS; ++k) {
+      old[k] = kQuant ? call.slot[k].book.code[codes[k][i]] * scale[k] : state32[k][i];
+      state[k] = old[k];
+    }
+    const float d = update_element(R, W, call.c, finite ? g : 0.0f, p, state, NS, seg.lr);
+    bad += finite ? 0 : 1;
+    store_float(param + i, finite ? apply_direction(p, call.decay, rate, d) : p);
+    for (int k = 0; k < NS; ++k) {
+      const float value = finite ? state[k] : old[k];
+      if (kQuant) {
+        kept[k][i] = value;
+        tail_absmax[k] = std::max(tail_absmax[k], float_to_bits(value) & kAbsMask);
+      } else {
+        state32[k][i] = value;
+      }
+    }
+  }
+  *nonfinite += bad;
+  if (kQuant) {
+    for (int k = 0; k < NS; ++k) {
+      alignas(32) uint32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), absmax[k]);
+      uint32_t bits = tail_absmax[k];
+      for (uint32_t lane : lanes) bits = std::max(bits, lane);
+      const float block_absmax = absmax_from_bits(bits);
+      seg.absmax[k][b] = block_absmax;
+      encode_state(call.slot[k], false, kept[k], len, block_absmax, codes_at(seg.state[k], false, start));
+    }
+  }
+}
+#endif  // D8_AVX2
+
 // ---------------------------------------------------------------------------
 // Units [first, last) of the call, in order, on one thread.
 
@@ -632,6 +769,14 @@ void run_units(const Call& call, int64_t num_segments, int64_t first, int64_t la
 #if D8_AVX512
     unit_avx512<R, W, NS, kQuant, kNorm, P>(call, segments[s], u, kept, nonfinite);
 #else
+#if D8_AVX2
+    if (!kNorm && avx2_unit_supported(call)) {
+      binding::visit_torch_float(segments[s].grad_kind, [&](auto tag) {
+        unit_avx2<R, W, NS, kQuant, P, typename decltype(tag)::type>(call, segments[s], u, kept, nonfinite);
+      });
+      continue;
+    }
+#endif
     unit_scalar<R, W, NS, kQuant, kNorm, P>(call, segments[s], u, kept, nonfinite);
 #endif
   }

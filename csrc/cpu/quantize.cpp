@@ -49,6 +49,7 @@
 
 #include "binding/kernel_contract.h"
 #include "common/code_search.h"
+#include "avx2_simd.h"
 #include "common/stochastic_rounding.h"
 #include "quant_simd.h"
 
@@ -134,6 +135,12 @@ struct Quantizer {
       } else {
         encode_avx512(tables, p, len, &inv, kOneScale, out, stream);
       }
+      return;
+    }
+#endif
+#if D8_AVX2
+    if (regular && !stochastic) {
+      encode_avx2(book, p, len, inv, out);
       return;
     }
 #endif

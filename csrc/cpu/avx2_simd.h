@@ -1,0 +1,191 @@
+// The CPU kernels' fast path on x86 CPUs with AVX2 + FMA + F16C but no
+// AVX-512: AMD EPYC Zen 2 and Zen 3 (Rome, Milan), and older or client Intel
+// cores. Without it those machines run the scalar portable loops, whose
+// per-element branches (the encoder's guard and sign tests) cost about 60
+// cycles per encoded value.
+//
+// Same rules as everywhere (common/code_search.h, common/update_rules.h),
+// on 8 lanes:
+//   * encoding takes the encoder table's line (encoder_table_candidate) for 8
+//     lanes at once; its four 32-entry lookups are gathers from the table (AVX2
+//     has no two-register permute, and a 32-entry lookup by vpermps costs 4
+//     permutes and 3 blends). A group of 8 with a lane near a jump (or any
+//     lane the line does not cover) is encoded again by the scalar rule, so
+//     the codes never depend on the line;
+//   * decoding gathers code[c] and multiplies by the block's absmax, the same
+//     float32 product as per element.
+// Only the common cases take this path: round-to-nearest 8-bit codes with a
+// finite scale. Everything else stays on the portable loops.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#include "common/code_search.h"
+#include "quant_simd.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(D8_PORTABLE) && !defined(D8_AVX512)
+#define D8_AVX2 1
+#include <immintrin.h>
+#endif
+
+namespace dist8bit {
+namespace cpu {
+
+#if D8_AVX2
+
+// 8 elements as float32.
+__attribute__((always_inline)) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((always_inline)) inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+__attribute__((always_inline)) inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+// 8 float32 values stored in the parameter dtype, rounding to nearest even; a
+// NaN becomes 0xFFFF in bfloat16 (as torch's vectorised copy writes it).
+__attribute__((always_inline)) inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
+__attribute__((always_inline)) inline void store8(c10::Half* out, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+__attribute__((always_inline)) inline void store8(c10::BFloat16* out, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  rounded = _mm256_or_si256(rounded, _mm256_and_si256(nan, _mm256_set1_epi32(0xFFFF)));
+  // Pack the low 16 bits of the 8 lanes (values <= 0xFFFF, so unsigned saturation keeps them).
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), packed);
+}
+
+// Lanes whose float is not finite (exponent all ones), as an all-ones mask.
+__attribute__((always_inline)) inline __m256i not_finite8(__m256 v) {
+  const __m256i exponent = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(static_cast<int>(kInfBits)));
+  return _mm256_cmpeq_epi32(exponent, _mm256_set1_epi32(static_cast<int>(kInfBits)));
+}
+
+// code[c] * scale for 8 codes.
+__attribute__((always_inline)) inline __m256 decode8(const float* code, const uint8_t* codes, __m256 scale) {
+  const __m256i index = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  return _mm256_mul_ps(_mm256_i32gather_ps(code, index, 4), scale);
+}
+
+// The encoder table's four 32-entry columns, 8 floats per register.
+struct LineTables8 {
+  __m256 split1[4], split2[4], slope[4], offset[4];
+  const float* table;
+  bool two_splits = false;  // some slot has a second split point (else that lookup is skipped)
+
+  explicit LineTables8(const float* encoder) : table(encoder) {
+    for (int slot = 0; slot < kEncoderSlots; ++slot) two_splits = two_splits || !std::isnan(encoder[kEncoderSplit2 + slot]);
+    for (int q = 0; q < 4; ++q) {
+      split1[q] = _mm256_loadu_ps(encoder + kEncoderSplit1 + 8 * q);
+      split2[q] = _mm256_loadu_ps(encoder + kEncoderSplit2 + 8 * q);
+      slope[q] = _mm256_loadu_ps(encoder + kEncoderSlope + 8 * q);
+      offset[q] = _mm256_loadu_ps(encoder + kEncoderOffset + 8 * q);
+    }
+  }
+};
+
+// column[index] for 8 indices in [0, 31]: four in-register permutes (index
+// bits 0-2) blended by bit 3 and bit 4, moved into the sign bit for blendv.
+__attribute__((always_inline)) inline __m256 lookup32(const __m256 column[4], __m256i index, __m256 bit3, __m256 bit4) {
+  const __m256 low = _mm256_blendv_ps(_mm256_permutevar8x32_ps(column[0], index),
+                                      _mm256_permutevar8x32_ps(column[1], index), bit3);
+  const __m256 high = _mm256_blendv_ps(_mm256_permutevar8x32_ps(column[2], index),
+                                       _mm256_permutevar8x32_ps(column[3], index), bit3);
+  return _mm256_blendv_ps(low, high, bit4);
+}
+
+// encoder_table_candidate (common/code_search.h) on 8 lanes: the candidate
+// codes, and in `bad` the lanes (all ones) the line does not decide.
+template <bool kTwoSplits>
+__attribute__((always_inline)) inline __m256i line_codes8(const LineTables8& t, __m256 s, __m256i* bad) {
+  const float* table = t.table;
+  const __m256i bits = _mm256_castps_si256(s);
+  const __m256i magnitude_bits = _mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int>(kAbsMask)));
+  const __m256 a = _mm256_castsi256_ps(magnitude_bits);
+  const __m256i too_large = _mm256_cmpgt_epi32(_mm256_srli_epi32(magnitude_bits, 23), _mm256_set1_epi32(kFloat32ExponentOne));
+  const __m256i scaled = _mm256_castps_si256(_mm256_mul_ps(a, _mm256_broadcast_ss(table + kEncoderSlotScale)));
+  const __m256i exponent = _mm256_max_epu32(_mm256_srli_epi32(scaled, 23), _mm256_set1_epi32(kEncoderSlotBase));
+  const __m256i slot = _mm256_and_si256(exponent, _mm256_set1_epi32(31));
+  const __m256 slot_bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(slot, 28));
+  const __m256 slot_bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(slot, 27));
+  const __m256 split1 = lookup32(t.split1, slot, slot_bit3, slot_bit4);
+  __m256i piece = _mm256_and_si256(_mm256_castps_si256(split1), _mm256_set1_epi32(static_cast<int>(kEncoderPieceMask)));
+  // a > split is all ones (-1) where true, so subtracting the mask adds one.
+  piece = _mm256_sub_epi32(piece, _mm256_castps_si256(_mm256_cmp_ps(a, split1, _CMP_GT_OQ)));
+  if (kTwoSplits) {
+    const __m256 split2 = lookup32(t.split2, slot, slot_bit3, slot_bit4);
+    piece = _mm256_sub_epi32(piece, _mm256_castps_si256(_mm256_cmp_ps(a, split2, _CMP_GT_OQ)));
+  }
+  piece = _mm256_and_si256(piece, _mm256_set1_epi32(static_cast<int>(kEncoderPieceMask)));
+  const __m256 piece_bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(piece, 28));
+  const __m256 piece_bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(piece, 27));
+  const __m256 h = _mm256_fmadd_ps(a, lookup32(t.slope, piece, piece_bit3, piece_bit4),
+                                   lookup32(t.offset, piece, piece_bit3, piece_bit4));
+  const __m256 distance = _mm256_sub_ps(h, _mm256_round_ps(h, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m256 guard = _mm256_broadcast_ss(table + kEncoderGuard);
+  const __m256 far = _mm256_or_ps(_mm256_cmp_ps(distance, guard, _CMP_GE_OQ),
+                                  _mm256_cmp_ps(_mm256_sub_ps(_mm256_setzero_ps(), distance), guard, _CMP_GE_OQ));
+  *bad = _mm256_or_si256(too_large, _mm256_xor_si256(_mm256_castps_si256(far), _mm256_set1_epi32(-1)));
+  const __m256 mirrored = _mm256_sub_ps(_mm256_broadcast_ss(table + kEncoderMirror), h);
+  const __m256 y = _mm256_blendv_ps(h, mirrored, s);  // the sign bit of s picks the mirrored line
+  const __m256i candidate = _mm256_cvttps_epi32(y);
+  return _mm256_min_epi32(_mm256_max_epi32(candidate, _mm256_setzero_si256()), _mm256_set1_epi32(kLastCode));
+}
+
+// Four vectors of 8 codes in [0, 255] -> 32 bytes in element order.
+__attribute__((always_inline)) inline __m256i pack_bytes8(__m256i a, __m256i b, __m256i c, __m256i d) {
+  // The packs work per 128-bit lane: dwords come out as a0-3 b0-3 c0-3 d0-3 a4-7 b4-7 c4-7 d4-7.
+  const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+  return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Codes of the whole groups of 32 in [0, len); returns how many were done.
+template <bool kTwoSplits, typename T>
+int64_t encode_lines_avx2(const Codebook& book, const LineTables8& tables, const T* x, int64_t len, float inv,
+                          uint8_t* out) {
+  const __m256 scale = _mm256_set1_ps(inv);
+  int64_t i = 0;
+  for (; i + 32 <= len; i += 32) {
+    __m256 s[4];
+    __m256i codes[4];
+    __m256i bad = _mm256_setzero_si256();
+    for (int v = 0; v < 4; ++v) {
+      __m256i lane_bad;
+      s[v] = _mm256_mul_ps(load8(x + i + 8 * v), scale);
+      codes[v] = line_codes8<kTwoSplits>(tables, s[v], &lane_bad);
+      bad = _mm256_or_si256(bad, lane_bad);
+    }
+    if (__builtin_expect(_mm256_testz_si256(bad, bad), 1)) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), pack_bytes8(codes[0], codes[1], codes[2], codes[3]));
+    } else {
+      encode_portable(book, x + i, 32, inv, out + i);
+    }
+  }
+  return i;
+}
+
+// Round-to-nearest codes of `len` values x * inv (inv finite), 32 at a time;
+// the book's scalar rule for a group with an undecided lane and for the tail.
+template <typename T>
+void encode_avx2(const Codebook& book, const T* x, int64_t len, float inv, uint8_t* out) {
+  int64_t i = 0;
+  if (book.encoder != nullptr) {
+    const LineTables8 tables(book.encoder);
+    i = tables.two_splits ? encode_lines_avx2<true>(book, tables, x, len, inv, out)
+                          : encode_lines_avx2<false>(book, tables, x, len, inv, out);
+  }
+  encode_portable(book, x + i, len - i, inv, out + i);
+}
+
+#endif  // D8_AVX2
+
+}  // namespace cpu
+}  // namespace dist8bit
