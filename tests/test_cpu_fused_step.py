@@ -23,6 +23,7 @@ import pytest
 import torch
 from conftest import CPU_BUILD_FAILURE
 from fused_step_cases import CASES, CASES_BY_NAME, Case, StepTensors, state_codebook
+from helpers import KERNEL_VARIANTS
 
 from dist8bit.backends import BACKEND_ENV, REFERENCE, load_backend
 from dist8bit.backends.compiled import _operator_arguments
@@ -573,10 +574,13 @@ PORTABLE_CHECK = textwrap.dedent(
     from dist8bit.backends import build
     from dist8bit.backends.compiled import compiled_backend
 
-    build.load_extension("cpu", "dist8bit_cpu_portable", build.CSRC / "cpu", build.CPU_FLAGS + ["-DD8_PORTABLE"],
-                         ldflags=build.CPU_LDFLAGS)
+    # The test module first: importing it loads the native build (conftest), which
+    # the variant loaded next then overrides, so the operators below run the variant.
     sys.path.insert(0, sys.argv[1])
     import test_cpu_fused_step as t
+
+    name, flag = sys.argv[2], sys.argv[3]
+    build.load_extension("cpu", name, build.CSRC / "cpu", build.CPU_FLAGS + [flag], ldflags=build.CPU_LDFLAGS)
 
     cpu = compiled_backend("cpu")
     for case in t.CASES:
@@ -611,9 +615,12 @@ PORTABLE_CHECK = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_portable_path():
-    """The scalar path (built with -DD8_PORTABLE, in a fresh process) against the reference, compensated too."""
+@pytest.mark.parametrize("name, flag", KERNEL_VARIANTS)
+def test_portable_path(name, flag):
+    """The scalar path (-DD8_PORTABLE) and the AVX2 path (-mno-avx512f), each built in a fresh
+    process, against the reference, compensated too."""
     env = {k: v for k, v in os.environ.items() if k != BACKEND_ENV}
     here = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, "-c", PORTABLE_CHECK, here], capture_output=True, text=True, env=env, timeout=900)
+    command = [sys.executable, "-c", PORTABLE_CHECK, here, name, flag]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0 and "portable ok" in result.stdout, result.stdout + result.stderr

@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import assert_same_bits, needs_compiled
+from helpers import KERNEL_VARIANTS, assert_same_bits, needs_compiled
 
 import dist8bit.functional as F
 from dist8bit.backends import BACKEND_ENV, load_backend
@@ -323,14 +323,17 @@ def test_input_checks(cpu):
 
 PORTABLE_CHECK = textwrap.dedent(
     """
+    import sys
     import torch
     from dist8bit.backends import build, load_backend
     from dist8bit.backends.compiled import compiled_backend
     import dist8bit.functional as F
     from dist8bit.quant.maps import create_dynamic_map, create_linear_map
 
-    build.load_extension("cpu", "dist8bit_cpu_portable", build.CSRC / "cpu", build.CPU_FLAGS + ["-DD8_PORTABLE"],
-                         ldflags=build.CPU_LDFLAGS)
+    # The native build first, so that nothing loads it later over the variant's operators.
+    load_backend("cpu")
+    name, flag = sys.argv[1], sys.argv[2]
+    build.load_extension("cpu", name, build.CSRC / "cpu", build.CPU_FLAGS + [flag], ldflags=build.CPU_LDFLAGS)
     cpu, ref = compiled_backend("cpu"), load_backend("reference")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(20001, generator=gen) * torch.exp(torch.empty(20001).uniform_(-20, 20, generator=gen))
@@ -353,14 +356,26 @@ PORTABLE_CHECK = textwrap.dedent(
                         results.append((codes, absmax.view(torch.int32), out.view(bits)))
                     for got, want in zip(*results):
                         assert torch.equal(got, want), (dtype, blocksize, seed)
+    # The encoder against the float64 nearest-code oracle (test_encoder_exhaustive.py's values).
+    sys.path.insert(0, sys.argv[3])
+    import test_encoder_exhaustive as e
+    for name, make in e.MAPS.items():
+        code = make()
+        x, mask = e.in_unit_blocks(torch.cat([e.special_values(code), e.stratified_sample(e.SAMPLES)]))
+        codes, _ = F.quantize_blockwise(x, code=code, blocksize=e.BLOCK)
+        wrong = int((codes.long()[mask] != e.nearest_code_oracle(code, x[mask])).sum())
+        assert wrong == 0, (name, wrong)
     print("portable ok")
     """
 )
 
 
 @pytest.mark.slow
-def test_portable_path():
-    """Build the kernels without AVX-512 (-DD8_PORTABLE) in a fresh process and compare."""
+@pytest.mark.parametrize("name, flag", KERNEL_VARIANTS)
+def test_portable_path(name, flag):
+    """Build the kernels as the scalar loops (-DD8_PORTABLE) or the AVX2 path (-mno-avx512f) in a
+    fresh process and compare."""
     env = {k: v for k, v in os.environ.items() if k != BACKEND_ENV}
-    result = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], capture_output=True, text=True, env=env, timeout=600)
+    command = [sys.executable, "-c", PORTABLE_CHECK, name, flag, os.path.dirname(os.path.abspath(__file__))]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0 and "portable ok" in result.stdout, result.stdout + result.stderr
