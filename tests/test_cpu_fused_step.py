@@ -585,11 +585,16 @@ PORTABLE_CHECK = textwrap.dedent(
     cpu = compiled_backend("cpu")
     for case in t.CASES:
         for state_bits, blocksize in ((8, 64), (32, 256), (4, 128)):
-            for param_dtype, grad_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float16)):
+            dtypes = (
+                (torch.float32, torch.float32, None),
+                (torch.bfloat16, torch.float16, 3),
+                (torch.bfloat16, torch.float32, None),
+                (torch.float16, torch.bfloat16, None),
+            )
+            for param_dtype, grad_dtype, seed in dtypes:
                 inputs = t.make_inputs(case, state_bits, blocksize, param_dtype, grad_dtype, sizes=(0, 1, 257, 3000))
                 mine, theirs = inputs.copy(), inputs.copy()
                 counts = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
-                seed = 3 if param_dtype == torch.bfloat16 else None
                 t.run_step(cpu, case, mine, update_scale=torch.full((4,), 0.7), nonfinite_count=counts[0], seed=seed)
                 t.run_step(t.REFERENCE, case, theirs, update_scale=torch.full((4,), 0.7), nonfinite_count=counts[1], seed=seed)
                 t.assert_same(mine, theirs, case.name)

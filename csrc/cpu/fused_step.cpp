@@ -123,6 +123,9 @@ struct SlotCode {
 #if D8_AVX512_VBMI
   const DecodeTables* decode;
 #endif
+#if D8_AVX2
+  const NibbleTables8* nibble8;  // 4-bit: the search's step tables on 8 lanes
+#endif
 };
 
 struct Call {
@@ -158,6 +161,8 @@ void encode_state(const SlotCode& slot, bool four_bit, const float* x, int64_t l
   if (four_bit) {
 #if D8_AVX512
     if (scale_finite) return encode_nibbles_avx512(*slot.nibble, x, len, inv, out);
+#elif D8_AVX2
+    if (scale_finite) return encode_nibbles_avx2(slot.book, *slot.nibble8, x, len, inv, out);
 #endif
     return encode_nibbles_portable(slot.book, x, len, inv, out);
   }
@@ -653,9 +658,9 @@ __attribute__((always_inline)) inline Vec8 sign_value(Vec8 x) {
   return Vec8(_mm256_or_ps(positive, negative));
 }
 
-// What the AVX2 units handle: round-to-nearest parameter writes and 8- or
+// What the AVX2 units handle: round-to-nearest parameter writes and 4-, 8- or
 // 32-bit states without error buffers (the rest runs unit_scalar).
-inline bool avx2_unit_supported(const Call& call) { return !call.four_bit && !call.stochastic && !call.errors.enabled(); }
+inline bool avx2_unit_supported(const Call& call) { return !call.stochastic && !call.errors.enabled(); }
 
 // One unit, 8 elements at a time and its last len % 8 one by one (unit_scalar's
 // arithmetic, restricted to the supported calls); then the 8-bit slots' codes.
@@ -667,16 +672,18 @@ void unit_avx2(const Call& call, const Segment& seg, int64_t u, float (*kept)[kM
   const int64_t len = std::min(call.unit, seg.numel - start);
   P* param = static_cast<P*>(seg.param) + start;
   const G* grad = static_cast<const G*>(seg.grad) + start;
-  const uint8_t* codes[kSlots] = {};
+  const uint8_t* codes[kSlots] = {};  // quantized: the slot's codes of the segment (not of the unit)
   float* state32[kSlots] = {};
   float scale[kSlots] = {};
   __m256 vscale[kSlots];
+  std::optional<ScaledNibbleCode8> nibble_code[kSlots];
   __m256i absmax[kSlots];
   uint32_t tail_absmax[kSlots] = {};
   for (int k = 0; k < NS; ++k) {
     if (kQuant) {
-      codes[k] = static_cast<const uint8_t*>(seg.state[k]) + start;
+      codes[k] = static_cast<const uint8_t*>(seg.state[k]);
       scale[k] = seg.absmax[k][b];
+      if (call.four_bit) nibble_code[k].emplace(call.slot[k].book.code, scale[k]);
     } else {
       state32[k] = static_cast<float*>(seg.state[k]) + start;
     }
@@ -696,7 +703,13 @@ void unit_avx2(const Call& call, const Segment& seg, int64_t u, float (*kept)[kM
     const __m256 p = load8(param + i);
     Vec8 old[kSlots], state[kSlots];
     for (int k = 0; k < NS; ++k) {
-      old[k] = Vec8(kQuant ? decode8(call.slot[k].book.code, codes[k] + i, vscale[k]) : _mm256_loadu_ps(state32[k] + i));
+      if (kQuant && call.four_bit) {
+        old[k] = Vec8(decode_nibbles8(codes[k] + (start + i) / 2, *nibble_code[k]));
+      } else if (kQuant) {
+        old[k] = Vec8(decode8(call.slot[k].book.code, codes[k] + start + i, vscale[k]));
+      } else {
+        old[k] = Vec8(_mm256_loadu_ps(state32[k] + i));
+      }
       state[k] = old[k];
     }
     const Vec8 d = update_value<Vec8>(R, W, call.c, Vec8(g), Vec8(p), state, NS, seg.lr);
@@ -720,7 +733,12 @@ void unit_avx2(const Call& call, const Segment& seg, int64_t u, float (*kept)[kM
     const float p = to_float(param[i]);
     float old[kSlots], state[kSlots];
     for (int k = 0; k < NS; ++k) {
-      old[k] = kQuant ? call.slot[k].book.code[codes[k][i]] * scale[k] : state32[k][i];
+      if (kQuant) {
+        const int c = call.four_bit ? nibble_at(codes[k], start + i) : codes[k][start + i];
+        old[k] = call.slot[k].book.code[c] * scale[k];
+      } else {
+        old[k] = state32[k][i];
+      }
       state[k] = old[k];
     }
     const float d = update_element(R, W, call.c, finite ? g : 0.0f, p, state, NS, seg.lr);
@@ -745,7 +763,8 @@ void unit_avx2(const Call& call, const Segment& seg, int64_t u, float (*kept)[kM
       for (uint32_t lane : lanes) bits = std::max(bits, lane);
       const float block_absmax = absmax_from_bits(bits);
       seg.absmax[k][b] = block_absmax;
-      encode_state(call.slot[k], false, kept[k], len, block_absmax, codes_at(seg.state[k], false, start));
+      encode_state(call.slot[k], call.four_bit, kept[k], len, block_absmax,
+                   codes_at(seg.state[k], call.four_bit, start));
     }
   }
 }
@@ -843,6 +862,9 @@ class SlotTables {
 #if D8_AVX512_VBMI
     decode_.reserve(kMaxStates);
 #endif
+#if D8_AVX2
+    nibble8_.reserve(kMaxStates);
+#endif
     for (int k = 0; k < checked.num_states; ++k) {
       SlotCode& slot = call->slot[k];
       slot.book = checked.books[k];
@@ -851,6 +873,9 @@ class SlotTables {
 #if D8_AVX512
         nibble_.emplace_back(slot.book.code, slot.book.thresholds);
         slot.nibble = &nibble_.back();
+#elif D8_AVX2
+        nibble8_.emplace_back(slot.book.thresholds);
+        slot.nibble8 = &nibble8_.back();
 #endif
         continue;
       }
@@ -874,6 +899,9 @@ class SlotTables {
 #endif
 #if D8_AVX512_VBMI
   std::vector<DecodeTables> decode_;
+#endif
+#if D8_AVX2
+  std::vector<NibbleTables8> nibble8_;
 #endif
 };
 

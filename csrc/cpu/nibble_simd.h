@@ -19,13 +19,17 @@
 //           threshold - s into the code (quant_simd.h search_step, exact for
 //           finite s). 64 codes are packed to bytes (pack_bytes), then each
 //           byte pair to one byte (c_even | c_odd << 4, vpmovwb).
-// Without AVX-512 the same entry points run scalar loops; all paths give the
+// With AVX2 (no AVX-512) the same on 8 lanes: 16-entry lookups are two
+// vpermps blended by bit 3, the search's step tables have at most 8 entries
+// (one vpermps each), and byte pairs become one byte with vpmaddubsw.
+// Without either the same entry points run scalar loops; all paths give the
 // reference's bits.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
+#include "avx2_simd.h"
 #include "common/code_search.h"
 #include "common/op_contract.h"
 #include "quant_simd.h"
@@ -126,6 +130,77 @@ inline void encode_nibbles_avx512(const NibbleTables& tables, const float* x, in
   }
 }
 #endif  // D8_AVX512
+
+#if D8_AVX2
+// One 4-bit slot's search tables on 8 lanes (as NibbleTables: step k + 1's
+// entry p is thresholds[p * 2^(4-k) + 2^(3-k) - 1], -0 stored as +0).
+struct NibbleTables8 {
+  __m256 step[4];
+
+  explicit NibbleTables8(const float* thresholds) {
+    alignas(32) float table[8];
+    for (int k = 0; k < 4; ++k) {
+      for (int lane = 0; lane < 8; ++lane) {
+        const int p = lane & ((1 << k) - 1);
+        const float t = thresholds[(p << (4 - k)) + (1 << (3 - k)) - 1];
+        table[lane] = t == 0.0f ? 0.0f : t;
+      }
+      step[k] = _mm256_load_ps(table);
+    }
+  }
+};
+
+// The 16-entry table code[c] * scale in two registers.
+struct ScaledNibbleCode8 {
+  __m256 low, high;
+  ScaledNibbleCode8(const float* code_values, float scale) {
+    low = _mm256_mul_ps(_mm256_loadu_ps(code_values), _mm256_set1_ps(scale));
+    high = _mm256_mul_ps(_mm256_loadu_ps(code_values + 8), _mm256_set1_ps(scale));
+  }
+};
+
+// 8 values code[c] * scale from the 4 code bytes at `codes`: widening each byte
+// to a qword and or-ing it with itself shifted left by 28 leaves the low nibble
+// in the low bits of dword 2j and the high nibble in those of dword 2j + 1.
+__attribute__((always_inline)) inline __m256 decode_nibbles8(const uint8_t* codes, const ScaledNibbleCode8& table) {
+  int32_t four;
+  std::memcpy(&four, codes, 4);
+  const __m256i wide = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(four));
+  const __m256i index = _mm256_or_si256(wide, _mm256_slli_epi64(wide, 28));
+  const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(index, 28));
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(table.low, index), _mm256_permutevar8x32_ps(table.high, index), bit3);
+}
+
+// #{ j : thresholds[j] < s } for 8 finite lanes: 4 steps, each decision the
+// sign bit of threshold - s (exact for finite s, as search_step).
+__attribute__((always_inline)) inline __m256i search_nibbles8(const NibbleTables8& t, __m256 s) {
+  __m256i p = _mm256_srli_epi32(_mm256_castps_si256(_mm256_sub_ps(t.step[0], s)), 31);
+  for (int k = 1; k < 4; ++k) {
+    const __m256 threshold = _mm256_permutevar8x32_ps(t.step[k], p);
+    const __m256i decision = _mm256_srli_epi32(_mm256_castps_si256(_mm256_sub_ps(threshold, s)), 31);
+    p = _mm256_or_si256(_mm256_slli_epi32(p, 1), decision);
+  }
+  return p;
+}
+
+// Round-to-nearest codes of `len` values (in L1) whose scale `inv` and
+// absmax are finite, packed into code_bytes(len, 4) bytes at `out`: 32 values
+// at a time, the last len % 32 by the scalar loop.
+inline void encode_nibbles_avx2(const Codebook& book, const NibbleTables8& tables, const float* x, int64_t len,
+                                float inv, uint8_t* out) {
+  const __m256 scale = _mm256_set1_ps(inv);
+  const __m256i pair = _mm256_set1_epi16(0x1001);  // c_even * 1 + c_odd * 16
+  int64_t i = 0;
+  for (; i + 32 <= len; i += 32) {
+    __m256i c[4];
+    for (int v = 0; v < 4; ++v) c[v] = search_nibbles8(tables, _mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * v), scale));
+    const __m256i words = _mm256_maddubs_epi16(pack_bytes8(c[0], c[1], c[2], c[3]), pair);
+    const __m128i packed = _mm_packus_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i / 2), packed);
+  }
+  encode_nibbles_portable(book, x + i, len - i, inv, out + i / 2);
+}
+#endif  // D8_AVX2
 
 }  // namespace cpu
 }  // namespace dist8bit

@@ -196,6 +196,9 @@ def _measure(
     candidates = _master_weight_candidates() if args.master_weights else _candidates(dtype, device)
     if args.only:
         wanted = [n.strip() for n in args.only.split(",")]
+        unknown = [n for n in wanted if n not in candidates]
+        if unknown:
+            raise SystemExit(f"--only: unknown implementation(s) {unknown}; choose from {sorted(candidates)}")
         candidates = {n: f for n, f in candidates.items() if n in wanted}
     timed = _interleaved_rows if args.master_weights else _sequential_rows
     rows = timed(candidates, params, device, args.budget, (bandwidth, rmw_bandwidth))
