@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dist8bit.backends import load_backend
+from dist8bit.backends.build import CPU_VARIANT_FLAGS
 
 
 @functools.cache
@@ -30,12 +31,9 @@ def needs_compiled(name: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(failure is not None, reason=reason)
 
 
-# The CPU kernels' other builds, each checked against the reference in a fresh process:
-# the scalar loops of any CPU, and the 8-lane path of x86 CPUs without AVX-512.
-KERNEL_VARIANTS = [
-    pytest.param("dist8bit_cpu_portable", "-DD8_PORTABLE", id="portable"),
-    pytest.param("dist8bit_cpu_avx2", "-mno-avx512f", id="avx2"),
-]
+# The CPU kernels' other builds (build.CPU_VARIANT_FLAGS), each checked against the reference
+# in a fresh process: the scalar loops of any CPU, and the 8-lane path of x86 CPUs without AVX-512.
+KERNEL_VARIANTS = sorted(CPU_VARIANT_FLAGS)
 
 BITS_DTYPE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 

@@ -571,16 +571,13 @@ PORTABLE_CHECK = textwrap.dedent(
     """
     import sys
     import torch
-    from dist8bit.backends import build
+    from dist8bit.backends import use_cpu_variant
     from dist8bit.backends.compiled import compiled_backend
 
-    # The test module first: importing it loads the native build (conftest), which
-    # the variant loaded next then overrides, so the operators below run the variant.
     sys.path.insert(0, sys.argv[1])
     import test_cpu_fused_step as t
 
-    name, flag = sys.argv[2], sys.argv[3]
-    build.load_extension("cpu", name, build.CSRC / "cpu", build.CPU_FLAGS + [flag], ldflags=build.CPU_LDFLAGS)
+    use_cpu_variant(sys.argv[2])
 
     cpu = compiled_backend("cpu")
     for case in t.CASES:
@@ -620,12 +617,12 @@ PORTABLE_CHECK = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, flag", KERNEL_VARIANTS)
-def test_portable_path(name, flag):
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
+def test_portable_path(variant):
     """The scalar path (-DD8_PORTABLE) and the AVX2 path (-mno-avx512f), each built in a fresh
     process, against the reference, compensated too."""
     env = {k: v for k, v in os.environ.items() if k != BACKEND_ENV}
     here = os.path.dirname(os.path.abspath(__file__))
-    command = [sys.executable, "-c", PORTABLE_CHECK, here, name, flag]
+    command = [sys.executable, "-c", PORTABLE_CHECK, here, variant]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0 and "portable ok" in result.stdout, result.stdout + result.stderr

@@ -325,15 +325,12 @@ PORTABLE_CHECK = textwrap.dedent(
     """
     import sys
     import torch
-    from dist8bit.backends import build, load_backend
+    from dist8bit.backends import load_backend, use_cpu_variant
     from dist8bit.backends.compiled import compiled_backend
     import dist8bit.functional as F
     from dist8bit.quant.maps import create_dynamic_map, create_linear_map
 
-    # The native build first, so that nothing loads it later over the variant's operators.
-    load_backend("cpu")
-    name, flag = sys.argv[1], sys.argv[2]
-    build.load_extension("cpu", name, build.CSRC / "cpu", build.CPU_FLAGS + [flag], ldflags=build.CPU_LDFLAGS)
+    use_cpu_variant(sys.argv[1])
     cpu, ref = compiled_backend("cpu"), load_backend("reference")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(20001, generator=gen) * torch.exp(torch.empty(20001).uniform_(-20, 20, generator=gen))
@@ -357,7 +354,7 @@ PORTABLE_CHECK = textwrap.dedent(
                     for got, want in zip(*results):
                         assert torch.equal(got, want), (dtype, blocksize, seed)
     # The encoder against the float64 nearest-code oracle (test_encoder_exhaustive.py's values).
-    sys.path.insert(0, sys.argv[3])
+    sys.path.insert(0, sys.argv[2])
     import test_encoder_exhaustive as e
     for name, make in e.MAPS.items():
         code = make()
@@ -371,11 +368,11 @@ PORTABLE_CHECK = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, flag", KERNEL_VARIANTS)
-def test_portable_path(name, flag):
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
+def test_portable_path(variant):
     """Build the kernels as the scalar loops (-DD8_PORTABLE) or the AVX2 path (-mno-avx512f) in a
     fresh process and compare."""
     env = {k: v for k, v in os.environ.items() if k != BACKEND_ENV}
-    command = [sys.executable, "-c", PORTABLE_CHECK, name, flag, os.path.dirname(os.path.abspath(__file__))]
+    command = [sys.executable, "-c", PORTABLE_CHECK, variant, os.path.dirname(os.path.abspath(__file__))]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0 and "portable ok" in result.stdout, result.stdout + result.stderr

@@ -360,6 +360,20 @@ def load_cpu_extension() -> str:
     return load_extension("cpu", "dist8bit_cpu", CSRC / "cpu", CPU_FLAGS, ldflags=CPU_LDFLAGS)
 
 
+# Other builds of the CPU kernels, for measuring and testing on one machine the
+# paths other machines take: "avx2" (x86 CPUs without AVX-512, e.g. AMD EPYC
+# Zen 2/3) and "portable" (the scalar loops of any other CPU).
+CPU_VARIANT_FLAGS = {"avx2": ["-mno-avx512f"], "portable": ["-DD8_PORTABLE"]}
+
+
+def load_cpu_variant_extension(variant: str) -> str:
+    """Build (if needed) and load the CPU kernels as `variant` (a CPU_VARIANT_FLAGS key)."""
+    if variant not in CPU_VARIANT_FLAGS:
+        raise ValueError(f"unknown CPU kernel variant {variant!r}; choose from {sorted(CPU_VARIANT_FLAGS)}")
+    flags = CPU_FLAGS + CPU_VARIANT_FLAGS[variant]
+    return load_extension("cpu", f"dist8bit_cpu_{variant}", CSRC / "cpu", flags, ldflags=CPU_LDFLAGS)
+
+
 def load_cuda_extension() -> str:
     """Build (if needed) and load the CUDA kernels for the current GPU's arch.
 

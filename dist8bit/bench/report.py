@@ -10,6 +10,10 @@ from pathlib import Path
 
 import torch
 
+# The CPU kernel build the dist8bit operators run ("native", or a variant chosen
+# with python -m dist8bit.bench --cpu-kernels).
+CPU_KERNELS = "native"
+
 
 def machine_description() -> dict[str, object]:
     info: dict[str, object] = {
@@ -17,6 +21,7 @@ def machine_description() -> dict[str, object]:
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "cpu_kernels": CPU_KERNELS,
     }
     info.update(_cpu_identity())
     if torch.cuda.is_available():
