@@ -9,9 +9,9 @@
 //   * encoding takes the encoder table's line (encoder_table_candidate) for 8
 //     lanes at once; its four 32-entry lookups are gathers from the table (AVX2
 //     has no two-register permute, and a 32-entry lookup by vpermps costs 4
-//     permutes and 3 blends). A group of 8 with a lane near a jump (or any
-//     lane the line does not cover) is encoded again by the scalar rule, so
-//     the codes never depend on the line;
+//     permutes and 3 blends). A lane near a jump (or one the line does not
+//     cover) takes the scalar binary search, so the codes never depend on
+//     the line;
 //   * decoding gathers code[c] and multiplies by the block's absmax, the same
 //     float32 product as per element.
 // Only the common cases take this path: round-to-nearest 8-bit codes with a
@@ -155,19 +155,28 @@ int64_t encode_lines_avx2(const Codebook& book, const LineTables8& tables, const
   int64_t i = 0;
   for (; i + 32 <= len; i += 32) {
     __m256 s[4];
-    __m256i codes[4];
-    __m256i bad = _mm256_setzero_si256();
+    __m256i codes[4], bad[4];
     for (int v = 0; v < 4; ++v) {
-      __m256i lane_bad;
       s[v] = _mm256_mul_ps(load8(x + i + 8 * v), scale);
-      codes[v] = line_codes8<kTwoSplits>(tables, s[v], &lane_bad);
-      bad = _mm256_or_si256(bad, lane_bad);
+      codes[v] = line_codes8<kTwoSplits>(tables, s[v], &bad[v]);
     }
-    if (__builtin_expect(_mm256_testz_si256(bad, bad), 1)) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), pack_bytes8(codes[0], codes[1], codes[2], codes[3]));
-    } else {
-      encode_portable(book, x + i, 32, inv, out + i);
+    const __m256i any_bad = _mm256_or_si256(_mm256_or_si256(bad[0], bad[1]), _mm256_or_si256(bad[2], bad[3]));
+    if (__builtin_expect(!_mm256_testz_si256(any_bad, any_bad), 0)) {
+      // The lanes the lines do not decide take the binary search (a NaN s counts as 0, as everywhere).
+      for (int v = 0; v < 4; ++v) {
+        const int lanes = _mm256_movemask_ps(_mm256_castsi256_ps(bad[v]));
+        if (lanes == 0) continue;
+        alignas(32) float values[8];
+        alignas(32) int32_t fixed[8];
+        _mm256_store_ps(values, s[v]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(fixed), codes[v]);
+        for (int lane = 0; lane < 8; ++lane) {
+          if ((lanes >> lane) & 1) fixed[lane] = nearest_code_index(book.thresholds, scaled_value(values[lane], 1.0f));
+        }
+        codes[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(fixed));
+      }
     }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), pack_bytes8(codes[0], codes[1], codes[2], codes[3]));
   }
   return i;
 }
