@@ -54,9 +54,11 @@
 // unit and adds the partials per segment in unit order, so its result does not
 // depend on the thread count or the chunking.
 //
-// Without AVX-512 (or with -DD8_PORTABLE) the same units run a scalar loop
-// over update_element and quant_simd.h's portable helpers; both paths give
-// identical results.
+// Without AVX-512 but with AVX2 (AMD EPYC Zen 2/3, older Intel) the units of
+// round-to-nearest calls run 8 lanes at a time (unit_avx2; avx2_simd.h and
+// nibble_simd.h encode). Otherwise, and with -DD8_PORTABLE, the same units run
+// a scalar loop over update_element and quant_simd.h's portable helpers. All
+// paths give identical results.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

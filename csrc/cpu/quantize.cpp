@@ -28,9 +28,10 @@
 // permutes and one fma give the code, and a group of 64 with a lane near a
 // jump is encoded again by an 8-step binary search whose lookups are register
 // permutes too (no gathers: they are slow on AMD cores). Decoding looks up
-// the 4 bytes of code[c] with byte permutes (VBMI). Without AVX-512 (or built
-// with -DD8_PORTABLE) the same entry points run plain loops over the shared
-// scalar rule of common/code_search.h. Blocks
+// the 4 bytes of code[c] with byte permutes (VBMI). With AVX2 but no AVX-512,
+// round-to-nearest encoding takes the same lines on 8 lanes (avx2_simd.h).
+// Otherwise (and built with -DD8_PORTABLE) the same entry points run plain
+// loops over the shared scalar rule of common/code_search.h. Blocks
 // whose absmax is 0, Inf, NaN or so small that 1 / absmax overflows take the
 // scalar helpers on every path. All paths give identical results.
 
