@@ -14,8 +14,11 @@
 //     the line;
 //   * decoding gathers code[c] and multiplies by the block's absmax, the same
 //     float32 product as per element.
-// Only the common cases take this path: round-to-nearest 8-bit codes with a
-// finite scale. Everything else stays on the portable loops.
+//   * compensated and stochastic bfloat16 writes are weight_error_simd.h's
+//     and quant_simd.h's 16-lane integer forms on 8 lanes.
+// Encoding here covers round-to-nearest 8-bit codes with a finite scale
+// (nibble_simd.h has the 4-bit one); stochastic codes and blocks with a
+// zero, Inf or NaN absmax stay on the portable loops.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -24,6 +27,8 @@
 #include <cstdint>
 
 #include "common/code_search.h"
+#include "common/stochastic_rounding.h"
+#include "common/weight_error.h"
 #include "quant_simd.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(D8_PORTABLE) && !defined(D8_AVX512)
@@ -52,15 +57,107 @@ __attribute__((always_inline)) inline void store8(float* out, __m256 v) { _mm256
 __attribute__((always_inline)) inline void store8(c10::Half* out, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
-__attribute__((always_inline)) inline void store8(c10::BFloat16* out, __m256 v) {
+// float32 -> bfloat16 bits (round to nearest even, NaN -> 0xFFFF), one per 32-bit lane.
+__attribute__((always_inline)) inline __m256i bfloat16_lanes8(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  rounded = _mm256_or_si256(rounded, _mm256_and_si256(nan, _mm256_set1_epi32(0xFFFF)));
-  // Pack the low 16 bits of the 8 lanes (values <= 0xFFFF, so unsigned saturation keeps them).
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+  return _mm256_or_si256(rounded, _mm256_and_si256(nan, _mm256_set1_epi32(0xFFFF)));
+}
+
+// Stores the low 16 bits of 8 lanes holding values <= 0xFFFF (unsigned saturation keeps them).
+__attribute__((always_inline)) inline void store_low_halves8(c10::BFloat16* out, __m256i lanes) {
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(lanes), _mm256_extracti128_si256(lanes, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), packed);
+}
+
+__attribute__((always_inline)) inline void store8(c10::BFloat16* out, __m256 v) {
+  store_low_halves8(out, bfloat16_lanes8(v));
+}
+
+// r(i) of common/stochastic_rounding.h for the 8 elements index0 .. index0 + 7.
+__attribute__((always_inline)) inline __m256i mix32_avx2(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(kMixMulA)));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(kMixMulB)));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+}
+__attribute__((always_inline)) inline __m256i random_bits8(uint32_t key, int64_t index0) {
+  const uint64_t first = static_cast<uint64_t>(index0);
+  const __m256i base_low = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first)));
+  const __m256i low = _mm256_add_epi32(base_low, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  // low < base_low (unsigned): the index's low word wrapped, so its high word is one more.
+  const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(base_low, flip), _mm256_xor_si256(low, flip));
+  const __m256i high = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32))), carry);
+  const __m256i mixed_high = mix32_avx2(_mm256_xor_si256(high, _mm256_set1_epi32(static_cast<int>(key))));
+  return mix32_avx2(_mm256_xor_si256(low, mixed_high));
+}
+
+// 8 float32 values as bfloat16 under stochastic rounding of element indices
+// index0 ..: (bits + 16 random bits) >> 16; +-Inf stays itself, NaN becomes 0xFFFF.
+__attribute__((always_inline)) inline void store8_stochastic(c10::BFloat16* out, __m256 v, uint32_t key,
+                                                            int64_t index0) {
+  const __m256i random = _mm256_and_si256(random_bits8(key, index0), _mm256_set1_epi32(0xFFFF));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(v), random), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  store_low_halves8(out, _mm256_or_si256(rounded, _mm256_and_si256(nan, _mm256_set1_epi32(0xFFFF))));
+}
+
+// Compensated bfloat16 parameters (common/weight_error.h) on 8 lanes, as
+// weight_error_simd.h's 16-lane forms: the buffer's width and format.
+static_assert(WeightErrorFormat::for_bits(8).q_max == INT8_MAX && WeightErrorFormat::for_bits(16).q_max == INT16_MAX,
+              "store_errors8 clamps at q_max by saturating to the buffer's type");
+
+struct ErrorFormat8 {
+  bool eight;     // int8 buffer (else int16)
+  __m128i shift;  // the shift count, for vpslld / vpsrad
+  __m256i half;   // (1 << shift) >> 1: rounds the shift half up
+  __m256i q_min;
+
+  ErrorFormat8(int bits, WeightErrorFormat format)
+      : eight(bits == 8),
+        shift(_mm_cvtsi32_si128(format.shift)),
+        half(_mm256_set1_epi32((int32_t{1} << format.shift) >> 1)),
+        q_min(_mm256_set1_epi32(format.q_min)) {}
+};
+
+// 8 error codes from element i, sign-extended to int32.
+__attribute__((always_inline)) inline __m256i load_errors8(const ErrorFormat8& f, const void* base, int64_t i) {
+  if (f.eight) return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(base) + i)));
+  return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int16_t*>(base) + i)));
+}
+
+// Stores 8 codes at least q_min, saturating them to the type (that is, to q_max).
+__attribute__((always_inline)) inline void store_errors8(const ErrorFormat8& f, void* base, int64_t i, __m256i q) {
+  const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+  if (f.eight) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<int8_t*>(base) + i), _mm_packs_epi16(words, words));
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<int16_t*>(base) + i), words);
+  }
+}
+
+// compensated_value on 8 lanes; `bits` holds the bfloat16 patterns << 16.
+__attribute__((always_inline)) inline __m256 compensated_values8(const ErrorFormat8& f, __m256i bits, __m256i q) {
+  const __m256i magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int32_t>(kMagnitudeMask)));
+  const __m256i widened = _mm256_max_epi32(_mm256_add_epi32(magnitude, _mm256_sll_epi32(q, f.shift)),
+                                           _mm256_setzero_si256());
+  const __m256i sign = _mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int32_t>(kSignMask)));
+  const __m256i finite = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(kInfinityBits)), magnitude);
+  return _mm256_castsi256_ps(_mm256_blendv_epi8(bits, _mm256_or_si256(sign, widened), finite));
+}
+
+// weight_error on 8 lanes: the codes of writing `x` as its round-to-nearest-even bfloat16
+// patterns `p_bits` (<< 16), at least q_min and not yet clamped at q_max (store_errors8 saturates).
+__attribute__((always_inline)) inline __m256i weight_errors8(const ErrorFormat8& f, __m256 x, __m256i p_bits) {
+  const __m256i delta = _mm256_sub_epi32(_mm256_castps_si256(x), p_bits);  // |x| - |p|: same signs
+  const __m256i p_magnitude = _mm256_and_si256(p_bits, _mm256_set1_epi32(static_cast<int32_t>(kMagnitudeMask)));
+  const __m256i finite = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(kInfinityBits)), p_magnitude);
+  const __m256i q = _mm256_max_epi32(_mm256_sra_epi32(_mm256_add_epi32(delta, f.half), f.shift), f.q_min);
+  return _mm256_and_si256(q, finite);
 }
 
 // Lanes whose float is not finite (exponent all ones), as an all-ones mask.

@@ -626,7 +626,7 @@ void unit_avx512(const Call& call, const Segment& seg, int64_t u, float (*kept)[
 
 #if D8_AVX2
 // ---------------------------------------------------------------------------
-// AVX2 units (no AVX-512): 8 lanes, for the common calls only (see avx2_simd.h).
+// AVX2 units (no AVX-512): 8 lanes; norm passes run unit_scalar.
 
 // 8 float32 lanes with lane-wise IEEE operations, as Vec16 above.
 struct Vec8 {
@@ -660,12 +660,10 @@ __attribute__((always_inline)) inline Vec8 sign_value(Vec8 x) {
   return Vec8(_mm256_or_ps(positive, negative));
 }
 
-// What the AVX2 units handle: round-to-nearest parameter writes and 4-, 8- or
-// 32-bit states without error buffers (the rest runs unit_scalar).
-inline bool avx2_unit_supported(const Call& call) { return !call.stochastic && !call.errors.enabled(); }
-
 // One unit, 8 elements at a time and its last len % 8 one by one (unit_scalar's
-// arithmetic, restricted to the supported calls); then the 8-bit slots' codes.
+// arithmetic); then the quantized slots' codes. Compensated and stochastic
+// bfloat16 writes take avx2_simd.h's 8-lane forms of weight_error.h and
+// stochastic_rounding.h.
 template <Rule R, WeightDecayMode W, int NS, bool kQuant, typename P, typename G>
 void unit_avx2(const Call& call, const Segment& seg, int64_t u, float (*kept)[kMaxBlock], int64_t* nonfinite) {
   constexpr int kSlots = NS > 0 ? NS : 1;
@@ -692,6 +690,11 @@ void unit_avx2(const Call& call, const Segment& seg, int64_t u, float (*kept)[kM
     vscale[k] = _mm256_set1_ps(scale[k]);
     absmax[k] = _mm256_setzero_si256();
   }
+  constexpr bool kBf16 = std::is_same_v<P, c10::BFloat16>;
+  // Compensated bfloat16: the unit's first error code (int8 or int16), else nullptr.
+  char* const errors = kBf16 && call.errors.enabled() ? static_cast<char*>(seg.errors) + start * call.errors.bytes()
+                                                      : nullptr;
+  const ErrorFormat8 error_format(call.errors.bits, call.errors.format);
   const __m256 grad_scale = _mm256_set1_ps(seg.grad_scale);
   const __m256i magnitude_mask = _mm256_set1_epi32(static_cast<int>(kAbsMask));
   const float rate = write_rate(R, seg.lr);
@@ -702,7 +705,10 @@ void unit_avx2(const Call& call, const Segment& seg, int64_t u, float (*kept)[kM
     if (call.has_grad_scale) g = _mm256_mul_ps(g, grad_scale);
     const __m256 skip = _mm256_castsi256_ps(not_finite8(g));
     g = _mm256_andnot_ps(skip, g);  // a non-finite gradient counts as 0
-    const __m256 p = load8(param + i);
+    __m256 p = load8(param + i);
+    if (kBf16 && errors != nullptr) {
+      p = compensated_values8(error_format, _mm256_castps_si256(p), load_errors8(error_format, errors, i));
+    }
     Vec8 old[kSlots], state[kSlots];
     for (int k = 0; k < NS; ++k) {
       if (kQuant && call.four_bit) {
@@ -717,7 +723,21 @@ void unit_avx2(const Call& call, const Segment& seg, int64_t u, float (*kept)[kM
     const Vec8 d = update_value<Vec8>(R, W, call.c, Vec8(g), Vec8(p), state, NS, seg.lr);
     const Vec8 stepped = apply_direction_value<Vec8>(Vec8(p), call.decay, rate, d);
     bad += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(skip)));
-    store8(param + i, _mm256_blendv_ps(stepped.v, p, skip));
+    const __m256 written = _mm256_blendv_ps(stepped.v, p, skip);
+    if constexpr (kBf16) {
+      if (errors != nullptr) {
+        // The write rounds to nearest even, and the error code is that rounding's (weight_error.h).
+        const __m256i rounded = bfloat16_lanes8(written);
+        store_low_halves8(param + i, rounded);
+        store_errors8(error_format, errors, i, weight_errors8(error_format, written, _mm256_slli_epi32(rounded, 16)));
+      } else if (call.stochastic) {
+        store8_stochastic(param + i, written, call.key, seg.first_index + start + i);
+      } else {
+        store8(param + i, written);
+      }
+    } else {
+      store8(param + i, written);
+    }
     for (int k = 0; k < NS; ++k) {
       const __m256 value = _mm256_blendv_ps(state[k].v, old[k].v, skip);
       if (kQuant) {
@@ -732,7 +752,7 @@ void unit_avx2(const Call& call, const Segment& seg, int64_t u, float (*kept)[kM
     float g = to_float(grad[i]);
     if (call.has_grad_scale) g = g * seg.grad_scale;
     const bool finite = std::isfinite(g);
-    const float p = to_float(param[i]);
+    const float p = read_param_scalar(call, seg, param + i, start + i);
     float old[kSlots], state[kSlots];
     for (int k = 0; k < NS; ++k) {
       if (kQuant) {
@@ -745,7 +765,7 @@ void unit_avx2(const Call& call, const Segment& seg, int64_t u, float (*kept)[kM
     }
     const float d = update_element(R, W, call.c, finite ? g : 0.0f, p, state, NS, seg.lr);
     bad += finite ? 0 : 1;
-    store_float(param + i, finite ? apply_direction(p, call.decay, rate, d) : p);
+    write_param_scalar(call, seg, param + i, start + i, finite ? apply_direction(p, call.decay, rate, d) : p);
     for (int k = 0; k < NS; ++k) {
       const float value = finite ? state[k] : old[k];
       if (kQuant) {
@@ -791,7 +811,7 @@ void run_units(const Call& call, int64_t num_segments, int64_t first, int64_t la
     unit_avx512<R, W, NS, kQuant, kNorm, P>(call, segments[s], u, kept, nonfinite);
 #else
 #if D8_AVX2
-    if (!kNorm && avx2_unit_supported(call)) {
+    if (!kNorm) {
       binding::visit_torch_float(segments[s].grad_kind, [&](auto tag) {
         unit_avx2<R, W, NS, kQuant, P, typename decltype(tag)::type>(call, segments[s], u, kept, nonfinite);
       });
