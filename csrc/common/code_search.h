@@ -82,13 +82,16 @@ constexpr int kEncoderTableSize = 131;
 constexpr uint32_t kEncoderPieceMask = 31u;
 
 // The fast path's candidate: h = fma(|s|, slope, offset) on s's piece. Returns
-// false when h is within the guard of an integer (or not finite), where the
-// candidate may be wrong and the binary search must decide.
+// false when h is within the guard of an integer, or s is outside the lines
+// (|s| >= 2, Inf, NaN), where the candidate may be wrong and the binary search
+// must decide. No early exits: the same straight line for every s (a scalar
+// loop over it needs no unpredictable branch and can be vectorized; the
+// table reads stay in range for any s).
 D8_HD bool encoder_table_candidate(const float* table, float s, int* code) {
   const uint32_t bits = float_to_bits(s);
   const uint32_t magnitude_bits = bits & 0x7FFFFFFFu;
   const float a = bits_to_float(magnitude_bits);
-  if ((magnitude_bits >> 23) > static_cast<uint32_t>(kFloat32ExponentOne)) return false;  // |s| >= 2, Inf, NaN
+  const bool covered = (magnitude_bits >> 23) <= static_cast<uint32_t>(kFloat32ExponentOne);  // |s| < 2
   // |s| * c < 2 (c < 1), so its exponent is at most 127: exponents 96..127 -> slots 0..31.
   uint32_t exponent = float_to_bits(a * table[kEncoderSlotScale]) >> 23;
   exponent = exponent < static_cast<uint32_t>(kEncoderSlotBase) ? static_cast<uint32_t>(kEncoderSlotBase) : exponent;
@@ -106,12 +109,16 @@ D8_HD bool encoder_table_candidate(const float* table, float s, int* code) {
   const float nearest_integer = std::nearbyint(h);
 #endif
   const float distance = h - nearest_integer;
-  if (!(distance >= table[kEncoderGuard] || -distance >= table[kEncoderGuard])) return false;  // NaN fails too
-  const float y = (bits >> 31) != 0u ? table[kEncoderMirror] - h : h;
-  int candidate = static_cast<int>(y);  // |y| < 2^9: truncation is defined
+  const bool clear = (distance >= table[kEncoderGuard]) | (-distance >= table[kEncoderGuard]);  // NaN: false
+  const bool decided = covered & clear;
+  // y = negative s ? mirror - h : h, and 0 where undecided, as bit masks (no branch on the sign).
+  const uint32_t negative = 0u - (bits >> 31);
+  const uint32_t keep = 0u - static_cast<uint32_t>(decided);
+  const uint32_t y_bits = ((float_to_bits(table[kEncoderMirror] - h) & negative) | (float_to_bits(h) & ~negative)) & keep;
+  int candidate = static_cast<int>(bits_to_float(y_bits));  // decided: |y| < 2^9, so truncation is defined
   candidate = candidate < 0 ? 0 : candidate;
   *code = candidate > kLastCode ? kLastCode : candidate;
-  return true;
+  return decided;
 }
 
 // The rounding rule as a codebook hands it over: the encoder table's line

@@ -80,11 +80,31 @@ uint32_t absmax_bits_portable(const T* x, int64_t n) {
   return result;
 }
 
+// Round-to-nearest codes. With an encoder table, a run at a time: the lines
+// for every value (one straight line of code, no data-dependent branch), then
+// the binary search for the values they leave undecided.
 template <typename T>
 void encode_portable(const Codebook& book, const T* x, int64_t len, float inv, uint8_t* out) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    out[i] = static_cast<uint8_t>(book.nearest(scaled_value(to_float(x[i]), inv)));
+  if (book.bits != 8 || book.encoder == nullptr) {
+    for (int64_t i = 0; i < len; ++i) out[i] = static_cast<uint8_t>(book.nearest(scaled_value(to_float(x[i]), inv)));
+    return;
+  }
+  constexpr int64_t kRun = 256;
+  int code[kRun];
+  bool decided[kRun];
+  for (int64_t start = 0; start < len; start += kRun) {
+    const int64_t n = std::min(kRun, len - start);
+    bool all_decided = true;
+    for (int64_t j = 0; j < n; ++j) {
+      decided[j] = encoder_table_candidate(book.encoder, scaled_value(to_float(x[start + j]), inv), &code[j]);
+      all_decided &= decided[j];
+    }
+    if (!all_decided) {
+      for (int64_t j = 0; j < n; ++j) {
+        if (!decided[j]) code[j] = nearest_code_index(book.thresholds, scaled_value(to_float(x[start + j]), inv));
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) out[start + j] = static_cast<uint8_t>(code[j]);
   }
 }
 
