@@ -54,10 +54,10 @@
 // unit and adds the partials per segment in unit order, so its result does not
 // depend on the thread count or the chunking.
 //
-// Without AVX-512 but with AVX2 (AMD EPYC Zen 2/3, older Intel) the units of
-// round-to-nearest calls run 8 lanes at a time (unit_avx2; avx2_simd.h and
-// nibble_simd.h encode). Otherwise, and with -DD8_PORTABLE, the same units run
-// a scalar loop over update_element and quant_simd.h's portable helpers. All
+// Without AVX-512 but with AVX2 (AMD EPYC Zen 2/3, older Intel) the units run
+// 8 lanes at a time (unit_avx2; avx2_simd.h and nibble_simd.h encode), all but
+// the norm passes. Otherwise, and with -DD8_PORTABLE, the same units run a
+// scalar loop over update_element and quant_simd.h's portable helpers. All
 // paths give identical results.
 
 #include <ATen/Parallel.h>
