@@ -809,15 +809,15 @@ void run_units(const Call& call, int64_t num_segments, int64_t first, int64_t la
     while (u >= segments[s].first_unit + segments[s].units) ++s;
 #if D8_AVX512
     unit_avx512<R, W, NS, kQuant, kNorm, P>(call, segments[s], u, kept, nonfinite);
-#else
-#if D8_AVX2
-    if (!kNorm) {
+#elif D8_AVX2
+    if constexpr (kNorm) {
+      unit_scalar<R, W, NS, kQuant, kNorm, P>(call, segments[s], u, kept, nonfinite);
+    } else {
       binding::visit_torch_float(segments[s].grad_kind, [&](auto tag) {
         unit_avx2<R, W, NS, kQuant, P, typename decltype(tag)::type>(call, segments[s], u, kept, nonfinite);
       });
-      continue;
     }
-#endif
+#else
     unit_scalar<R, W, NS, kQuant, kNorm, P>(call, segments[s], u, kept, nonfinite);
 #endif
   }

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from ..optim.master_weights import converted_error
+from ..optim.master_weights import ERROR_KEY, converted_error
 from ..optim.sharded import row_aligned_blocksize, row_elems
 from ..optim.state import ABSMAX_SUFFIX, CODES_SUFFIX
 from ..quant.maps import map_bits
@@ -169,9 +169,9 @@ def _read_param(source: Source, fqn: str, names: dict[str, str], known: set[str]
         return meta if isinstance(meta, TensorStorageMetadata) else None
 
     quantized, dense, extras, shapes = {}, {}, {}, {}
-    error = names.pop(weight_errors.KEY, None)
+    error = names.pop(ERROR_KEY, None)
     if error is not None and tensor_meta(error) is None:
-        raise CheckpointError(f"{where}: {weight_errors.KEY} must be an int8 or int16 tensor, got a non-tensor entry")
+        raise CheckpointError(f"{where}: {ERROR_KEY} must be an int8 or int16 tensor, got a non-tensor entry")
     for name, key in names.items():
         if name.endswith(CODES_SUFFIX):
             base = name[: -len(CODES_SUFFIX)]
@@ -400,7 +400,7 @@ def _plan_param(
     for name, key in param.extras.items():
         _carry(source, out, key, (*state, name), meter)
     if param.error is not None:
-        _plan_error(source, out, param.error, (*state, weight_errors.KEY), target_error_bits, meter)
+        _plan_error(source, out, param.error, (*state, ERROR_KEY), target_error_bits, meter)
     for name in [*param.quantized, *param.dense]:
         values = _values(source, param, name, where)
         nbytes = sum(source.nbytes(k) for k in param.quantized.get(name, (param.dense.get(name),)) if k)

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ..optim.master_weights import ERROR_KEY
 from ..optim.segments import PackedLayout, Segment, packed_entries, packed_layout, segment_table, table_bits
 from ..optim.state import ABSMAX_SUFFIX, CODES_SUFFIX, STATE_FORMAT_VERSION
 from ..quant.layout import num_blocks
@@ -236,7 +237,7 @@ def _assemble(checkpoint: ZeroCheckpoint, kind: str | None, where: str) -> None:
         numel = int(torch.Size(shape).numel())
         found = {key: _pieced(numel, pieces, f"{where}: {name} {key}") for key, pieces in buffers.get(name, {}).items()}
         step = steps.get(name)
-        error = _pieced(numel, errors[name], f"{where}: {name} {weight_errors.KEY}") if name in errors else None
+        error = _pieced(numel, errors[name], f"{where}: {name} {ERROR_KEY}") if name in errors else None
         params[name] = ParamState(shape, None if step is None else float(step), found, {}, error)
     groups = [{**g, "params": [name for name, _ in layout.params[i]]} for i, g in enumerate(base_groups)]
     names = {n for p in params.values() for n in p.buffers}
@@ -275,7 +276,7 @@ def _check_mapping(osd: dict[str, Any], group: int, flat: Flat, label: str) -> N
 
 def _error_pieces(state: dict[str, Any], flat: Flat, label: str):
     """(piece, Dense codes) of a compensated flat's weight_error: one code per element of the flat, padding included."""
-    codes = state.get(weight_errors.KEY)
+    codes = state.get(ERROR_KEY)
     if codes is None:
         return
     names = ", ".join(sorted({p.name for p in flat.pieces}))
@@ -410,7 +411,7 @@ def plan_output(
                     states[index] = _flat_entry(ckpt, flat, names, step, label, jobs, read)
                 error = _error_slot(ckpt, flat, target, label, jobs, read)
                 if error is not None:
-                    states[index][weight_errors.KEY] = error
+                    states[index][ERROR_KEY] = error
             dtype = _master_dtype(ckpt, flat)  # float32, or bfloat16 flats (compensated, without an fp32 master)
             slot = Slot((flat.size if layout.stage == 3 else flat.used,), dtype, f"{label} fp32 weights")
             jobs.append(_fill_job(slot.label, [(ckpt.master[p.name], p, p.start) for p in flat.pieces], slot, read))
@@ -531,7 +532,7 @@ def _error_slot(ckpt: ZeroCheckpoint, flat: Flat, target: Target, label: str, jo
     dtype = weight_errors.output_dtype(dtypes.pop() if len(dtypes) == 1 else torch.int16, target.error_bits)
     if dtype is None:
         return None
-    slot = Slot((flat.size,), dtype, f"{label} {weight_errors.KEY}")
+    slot = Slot((flat.size,), dtype, f"{label} {ERROR_KEY}")
 
     def run(sink: Sink) -> None:
         written = 0

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..optim.master_weights import ERROR_KEY
 from ..optim.optimizer import default_blocksize
 from ..optim.state import ABSMAX_SUFFIX, CODES_SUFFIX, STATE_FORMAT_VERSION
 from ..quant.layout import num_blocks
@@ -246,9 +247,9 @@ def _plan_param(plan: Plan, param: ParamState, bits: int, blocksize: int, where:
     if param.error is not None:
         dtype = weight_errors.output_dtype(weight_errors.dtype_of(param.error), plan.error_bits)
         if dtype is not None:
-            slot = Slot(param.shape, dtype, f"{where}: {weight_errors.KEY}")
+            slot = Slot(param.shape, dtype, f"{where}: {ERROR_KEY}")
             plan.jobs.append(error_job(slot.label, param.error, slot, plan.read))
-            entry[weight_errors.KEY] = slot
+            entry[ERROR_KEY] = slot
     return entry
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..optim import state as state_layout
+from ..optim.master_weights import ERROR_KEY
 from ..quant.layout import DEFAULT_BLOCKSIZE, num_blocks
 from . import optimizers, weight_errors
 from .canonical import Buffer, Dense, OptimizerState, ParamState, Quantized
@@ -112,12 +113,12 @@ def _read_param(
     where: str,
     drop_errors: bool = False,
 ) -> ParamState:
-    error_codes = entry.get(weight_errors.KEY)
+    error_codes = entry.get(ERROR_KEY)
     checked = not drop_errors
     if error_codes is not None:
         if checked or not isinstance(error_codes, torch.Tensor):
             error_codes = weight_errors.check(error_codes, None, where, weight_errors.DROP_REMEDY)
-        entry = {k: v for k, v in entry.items() if k != weight_errors.KEY}
+        entry = {k: v for k, v in entry.items() if k != ERROR_KEY}
     pairs = _pairs(entry, where)
     buffers: dict[str, Buffer] = {
         name: Dense(value) for name, value in entry.items() if name in known and _is_float(value) and name not in pairs

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..optim.master_weights import converted_error
+from ..optim.master_weights import ERROR_KEY, converted_error
 from ..quant.layout import num_blocks
 from . import codec, plan, weight_errors
 from .canonical import Buffer, OptimizerState, Pieced, Quantized
@@ -110,17 +110,17 @@ def compare_errors(
     expected = None if source is None else weight_errors.output_dtype(weight_errors.dtype_of(source), error_bits)
     found = None if output is None else weight_errors.dtype_of(output)
     if expected != found:
-        raise CheckpointError(f"verify: {where} {weight_errors.KEY} is {found} in the output, expected {expected}")
+        raise CheckpointError(f"verify: {where} {ERROR_KEY} is {found} in the output, expected {expected}")
     if source is None or output is None:
         return
     if source.numel != output.numel:
-        raise CheckpointError(f"verify: {where} {weight_errors.KEY} has {output.numel} elements, the source {source.numel}")
+        raise CheckpointError(f"verify: {where} {ERROR_KEY} has {output.numel} elements, the source {source.numel}")
     bits = weight_errors.BITS[found]
     for start in range(0, source.numel, plan.CHUNK):
         stop = min(start + plan.CHUNK, source.numel)
         want = converted_error(weight_errors.read_codes(source, start, stop, read), bits)
         if not torch.equal(want, weight_errors.read_codes(output, start, stop, read)):
-            raise CheckpointError(f"verify: {where} {weight_errors.KEY} differs from the source's codes")
+            raise CheckpointError(f"verify: {where} {ERROR_KEY} differs from the source's codes")
         on_bytes(source.nbytes() * (stop - start) // max(source.numel, 1))
 
 

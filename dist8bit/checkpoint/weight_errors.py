@@ -29,13 +29,12 @@ from typing import Any
 import torch
 
 from ..optim.master_weights import ERROR_KEY, converted_error
-from ..quant.weight_error import ERROR_DTYPES
+from ..quant.weight_error import ERROR_DTYPES, fits_error_codes
 from .canonical import Dense, Pieced
 from .errors import CheckpointError
 from .loading import Read, slice_read
 from .writer import Sink, Slot
 
-KEY = ERROR_KEY
 DROP = "none"
 CHOICES = (8, 16, DROP)
 BITS = {dtype: bits for bits, dtype in ERROR_DTYPES.items()}
@@ -59,10 +58,10 @@ def check_choice(error_bits: Any) -> int | str | None:
 
 def check_dtype(dtype: Any, numel: int, expected: int | None, where: str, remedy: str = "") -> None:
     """Refuse a weight_error that is not int8/int16 codes, one per element of its parameter."""
-    if dtype not in BITS or (expected is not None and numel != expected):
+    if not fits_error_codes(dtype, numel, expected):
         count = "" if expected is None else f" of {expected} elements (one per element of the parameter)"
         raise CheckpointError(
-            f"{where}: {KEY} must be an int8 or int16 tensor{count}, the compensated bf16 weights' error codes; "
+            f"{where}: {ERROR_KEY} must be an int8 or int16 tensor{count}, the compensated bf16 weights' error codes; "
             f"got {dtype} with {numel} elements (corrupt, or re-saved by an optimizer that casts state it does not "
             f"keep, such as torch.optim?){remedy}"
         )
@@ -71,7 +70,7 @@ def check_dtype(dtype: Any, numel: int, expected: int | None, where: str, remedy
 def check(value: Any, expected: int | None, where: str, remedy: str = "") -> torch.Tensor:
     """A saved weight_error entry, checked (see check_dtype)."""
     if not isinstance(value, torch.Tensor):
-        raise CheckpointError(f"{where}: {KEY} must be an int8 or int16 tensor, got {type(value).__name__}{remedy}")
+        raise CheckpointError(f"{where}: {ERROR_KEY} must be an int8 or int16 tensor, got {type(value).__name__}{remedy}")
     check_dtype(value.dtype, value.numel(), expected, where, remedy)
     return value
 
@@ -136,7 +135,7 @@ class Tally:
         if not self.params:
             return None
         widths = "/".join(str(d).removeprefix("torch.") for d in sorted(self.source_dtypes, key=str))
-        head = f"{KEY} of {self.params} compensated bf16 parameter{'s' if self.params != 1 else ''} ({widths})"
+        head = f"{ERROR_KEY} of {self.params} compensated bf16 parameter{'s' if self.params != 1 else ''} ({widths})"
         if self.error_bits == DROP:
             return f"{head} dropped: {LOST}"
         target = ERROR_DTYPES.get(self.error_bits) if self.error_bits is not None else None

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..quant.weight_error import ERROR_DTYPES, error_dtype
+from ..quant.weight_error import ERROR_DTYPES, error_dtype, fits_error_codes
 
 MODES = ("fp32", "none", "stochastic", "compensated")
 ERROR_KEY = "weight_error"  # the state entry of a compensated parameter
@@ -106,7 +106,7 @@ def adapt_saved_error(saved: dict[str, Any], config: dict[str, Any], param: torc
     if error is None:
         return saved
     where = f"parameter of shape {tuple(param.shape)}"
-    if not isinstance(error, torch.Tensor) or error.dtype not in ERROR_DTYPES.values() or error.numel() != numel:
+    if not isinstance(error, torch.Tensor) or not fits_error_codes(error.dtype, error.numel(), numel):
         raise ValueError(
             f"{where}: the state dict's {ERROR_KEY} must be an int8 or int16 tensor of {numel} elements, got "
             f"{getattr(error, 'dtype', type(error).__name__)} with {getattr(error, 'numel', lambda: '?')()}"

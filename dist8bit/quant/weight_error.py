@@ -27,6 +27,13 @@ _SIGN = 0x80000000
 _INFINITY = 0x7F800000
 
 
+def fits_error_codes(dtype: torch.dtype, numel: int, expected: int | None) -> bool:
+    """Whether a buffer of `dtype` with `numel` elements can be the error codes of a parameter
+    of `expected` elements (None: any count): int8 or int16, one code per element. The
+    optimizer's load_state_dict and the checkpoint tools refuse anything else."""
+    return dtype in ERROR_DTYPES.values() and (expected is None or numel == expected)
+
+
 def error_dtype(bits: int) -> torch.dtype:
     """The integer dtype of an error buffer of `bits` (8 or 16) per element."""
     if bits not in ERROR_DTYPES:
