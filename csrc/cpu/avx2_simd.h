@@ -203,41 +203,39 @@ __attribute__((always_inline)) inline __m256 lookup32(const __m256 column[4], __
 // codes, and in `bad` the lanes (all ones) the line does not decide.
 template <bool kTwoSplits>
 __attribute__((always_inline)) inline __m256i line_codes8(const LineTables8& t, __m256 s, __m256i* bad) {
+  // Indices are used as they come: lookup32 reads only their low 5 bits, which
+  // is the scalar rule's & 31 (sums carry only upwards out of those bits).
   const float* table = t.table;
   const __m256i bits = _mm256_castps_si256(s);
   const __m256i magnitude_bits = _mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int>(kAbsMask)));
   const __m256 a = _mm256_castsi256_ps(magnitude_bits);
-  const __m256i too_large = _mm256_cmpgt_epi32(_mm256_srli_epi32(magnitude_bits, 23), _mm256_set1_epi32(kFloat32ExponentOne));
+  const __m256i too_large = _mm256_cmpgt_epi32(magnitude_bits, _mm256_set1_epi32(0x3FFFFFFF));  // |s| >= 2, Inf, NaN
   const __m256i scaled = _mm256_castps_si256(_mm256_mul_ps(a, _mm256_broadcast_ss(table + kEncoderSlotScale)));
-  const __m256i exponent = _mm256_max_epu32(_mm256_srli_epi32(scaled, 23), _mm256_set1_epi32(kEncoderSlotBase));
-  const __m256i slot = _mm256_and_si256(exponent, _mm256_set1_epi32(31));
+  const __m256i slot = _mm256_max_epu32(_mm256_srli_epi32(scaled, 23), _mm256_set1_epi32(kEncoderSlotBase));
   const __m256 slot_bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(slot, 28));
   const __m256 slot_bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(slot, 27));
   const __m256 split1 = lookup32(t.split1, slot, slot_bit3, slot_bit4);
-  __m256i piece = _mm256_and_si256(_mm256_castps_si256(split1), _mm256_set1_epi32(static_cast<int>(kEncoderPieceMask)));
   // a > split is all ones (-1) where true, so subtracting the mask adds one.
-  piece = _mm256_sub_epi32(piece, _mm256_castps_si256(_mm256_cmp_ps(a, split1, _CMP_GT_OQ)));
+  __m256i piece = _mm256_sub_epi32(_mm256_castps_si256(split1), _mm256_castps_si256(_mm256_cmp_ps(a, split1, _CMP_GT_OQ)));
   if (kTwoSplits) {
     const __m256 split2 = lookup32(t.split2, slot, slot_bit3, slot_bit4);
     piece = _mm256_sub_epi32(piece, _mm256_castps_si256(_mm256_cmp_ps(a, split2, _CMP_GT_OQ)));
   }
-  piece = _mm256_and_si256(piece, _mm256_set1_epi32(static_cast<int>(kEncoderPieceMask)));
   const __m256 piece_bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(piece, 28));
   const __m256 piece_bit4 = _mm256_castsi256_ps(_mm256_slli_epi32(piece, 27));
   const __m256 h = _mm256_fmadd_ps(a, lookup32(t.slope, piece, piece_bit3, piece_bit4),
                                    lookup32(t.offset, piece, piece_bit3, piece_bit4));
+  // Undecided: |h - rint(h)| below the guard, or NaN (the unordered compare is true then).
   const __m256 distance = _mm256_sub_ps(h, _mm256_round_ps(h, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  const __m256 guard = _mm256_broadcast_ss(table + kEncoderGuard);
-  const __m256 far = _mm256_or_ps(_mm256_cmp_ps(distance, guard, _CMP_GE_OQ),
-                                  _mm256_cmp_ps(_mm256_sub_ps(_mm256_setzero_ps(), distance), guard, _CMP_GE_OQ));
-  *bad = _mm256_or_si256(too_large, _mm256_xor_si256(_mm256_castps_si256(far), _mm256_set1_epi32(-1)));
+  const __m256 magnitude = _mm256_and_ps(distance, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(kAbsMask))));
+  const __m256 near = _mm256_cmp_ps(magnitude, _mm256_broadcast_ss(table + kEncoderGuard), _CMP_NGE_UQ);
+  *bad = _mm256_or_si256(too_large, _mm256_castps_si256(near));
   const __m256 mirrored = _mm256_sub_ps(_mm256_broadcast_ss(table + kEncoderMirror), h);
   const __m256 y = _mm256_blendv_ps(h, mirrored, s);  // the sign bit of s picks the mirrored line
-  const __m256i candidate = _mm256_cvttps_epi32(y);
-  return _mm256_min_epi32(_mm256_max_epi32(candidate, _mm256_setzero_si256()), _mm256_set1_epi32(kLastCode));
+  return _mm256_cvttps_epi32(y);  // a decided lane's y is below 2^9: pack_bytes8's saturation clamps it
 }
 
-// Four vectors of 8 codes in [0, 255] -> 32 bytes in element order.
+// Four vectors of 8 int32 codes in [-2^15, 2^15) -> 32 bytes in element order, clamped to [0, 255] (the packs saturate).
 __attribute__((always_inline)) inline __m256i pack_bytes8(__m256i a, __m256i b, __m256i c, __m256i d) {
   // The packs work per 128-bit lane: dwords come out as a0-3 b0-3 c0-3 d0-3 a4-7 b4-7 c4-7 d4-7.
   const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));

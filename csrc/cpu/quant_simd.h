@@ -183,7 +183,8 @@ __attribute__((always_inline)) inline __m512i line_codes(const LineTables& t, __
   const __m512i slot = _mm512_max_epu32(_mm512_srli_epi32(scaled_bits, 23), _mm512_set1_epi32(kEncoderSlotBase));
   const __m512 split1 = _mm512_permutex2var_ps(t.split1[0], slot, t.split1[1]);
   const __m512i one = _mm512_set1_epi32(1);
-  __m512i piece = _mm512_and_si512(_mm512_castps_si512(split1), _mm512_set1_epi32(kEncoderPieceMask));
+  // The permutes read only the low 5 index bits: that is the rule's & 31 (sums carry only upwards).
+  __m512i piece = _mm512_castps_si512(split1);
   piece = _mm512_mask_add_epi32(piece, _mm512_cmp_ps_mask(a, split1, _CMP_GT_OQ), piece, one);
   if (kTwoSplits) {
     const __m512 split2 = _mm512_permutex2var_ps(t.split2[0], slot, t.split2[1]);
