@@ -190,6 +190,13 @@ inline uint16_t bfloat16_bits_stochastic(float value, uint32_t key, int64_t inde
   return static_cast<uint16_t>((bits + random) >> 16);
 }
 
+// The operators of a SIMD value type (Vec16, Vec8 below): `op` as one lane-wise
+// `intrinsic`, with a float operand on either side broadcast by `set1`.
+#define D8_VEC_OPERATOR(Vec, set1, op, intrinsic)                                                             \
+  __attribute__((always_inline)) inline Vec operator op(Vec a, Vec b) { return Vec(intrinsic(a.v, b.v)); }   \
+  __attribute__((always_inline)) inline Vec operator op(float a, Vec b) { return Vec(intrinsic(set1(a), b.v)); } \
+  __attribute__((always_inline)) inline Vec operator op(Vec a, float b) { return Vec(intrinsic(a.v, set1(b))); }
+
 // ---------------------------------------------------------------------------
 // Scalar units (portable path).
 
@@ -307,21 +314,10 @@ struct Vec16 {
   explicit Vec16(__m512 x) : v(x) {}
 };
 
-#define D8_VEC16_OPERATOR(op, intrinsic)                                                 \
-  __attribute__((always_inline)) inline Vec16 operator op(Vec16 a, Vec16 b) {          \
-    return Vec16(intrinsic(a.v, b.v));                                                  \
-  }                                                                                     \
-  __attribute__((always_inline)) inline Vec16 operator op(float a, Vec16 b) {          \
-    return Vec16(intrinsic(_mm512_set1_ps(a), b.v));                                    \
-  }                                                                                     \
-  __attribute__((always_inline)) inline Vec16 operator op(Vec16 a, float b) {          \
-    return Vec16(intrinsic(a.v, _mm512_set1_ps(b)));                                    \
-  }
-D8_VEC16_OPERATOR(+, _mm512_add_ps)
-D8_VEC16_OPERATOR(-, _mm512_sub_ps)
-D8_VEC16_OPERATOR(*, _mm512_mul_ps)
-D8_VEC16_OPERATOR(/, _mm512_div_ps)
-#undef D8_VEC16_OPERATOR
+D8_VEC_OPERATOR(Vec16, _mm512_set1_ps, +, _mm512_add_ps)
+D8_VEC_OPERATOR(Vec16, _mm512_set1_ps, -, _mm512_sub_ps)
+D8_VEC_OPERATOR(Vec16, _mm512_set1_ps, *, _mm512_mul_ps)
+D8_VEC_OPERATOR(Vec16, _mm512_set1_ps, /, _mm512_div_ps)
 
 __attribute__((always_inline)) inline Vec16 sqrt_value(Vec16 x) { return Vec16(_mm512_sqrt_ps(x.v)); }
 
@@ -636,19 +632,10 @@ struct Vec8 {
   explicit Vec8(__m256 x) : v(x) {}
 };
 
-#define D8_VEC8_OPERATOR(op, intrinsic)                                                                         \
-  __attribute__((always_inline)) inline Vec8 operator op(Vec8 a, Vec8 b) { return Vec8(intrinsic(a.v, b.v)); } \
-  __attribute__((always_inline)) inline Vec8 operator op(float a, Vec8 b) {                                    \
-    return Vec8(intrinsic(_mm256_set1_ps(a), b.v));                                                            \
-  }                                                                                                            \
-  __attribute__((always_inline)) inline Vec8 operator op(Vec8 a, float b) {                                    \
-    return Vec8(intrinsic(a.v, _mm256_set1_ps(b)));                                                            \
-  }
-D8_VEC8_OPERATOR(+, _mm256_add_ps)
-D8_VEC8_OPERATOR(-, _mm256_sub_ps)
-D8_VEC8_OPERATOR(*, _mm256_mul_ps)
-D8_VEC8_OPERATOR(/, _mm256_div_ps)
-#undef D8_VEC8_OPERATOR
+D8_VEC_OPERATOR(Vec8, _mm256_set1_ps, +, _mm256_add_ps)
+D8_VEC_OPERATOR(Vec8, _mm256_set1_ps, -, _mm256_sub_ps)
+D8_VEC_OPERATOR(Vec8, _mm256_set1_ps, *, _mm256_mul_ps)
+D8_VEC_OPERATOR(Vec8, _mm256_set1_ps, /, _mm256_div_ps)
 
 __attribute__((always_inline)) inline Vec8 sqrt_value(Vec8 x) { return Vec8(_mm256_sqrt_ps(x.v)); }
 
@@ -791,6 +778,7 @@ void unit_avx2(const Call& call, const Segment& seg, int64_t u, float (*kept)[kM
   }
 }
 #endif  // D8_AVX2
+#undef D8_VEC_OPERATOR
 
 // ---------------------------------------------------------------------------
 // Units [first, last) of the call, in order, on one thread.

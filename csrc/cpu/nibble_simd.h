@@ -53,6 +53,18 @@ inline void encode_nibbles_portable(const Codebook& book, const float* x, int64_
   }
 }
 
+// The 4-step search's table for step k + 1 over `lanes` lanes: lane l holds
+// thresholds[p * 2^(4-k) + 2^(3-k) - 1] for the prefix p = l mod 2^k (step 1
+// is one threshold, broadcast); -0 is stored as +0 so that s = +-0 compares as
+// the reference does. Shared by the 16- and 8-lane tables.
+inline void fill_nibble_step(const float* thresholds, int k, int lanes, float* table) {
+  for (int lane = 0; lane < lanes; ++lane) {
+    const int p = lane & ((1 << k) - 1);
+    const float t = thresholds[(p << (4 - k)) + (1 << (3 - k)) - 1];
+    table[lane] = t == 0.0f ? 0.0f : t;
+  }
+}
+
 #if D8_AVX512
 // One 4-bit slot's tables: the 16 code values and the search's step tables.
 struct NibbleTables {
@@ -66,11 +78,7 @@ struct NibbleTables {
     code = _mm512_loadu_ps(code_values);
     alignas(64) float table[16];
     for (int k = 0; k < 4; ++k) {
-      for (int lane = 0; lane < 16; ++lane) {
-        const int p = lane & ((1 << k) - 1);
-        const float t = thresholds[(p << (4 - k)) + (1 << (3 - k)) - 1];
-        table[lane] = t == 0.0f ? 0.0f : t;
-      }
+      fill_nibble_step(thresholds, k, 16, table);
       step[k] = _mm512_load_ps(table);
     }
   }
@@ -140,11 +148,7 @@ struct NibbleTables8 {
   explicit NibbleTables8(const float* thresholds) {
     alignas(32) float table[8];
     for (int k = 0; k < 4; ++k) {
-      for (int lane = 0; lane < 8; ++lane) {
-        const int p = lane & ((1 << k) - 1);
-        const float t = thresholds[(p << (4 - k)) + (1 << (3 - k)) - 1];
-        table[lane] = t == 0.0f ? 0.0f : t;
-      }
+      fill_nibble_step(thresholds, k, 8, table);
       step[k] = _mm256_load_ps(table);
     }
   }
