@@ -240,52 +240,62 @@ inline void write_param_scalar(const Call& call, const Segment& seg, P* param, i
   }
 }
 
+// One element of a unit: element i of the unit whose first element is `start`,
+// with the unit's block scales `scale` (quantized slots). The loop body of
+// unit_scalar, and the AVX2 units' tail. kNorm: adds d * d to *norm (finite
+// gradients only) and writes nothing; else the parameter is written, and the
+// new states go to kept[k][i] (quantized) or to the 32-bit state.
+template <Rule R, WeightDecayMode W, int NS, bool kQuant, bool kNorm, typename P>
+inline void step_element(const Call& call, const Segment& seg, int64_t start, int64_t i, const float* scale,
+                         float (*kept)[kMaxBlock], double* norm, int64_t* bad) {
+  constexpr int kSlots = NS > 0 ? NS : 1;
+  const int64_t at = start + i;  // index in the segment
+  P* param = static_cast<P*>(seg.param) + at;
+  float g = load_value(seg.grad, seg.grad_kind, at);
+  if (call.has_grad_scale) g = g * seg.grad_scale;
+  const bool finite = std::isfinite(g);
+  const float p = read_param_scalar(call, seg, param, at);
+  float old[kSlots], state[kSlots];
+  for (int k = 0; k < NS; ++k) {
+    if (kQuant) {
+      const uint8_t* codes = static_cast<const uint8_t*>(seg.state[k]);
+      const int c = call.four_bit ? nibble_at(codes, at) : codes[at];
+      old[k] = call.slot[k].book.code[c] * scale[k];
+    } else {
+      old[k] = static_cast<const float*>(seg.state[k])[at];
+    }
+    state[k] = old[k];
+  }
+  const float d = update_element(R, W, call.c, finite ? g : 0.0f, p, state, NS, seg.lr);
+  if (kNorm) {
+    if (finite) *norm += static_cast<double>(d) * static_cast<double>(d);
+    return;
+  }
+  *bad += finite ? 0 : 1;
+  write_param_scalar(call, seg, param, at, finite ? apply_direction(p, call.decay, write_rate(R, seg.lr), d) : p);
+  for (int k = 0; k < NS; ++k) {
+    const float value = finite ? state[k] : old[k];
+    if (kQuant) {
+      kept[k][i] = value;
+    } else {
+      static_cast<float*>(seg.state[k])[at] = value;
+    }
+  }
+}
+
 template <Rule R, WeightDecayMode W, int NS, bool kQuant, bool kNorm, typename P>
 void unit_scalar(const Call& call, const Segment& seg, int64_t u, float (*kept)[kMaxBlock], int64_t* nonfinite) {
   constexpr int kSlots = NS > 0 ? NS : 1;
   const int64_t b = u - seg.first_unit;
   const int64_t start = b * call.unit;
   const int64_t len = std::min(call.unit, seg.numel - start);
-  P* param = static_cast<P*>(seg.param) + start;
   float scale[kSlots] = {};
   if (kQuant) {
     for (int k = 0; k < NS; ++k) scale[k] = seg.absmax[k][b];
   }
   double norm = 0.0;
   int64_t bad = 0;
-  for (int64_t i = 0; i < len; ++i) {
-    float g = load_value(seg.grad, seg.grad_kind, start + i);
-    if (call.has_grad_scale) g = g * seg.grad_scale;
-    const bool finite = std::isfinite(g);
-    const float p = read_param_scalar(call, seg, param + i, start + i);
-    float old[kSlots], state[kSlots];
-    for (int k = 0; k < NS; ++k) {
-      if (kQuant) {
-        const uint8_t* codes = static_cast<const uint8_t*>(seg.state[k]);
-        const int c = call.four_bit ? nibble_at(codes, start + i) : codes[start + i];
-        old[k] = call.slot[k].book.code[c] * scale[k];
-      } else {
-        old[k] = static_cast<const float*>(seg.state[k])[start + i];
-      }
-      state[k] = old[k];
-    }
-    const float d = update_element(R, W, call.c, finite ? g : 0.0f, p, state, NS, seg.lr);
-    if (kNorm) {
-      if (finite) norm += static_cast<double>(d) * static_cast<double>(d);
-      continue;
-    }
-    bad += finite ? 0 : 1;
-    write_param_scalar(call, seg, param + i, start + i,
-                       finite ? apply_direction(p, call.decay, write_rate(R, seg.lr), d) : p);
-    for (int k = 0; k < NS; ++k) {
-      const float value = finite ? state[k] : old[k];
-      if (kQuant) {
-        kept[k][i] = value;
-      } else {
-        static_cast<float*>(seg.state[k])[start + i] = value;
-      }
-    }
-  }
+  for (int64_t i = 0; i < len; ++i) step_element<R, W, NS, kQuant, kNorm, P>(call, seg, start, i, scale, kept, &norm, &bad);
   if (kNorm) {
     call.unit_norms[u] = norm;
     return;
@@ -298,6 +308,21 @@ void unit_scalar(const Call& call, const Segment& seg, int64_t u, float (*kept)[
       encode_state(call.slot[k], call.four_bit, kept[k], len, absmax, codes_at(seg.state[k], call.four_bit, start));
     }
   }
+}
+
+// The gradient dtype of the SIMD units as a template argument: float,
+// c10::Half, c10::BFloat16, or AnyFloat for "the segment's grad_kind, looked up
+// per vector" (the norm passes use that: they run once per step at most, and
+// it saves compile time).
+struct AnyFloat {};
+
+template <typename G>
+constexpr int64_t grad_bytes(FloatType) {
+  return sizeof(G);
+}
+template <>
+constexpr int64_t grad_bytes<AnyFloat>(FloatType kind) {
+  return kind == FloatType::kFloat32 ? 4 : 2;
 }
 
 #if D8_AVX512
@@ -369,13 +394,7 @@ __attribute__((always_inline)) inline void prefetch_range(const void* p, int64_t
   for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(c + line, _MM_HINT_T0);
 }
 
-// One unit: its elements 64 at a time (group<true>; a last partial group masks
-// its lanes), then the 8-bit slots' absmax and codes. G: the gradient dtype.
-// The gradient dtype as a template argument: float, c10::Half, c10::BFloat16,
-// or AnyFloat for "the segment's grad_kind, looked up per vector" (the norm
-// passes use that: they run once per step at most, and it saves compile time).
-struct AnyFloat {};
-
+// The gradient of element i (G: a dtype, or AnyFloat).
 template <typename G>
 __attribute__((always_inline)) inline __m512 load_grad(const void* base, FloatType, int64_t i) {
   return load16(static_cast<const G*>(base) + i);
@@ -397,15 +416,8 @@ __attribute__((always_inline)) inline __m512 load_grad<AnyFloat>(const void* bas
   return load_grad<AnyFloat>(base, kind, i, static_cast<__mmask16>(0xFFFF));
 }
 
-template <typename G>
-constexpr int64_t grad_bytes(FloatType) {
-  return sizeof(G);
-}
-template <>
-constexpr int64_t grad_bytes<AnyFloat>(FloatType kind) {
-  return kind == FloatType::kFloat32 ? 4 : 2;
-}
-
+// One unit: its elements 64 at a time (group<true>; a last partial group masks
+// its lanes), then the 8-bit slots' absmax and codes. G: the gradient dtype.
 template <Rule R, WeightDecayMode W, int NS, bool kQuant, bool kNorm, typename P, typename G>
 class UnitAvx512 {
  public:
@@ -622,7 +634,7 @@ void unit_avx512(const Call& call, const Segment& seg, int64_t u, float (*kept)[
 
 #if D8_AVX2
 // ---------------------------------------------------------------------------
-// AVX2 units (no AVX-512): 8 lanes; norm passes run unit_scalar.
+// AVX2 units (no AVX-512): 8 lanes, for the step and the norm passes.
 
 // 8 float32 lanes with lane-wise IEEE operations, as Vec16 above.
 struct Vec8 {
@@ -647,25 +659,38 @@ __attribute__((always_inline)) inline Vec8 sign_value(Vec8 x) {
   return Vec8(_mm256_or_ps(positive, negative));
 }
 
-// One unit, 8 elements at a time and its last len % 8 one by one (unit_scalar's
-// arithmetic); then the quantized slots' codes. Compensated and stochastic
-// bfloat16 writes take avx2_simd.h's 8-lane forms of weight_error.h and
-// stochastic_rounding.h.
-template <Rule R, WeightDecayMode W, int NS, bool kQuant, typename P, typename G>
+// The gradient of elements i .. i + 7 (G: a dtype, or AnyFloat).
+template <typename G>
+__attribute__((always_inline)) inline __m256 load_grad8(const void* base, FloatType, int64_t i) {
+  return load8(static_cast<const G*>(base) + i);
+}
+template <>
+__attribute__((always_inline)) inline __m256 load_grad8<AnyFloat>(const void* base, FloatType kind, int64_t i) {
+  return binding::visit_torch_float(kind, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return load8(static_cast<const T*>(base) + i);
+  });
+}
+
+// One unit, 8 elements at a time and its last len % 8 one by one
+// (step_element, unit_scalar's arithmetic); then the quantized slots' codes.
+// Compensated and stochastic bfloat16 writes take avx2_simd.h's 8-lane forms of
+// weight_error.h and stochastic_rounding.h. kNorm: the sum of d * d over the
+// finite gradients goes to call.unit_norms[u], and nothing is written.
+template <Rule R, WeightDecayMode W, int NS, bool kQuant, bool kNorm, typename P, typename G>
 void unit_avx2(const Call& call, const Segment& seg, int64_t u, float (*kept)[kMaxBlock], int64_t* nonfinite) {
   constexpr int kSlots = NS > 0 ? NS : 1;
   const int64_t b = u - seg.first_unit;
   const int64_t start = b * call.unit;
   const int64_t len = std::min(call.unit, seg.numel - start);
   P* param = static_cast<P*>(seg.param) + start;
-  const G* grad = static_cast<const G*>(seg.grad) + start;
+  const char* grad = static_cast<const char*>(seg.grad) + start * grad_bytes<G>(seg.grad_kind);
   const uint8_t* codes[kSlots] = {};  // quantized: the slot's codes of the segment (not of the unit)
   float* state32[kSlots] = {};
   float scale[kSlots] = {};
   __m256 vscale[kSlots];
   std::optional<ScaledNibbleCode8> nibble_code[kSlots];
   __m256i absmax[kSlots];
-  uint32_t tail_absmax[kSlots] = {};
   for (int k = 0; k < NS; ++k) {
     if (kQuant) {
       codes[k] = static_cast<const uint8_t*>(seg.state[k]);
@@ -685,10 +710,11 @@ void unit_avx2(const Call& call, const Segment& seg, int64_t u, float (*kept)[kM
   const __m256 grad_scale = _mm256_set1_ps(seg.grad_scale);
   const __m256i magnitude_mask = _mm256_set1_epi32(static_cast<int>(kAbsMask));
   const float rate = write_rate(R, seg.lr);
+  __m256d norm_low = _mm256_setzero_pd(), norm_high = _mm256_setzero_pd();
   int64_t bad = 0;
   int64_t i = 0;
   for (; i + 8 <= len; i += 8) {
-    __m256 g = load8(grad + i);
+    __m256 g = load_grad8<G>(grad, seg.grad_kind, i);
     if (call.has_grad_scale) g = _mm256_mul_ps(g, grad_scale);
     const __m256 skip = _mm256_castsi256_ps(not_finite8(g));
     g = _mm256_andnot_ps(skip, g);  // a non-finite gradient counts as 0
@@ -708,6 +734,14 @@ void unit_avx2(const Call& call, const Segment& seg, int64_t u, float (*kept)[kM
       state[k] = old[k];
     }
     const Vec8 d = update_value<Vec8>(R, W, call.c, Vec8(g), Vec8(p), state, NS, seg.lr);
+    if constexpr (kNorm) {
+      const __m256 counted = _mm256_andnot_ps(skip, d.v);  // 0 where the gradient is not finite
+      const __m256d low = _mm256_cvtps_pd(_mm256_castps256_ps128(counted));
+      const __m256d high = _mm256_cvtps_pd(_mm256_extractf128_ps(counted, 1));
+      norm_low = _mm256_add_pd(norm_low, _mm256_mul_pd(low, low));
+      norm_high = _mm256_add_pd(norm_high, _mm256_mul_pd(high, high));
+      continue;
+    }
     const Vec8 stepped = apply_direction_value<Vec8>(Vec8(p), call.decay, rate, d);
     bad += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(skip)));
     const __m256 written = _mm256_blendv_ps(stepped.v, p, skip);
@@ -735,40 +769,21 @@ void unit_avx2(const Call& call, const Segment& seg, int64_t u, float (*kept)[kM
       }
     }
   }
-  for (; i < len; ++i) {
-    float g = to_float(grad[i]);
-    if (call.has_grad_scale) g = g * seg.grad_scale;
-    const bool finite = std::isfinite(g);
-    const float p = read_param_scalar(call, seg, param + i, start + i);
-    float old[kSlots], state[kSlots];
-    for (int k = 0; k < NS; ++k) {
-      if (kQuant) {
-        const int c = call.four_bit ? nibble_at(codes[k], start + i) : codes[k][start + i];
-        old[k] = call.slot[k].book.code[c] * scale[k];
-      } else {
-        old[k] = state32[k][i];
-      }
-      state[k] = old[k];
-    }
-    const float d = update_element(R, W, call.c, finite ? g : 0.0f, p, state, NS, seg.lr);
-    bad += finite ? 0 : 1;
-    write_param_scalar(call, seg, param + i, start + i, finite ? apply_direction(p, call.decay, rate, d) : p);
-    for (int k = 0; k < NS; ++k) {
-      const float value = finite ? state[k] : old[k];
-      if (kQuant) {
-        kept[k][i] = value;
-        tail_absmax[k] = std::max(tail_absmax[k], float_to_bits(value) & kAbsMask);
-      } else {
-        state32[k][i] = value;
-      }
-    }
+  const int64_t tail = i;
+  double norm = 0.0;
+  for (; i < len; ++i) step_element<R, W, NS, kQuant, kNorm, P>(call, seg, start, i, scale, kept, &norm, &bad);
+  if constexpr (kNorm) {
+    alignas(32) double lanes[4];
+    _mm256_store_pd(lanes, _mm256_add_pd(norm_low, norm_high));
+    call.unit_norms[u] = norm + ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]));
+    return;
   }
   *nonfinite += bad;
   if (kQuant) {
     for (int k = 0; k < NS; ++k) {
       alignas(32) uint32_t lanes[8];
       _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), absmax[k]);
-      uint32_t bits = tail_absmax[k];
+      uint32_t bits = absmax_bits_portable(kept[k] + tail, len - tail);
       for (uint32_t lane : lanes) bits = std::max(bits, lane);
       const float block_absmax = absmax_from_bits(bits);
       seg.absmax[k][b] = block_absmax;
@@ -799,10 +814,10 @@ void run_units(const Call& call, int64_t num_segments, int64_t first, int64_t la
     unit_avx512<R, W, NS, kQuant, kNorm, P>(call, segments[s], u, kept, nonfinite);
 #elif D8_AVX2
     if constexpr (kNorm) {
-      unit_scalar<R, W, NS, kQuant, kNorm, P>(call, segments[s], u, kept, nonfinite);
+      unit_avx2<R, W, NS, kQuant, kNorm, P, AnyFloat>(call, segments[s], u, kept, nonfinite);
     } else {
       binding::visit_torch_float(segments[s].grad_kind, [&](auto tag) {
-        unit_avx2<R, W, NS, kQuant, P, typename decltype(tag)::type>(call, segments[s], u, kept, nonfinite);
+        unit_avx2<R, W, NS, kQuant, kNorm, P, typename decltype(tag)::type>(call, segments[s], u, kept, nonfinite);
       });
     }
 #else
