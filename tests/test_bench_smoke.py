@@ -176,3 +176,22 @@ def test_optim_master_weights_rows_and_bar(tmp_path):
     assert result["bars"] == master_weight_bars(result["rows"])
     ratio = rows["dist8bit AdamW8bit compensated-8"]["ms_over_none"]
     assert result["bars"]["compensated_8_met"] is (ratio <= 1.25)
+
+
+def test_optim_norm_passes_rows(tmp_path):
+    """--norm-passes: AdamW8bit, LAMB8bit and AdamW8bit with max_unorm, the norm pass's reads in the bytes
+    bound, and paired ratios to plain AdamW8bit."""
+    from dist8bit.bench.optim import bytes_per_param
+
+    main(["optim", "--preset", "gpt-small-test", "--norm-passes", "--budget", "0", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "optim-gpt-small-test-fp32-norm-passes.json").read_text())
+    rows = {row["impl"]: row for row in result["rows"]}
+    assert set(rows) == {"dist8bit AdamW8bit", "dist8bit LAMB8bit", "dist8bit AdamW8bit max_unorm"}
+    assert all(row["ms"] > 0 and row["ms_over_adamw8bit"] > 0 for row in rows.values())
+    assert rows["dist8bit AdamW8bit"]["ms_over_adamw8bit"] == 1.0
+    # The norm pass reads p and g (fp32) and both 8-bit states with their absmax once more.
+    extra = bytes_per_param("dist8bit LAMB8bit", 4) - bytes_per_param("dist8bit AdamW8bit", 4)
+    assert extra == pytest.approx(2 * 4 + 2 * (1 + 4 / 256))
+    assert bytes_per_param("dist8bit AdamW8bit max_unorm", 4) == bytes_per_param("dist8bit LAMB8bit", 4)
+    with pytest.raises(SystemExit, match="separate runs"):
+        main(["optim", "--norm-passes", "--master-weights", "--budget", "0", "--out", str(tmp_path)])

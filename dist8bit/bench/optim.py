@@ -13,6 +13,11 @@ mode instead (none, stochastic, compensated with int8 and int16 errors), each
 row's time as a ratio of the `none` row's; issue 16's bar (the compensated
 step costs at most 1.25x the plain bf16 8-bit step) goes into the JSON's "bars".
 
+--norm-passes times the 8-bit steps that need a norm of the update first
+(LAMB8bit's trust ratio, AdamW8bit with max_unorm): the kernel runs a second,
+read-only pass over p, g and the states (+ 2*P + 2.03 bytes), and each row's
+time is given as a ratio of plain AdamW8bit's.
+
 torchao's optimizers (when torchao is installed; never a dependency) are plain
 PyTorch under torch.compile: their first step compiles (on a CPU that needs a
 C++ compiler), so the warm-up step's time is reported apart, and a peer whose
@@ -70,6 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="time AdamW8bit on bf16 parameters under each master_weights mode (implies --dtype bf16)",
     )
     parser.add_argument(
+        "--norm-passes",
+        action="store_true",
+        help="time the 8-bit steps with a norm pass (LAMB8bit, AdamW8bit max_unorm) against plain AdamW8bit",
+    )
+    parser.add_argument(
         "--busy-cores", type=int, default=0, help="keep this many other processes spinning while timing (a loaded machine)"
     )
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
@@ -112,6 +122,15 @@ def _master_weight_candidates() -> dict[str, Callable[[list[torch.Tensor]], torc
     return {name: make(mode, bits) for name, (mode, bits) in MASTER_WEIGHT_ROWS.items()}
 
 
+# --norm-passes rows: name -> constructor; the first is the baseline of the ratios.
+NORM_PASS_ROWS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
+    "dist8bit AdamW8bit": lambda ps: d8.AdamW8bit(ps, lr=1e-3),
+    "dist8bit LAMB8bit": lambda ps: d8.LAMB8bit(ps, lr=1e-3),
+    "dist8bit AdamW8bit max_unorm": lambda ps: d8.AdamW8bit(ps, lr=1e-3, max_unorm=1.0),
+}
+NORM_PASS_BASELINE = "dist8bit AdamW8bit"
+
+
 def _torchao_candidates(lr: float) -> dict[str, Callable]:
     """torchao's AdamW8bit and AdamW4bit; an import that fails (a torchao built for another torch) becomes
     a constructor that raises, so the row reports it."""
@@ -143,11 +162,14 @@ def error_bytes(name: str) -> int:
 
 def bytes_per_param(name: str, element: int) -> float:
     """Bytes a step must move per parameter (see the module docstring): two states, each read and written,
-    with one float32 absmax per block (256 elements at 8 bits, 128 at 4), and a compensated row's errors."""
+    with one float32 absmax per block (256 elements at 8 bits, 128 at 4), a compensated row's errors, and
+    a norm pass's reads of p, g and the states."""
     bits = state_bits(name)
     if bits == 32:
         return 3 * element + 16
-    return 3 * element + 2 * 2 * (bits / 8 + 4 / default_blocksize(bits)) + error_bytes(name)
+    state = 2 * (bits / 8 + 4 / default_blocksize(bits))  # both states, read once
+    norm_pass = 2 * element + state if name in NORM_PASS_ROWS and name != NORM_PASS_BASELINE else 0
+    return 3 * element + 2 * state + error_bytes(name) + norm_pass
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -170,6 +192,8 @@ def _tensor_bytes(value: torch.Tensor) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.master_weights and args.norm_passes:
+        raise SystemExit("--master-weights and --norm-passes are separate runs: pass one of them")
     if args.master_weights:
         args.dtype = "bf16"
     dtype = DTYPES[args.dtype]
@@ -193,15 +217,25 @@ def _measure(
     numel = sum(p.numel() for p in params)
     bandwidth = copy_bandwidth_gbs(device)
     rmw_bandwidth = rmw_bandwidth_gbs(device)
-    candidates = _master_weight_candidates() if args.master_weights else _candidates(dtype, device)
+    if args.master_weights:
+        candidates = _master_weight_candidates()
+    elif args.norm_passes:
+        candidates = dict(NORM_PASS_ROWS)
+    else:
+        candidates = _candidates(dtype, device)
     if args.only:
         wanted = [n.strip() for n in args.only.split(",")]
         unknown = [n for n in wanted if n not in candidates]
         if unknown:
             raise SystemExit(f"--only: unknown implementation(s) {unknown}; choose from {sorted(candidates)}")
         candidates = {n: f for n, f in candidates.items() if n in wanted}
-    timed = _interleaved_rows if args.master_weights else _sequential_rows
-    rows = timed(candidates, params, device, args.budget, (bandwidth, rmw_bandwidth))
+    bandwidths = (bandwidth, rmw_bandwidth)
+    if args.master_weights:
+        rows = _interleaved_rows(candidates, params, device, args.budget, bandwidths, BASELINE_ROW, "ms_over_none")
+    elif args.norm_passes:
+        rows = _interleaved_rows(candidates, params, device, args.budget, bandwidths, NORM_PASS_BASELINE, "ms_over_adamw8bit")
+    else:
+        rows = _sequential_rows(candidates, params, device, args.budget, bandwidths)
     fused = next((r for r in rows if r["impl"] == "torch AdamW fused" and "ms" in r), None)
     bnb_row = next((r for r in rows if r["impl"] == "bitsandbytes AdamW8bit" and "ms" in r), None)
     for row in rows:
@@ -219,10 +253,11 @@ def _measure(
         "rmw_bandwidth_GBps": rmw_bandwidth,
         "busy_cores": args.busy_cores,
         "machine": machine_description(),
-        "bars": master_weight_bars(rows) if args.master_weights else four_bit_bars(rows),
+        "bars": master_weight_bars(rows) if args.master_weights else {} if args.norm_passes else four_bit_bars(rows),
         "rows": rows,
     }
-    suffix = ("-master-weights" if args.master_weights else "") + (f"-busy{args.busy_cores}" if args.busy_cores else "")
+    mode = "-master-weights" if args.master_weights else "-norm-passes" if args.norm_passes else ""
+    suffix = mode + (f"-busy{args.busy_cores}" if args.busy_cores else "")
     write_json(args.out / f"optim-{args.preset}-{args.dtype}{suffix}.json", result)
     _plot(
         rows,
@@ -246,6 +281,9 @@ def _measure(
                 f" (<= {COMPENSATED_BAR:g}x: {bars[f'compensated_{bits}_met']})"
             )
         return result
+    if args.norm_passes:
+        print(format_table(rows, [*columns, "ms_over_adamw8bit", "error"]))
+        return result
     print(format_table(rows, [*columns, "vs_torch_fused", "vs_bnb", "error"]))
     print(
         f"4-bit bars: AdamW4bit step = {_ratio(bars['adamw8bit_ms_over_adamw4bit_ms'])} AdamW8bit's speed"
@@ -258,7 +296,7 @@ def _measure(
 Maker = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 Params = list[torch.nn.Parameter]
 Bandwidths = tuple[float, float]  # copy, read-modify-write (GB/s)
-MASTER_WEIGHT_ROUNDS = 5  # --master-weights: timing turns per row
+INTERLEAVED_ROUNDS = 5  # --master-weights, --norm-passes: timing turns per row
 
 
 def _row(
@@ -301,11 +339,18 @@ def _sequential_rows(
 
 
 def _interleaved_rows(
-    candidates: dict[str, Maker], params: Params, device: torch.device, budget: float, bandwidths: Bandwidths
+    candidates: dict[str, Maker],
+    params: Params,
+    device: torch.device,
+    budget: float,
+    bandwidths: Bandwidths,
+    baseline: str,
+    ratio_key: str,
 ) -> list[dict]:
-    """--master-weights: every optimizer built and warmed up, then timed in turns (MASTER_WEIGHT_ROUNDS rounds),
-    so that a load that changes during the run (shared CPUs) weighs on every row alike. A row's ms is the median
-    of its round medians; ms_over_none the median of its per-round ratios to the `none` row's (paired rounds)."""
+    """--master-weights, --norm-passes: every optimizer built and warmed up, then timed in turns
+    (INTERLEAVED_ROUNDS rounds), so that a load that changes during the run (shared CPUs) weighs on every row
+    alike. A row's ms is the median of its round medians; `ratio_key` the median of its per-round ratios to
+    the `baseline` row's (paired rounds)."""
     optimizers: dict[str, torch.optim.Optimizer] = {}
     first_step: dict[str, float] = {}
     rows = {}
@@ -317,15 +362,15 @@ def _interleaved_rows(
             optimizers.pop(name, None)
             rows[name] = _error_row(name, error)
     rounds: dict[str, list[float]] = {name: [] for name in optimizers}
-    for _ in tqdm(range(MASTER_WEIGHT_ROUNDS), desc="optim bench (rounds)", unit="round"):
+    for _ in tqdm(range(INTERLEAVED_ROUNDS), desc="optim bench (rounds)", unit="round"):
         for name, optimizer in optimizers.items():
-            timing = time_call(optimizer.step, device, min_repeats=1, budget_s=budget / MASTER_WEIGHT_ROUNDS)
+            timing = time_call(optimizer.step, device, min_repeats=1, budget_s=budget / INTERLEAVED_ROUNDS)
             rounds[name].append(timing.median_ms)
     for name, optimizer in optimizers.items():
         rows[name] = _row(name, optimizer, statistics.median(rounds[name]), first_step[name], params, bandwidths)
-        if BASELINE_ROW in rounds:
-            paired = [ms / none for ms, none in zip(rounds[name], rounds[BASELINE_ROW], strict=True)]
-            rows[name]["ms_over_none"] = statistics.median(paired)
+        if baseline in rounds:
+            paired = [ms / base for ms, base in zip(rounds[name], rounds[baseline], strict=True)]
+            rows[name][ratio_key] = statistics.median(paired)
     return [rows[name] for name in candidates]
 
 
