@@ -10,6 +10,9 @@ from it. gpu-check has its own tests (tests/test_gpu_check.py).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -195,3 +198,16 @@ def test_optim_norm_passes_rows(tmp_path):
     assert bytes_per_param("dist8bit AdamW8bit max_unorm", 4) == bytes_per_param("dist8bit LAMB8bit", 4)
     with pytest.raises(SystemExit, match="separate runs"):
         main(["optim", "--norm-passes", "--master-weights", "--budget", "0", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_cpu_kernels_flag_runs_and_records_the_variant(tmp_path):
+    """--cpu-kernels avx2 loads that build over the native one (in a fresh process: the override is for the
+    whole process) and says so in the JSON's machine."""
+    command = [sys.executable, "-m", "dist8bit.bench", "--cpu-kernels", "avx2", "quantize", "--log2-numel", "12"]
+    command += ["--dtypes", "fp32", "--budget", "0", "--skip-reference", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "run the avx2 build of the kernels" in result.stdout
+    machine = json.loads((tmp_path / "quantize.json").read_text())["machine"]
+    assert machine["cpu_kernels"] == "avx2"
