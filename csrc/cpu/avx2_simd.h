@@ -96,6 +96,12 @@ __attribute__((always_inline)) inline __m256i random_bits8(uint32_t key, int64_t
   return mix32_avx2(_mm256_xor_si256(low, mixed_high));
 }
 
+// u(i) of common/stochastic_rounding.h for the 8 elements index0 .. index0 + 7.
+__attribute__((always_inline)) inline __m256 uniform8(uint32_t key, int64_t index0) {
+  const __m256i top = _mm256_srli_epi32(random_bits8(key, index0), 8);
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(top), _mm256_set1_ps(5.9604644775390625e-08f));
+}
+
 // 8 float32 values as bfloat16 under stochastic rounding of element indices
 // index0 ..: (bits + 16 random bits) >> 16; +-Inf stays itself, NaN becomes 0xFFFF.
 __attribute__((always_inline)) inline void store8_stochastic(c10::BFloat16* out, __m256 v, uint32_t key,
@@ -287,6 +293,38 @@ void encode_avx2(const Codebook& book, const T* x, int64_t len, float inv, uint8
                           : encode_lines_avx2<false>(book, tables, x, len, inv, out);
   }
   encode_portable(book, x + i, len - i, inv, out + i);
+}
+
+// Stochastic codes (common/code_search.h, stochastic_code_index) of `len`
+// values x * inv (inv finite) whose first element has index `index0`: the
+// round-to-nearest codes first (encode_avx2, into `out`), then 8 lanes at a
+// time the pick between the two codes that bracket s; the tail takes the
+// scalar rule.
+template <typename T>
+void encode_stochastic_avx2(const Codebook& book, const T* x, int64_t len, float inv, uint8_t* out, uint32_t key,
+                            int64_t index0) {
+  encode_avx2(book, x, len, inv, out);
+  const __m256 scale = _mm256_set1_ps(inv);
+  const __m256i one = _mm256_set1_epi32(1);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    __m256 s = _mm256_mul_ps(load8(x + i), scale);
+    s = _mm256_andnot_ps(_mm256_cmp_ps(s, s, _CMP_UNORD_Q), s);  // NaN rounds as 0 (scaled_value)
+    const __m256i nearest = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(out + i)));
+    // low = s >= code[nearest] ? nearest : nearest - 1 (the compare's all-ones mask is -1), at least 0.
+    const __m256 below = _mm256_cmp_ps(s, _mm256_i32gather_ps(book.code, nearest, 4), _CMP_LT_OQ);
+    const __m256i low = _mm256_max_epi32(_mm256_add_epi32(nearest, _mm256_castps_si256(below)), _mm256_setzero_si256());
+    const __m256i high = _mm256_min_epi32(_mm256_add_epi32(low, one), _mm256_set1_epi32(kLastCode));
+    const __m256 code_low = _mm256_i32gather_ps(book.code, low, 4);
+    const __m256 code_high = _mm256_i32gather_ps(book.code, high, 4);
+    const __m256 fraction = _mm256_div_ps(_mm256_sub_ps(s, code_low), _mm256_sub_ps(code_high, code_low));
+    const __m256 up = _mm256_cmp_ps(uniform8(key, index0 + i), fraction, _CMP_LT_OQ);  // NaN fraction: low
+    const __m256i code = _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(low), _mm256_castsi256_ps(high), up));
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(words, words));
+  }
+  encode_stochastic_portable(book, x + i, len - i, inv, out + i, key, index0 + i);
 }
 
 #endif  // D8_AVX2

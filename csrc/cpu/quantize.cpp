@@ -29,7 +29,8 @@
 // jump is encoded again by an 8-step binary search whose lookups are register
 // permutes too (no gathers: they are slow on AMD cores). Decoding looks up
 // the 4 bytes of code[c] with byte permutes (VBMI). With AVX2 but no AVX-512,
-// round-to-nearest encoding takes the same lines on 8 lanes (avx2_simd.h).
+// encoding takes the same lines on 8 lanes, and stochastic rounding picks
+// between the bracketing codes with gathers (avx2_simd.h).
 // Otherwise (and built with -DD8_PORTABLE) the same entry points run plain
 // loops over the shared scalar rule of common/code_search.h. Blocks
 // whose absmax is 0, Inf, NaN or so small that 1 / absmax overflows take the
@@ -140,8 +141,12 @@ struct Quantizer {
     }
 #endif
 #if D8_AVX2
-    if (regular && !stochastic) {
-      encode_avx2(book, p, len, inv, out);
+    if (regular) {
+      if (stochastic) {
+        encode_stochastic_avx2(book, p, len, inv, out, key, start);
+      } else {
+        encode_avx2(book, p, len, inv, out);
+      }
       return;
     }
 #endif
