@@ -211,3 +211,18 @@ def test_cpu_kernels_flag_runs_and_records_the_variant(tmp_path):
     assert "run the avx2 build of the kernels" in result.stdout
     machine = json.loads((tmp_path / "quantize.json").read_text())["machine"]
     assert machine["cpu_kernels"] == "avx2"
+
+
+def test_quantize_stochastic_rows(tmp_path):
+    """--stochastic: a quantize-stochastic row per dist8bit backend and dtype, with quantize's bytes; none for
+    bitsandbytes (no CPU stochastic quantize)."""
+    main(["quantize", "--log2-numel", "12", "--dtypes", "fp32", "--budget", "0", "--out", str(tmp_path)])
+    plain = json.loads((tmp_path / "quantize.json").read_text())["rows"]
+    assert not any(row["op"] == "quantize-stochastic" for row in plain)
+    main(["quantize", "--log2-numel", "12", "--dtypes", "fp32,bf16", "--budget", "0", "--stochastic", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "quantize.json").read_text())["rows"]
+    stochastic = {(row["impl"], row["dtype"]): row for row in rows if row["op"] == "quantize-stochastic"}
+    nearest = {(row["impl"], row["dtype"]): row for row in rows if row["op"] == "quantize"}
+    assert {impl for impl, _ in stochastic} == {impl for impl, _ in nearest} - {"bitsandbytes"}
+    assert {dtype for _, dtype in stochastic} == {"float32", "bfloat16"}
+    assert all(row["ms"] > 0 and row["bytes"] == nearest[key]["bytes"] for key, row in stochastic.items())

@@ -3,6 +3,9 @@
 Bytes moved per call (what bounds a memory-bound kernel):
     quantize:   n * input_bytes (read) + n (codes) + 4 * n / blocksize (absmax)
     dequantize: n + 4 * n / blocksize (read) + n * output_bytes (write)
+--stochastic adds quantize-stochastic rows (stochastic rounding with a seed,
+the same bytes as quantize) for dist8bit's backends; bitsandbytes has no CPU
+stochastic quantize to compare with.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", default="fp32", help="comma-separated subset of fp32,fp16,bf16")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timing per case")
     parser.add_argument("--skip-reference", action="store_true", help="leave out the slow plain-PyTorch backend")
+    parser.add_argument(
+        "--stochastic",
+        action="store_true",
+        help="also time quantize with stochastic rounding (op quantize-stochastic; dist8bit backends only)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/bench"), help="directory for JSON and PNG")
 
 
@@ -60,33 +68,52 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, torch.device, str]]:
     return cases
 
 
-def _time_case(name: str, device: torch.device, dtype: torch.dtype, numel: int, blocksize: int, budget: float) -> dict:
+def _time_case(
+    name: str, device: torch.device, dtype: torch.dtype, numel: int, blocksize: int, budget: float, stochastic: bool
+) -> list[dict]:
     torch.manual_seed(0)
     A = torch.randn(numel, device=device).to(dtype)
     if name == "bitsandbytes":
         bnb_quantize, bnb_dequantize = _bitsandbytes_functions()
         codes, state = bnb_quantize(A, blocksize=blocksize)
-        quantize_timing = time_call(lambda: bnb_quantize(A, blocksize=blocksize), device, budget_s=budget)
-        dequantize_timing = time_call(lambda: bnb_dequantize(codes, state), device, budget_s=budget)
+        timings = {
+            "quantize": time_call(lambda: bnb_quantize(A, blocksize=blocksize), device, budget_s=budget),
+            "dequantize": time_call(lambda: bnb_dequantize(codes, state), device, budget_s=budget),
+        }
     else:
         codes = torch.empty(numel, dtype=torch.uint8, device=device)
         absmax = torch.empty(num_blocks(numel, blocksize), device=device)
         restored = torch.empty_like(A)
         with forced_backend(name):
             F.quantize_blockwise(A, out=codes, absmax=absmax, blocksize=blocksize)
-            quantize_timing = time_call(
-                lambda: F.quantize_blockwise(A, out=codes, absmax=absmax, blocksize=blocksize), device, budget_s=budget
-            )
-            dequantize_timing = time_call(
-                lambda: F.dequantize_blockwise(codes, absmax=absmax, blocksize=blocksize, out=restored),
-                device,
-                budget_s=budget,
-            )
+            timings = {
+                "quantize": time_call(
+                    lambda: F.quantize_blockwise(A, out=codes, absmax=absmax, blocksize=blocksize), device, budget_s=budget
+                ),
+                "dequantize": time_call(
+                    lambda: F.dequantize_blockwise(codes, absmax=absmax, blocksize=blocksize, out=restored),
+                    device,
+                    budget_s=budget,
+                ),
+            }
+            if stochastic:
+                timings["quantize-stochastic"] = time_call(
+                    lambda: F.quantize_blockwise(
+                        A, out=codes, absmax=absmax, blocksize=blocksize, stochastic_rounding=True, seed=1
+                    ),
+                    device,
+                    budget_s=budget,
+                )
     element = A.element_size()
     scale_bytes = 4 * num_blocks(numel, blocksize)
-    moved = {"quantize": numel * element + numel + scale_bytes, "dequantize": numel + scale_bytes + numel * element}
+    quantize_bytes = numel * element + numel + scale_bytes
+    moved = {
+        "quantize": quantize_bytes,
+        "quantize-stochastic": quantize_bytes,
+        "dequantize": numel + scale_bytes + numel * element,
+    }
     rows = []
-    for op, timing in (("quantize", quantize_timing), ("dequantize", dequantize_timing)):
+    for op, timing in timings.items():
         rows.append(
             {
                 "impl": name,
@@ -111,7 +138,7 @@ def run(args: argparse.Namespace) -> dict:
         bandwidth[device_type] = copy_bandwidth_gbs(torch.device(device_type))
     rows: list[dict] = []
     for name, device, dtype_name in tqdm(cases, desc="quantize bench", unit="case"):
-        rows += _time_case(name, device, DTYPES[dtype_name], numel, args.blocksize, args.budget)
+        rows += _time_case(name, device, DTYPES[dtype_name], numel, args.blocksize, args.budget, args.stochastic)
     for row in rows:
         row["of_copy_bw"] = row["GB/s"] / bandwidth[row["device"]]
         peer = next(
@@ -151,8 +178,10 @@ def _plot(rows: list[dict], bandwidth: dict[str, float], path: Path, numel: int,
     fig, axes = plt.subplots(1, len(devices), figsize=(6 * len(devices), 4), squeeze=False)
     for ax, device in zip(axes[0], devices, strict=True):
         subset = [r for r in rows if r["device"] == device]
-        labels = [f"{r['impl']}\n{r['dtype']} {r['op'][:5]}" for r in subset]
-        ax.bar(range(len(subset)), [r["GB/s"] for r in subset], color=["C0" if r["op"] == "quantize" else "C1" for r in subset])
+        short = {"quantize": "q", "dequantize": "dq", "quantize-stochastic": "q-stoch"}
+        labels = [f"{r['impl']}\n{r['dtype']} {short[r['op']]}" for r in subset]
+        colors = {"quantize": "C0", "dequantize": "C1", "quantize-stochastic": "C2"}
+        ax.bar(range(len(subset)), [r["GB/s"] for r in subset], color=[colors[r["op"]] for r in subset])
         ax.axhline(bandwidth[device], color="k", linestyle="--", label=f"copy bandwidth {bandwidth[device]:.0f} GB/s")
         ax.set_xticks(range(len(subset)), labels, fontsize=7)
         ax.set_ylabel("GB/s (bytes moved / time)")
