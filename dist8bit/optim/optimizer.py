@@ -492,6 +492,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         """One step of the parameters whose id is in `selected` (all when None) that have a gradient."""
         overrides = GlobalOptimManager.get_instance().overrides()
         batches: dict[tuple, list[_Unit]] = defaultdict(list)
+        # (id(config), step) -> (constant vector, batch key): computed once per group and step, not per
+        # parameter. The units hold their configs until the launches, so no id is reused within this call.
+        settings: dict[tuple[int, int], tuple[tuple[float, ...], tuple]] = {}
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is None or (selected is not None and id(param) not in selected):
@@ -504,7 +507,11 @@ class Optimizer8bit(torch.optim.Optimizer):
                 else:
                     units = self._flat_units(param, segments, state, group, overrides)
                 for unit in units:
-                    hyper = self.step_constants(unit.config, unit.step).vector()
+                    known = settings.get((id(unit.config), unit.step))
+                    if known is None:
+                        known = self.step_constants(unit.config, unit.step).vector(), _batch_key(unit.config)
+                        settings[id(unit.config), unit.step] = known
+                    hyper, launch_settings = known
                     key = (
                         unit.param.device,
                         unit.param.dtype,
@@ -513,7 +520,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                         unit.blocksize,
                         hyper,
                         unit.step,
-                        _batch_key(unit.config),
+                        launch_settings,
                     )
                     batches[key].append(unit)
         for (device, _, _, bits, blocksize, hyper, step, _), units in batches.items():
