@@ -55,10 +55,11 @@
 // depend on the thread count or the chunking.
 //
 // Without AVX-512 but with AVX2 (AMD EPYC Zen 2/3, older Intel) the units run
-// 8 lanes at a time (unit_avx2; avx2_simd.h and nibble_simd.h encode), all but
-// the norm passes. Otherwise, and with -DD8_PORTABLE, the same units run a
-// scalar loop over update_element and quant_simd.h's portable helpers. All
-// paths give identical results.
+// 8 lanes at a time (unit_avx2; avx2_simd.h and nibble_simd.h encode), norm
+// passes too, and a unit's last len % 8 elements one by one (step_element).
+// Otherwise, and with -DD8_PORTABLE, the same units run step_element over
+// every element (update_element and quant_simd.h's portable helpers). All
+// paths give identical results (norms: to float64 summation order).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
