@@ -580,34 +580,6 @@ __attribute__((always_inline)) inline __m512 uniform16(uint32_t key, int64_t ind
   return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bits, 8)), _mm512_set1_ps(5.9604644775390625e-08f));
 }
 
-// Stochastic codes of a block whose absmax and 1/absmax are finite.
-template <typename T>
-void encode_stochastic_avx512(const EncodeTables& tables, const FloatTable256& code, const T* x, int64_t len, float inv,
-                              uint8_t* out, uint32_t key, int64_t index0) {
-  const __m512 vinv = _mm512_set1_ps(inv);
-  const __m512i one = _mm512_set1_epi32(1);
-  for (int64_t i = 0; i < len; i += 64) {
-    const __mmask64 mask = first_bits(len - i);
-    __m512 s[4];
-    __m512i nearest[4], c[4];
-    for (int v = 0; v < 4; ++v) {
-      s[v] = _mm512_mul_ps(load16(x + i + 16 * v, static_cast<__mmask16>(mask >> (16 * v))), vinv);
-    }
-    search<4>(s, nearest, tables);
-    for (int v = 0; v < 4; ++v) {
-      const __mmask16 at_or_above = _mm512_cmp_ps_mask(s[v], code.lookup(nearest[v]), _CMP_GE_OQ);
-      __m512i low = _mm512_mask_mov_epi32(_mm512_sub_epi32(nearest[v], one), at_or_above, nearest[v]);
-      low = _mm512_max_epi32(low, _mm512_setzero_si512());
-      const __m512i high = _mm512_min_epi32(_mm512_add_epi32(low, one), _mm512_set1_epi32(kLastCode));
-      const __m512 code_low = code.lookup(low);
-      const __m512 fraction = _mm512_div_ps(_mm512_sub_ps(s[v], code_low), _mm512_sub_ps(code.lookup(high), code_low));
-      const __m512 u = uniform16(key, index0 + i + 16 * v);
-      c[v] = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(u, fraction, _CMP_LT_OQ), low, high);
-    }
-    _mm512_mask_storeu_epi8(out + i, mask, pack_bytes(c[0], c[1], c[2], c[3]));
-  }
-}
-
 // float32 -> the output type, 16 values.
 __attribute__((always_inline)) inline __m256i narrow(__m512 v, c10::Half*) {
   return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -661,6 +633,87 @@ struct DecodeTables {
   }
 };
 #endif  // D8_AVX512_VBMI
+
+#if D8_AVX512
+// code[c] for 4 vectors of int32 indices in [0, 255]: with VBMI the byte-plane
+// decoder on the 64 indices packed to bytes, else the permute table per vector.
+struct CodeLookup {
+#if D8_AVX512_VBMI
+  DecodeTables planes;
+  explicit CodeLookup(const float* code) : planes(code) {}
+  __attribute__((always_inline)) void lookup4(const __m512i index[4], __m512 out[4]) const {
+    planes.decode(pack_bytes(index[0], index[1], index[2], index[3]), out);
+  }
+#else
+  FloatTable256 table;
+  explicit CodeLookup(const float* code) : table(code) {}
+  __attribute__((always_inline)) void lookup4(const __m512i index[4], __m512 out[4]) const {
+    for (int v = 0; v < 4; ++v) out[v] = table.lookup(index[v]);
+  }
+#endif
+};
+
+// Round-to-nearest codes (int32) of 4 vectors of finite s with |s| < 2: the
+// encoder table's lines when the map has a table and every lane clears the
+// guard, else the binary search.
+__attribute__((always_inline)) inline void nearest_codes4(const EncodeTables& tables, const __m512 s[4], __m512i codes[4]) {
+  if (tables.has_line) {
+    __m512 near[4];
+    for (int v = 0; v < 4; ++v) {
+      codes[v] = tables.line.two_splits ? line_codes<true>(tables.line, s[v], near[v])
+                                        : line_codes<false>(tables.line, s[v], near[v]);
+    }
+    if (__builtin_expect(lines_hold(tables.line, near), 1)) {
+      for (int v = 0; v < 4; ++v) {
+        codes[v] = _mm512_min_epi32(_mm512_max_epi32(codes[v], _mm512_setzero_si512()), _mm512_set1_epi32(kLastCode));
+      }
+      return;
+    }
+  }
+  search<4>(s, codes, tables);
+}
+
+// Stochastic codes of a block whose absmax and 1/absmax are finite. The codes
+// bracketing s are low = max(s >= code[n] ? n : n - 1, 0) and high =
+// min(low + 1, 255) around the nearest code n; one of them is n, so besides
+// code[n] one more lookup gives both values.
+template <typename T>
+void encode_stochastic_avx512(const EncodeTables& tables, const CodeLookup& code, const T* x, int64_t len, float inv,
+                              uint8_t* out, uint32_t key, int64_t index0) {
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int64_t i = 0; i < len; i += 64) {
+    const __mmask64 mask = first_bits(len - i);
+    __m512 s[4];
+    __m512i nearest[4], c[4];
+    for (int v = 0; v < 4; ++v) {
+      s[v] = _mm512_mul_ps(load16(x + i + 16 * v, static_cast<__mmask16>(mask >> (16 * v))), vinv);
+    }
+    nearest_codes4(tables, s, nearest);
+    __m512 at_nearest[4], other[4];
+    code.lookup4(nearest, at_nearest);
+    __m512i low[4], high[4], other_index[4];
+    __mmask16 low_is_nearest[4];
+    for (int v = 0; v < 4; ++v) {
+      const __mmask16 at_or_above = _mm512_cmp_ps_mask(s[v], at_nearest[v], _CMP_GE_OQ);
+      low[v] = _mm512_mask_mov_epi32(_mm512_sub_epi32(nearest[v], one), at_or_above, nearest[v]);
+      low[v] = _mm512_max_epi32(low[v], _mm512_setzero_si512());
+      high[v] = _mm512_min_epi32(_mm512_add_epi32(low[v], one), _mm512_set1_epi32(kLastCode));
+      low_is_nearest[v] = _mm512_cmpeq_epi32_mask(low[v], nearest[v]);
+      other_index[v] = _mm512_mask_mov_epi32(low[v], low_is_nearest[v], high[v]);
+    }
+    code.lookup4(other_index, other);
+    for (int v = 0; v < 4; ++v) {
+      const __m512 code_low = _mm512_mask_mov_ps(other[v], low_is_nearest[v], at_nearest[v]);
+      const __m512 code_high = _mm512_mask_mov_ps(at_nearest[v], low_is_nearest[v], other[v]);
+      const __m512 fraction = _mm512_div_ps(_mm512_sub_ps(s[v], code_low), _mm512_sub_ps(code_high, code_low));
+      const __m512 u = uniform16(key, index0 + i + 16 * v);
+      c[v] = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(u, fraction, _CMP_LT_OQ), low[v], high[v]);
+    }
+    _mm512_mask_storeu_epi8(out + i, mask, pack_bytes(c[0], c[1], c[2], c[3]));
+  }
+}
+#endif  // D8_AVX512
 
 }  // namespace cpu
 }  // namespace dist8bit

@@ -81,7 +81,7 @@ struct Quantizer {
   bool stream;        // write codes with non-temporal stores (large outputs)
 #if D8_AVX512
   EncodeTables tables;
-  FloatTable256 code_table;
+  CodeLookup code_table;
 #endif
 
   Quantizer(const T* x_, int64_t n_, int64_t blocksize_, uint8_t* codes_, float* absmax_, const Codebook& book_,
