@@ -381,10 +381,12 @@ __attribute__((always_inline)) inline void decode_group(const SlotCode& slot, co
 #if D8_AVX512_VBMI
   slot.decode->decode(_mm512_maskz_loadu_epi8(valid, codes), out);
 #else
-  alignas(64) float values[kGroup];
-  const float* code = slot.book.code;
-  for (int j = 0; j < kGroup; ++j) values[j] = (valid >> j) & 1 ? code[codes[j]] : 0.0f;
-  for (int q = 0; q < 4; ++q) out[q] = _mm512_load_ps(values + 16 * q);
+  // Without VBMI (Intel Skylake-SP, Cascade Lake): gathers, which those cores run at about 5 cycles per 16.
+  const __m512i bytes = _mm512_maskz_loadu_epi8(valid, codes);
+  for (int q = 0; q < 4; ++q) {
+    const __m512i index = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, q));
+    out[q] = _mm512_i32gather_ps(index, slot.book.code, 4);
+  }
 #endif
   const __m512 s = _mm512_set1_ps(scale);
   for (int q = 0; q < 4; ++q) out[q] = _mm512_mul_ps(out[q], s);

@@ -362,8 +362,15 @@ def load_cpu_extension() -> str:
 
 # Other builds of the CPU kernels, for measuring and testing on one machine the
 # paths other machines take: "avx2" (x86 CPUs without AVX-512, e.g. AMD EPYC
-# Zen 2/3) and "portable" (the scalar loops of any other CPU).
-CPU_VARIANT_FLAGS = {"avx2": ["-mno-avx512f"], "portable": ["-DD8_PORTABLE"]}
+# Zen 2/3), "avx512-novbmi" (AVX-512 without the byte permutes of VBMI/VBMI2:
+# Intel Skylake-SP and Cascade Lake Xeons) and "portable" (the scalar loops of
+# any other CPU). On a machine that lacks what a variant leaves out, the
+# variant builds the same code as the native build.
+CPU_VARIANT_FLAGS = {
+    "avx2": ["-mno-avx512f"],
+    "avx512-novbmi": ["-mno-avx512vbmi", "-mno-avx512vbmi2"],
+    "portable": ["-DD8_PORTABLE"],
+}
 
 
 def load_cpu_variant_extension(variant: str) -> str:
@@ -371,7 +378,8 @@ def load_cpu_variant_extension(variant: str) -> str:
     if variant not in CPU_VARIANT_FLAGS:
         raise ValueError(f"unknown CPU kernel variant {variant!r}; choose from {sorted(CPU_VARIANT_FLAGS)}")
     flags = CPU_FLAGS + CPU_VARIANT_FLAGS[variant]
-    return load_extension("cpu", f"dist8bit_cpu_{variant}", CSRC / "cpu", flags, ldflags=CPU_LDFLAGS)
+    module = "dist8bit_cpu_" + variant.replace("-", "_")
+    return load_extension("cpu", module, CSRC / "cpu", flags, ldflags=CPU_LDFLAGS)
 
 
 def load_cuda_extension() -> str:

@@ -1,4 +1,4 @@
-"""python -m dist8bit.bench [--cpu-kernels native|avx2|portable] {quantize,optim,offload,quantiles,paged,convert,gpu-check} [--out DIR] ..."""
+"""python -m dist8bit.bench [--cpu-kernels native|avx2|avx512-novbmi|portable] {quantize,optim,offload,quantiles,paged,convert,gpu-check} [--out DIR] ..."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> None:
         choices=["native", *CPU_VARIANT_FLAGS],
         default="native",
         help="time another build of the CPU kernels: avx2 = the path of x86 CPUs without AVX-512 "
-        "(built with -mno-avx512f), portable = the scalar loops; recorded in the JSON's machine",
+        "(built with -mno-avx512f), avx512-novbmi = AVX-512 without VBMI (Skylake-SP/Cascade Lake), "
+        "portable = the scalar loops; recorded in the JSON's machine",
     )
     commands = parser.add_subparsers(dest="benchmark", required=True)
     for name, (module, help_text) in BENCHMARKS.items():
