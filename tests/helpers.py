@@ -32,7 +32,8 @@ def needs_compiled(name: str) -> pytest.MarkDecorator:
 
 
 # The CPU kernels' other builds (build.CPU_VARIANT_FLAGS), each checked against the reference
-# in a fresh process: the scalar loops of any CPU, and the 8-lane path of x86 CPUs without AVX-512.
+# in a fresh process: the scalar loops of any CPU, the 8-lane path of x86 CPUs without AVX-512, and
+# AVX-512 without VBMI (Skylake-SP, Cascade Lake).
 KERNEL_VARIANTS = sorted(CPU_VARIANT_FLAGS)
 
 BITS_DTYPE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}

@@ -619,8 +619,8 @@ PORTABLE_CHECK = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", KERNEL_VARIANTS)
 def test_portable_path(variant):
-    """The scalar path (-DD8_PORTABLE) and the AVX2 path (-mno-avx512f), each built in a fresh
-    process, against the reference, compensated too."""
+    """The scalar path (-DD8_PORTABLE), the AVX2 path (-mno-avx512f) and AVX-512 without VBMI
+    (-mno-avx512vbmi), each built in a fresh process, against the reference, compensated too."""
     env = {k: v for k, v in os.environ.items() if k != BACKEND_ENV}
     here = os.path.dirname(os.path.abspath(__file__))
     command = [sys.executable, "-c", PORTABLE_CHECK, here, variant]

@@ -370,8 +370,8 @@ PORTABLE_CHECK = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", KERNEL_VARIANTS)
 def test_portable_path(variant):
-    """Build the kernels as the scalar loops (-DD8_PORTABLE) or the AVX2 path (-mno-avx512f) in a
-    fresh process and compare."""
+    """Build the kernels as the scalar loops (-DD8_PORTABLE), the AVX2 path (-mno-avx512f) or AVX-512
+    without VBMI (-mno-avx512vbmi) in a fresh process and compare."""
     env = {k: v for k, v in os.environ.items() if k != BACKEND_ENV}
     command = [sys.executable, "-c", PORTABLE_CHECK, variant, os.path.dirname(os.path.abspath(__file__))]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
