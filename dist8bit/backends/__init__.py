@@ -86,7 +86,8 @@ def use_cpu_variant(variant: str) -> None:
 
     `variant` is "native" (the default build) or a build.CPU_VARIANT_FLAGS key:
     "avx2" (the path of x86 CPUs without AVX-512), "avx512-novbmi" (AVX-512
-    without VBMI: Skylake-SP/Cascade Lake Xeons) or "portable" (the scalar loops). Results are the same bits on every build; the point is to time or
+    without VBMI: Skylake-SP/Cascade Lake Xeons) or "portable" (the scalar
+    loops). Results are the same bits on every build; the point is to time or
     test, on one machine, the path another machine takes. The native build is
     loaded first: a later load of it would register its kernels over the variant's.
     """

@@ -33,6 +33,7 @@ import gc
 import importlib.util
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -190,10 +191,34 @@ def _tensor_bytes(value: torch.Tensor) -> int:
     return value.numel() * value.element_size()
 
 
-def run(args: argparse.Namespace) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass(frozen=True)
+class InterleavedMode:
+    """A run (--master-weights, --norm-passes) whose optimizers are timed in turns, each row's time also
+    given as a ratio of one baseline row's."""
+
+    suffix: str  # of the output files
+    candidates: Callable[[], dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]]
+    baseline: str
+    ratio_key: str
+    bars: Callable[[list[dict]], dict]
+
+
+def interleaved_mode(args: argparse.Namespace) -> InterleavedMode | None:
+    """The interleaved mode the arguments ask for; None for the default run (one optimizer after another)."""
     if args.master_weights and args.norm_passes:
         raise SystemExit("--master-weights and --norm-passes are separate runs: pass one of them")
+    if args.master_weights:
+        return InterleavedMode("-master-weights", _master_weight_candidates, BASELINE_ROW, "ms_over_none", master_weight_bars)
+    if args.norm_passes:
+        return InterleavedMode(
+            "-norm-passes", lambda: dict(NORM_PASS_ROWS), NORM_PASS_BASELINE, "ms_over_adamw8bit", lambda rows: {}
+        )
+    return None
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mode = interleaved_mode(args)
     if args.master_weights:
         args.dtype = "bf16"
     dtype = DTYPES[args.dtype]
@@ -203,11 +228,12 @@ def run(args: argparse.Namespace) -> dict:
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     with busy_cores(args.busy_cores):
-        return _measure(args, device, dtype, shapes, params)
+        return _measure(args, mode, device, dtype, shapes, params)
 
 
 def _measure(
     args: argparse.Namespace,
+    mode: InterleavedMode | None,
     device: torch.device,
     dtype: torch.dtype,
     shapes: list[tuple[int, ...]],
@@ -217,12 +243,7 @@ def _measure(
     numel = sum(p.numel() for p in params)
     bandwidth = copy_bandwidth_gbs(device)
     rmw_bandwidth = rmw_bandwidth_gbs(device)
-    if args.master_weights:
-        candidates = _master_weight_candidates()
-    elif args.norm_passes:
-        candidates = dict(NORM_PASS_ROWS)
-    else:
-        candidates = _candidates(dtype, device)
+    candidates = mode.candidates() if mode else _candidates(dtype, device)
     if args.only:
         wanted = [n.strip() for n in args.only.split(",")]
         unknown = [n for n in wanted if n not in candidates]
@@ -230,10 +251,8 @@ def _measure(
             raise SystemExit(f"--only: unknown implementation(s) {unknown}; choose from {sorted(candidates)}")
         candidates = {n: f for n, f in candidates.items() if n in wanted}
     bandwidths = (bandwidth, rmw_bandwidth)
-    if args.master_weights:
-        rows = _interleaved_rows(candidates, params, device, args.budget, bandwidths, BASELINE_ROW, "ms_over_none")
-    elif args.norm_passes:
-        rows = _interleaved_rows(candidates, params, device, args.budget, bandwidths, NORM_PASS_BASELINE, "ms_over_adamw8bit")
+    if mode:
+        rows = _interleaved_rows(candidates, params, device, args.budget, bandwidths, mode.baseline, mode.ratio_key)
     else:
         rows = _sequential_rows(candidates, params, device, args.budget, bandwidths)
     fused = next((r for r in rows if r["impl"] == "torch AdamW fused" and "ms" in r), None)
@@ -253,11 +272,10 @@ def _measure(
         "rmw_bandwidth_GBps": rmw_bandwidth,
         "busy_cores": args.busy_cores,
         "machine": machine_description(),
-        "bars": master_weight_bars(rows) if args.master_weights else {} if args.norm_passes else four_bit_bars(rows),
+        "bars": mode.bars(rows) if mode else four_bit_bars(rows),
         "rows": rows,
     }
-    mode = "-master-weights" if args.master_weights else "-norm-passes" if args.norm_passes else ""
-    suffix = mode + (f"-busy{args.busy_cores}" if args.busy_cores else "")
+    suffix = (mode.suffix if mode else "") + (f"-busy{args.busy_cores}" if args.busy_cores else "")
     write_json(args.out / f"optim-{args.preset}-{args.dtype}{suffix}.json", result)
     _plot(
         rows,
@@ -272,17 +290,14 @@ def _measure(
     )
     columns = ["impl", "ms", "first_step_ms", "state_bytes_per_param", "GB/s", "of_copy_bw", "of_rmw_bw"]
     bars = result["bars"]
-    if args.master_weights:
-        print(format_table(rows, [*columns, "ms_over_none", "error"]))
-        for bits in (8, 16):
+    if mode:
+        print(format_table(rows, [*columns, mode.ratio_key, "error"]))
+        for bits in (8, 16) if args.master_weights else ():
             ratio = bars[f"compensated_{bits}_ms_over_none_ms"]
             print(
                 f"master-weights bar: compensated ({bits}-bit errors) step = {_ratio(ratio)} the plain bf16 step"
                 f" (<= {COMPENSATED_BAR:g}x: {bars[f'compensated_{bits}_met']})"
             )
-        return result
-    if args.norm_passes:
-        print(format_table(rows, [*columns, "ms_over_adamw8bit", "error"]))
         return result
     print(format_table(rows, [*columns, "vs_torch_fused", "vs_bnb", "error"]))
     print(
