@@ -42,11 +42,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..functional import dequantize_blockwise
 from ..optim import Optimizer8bit
 from ..optim import state as state_layout
+from ..optim.identity_map import WeakIdentityMap
 from ..optim.overrides import GlobalOptimManager
 from ..optim.segments import Segment
 from . import zero_partition
@@ -69,7 +69,7 @@ class ParamLink:
     visible: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
 
 
-_LINKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_LINKS: WeakIdentityMap = WeakIdentityMap()
 
 
 def link_of(param: torch.Tensor) -> ParamLink | None:

@@ -17,7 +17,6 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import paging
 from ..backends import backend_for
@@ -29,6 +28,7 @@ from ..quant.layout import DEFAULT_BLOCKSIZE, check_blocksize, num_blocks
 from . import master_weights as masters
 from . import sharded
 from . import state as state_layout
+from .identity_map import WeakIdentityMap
 from .norms import HISTORY, SegmentNorms, clip_update_norm, percentile_clip
 from .overrides import GlobalOptimManager
 from .segments import (
@@ -223,9 +223,9 @@ class Optimizer8bit(torch.optim.Optimizer):
             "master_weights": masters.resolve_mode(master_weights, stochastic_rounding),
             "error_bits": masters.check_error_bits(error_bits),
         }
-        self._logical_numel: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._param_uid: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._segments: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._logical_numel: WeakIdentityMap = WeakIdentityMap()
+        self._param_uid: WeakIdentityMap = WeakIdentityMap()
+        self._segments: WeakIdentityMap = WeakIdentityMap()
         self._rounding_seed = torch.initial_seed() % (1 << 62)
         self.nonfinite_counts: dict[torch.device, torch.Tensor] = {}
         super().__init__(params, defaults)
@@ -311,7 +311,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         return scale * clip_update_norm(config["max_unorm"], norms.params, norms.directions * scale)
 
     # ----------------------------------------------------------- the config
-    def resolved_config(self, param: torch.Tensor, group: dict[str, Any], overrides: WeakIdKeyDictionary) -> dict[str, Any]:
+    def resolved_config(self, param: torch.Tensor, group: dict[str, Any], overrides: WeakIdentityMap) -> dict[str, Any]:
         """The group's settings with this parameter's overrides on top."""
         override = overrides.get(param)
         if not override:
@@ -495,6 +495,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         # (id(config), step) -> (constant vector, batch key): computed once per group and step, not per
         # parameter. The units hold their configs until the launches, so no id is reused within this call.
         settings: dict[tuple[int, int], tuple[tuple[float, ...], tuple]] = {}
+        step_counters: list[torch.Tensor] = []  # advanced together by one foreach add, not one op per parameter
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is None or (selected is not None and id(param) not in selected):
@@ -506,6 +507,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                     units = self._whole_parameter_unit(param, state, group, overrides)
                 else:
                     units = self._flat_units(param, segments, state, group, overrides)
+                step_counters.append(state["step"])
                 for unit in units:
                     known = settings.get((id(unit.config), unit.step))
                     if known is None:
@@ -523,6 +525,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                         launch_settings,
                     )
                     batches[key].append(unit)
+        if step_counters:
+            torch._foreach_add_(step_counters, 1.0)
         for (device, _, _, bits, blocksize, hyper, step, _), units in batches.items():
             self._launch(device, bits, blocksize, hyper, step, units)
 
@@ -530,8 +534,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         config = self.resolved_config(param, group, overrides)
         if not state:
             self._init_state(param, state, config)
-        state["step"] += 1
-        step = int(state["step"].item())  # a CPU tensor: no device sync
+        step = int(state["step"].item()) + 1  # a CPU tensor (no device sync), advanced by _step_selected
         specs = self.state_specs(config)
         local_param = sharded.local(param)
         if local_param.numel() == 0:
@@ -565,8 +568,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         configs = [self.resolved_config(s.source, group, overrides) for s in segments]
         if not state:
             self._init_flat_state(flat, segments, state, configs, group)
-        state["step"] += 1
-        step = int(state["step"].item())
+        step = int(state["step"].item()) + 1  # advanced by _step_selected
         grad = flat.grad
         units = []
         views = self._segment_views(flat, segments, state, group)

@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
+
+from .identity_map import WeakIdentityMap
 
 
 class GlobalOptimManager:
@@ -32,8 +33,8 @@ class GlobalOptimManager:
 
     def initialize(self) -> None:
         """Forget every override."""
-        self._by_param: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._by_module: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._by_param: WeakIdentityMap = WeakIdentityMap()
+        self._by_module: WeakIdentityMap = WeakIdentityMap()
 
     def register_parameters(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]]) -> None:
         """Kept for bitsandbytes compatibility (tensors or param-group dicts, as it takes); overrides work without it."""
@@ -66,9 +67,9 @@ class GlobalOptimManager:
             raise ValueError(f"{type(module).__name__} has no parameter named {param_name!r}")
         self._by_module.setdefault(module, {}).setdefault(param_name, {}).update(_updates(None, None, config))
 
-    def overrides(self) -> WeakIdKeyDictionary:
+    def overrides(self) -> WeakIdentityMap:
         """Current overrides, keyed by parameter identity (module overrides resolved now)."""
-        resolved = WeakIdKeyDictionary()
+        resolved = WeakIdentityMap()
         for module, by_name in self._by_module.items():
             for name, config in by_name.items():
                 param = getattr(module, name, None)

@@ -1,0 +1,81 @@
+"""WeakIdentityMap: identity keys, no strong references, and the optimizer's step counters it serves."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import dist8bit.optim as d8
+from dist8bit.optim.identity_map import WeakIdentityMap
+
+
+def test_keys_are_matched_by_identity_not_by_value():
+    a, b = torch.zeros(3), torch.zeros(3)  # equal values, hash by id
+    table: WeakIdentityMap[int] = WeakIdentityMap()
+    table[a] = 1
+    assert table.get(a) == 1 and table.get(b) is None and a in table and b not in table
+    assert table.setdefault(b, 2) == 2 and table.setdefault(b, 3) == 2
+    table[a] = 4
+    assert table[a] == 4 and len(table) == 2 and sorted(table.values()) == [2, 4]
+    del table[a]
+    assert a not in table and len(table) == 1
+    with pytest.raises(KeyError, match="keyed by identity"):
+        table[a]
+
+
+def test_an_entry_goes_with_its_key_and_a_reused_id_does_not_inherit_it():
+    table: WeakIdentityMap[str] = WeakIdentityMap()
+    key = torch.zeros(2)
+    table[key] = "first"
+    old_id = id(key)
+    del key
+    gc.collect()
+    assert len(table) == 0 and list(table.items()) == []
+    fresh = [torch.zeros(2) for _ in range(64)]  # CPython often hands a freed id to the next object
+    assert all(table.get(t) is None for t in fresh), f"an id like {old_id} answered for a new tensor"
+
+
+def test_the_map_does_not_keep_its_keys_alive_or_itself_through_them():
+    key = torch.zeros(2)
+    table: WeakIdentityMap[int] = WeakIdentityMap()
+    table[key] = 1
+    import weakref
+
+    alive = weakref.ref(table)
+    del table
+    gc.collect()
+    assert alive() is None  # the callback held by `key`'s weak reference does not own the map
+    del key
+    gc.collect()  # the orphaned callback runs without a map
+
+
+def test_iteration_survives_keys_collected_meanwhile():
+    keys = [torch.zeros(1) for _ in range(4)]
+    table: WeakIdentityMap[int] = WeakIdentityMap()
+    for i, key in enumerate(keys):
+        table[key] = i
+    seen = []
+    for key, value in table.items():
+        seen.append(value)
+        keys.clear()  # drops every key during the walk
+        gc.collect()
+    assert seen == [0]  # the walk yields no key that died after it began
+    del key
+    gc.collect()
+    assert len(table) == 0
+
+
+def test_step_counters_advance_once_per_stepped_parameter():
+    """The optimizer advances all step counters with one foreach add: parameters without a
+    gradient, or outside step_params' subset, keep their count."""
+    params = [torch.nn.Parameter(torch.randn(4096)) for _ in range(3)]
+    opt = d8.AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    params[2].grad = None
+    opt.step()
+    opt.step_params([params[0]])
+    assert [float(opt.state[p]["step"]) for p in params] == [3.0, 2.0, 1.0]
