@@ -60,6 +60,9 @@ PRESETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "gpt125m": gpt_shapes,
     "gpt-small-test": lambda: gpt_shapes(layers=2, width=256, vocab=4096, context=256),
     "one-2^24": lambda: [(1 << 24,)],
+    # 512 small tensors: the host cost per parameter (config, state lookup, launch batching), which is
+    # what a GPU step of a many-tensor model pays while the kernel itself takes well under a millisecond.
+    "many-4096": lambda: [(4096,)] * 512,
     # 2^28 elements (1 GiB of fp32 parameters): the GPU bar size, run by gpu-check; slow on a CPU.
     "one-2^28": lambda: [(1 << 28,)],
 }
