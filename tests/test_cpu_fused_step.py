@@ -305,22 +305,32 @@ def test_many_segments_and_empty_calls(cpu, reference, state_bits):
     run_step(cpu, case, make_inputs(case, state_bits, 64, torch.float32, torch.float32, sizes=()))
 
 
+def on_one_and_several_threads(run):
+    """run() on one thread, then on max(2, current) threads: the kernels split work by blocks, never changing a bit."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results.append(run())
+        return results
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("state_bits", [8, 4], ids=["8bit", "4bit"])
 def test_thread_count_does_not_change_results(cpu, reference, state_bits):
     case = CASES_BY_NAME["ademamix"]
     inputs = make_inputs(case, state_bits, 256, torch.bfloat16, torch.float32, sizes=(100000, 3, 40000))
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, max(2, threads)):
-            torch.set_num_threads(n)
-            mine = inputs.copy()
-            norms = torch.zeros(3, dtype=torch.float64)
-            run_step(cpu, case, mine.copy(), norm_out=norms)
-            run_step(cpu, case, mine, segment_offsets=[0, 5, 9], seed=11)
-            results.append((mine, norms))
-    finally:
-        torch.set_num_threads(threads)
+
+    def step():
+        mine = inputs.copy()
+        norms = torch.zeros(3, dtype=torch.float64)
+        run_step(cpu, case, mine.copy(), norm_out=norms)
+        run_step(cpu, case, mine, segment_offsets=[0, 5, 9], seed=11)
+        return mine, norms
+
+    results = on_one_and_several_threads(step)
     assert_same(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
 
@@ -519,16 +529,13 @@ def test_compensated_norm_out(cpu, reference, name, error_bits):
 def test_compensated_thread_count_does_not_change_results(cpu, error_bits):
     case = CASES_BY_NAME["ademamix"]
     inputs = compensated_inputs(case, 8, error_bits, sizes=(100000, 3, 40000))
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, max(2, threads)):
-            torch.set_num_threads(n)
-            mine = inputs.copy()
-            run_step(cpu, case, mine)
-            results.append(mine)
-    finally:
-        torch.set_num_threads(threads)
+
+    def step():
+        mine = inputs.copy()
+        run_step(cpu, case, mine)
+        return mine
+
+    results = on_one_and_several_threads(step)
     assert_same(results[0], results[1])
 
 
