@@ -57,12 +57,12 @@ def test_iteration_survives_keys_collected_meanwhile():
     for i, key in enumerate(keys):
         table[key] = i
     seen = []
-    for key, value in table.items():
+    for _key, value in table.items():  # _key keeps the first key alive until deleted below
         seen.append(value)
         keys.clear()  # drops every key during the walk
         gc.collect()
     assert seen == [0]  # the walk yields no key that died after it began
-    del key
+    del _key
     gc.collect()
     assert len(table) == 0
 
