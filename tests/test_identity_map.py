@@ -54,8 +54,8 @@ def test_the_map_does_not_keep_its_keys_alive_or_itself_through_them():
 def test_iteration_survives_keys_collected_meanwhile():
     keys = [torch.zeros(1) for _ in range(4)]
     table: WeakIdentityMap[int] = WeakIdentityMap()
-    for i, key in enumerate(keys):
-        table[key] = i
+    for i in range(len(keys)):  # no loop variable left holding a key
+        table[keys[i]] = i
     seen = []
     for _key, value in table.items():  # _key keeps the first key alive until deleted below
         seen.append(value)
