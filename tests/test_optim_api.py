@@ -394,3 +394,39 @@ def test_deepspeed_adam_groups_load_when_bias_correction_is_on():
     saved["param_groups"][0]["bias_correction"] = False
     with pytest.raises(ValueError, match="bias_correction=False"):
         optimizer.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_steps_like_the_original(how):
+    """torch.optim.Optimizer copies only defaults, state and param_groups; dist8bit's per-parameter
+    records (recorded sizes, rounding streams, flat-buffer segments) must follow, keyed to the copies."""
+    import copy
+    import pickle
+
+    from dist8bit.optim.segments import Segment
+
+    torch.manual_seed(0)
+    whole = torch.nn.Parameter(torch.randn(64, 96, dtype=torch.bfloat16))  # stochastic rounding: the uid and seed matter
+    small = torch.nn.Parameter(torch.randn(10))  # under min_8bit_size: 32-bit state
+    sources = [torch.randn(5000), torch.randn(3000)]
+    flat = torch.nn.Parameter(torch.cat(sources))
+    params = [whole, small, flat]
+    opt = d8.AdamW8bit(params, lr=1e-2, master_weights="stochastic")
+    opt.set_segments(flat, [Segment(sources[0], 0, 5000, 0, 5000), Segment(sources[1], 5000, 3000, 0, 3000)])
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    for p, g in zip(params, grads[0], strict=True):
+        p.grad = g
+    opt.step()
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    twin_params = twin.param_groups[0]["params"]
+    assert all(a is not b for a, b in zip(params, twin_params, strict=True))
+    for step_grads in grads[1:]:
+        for p, q, g in zip(params, twin_params, step_grads, strict=True):
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        twin.step()
+    for p, q in zip(params, twin_params, strict=True):
+        assert torch.equal(p, q)
+    for name in ("exp_avg_codes", "exp_avg_sq_absmax"):
+        assert torch.equal(opt.state[whole][name], twin.state[twin_params[0]][name])
+    assert sorted(twin.state[twin_params[2]]) == sorted(opt.state[flat])  # packed segment state, not per-parameter

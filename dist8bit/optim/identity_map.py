@@ -43,6 +43,18 @@ class WeakIdentityMap(MutableMapping, Generic[V]):
 
         self._forget = forget
 
+    @classmethod
+    def from_items(cls, items: list[tuple[object, V]]) -> WeakIdentityMap[V]:
+        table: WeakIdentityMap[V] = cls()
+        for key, value in items:
+            table[key] = value
+        return table
+
+    def __reduce__(self) -> tuple:
+        # Copied and pickled as its live (key, value) pairs: copy.deepcopy and pickle then map each key
+        # through their memo, so a copied optimizer's entries point at its copied parameters.
+        return (type(self).from_items, (list(self.items()),))
+
     def _entry(self, key: object) -> tuple[WeakIdRef, V] | None:
         entry = self._entries.get(id(key))
         if entry is not None and weakref.ref.__call__(entry[0]) is key:

@@ -230,6 +230,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.nonfinite_counts: dict[torch.device, torch.Tensor] = {}
         super().__init__(params, defaults)
 
+    # torch.optim.Optimizer pickles and deep-copies only defaults, state and param_groups; the
+    # per-parameter records below must travel with them, or a copied optimizer cannot step.
+    _COPIED_ATTRIBUTES = ("_logical_numel", "_param_uid", "_segments", "_rounding_seed", "nonfinite_counts")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), **{name: getattr(self, name) for name in self._COPIED_ATTRIBUTES}}
+
     @property
     def stochastic_rounding(self) -> bool:
         """The older flag, read back: whether the defaults write bf16 parameters stochastically."""
