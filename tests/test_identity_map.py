@@ -1,4 +1,4 @@
-"""WeakIdentityMap: identity keys, no strong references, and the optimizer's step counters it serves."""
+"""WeakIdentityMap: identity keys, no strong references."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import gc
 import pytest
 import torch
 
-import dist8bit.optim as d8
 from dist8bit.optim.identity_map import WeakIdentityMap
 
 
@@ -65,17 +64,3 @@ def test_iteration_survives_keys_collected_meanwhile():
     del _key
     gc.collect()
     assert len(table) == 0
-
-
-def test_step_counters_advance_once_per_stepped_parameter():
-    """The optimizer advances all step counters with one foreach add: parameters without a
-    gradient, or outside step_params' subset, keep their count."""
-    params = [torch.nn.Parameter(torch.randn(4096)) for _ in range(3)]
-    opt = d8.AdamW8bit(params, lr=1e-3)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
-    params[2].grad = None
-    opt.step()
-    opt.step_params([params[0]])
-    assert [float(opt.state[p]["step"]) for p in params] == [3.0, 2.0, 1.0]

@@ -430,3 +430,17 @@ def test_a_copied_optimizer_steps_like_the_original(how):
     for name in ("exp_avg_codes", "exp_avg_sq_absmax"):
         assert torch.equal(opt.state[whole][name], twin.state[twin_params[0]][name])
     assert sorted(twin.state[twin_params[2]]) == sorted(opt.state[flat])  # packed segment state, not per-parameter
+
+
+def test_step_counters_advance_once_per_stepped_parameter():
+    """The optimizer advances all step counters with one foreach add: parameters without a
+    gradient, or outside step_params' subset, keep their count."""
+    params = [torch.nn.Parameter(torch.randn(4096)) for _ in range(3)]
+    opt = d8.AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    params[2].grad = None
+    opt.step()
+    opt.step_params([params[0]])
+    assert [float(opt.state[p]["step"]) for p in params] == [3.0, 2.0, 1.0]

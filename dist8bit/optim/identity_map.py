@@ -95,13 +95,11 @@ class WeakIdentityMap(MutableMapping, Generic[V]):
         return len(self._entries)
 
     def __iter__(self) -> Iterator[object]:
-        # A snapshot: a key collected mid-iteration runs the callback, which must not resize the dict being walked.
-        for ref, _ in list(self._entries.values()):
-            key = weakref.ref.__call__(ref)
-            if key is not None:
-                yield key
+        for key, _ in self.items():
+            yield key
 
     def items(self) -> Iterator[tuple[object, V]]:  # type: ignore[override]
+        # A snapshot: a key collected mid-iteration runs the callback, which must not resize the dict being walked.
         for ref, value in list(self._entries.values()):
             key = weakref.ref.__call__(ref)
             if key is not None:
